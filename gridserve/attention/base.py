@@ -1,0 +1,42 @@
+"""The interface every attention backend implements.
+
+A backend stores the new K/V into the paged cache and attends over each request's KV slots, found through
+`req_to_token[req_pool_indices, :seq_len]`. `init_forward_metadata` runs once per batch, before the layers,
+so a backend can precompute index tensors; a backend that supports CUDA graphs keeps that metadata in static
+buffers sized for the largest captured batch and refreshes them in place before each replay.
+"""
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from gridserve.model_executor.forward_batch import ForwardBatch
+
+
+class AttentionBackend(ABC):
+    supports_cuda_graph: bool = False
+
+    @abstractmethod
+    def init_forward_metadata(self, fb: ForwardBatch) -> None: ...
+
+    @abstractmethod
+    def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch
+                       ) -> torch.Tensor: ...
+
+    @abstractmethod
+    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch
+                       ) -> torch.Tensor: ...
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch
+                ) -> torch.Tensor:
+        """q: (N, Hq*D), k/v: (N, Hkv*D); returns (N, Hq*D)."""
+        if fb.forward_mode.is_decode():
+            return self.forward_decode(q, k, v, layer, fb)
+        return self.forward_extend(q, k, v, layer, fb)
+
+    # CUDA-graph hooks: static metadata buffers for decode at batch sizes up to max_bs.
+    def init_cuda_graph_state(self, max_bs: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
+
+    def init_forward_metadata_replay_cuda_graph(self, fb: ForwardBatch) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")

@@ -1,0 +1,131 @@
+"""Linear layers in Megatron's column/row-parallel form. With tp=1 they are plain linears.
+
+Each layer owns a `weight_loader(param, loaded, shard_id)` that copies the slice of a full checkpoint tensor
+that belongs to this rank, so the model loader never needs to know how a layer is split.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gridserve.distributed.parallel_state import get_tp_group
+
+
+def _divide(n: int, d: int, what: str) -> int:
+    if n % d:
+        raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size ({d})")
+    return n // d
+
+
+class LinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, params_dtype: torch.dtype | None):
+        super().__init__()
+        self.tp = get_tp_group()
+        dtype = params_dtype or torch.get_default_dtype()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        raise NotImplementedError
+
+
+class ReplicatedLinear(LinearBase):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, params_dtype=None):
+        super().__init__(in_features, out_features, bias, params_dtype)
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        param.data.copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Splits the output dimension; each rank produces its slice of the outputs."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, params_dtype=None):
+        tp_size = get_tp_group().size
+        super().__init__(in_features, _divide(out_features, tp_size, "output features"), bias, params_dtype)
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        rows = param.shape[0]
+        param.data.copy_(loaded.narrow(0, self.tp.rank * rows, rows))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs (e.g. gate and up) stored as one matrix; shard_id picks the part."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, params_dtype=None):
+        self.output_sizes = output_sizes
+        super().__init__(in_features, sum(output_sizes), bias, params_dtype)
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        tp = self.tp
+        per_rank = [s // tp.size for s in self.output_sizes]
+        offset = sum(per_rank[:shard_id])
+        n = per_rank[shard_id]
+        param.data.narrow(0, offset, n).copy_(loaded.narrow(0, tp.rank * n, n))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Q, K and V projections split by head. When tp > num_kv_heads each rank keeps one KV head and
+    the KV heads are replicated across ranks."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, params_dtype=None):
+        tp_size = get_tp_group().size
+        self.head_dim = head_dim
+        self.num_heads = _divide(num_heads, tp_size, "attention heads")
+        if tp_size >= num_kv_heads:
+            _divide(tp_size, num_kv_heads, "KV heads replication: tp size")
+            self.num_kv_heads = 1
+            self.kv_replicas = tp_size // num_kv_heads
+        else:
+            self.num_kv_heads = _divide(num_kv_heads, tp_size, "KV heads")
+            self.kv_replicas = 1
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
+        super().__init__(hidden_size, out, bias, params_dtype)
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        rank = self.tp.rank
+        if shard_id == "q":
+            offset, n, src = 0, q_size, rank * q_size
+        else:
+            offset = q_size if shard_id == "k" else q_size + kv_size
+            n, src = kv_size, (rank // self.kv_replicas) * kv_size
+        param.data.narrow(0, offset, n).copy_(loaded.narrow(0, src, n))
+
+
+class RowParallelLinear(LinearBase):
+    """Splits the input dimension; partial outputs are summed with an all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, params_dtype=None,
+                 reduce_results: bool = True):
+        tp_size = get_tp_group().size
+        super().__init__(_divide(in_features, tp_size, "input features"), out_features, bias, params_dtype)
+        self.reduce_results = reduce_results
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        if param.dim() == 1:  # the bias is added once, after the reduction
+            param.data.copy_(loaded)
+            return
+        cols = param.shape[1]
+        param.data.copy_(loaded.narrow(1, self.tp.rank * cols, cols))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.reduce_results:
+            y = self.tp.all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y

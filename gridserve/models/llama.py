@@ -1,0 +1,146 @@
+"""Llama-family decoder, written once against the parallel layers. Qwen2 (q/k/v bias) and Qwen3 (per-head
+q/k RMSNorm) are the same network with those switches on; see qwen2.py and qwen3.py."""
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from gridserve.distributed.parallel_state import get_tp_group
+from gridserve.layers.activation import SiluAndMul
+from gridserve.layers.attention import Attention
+from gridserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from gridserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from gridserve.layers.norm import RMSNorm
+from gridserve.layers.rotary import RotaryEmbedding
+from gridserve.model_executor.forward_batch import ForwardBatch
+from gridserve.models.config import ModelConfig
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
+                                          cfg.num_key_value_heads, bias=cfg.attention_bias)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings,
+                                          cfg.rope_scaling)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, layer_id, cfg.head_dim**-0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, fb)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.self_attn = DecoderAttention(cfg, layer_id)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions, x, residual, fb: ForwardBatch):
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, fb)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids, positions, fb: ForwardBatch) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, fb)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+# checkpoint name fragment -> (our fused parameter, shard id)
+_STACKED = [(".q_proj", ".qkv_proj", "q"), (".k_proj", ".qkv_proj", "k"), (".v_proj", ".qkv_proj", "v"),
+            (".gate_proj", ".gate_up_proj", 0), (".up_proj", ".gate_up_proj", 1)]
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tp = get_tp_group()
+        self.model = DecoderModel(cfg)
+        if cfg.tie_word_embeddings:
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+            self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        """Returns float32 logits: one row per request (its last token), or every row if asked."""
+        hidden = self.model(input_ids, positions, fb)
+        if fb.forward_mode.is_extend() and not fb.return_all_logits:
+            last = torch.tensor(fb.extend_seq_lens_cpu, device=hidden.device).cumsum(0) - 1
+            hidden = hidden[last]
+        return self.lm_head.compute_logits(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copies checkpoint tensors into the (sharded) parameters; returns the parameter names loaded."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            for ckpt, ours, shard in _STACKED:
+                if ckpt in name:
+                    target = name.replace(ckpt, ours)
+                    break
+            else:
+                target, shard = name, None
+            if target not in params:
+                raise KeyError(f"checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")
+            param = params[target]
+            loader = getattr(param, "weight_loader", None)
+            if loader is None:
+                param.data.copy_(tensor)
+            else:
+                loader(param, tensor, shard)
+            loaded.add(target)
+        return loaded

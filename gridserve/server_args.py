@@ -1,0 +1,87 @@
+"""ServerArgs: every user-set option in one dataclass, validated in one place. The CLI is generated from it,
+with SGLang's flag names (and a few short aliases users know from vLLM)."""
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+_CHOICES = {
+    "dtype": ["auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32"],
+    "device": ["auto", "cpu", "cuda"],
+    "attention_backend": ["torch"],
+    "load_format": ["auto", "dummy"],
+    "schedule_policy": ["fcfs", "lpm"],
+}
+_ALIASES = {"model_path": ["--model"], "tp_size": ["--tp"], "pp_size": ["--pp"], "dp_size": ["--dp"]}
+
+
+def _scalar_type(t) -> type:
+    """int for `int` and `int | None`, and so on."""
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    return args[0] if args else t
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ServerArgs:
+    model_path: str | None = _opt(None, "HF model folder or .gguf file; default: the embedded SmolLM2-135M")
+    tokenizer_path: str | None = _opt(None, "tokenizer folder (default: the model's)")
+    dtype: str = _opt("auto", "weights and activations dtype; auto = the checkpoint's")
+    device: str = _opt("auto", "cuda when available, else cpu")
+    load_format: str = _opt("auto", "'dummy' = random weights in the model's shapes (benchmarks)")
+    context_length: int | None = _opt(None, "max tokens per request (default: the model's)")
+    max_total_tokens: int | None = _opt(None, "KV cache size in tokens (default: from memory)")
+    mem_fraction_static: float = _opt(0.85, "GPU memory fraction for weights + KV cache")
+    max_running_requests: int | None = _opt(None, "max requests decoding at once")
+    max_prefill_tokens: int = _opt(16384, "max new tokens in one prefill batch")
+    chunked_prefill_size: int = _opt(8192, "prefill long prompts in chunks of this many tokens; -1 = off")
+    schedule_policy: str = _opt("fcfs", "waiting-queue order: fcfs, or lpm (longest cached prefix first)")
+    disable_radix_cache: bool = _opt(False, "turn off prefix sharing")
+    attention_backend: str = _opt("torch", "attention implementation")
+    random_seed: int = _opt(0, "seed for requests that do not give one")
+    tp_size: int = _opt(1, "tensor-parallel size")
+    pp_size: int = _opt(1, "pipeline-parallel size")
+    dp_size: int = _opt(1, "data-parallel size")
+    log_level: str = _opt("info", "logging level")
+    show_progress: bool = _opt(True, "progress bars while loading")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(self, name)!r}")
+        positive = ["context_length", "max_total_tokens", "max_running_requests", "max_prefill_tokens"]
+        for name in positive:
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+        if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
+            raise ValueError(f"--chunked-prefill-size must be > 0 or -1, got {self.chunked_prefill_size}")
+        if not 0 < self.mem_fraction_static < 1:
+            raise ValueError(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
+        for name in ("tp_size", "pp_size", "dp_size"):
+            if getattr(self, name) != 1:
+                raise ValueError(f"--{name.replace('_', '-')} > 1 is not supported yet")
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        for f in dataclasses.fields(cls):
+            flags = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
+            help = f.metadata.get("help", "")
+            kind = _scalar_type(f.type)
+            if kind is bool:
+                parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                                    default=f.default, help=help)
+            else:
+                parser.add_argument(*flags, dest=f.name, type=kind, default=f.default,
+                                    choices=_CHOICES.get(f.name), help=help)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})

@@ -1,0 +1,35 @@
+"""Tiny random Llama / Qwen2 / Qwen3 models saved as real Hugging Face folders."""
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+_COMMON = dict(vocab_size=211, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+               num_attention_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**_COMMON, num_key_value_heads=2, tie_word_embeddings=False,
+                                 rope_theta=10000.0),
+    "llama3-rope": lambda: LlamaConfig(**_COMMON, num_key_value_heads=1, tie_word_embeddings=True,
+                                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 64},
+                                       rope_theta=500000.0),
+    "qwen2": lambda: Qwen2Config(**_COMMON, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen3": lambda: Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False),
+    "qwen3-yarn": lambda: Qwen3Config(**_COMMON, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
+                                      rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                    "original_max_position_embeddings": 128}),
+}
+
+
+def make_tiny_model(kind: str, path, seed: int = 0):
+    """Saves a random model of `kind` to `path` (safetensors, float32) and returns the HF model."""
+    torch.manual_seed(seed)
+    cfg = CONFIGS[kind]()
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # default init is tiny; widen it so the logits are not all ~equal
+        for p in model.parameters():
+            p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    model.save_pretrained(path, max_shard_size="200KB")  # several shards + index file
+    return model.eval()
