@@ -98,6 +98,13 @@ _STACKED = [(".q_proj", ".qkv_proj", "q"), (".k_proj", ".qkv_proj", "k"), (".v_p
             (".gate_proj", ".gate_up_proj", 0), (".up_proj", ".gate_up_proj", 1)]
 
 
+def _fused_name(name: str) -> tuple[str, str | int | None]:
+    for ckpt, ours, shard in _STACKED:
+        if ckpt in name:
+            return name.replace(ckpt, ours), shard
+    return name, None
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -128,12 +135,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
-            for ckpt, ours, shard in _STACKED:
-                if ckpt in name:
-                    target = name.replace(ckpt, ours)
-                    break
-            else:
-                target, shard = name, None
+            target, shard = _fused_name(name)
             if target not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")
             param = params[target]

@@ -1,0 +1,58 @@
+"""Incremental detokenization of one request's output: text deltas that never split a multi-byte character
+and never show a stop string (or the start of one that may still complete)."""
+
+# Tokens before the new ones that are decoded with them, so that tokenizers which treat the first token
+# of a string specially (a leading space, a byte-fallback piece) give the same text as a full decode.
+CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.stop = stop
+        self.context = list(prompt_ids[-CONTEXT_TOKENS:])
+        self.ids: list[int] = []
+        self.text = ""  # all text decoded so far (stop strings not yet cut)
+        self.read_offset = 0  # ids[:read_offset] are reflected in self.text
+        self.sent = 0  # characters of the visible text already returned
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+
+    def add(self, new_ids: list[int], finished: bool) -> str:
+        """Appends tokens; returns the visible text delta."""
+        self.ids += new_ids
+        window = self.context + self.ids[max(0, self.read_offset - CONTEXT_TOKENS) : self.read_offset]
+        full = self._decode(window + self.ids[self.read_offset :])
+        prefix = self._decode(window)
+        # a trailing U+FFFD means a multi-byte character is still incomplete: wait for its next byte
+        if len(full) > len(prefix) and (finished or not full.endswith("\ufffd")):
+            self.text += full[len(prefix) :]
+            self.read_offset = len(self.ids)
+        return self._visible_delta(finished)
+
+    def _visible_delta(self, finished: bool) -> str:
+        visible = self.text
+        cut = min((i for i in (visible.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            visible = visible[:cut]
+        elif not finished:  # hold back a tail that could be the start of a stop string
+            visible = visible[: len(visible) - _partial_stop_len(visible, self.stop)]
+        delta = visible[self.sent :]
+        self.sent = max(self.sent, len(visible))
+        return delta
+
+    @property
+    def output_text(self) -> str:
+        return self.text[: self.sent]
+
+
+def _partial_stop_len(text: str, stops: list[str]) -> int:
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                best = max(best, n)
+                break
+    return best

@@ -1,0 +1,154 @@
+"""gridserve.Engine: the offline API, shaped like SGLang's Engine.
+
+    engine = gridserve.Engine(model_path=..., dtype=..., **server_args)
+    engine.generate(prompt="Hi", sampling_params={"max_new_tokens": 16})
+    engine.shutdown()
+
+Single-process mode: the scheduler runs its event loop in a background thread of this process.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+from gridserve.errors import InvalidParamError
+from gridserve.messages import BatchTokenIDOutput
+from gridserve.model_loader.loader import load_model_config, resolve_model_path
+from gridserve.sampling.sampling_params import SamplingParams
+from gridserve.scheduler.scheduler import Scheduler, run_scheduler_loop
+from gridserve.server_args import ServerArgs
+from gridserve.tokenizer import get_tokenizer
+from gridserve.tokenizer_manager import TokenizerManager
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, model_path: str | None = None, **kwargs):
+        if "model" in kwargs:
+            model_path = kwargs.pop("model")
+        self.server_args = ServerArgs(model_path=model_path, **kwargs)
+        logging.basicConfig(level=self.server_args.log_level.upper(),
+                            format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+        path = resolve_model_path(self.server_args.model_path)
+        self.model_config = load_model_config(path)
+        self.tokenizer = get_tokenizer(path, self.server_args.tokenizer_path)
+        self._inbox: queue.Queue = queue.Queue()
+        self.scheduler = Scheduler(self.server_args, path, self.model_config, self.tokenizer, self._recv,
+                                   self._on_output)
+        self.scheduler_info = self.scheduler.scheduler_info
+        self.tokenizer_manager = TokenizerManager(self.tokenizer, self.scheduler_info, self.model_config.vocab_size,
+                                                  self._inbox.put, self.server_args.random_seed)
+        self._thread = threading.Thread(target=self._run_scheduler, name="gridserve-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- scheduler thread IO --------------------------------------------------------------------
+    def _recv(self, block: bool) -> list:
+        msgs = []
+        try:
+            msgs.append(self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait())
+            while True:
+                msgs.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return msgs
+
+    def _on_output(self, out: BatchTokenIDOutput) -> None:
+        self.tokenizer_manager.handle_batch_output(out)
+
+    def _run_scheduler(self) -> None:
+        try:
+            run_scheduler_loop(self.scheduler)
+        except Exception as e:  # noqa: BLE001 - every waiting caller must hear about it
+            self.tokenizer_manager.fail_all(f"scheduler failed: {e!r}")
+
+    # ---- public API -----------------------------------------------------------------------------
+    def _requests(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num):
+        """Normalizes the SGLang-style arguments into (is_batch, list of scheduler requests)."""
+        is_batch = isinstance(prompt, list) or (input_ids is not None and input_ids and isinstance(input_ids[0], list))
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        ids = input_ids if (input_ids is not None and is_batch) else [input_ids]
+        n = len(prompts) if prompt is not None else len(ids)
+        if prompt is None:
+            prompts = [None] * n
+        elif input_ids is not None:
+            raise InvalidParamError("prompt", "give exactly one of prompt or input_ids")
+        else:
+            ids = [None] * n
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != n:
+                raise InvalidParamError("sampling_params", f"got {len(sampling_params)} for {n} prompts")
+            params = [SamplingParams.from_dict(p) for p in sampling_params]
+        else:
+            params = [SamplingParams.from_dict(sampling_params)] * n
+        tm = self.tokenizer_manager
+        reqs = []
+        for p, i, sp in zip(prompts, ids, params, strict=True):
+            reqs += tm.make_requests(tm.tokenize(p, i), sp, return_logprob, top_logprobs_num)
+        return is_batch, reqs
+
+    def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
+                 input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
+                 top_logprobs_num: int = 0, stream: bool = False):
+        """One result dict per prompt (per choice when n > 1); a dict for a single prompt. With stream=True,
+        an iterator of cumulative results of a single prompt."""
+        if stream:
+            return self._sync_stream(self.async_generate(prompt, sampling_params, input_ids, return_logprob,
+                                                         top_logprobs_num, stream=True))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.async_generate(prompt, sampling_params, input_ids, return_logprob,
+                                                   top_logprobs_num))
+        raise RuntimeError("Engine.generate was called inside an event loop; use `await engine.async_generate`")
+
+    async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False,
+                             top_logprobs_num=0, stream: bool = False):
+        is_batch, reqs = self._requests(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
+        if stream:
+            if len(reqs) != 1:
+                raise InvalidParamError("stream", "streaming takes a single prompt with n=1")
+            return self.tokenizer_manager.generate(reqs[0])
+        results = await asyncio.gather(*(self._final(r) for r in reqs))
+        return results if is_batch or len(results) > 1 else results[0]
+
+    async def _final(self, req) -> dict:
+        last = None
+        async for out in self.tokenizer_manager.generate(req):
+            last = out
+        last.pop("delta", None)
+        return last
+
+    @staticmethod
+    def _sync_stream(coro) -> Iterator[dict]:
+        loop = asyncio.new_event_loop()
+        try:
+            agen: AsyncIterator[dict] = loop.run_until_complete(coro)
+            while True:
+                try:
+                    yield loop.run_until_complete(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def flush_cache(self) -> None:
+        from gridserve.messages import FlushCacheReq
+
+        self._inbox.put(FlushCacheReq())
+
+    def shutdown(self) -> None:
+        self.scheduler.stopped = True
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

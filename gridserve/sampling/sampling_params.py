@@ -1,0 +1,130 @@
+"""Per-request sampling parameters: parsing, normalisation and validation.
+
+Ranges follow what SGLang/vLLM accept so that clients written against them behave the same here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from gridserve.errors import InvalidParamError
+
+# Temperatures below this are treated as greedy: dividing logits by ~0 only produces inf/NaN,
+# and the distribution is a point mass on the argmax anyway (vLLM and SGLang do the same).
+SAMPLING_EPS = 1e-5
+
+# Seeds may be any 64-bit value, signed or unsigned (the range torch.manual_seed accepts);
+# the sampler reduces them mod 2**64, so -1 and 2**64 - 1 name the same stream.
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
+
+_FLOAT_FIELDS = (
+    "temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty",
+)
+_INT_FIELDS = ("max_new_tokens", "top_k", "n")
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens")
+
+
+def _is_int(v: Any) -> bool:
+    # bool is an int subclass, but `"n": true` is a client bug, not a count.
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 (or 0 on input) = disabled; stored as -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF semantics, over prompt + output tokens
+    frequency_penalty: float = 0.0  # OpenAI semantics, over output tokens
+    presence_penalty: float = 0.0  # OpenAI semantics, over output tokens
+    stop: list[str] = field(default_factory=list)  # input may be str | list[str] | None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    seed: int | None = None
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        # Normalise the lenient input forms; never raise here, verify() reports bad values.
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif isinstance(self.stop, tuple):
+            self.stop = list(self.stop)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, tuple):
+            self.stop_token_ids = list(self.stop_token_ids)
+        if _is_int(self.top_k) and self.top_k == 0:
+            self.top_k = -1
+        for name in _FLOAT_FIELDS:
+            v = getattr(self, name)
+            if _is_int(v):
+                setattr(self, name, float(v))
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> SamplingParams:
+        """Build from a JSON-like dict. A None value means "use the default" (OpenAI SDKs send nulls)."""
+        if d is None:
+            d = {}
+        if not isinstance(d, dict):
+            raise InvalidParamError("sampling_params", f"must be an object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise InvalidParamError(str(key), "unknown sampling parameter")
+        params = cls(**{k: v for k, v in d.items() if v is not None})
+        params.verify()
+        return params
+
+    def verify(self) -> None:
+        """Raise InvalidParamError naming the first bad field, its allowed range and the value."""
+        for name in _FLOAT_FIELDS:
+            v = getattr(self, name)
+            if not (isinstance(v, float) or _is_int(v)) or not math.isfinite(v):
+                raise InvalidParamError(name, f"must be a finite number, got {v!r}")
+        for name in _INT_FIELDS:
+            if not _is_int(getattr(self, name)):
+                raise InvalidParamError(name, f"must be an integer, got {getattr(self, name)!r}")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidParamError(name, f"must be a boolean, got {getattr(self, name)!r}")
+
+        def check(name: str, ok: bool, allowed: str) -> None:
+            if not ok:
+                raise InvalidParamError(name, f"must be {allowed}, got {getattr(self, name)!r}")
+
+        check("max_new_tokens", self.max_new_tokens >= 0, ">= 0")
+        check("temperature", self.temperature >= 0.0, ">= 0")
+        check("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]")
+        check("top_k", self.top_k == -1 or self.top_k >= 1, "-1 or 0 (disabled) or >= 1")
+        check("min_p", 0.0 <= self.min_p <= 1.0, "in [0, 1]")
+        check("repetition_penalty", self.repetition_penalty > 0.0, "> 0")
+        check("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]")
+        check("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]")
+        check("n", self.n >= 1, ">= 1")
+        check(
+            "seed",
+            self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
+            f"null or an integer in [{SEED_MIN}, {SEED_MAX}]",
+        )
+        check(
+            "stop",
+            isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+            "a non-empty string or a list of non-empty strings",
+        )
+        check(
+            "stop_token_ids",
+            isinstance(self.stop_token_ids, list) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            "a list of non-negative integers",
+        )
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < SAMPLING_EPS or self.top_k == 1

@@ -1,0 +1,68 @@
+"""Which waiting requests join the next prefill batch, under the token budgets and the KV memory left."""
+
+from gridserve.scheduler.kv_manager import KVManager
+from gridserve.scheduler.schedule_batch import Req
+
+# Output tokens a running request is assumed to still need are capped at this (SGLang uses the same idea),
+# then scaled by the scheduler's new_token_ratio, which rises after a retraction and decays otherwise.
+CLIP_MAX_NEW_TOKENS = 4096
+
+
+def reserved_decode_tokens(reqs: list[Req], ratio: float) -> int:
+    return int(sum(min(r.params.max_new_tokens - len(r.output_ids), CLIP_MAX_NEW_TOKENS) for r in reqs) * ratio)
+
+
+def order_waiting(waiting: list[Req], policy: str, kv: KVManager) -> list[Req]:
+    """fcfs keeps arrival order; lpm puts requests with the longest cached prefix first."""
+    if policy != "lpm" or kv.tree is None:
+        return waiting
+    return sorted(waiting, key=lambda r: -len(kv.tree.match_prefix(r.fill_ids[:-1])[0]))
+
+
+class PrefillAdder:
+    """Builds one prefill batch. At most one request is split (the chunked request) per batch."""
+
+    def __init__(self, kv: KVManager, running: list[Req], token_budget: int, max_running: int, ratio: float):
+        self.kv = kv
+        self.budget = token_budget
+        self.slots_left = max_running - len(running)
+        self.reserved = reserved_decode_tokens(running, ratio)
+        self.ratio = ratio
+        self.has_running = bool(running)
+        self.batch: list[Req] = []
+        self.new_chunked: Req | None = None
+
+    def _room(self) -> int:
+        taken = sum(r.extend_len for r in self.batch)
+        return self.kv.available() - self.reserved - taken
+
+    def add_chunked(self, req: Req) -> None:
+        """The request being prefilled in chunks continues first."""
+        self._take(req)
+
+    def add(self, req: Req) -> bool:
+        """Tries to admit a waiting request; False means stop looking (keeps FCFS order fair)."""
+        if self.budget <= 0 or self.slots_left <= 0 or self.new_chunked is not None:
+            return False
+        if self.kv.req_pool.available_size() == 0:
+            return False
+        self.kv.attach(req)
+        extend = len(req.fill_ids) - req.kv_len
+        future = min(req.params.max_new_tokens - len(req.output_ids), CLIP_MAX_NEW_TOKENS) * self.ratio
+        fits = extend + future <= self._room()
+        # With nothing else in flight, take it if its prompt fits at all: decode retraction handles the rest.
+        if not fits and (self.batch or self.has_running or min(extend, self.budget) > self._room()):
+            self.kv.release(req)
+            return False
+        self.slots_left -= 1
+        self.reserved += int(future)
+        self._take(req)
+        return True
+
+    def _take(self, req: Req) -> None:
+        remaining = len(req.fill_ids) - req.kv_len
+        req.extend_len = min(remaining, self.budget)
+        if req.extend_len < remaining:
+            self.new_chunked = req
+        self.budget -= req.extend_len
+        self.batch.append(req)

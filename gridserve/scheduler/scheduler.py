@@ -1,0 +1,254 @@
+"""The scheduler of one rank: admits requests, forms batches, runs the model, checks stop conditions and
+sends new tokens out. Its IO is two callables, so the same class serves an in-process thread today and a
+ZMQ-connected process later."""
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from gridserve.messages import AbortReq, BatchTokenIDOutput, FlushCacheReq, TokenizedGenerateReq
+from gridserve.model_executor.forward_batch import ForwardMode
+from gridserve.model_executor.model_runner import ModelRunner
+from gridserve.models.config import ModelConfig
+from gridserve.scheduler.kv_manager import KVManager
+from gridserve.scheduler.schedule_batch import Req, ScheduleBatch
+from gridserve.scheduler.schedule_policy import PrefillAdder, order_waiting
+from gridserve.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+INIT_NEW_TOKEN_RATIO, MIN_NEW_TOKEN_RATIO, NEW_TOKEN_RATIO_DECAY = 0.7, 0.1, 0.001
+
+# recv(block) returns the messages that arrived (waiting a little when block is True); send(out) emits.
+RecvFn = Callable[[bool], list]
+SendFn = Callable[[BatchTokenIDOutput], None]
+
+
+class Scheduler:
+    def __init__(self, args: ServerArgs, model_path: str, cfg: ModelConfig, tokenizer, recv: RecvFn, send: SendFn):
+        self.args = args
+        self.recv, self.send = recv, send
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(args, model_path, cfg)
+        self.kv = KVManager(self.runner.req_to_token_pool, self.runner.allocator, not args.disable_radix_cache)
+        self.eos_ids = set(cfg.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        self.vocab_size = cfg.vocab_size
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.chunked_req: Req | None = None
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self.num_retracted = 0
+        self.stopped = False
+        chunk = args.chunked_prefill_size if args.chunked_prefill_size > 0 else 1 << 62
+        self.prefill_budget = min(args.max_prefill_tokens, chunk)
+
+    @property
+    def scheduler_info(self) -> dict:
+        r = self.runner
+        return {"status": "ready", "max_total_num_tokens": r.max_total_num_tokens,
+                "max_running_requests": r.max_running_requests, "context_len": r.context_len,
+                "max_req_input_len": min(r.context_len, r.max_total_num_tokens) - 1}
+
+    # ---- the normal event loop -------------------------------------------------------------------
+    def event_loop_normal(self) -> None:
+        while not self.stopped:
+            self.process_input_requests(self.recv(self.is_idle()))
+            self.step()
+
+    def is_idle(self) -> bool:
+        return not (self.waiting or self.running or self.chunked_req)
+
+    def step(self) -> None:
+        batch = self.get_next_batch_to_run()
+        if batch is not None:
+            self.process_batch_result(batch, self.run_batch(batch))
+
+    # ---- inputs ---------------------------------------------------------------------------------
+    def process_input_requests(self, msgs: list) -> None:
+        for msg in msgs:
+            if isinstance(msg, TokenizedGenerateReq):
+                self.add_request(msg)
+            elif isinstance(msg, AbortReq):
+                self.abort_request(msg.rid)
+            elif isinstance(msg, FlushCacheReq):
+                self.flush_cache()
+            else:
+                logger.error("scheduler got an unknown message %r", type(msg).__name__)
+
+    def add_request(self, msg: TokenizedGenerateReq) -> None:
+        req = Req(msg.rid, list(msg.input_ids), msg.sampling_params, msg.seed, msg.return_logprob,
+                  msg.top_logprobs_num)
+        error = self._validate(req)
+        if error:
+            req.finished_reason = {"type": "abort", "message": error}
+            self._send([req])
+            return
+        self.waiting.append(req)
+
+    def _validate(self, req: Req) -> str | None:
+        n, max_new = len(req.origin_input_ids), req.params.max_new_tokens
+        if n == 0:
+            return "the prompt is empty"
+        if n + max_new > self.runner.context_len:
+            return (f"prompt ({n} tokens) + max_new_tokens ({max_new}) exceeds the context length "
+                    f"({self.runner.context_len})")
+        if n + max_new > self.runner.max_total_num_tokens:
+            return (f"prompt ({n} tokens) + max_new_tokens ({max_new}) exceeds the whole KV cache "
+                    f"({self.runner.max_total_num_tokens} tokens); raise --max-total-tokens")
+        if any(t < 0 or t >= self.vocab_size for t in req.origin_input_ids):
+            return f"input_ids must be in [0, {self.vocab_size})"
+        return None
+
+    def abort_request(self, rid: str) -> None:
+        for req in self.waiting:
+            if req.rid == rid:
+                self.waiting.remove(req)
+                req.finished_reason = {"type": "abort", "message": "aborted"}
+                self._send([req])
+                return
+        in_flight = self.running + ([self.chunked_req] if self.chunked_req else [])
+        for req in in_flight:
+            if req.rid == rid:  # aborts arrive between steps, so its KV can go back at once
+                req.finished_reason = {"type": "abort", "message": "aborted"}
+                self.kv.release(req)
+                self.running = [r for r in self.running if r is not req]
+                if req is self.chunked_req:
+                    self.chunked_req = None
+                self._send([req])
+                return
+
+    def flush_cache(self) -> bool:
+        if not self.is_idle():
+            logger.warning("flush_cache ignored: requests are in flight")
+            return False
+        self.kv.flush()
+        return True
+
+    # ---- batching -------------------------------------------------------------------------------
+    def get_next_batch_to_run(self) -> ScheduleBatch | None:
+        batch = self.get_new_prefill_batch()
+        if batch is not None:
+            return batch
+        self.running = [r for r in self.running if not r.finished]
+        if not self.running:
+            return None
+        self.retract_until_decode_fits()
+        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        for r in self.running:
+            r.extend_len = 1
+        return ScheduleBatch(list(self.running), ForwardMode.DECODE)
+
+    def get_new_prefill_batch(self) -> ScheduleBatch | None:
+        if not self.waiting and self.chunked_req is None:
+            return None
+        adder = PrefillAdder(self.kv, self.running, self.prefill_budget, self.runner.max_running_requests,
+                             self.new_token_ratio)
+        if self.chunked_req is not None:
+            need = min(len(self.chunked_req.fill_ids) - self.chunked_req.kv_len, self.prefill_budget)
+            self.retract(lambda: self.kv.available() >= need, keep=0)
+            adder.add_chunked(self.chunked_req)
+        for req in order_waiting(self.waiting, self.args.schedule_policy, self.kv):
+            if not adder.add(req):
+                break
+            self.waiting.remove(req)
+            if not req.admitted:
+                req.admitted, req.cached_tokens = True, req.kv_len
+        self.chunked_req = adder.new_chunked
+        return ScheduleBatch(adder.batch, ForwardMode.EXTEND) if adder.batch else None
+
+    def retract_until_decode_fits(self) -> None:
+        """Each running request needs one new slot; retract the newest requests until they all fit."""
+        self.retract(lambda: self.kv.available() >= len(self.running), keep=1)
+
+    def retract(self, fits: Callable[[], bool], keep: int) -> None:
+        """Moves the newest running requests back to the waiting queue (their KV is released and will be
+        recomputed) until fits() holds or only `keep` remain."""
+        while len(self.running) > keep and not fits():
+            victim = self.running.pop()
+            self.kv.release(victim)
+            self.waiting.insert(0, victim)
+            self.num_retracted += 1
+            self.new_token_ratio = min(1.0, self.new_token_ratio + 0.1)
+            logger.info("retracted request %s (KV cache full); it will be recomputed", victim.rid)
+
+    # ---- running --------------------------------------------------------------------------------
+    def run_batch(self, batch: ScheduleBatch):
+        runner = self.runner
+        out_cache_loc = self.kv.alloc(sum(r.extend_len for r in batch.reqs))
+        fb = batch.to_forward_batch(runner.req_to_token_pool.req_to_token, out_cache_loc, runner.device)
+        logits = runner.forward(fb)
+        want_logprob = any(r.return_logprob for r in batch.reqs)
+        top_k = max(r.top_logprobs_num for r in batch.reqs)
+        return runner.sample(logits, batch.sampling_info(self.vocab_size, runner.device), want_logprob, top_k)
+
+    def process_batch_result(self, batch: ScheduleBatch, result) -> None:
+        next_ids = result.next_token_ids.tolist()
+        logprobs = result.logprobs.tolist() if result.logprobs is not None else None
+        top_val = result.top_logprobs_val.tolist() if result.top_logprobs_val is not None else None
+        top_idx = result.top_logprobs_idx.tolist() if result.top_logprobs_idx is not None else None
+        for i, req in enumerate(batch.reqs):
+            req.kv_len += req.extend_len
+            if req.kv_len < len(req.fill_ids):  # a chunk of a longer prompt: nothing to sample yet
+                self.kv.cache_unfinished(req)
+                continue
+            if req.params.max_new_tokens == 0:
+                req.finished_reason = {"type": "length", "length": 0}
+                continue
+            req.output_ids.append(next_ids[i])
+            if req.return_logprob:
+                req.logprobs.append(logprobs[i])
+            if req.top_logprobs_num:
+                k = req.top_logprobs_num
+                req.top_logprobs.append(list(zip(top_val[i][:k], top_idx[i][:k], strict=True)))
+            self.check_finished(req)
+        for req in batch.reqs:
+            if batch.mode.is_extend() and req is not self.chunked_req and not req.finished:
+                self.running.append(req)
+            if req.finished:
+                self.kv.release(req)
+        self._send(batch.reqs)
+        self.running = [r for r in self.running if not r.finished]
+
+    def check_finished(self, req: Req) -> None:
+        p, tok = req.params, req.output_ids[-1]
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_ids):
+            req.finished_reason = {"type": "stop", "matched": tok}
+        elif len(req.output_ids) >= p.max_new_tokens:
+            req.finished_reason = {"type": "length", "length": p.max_new_tokens}
+        elif p.stop and self.tokenizer is not None:
+            # the longest stop string spans at most that many tokens (plus a margin for merged pieces)
+            window = max(len(s) for s in p.stop) + 4
+            tail = self.tokenizer.decode(req.output_ids[-window:], skip_special_tokens=p.skip_special_tokens)
+            for s in p.stop:
+                if s in tail:
+                    req.finished_reason = {"type": "stop", "matched": s}
+                    break
+
+    def _send(self, reqs: list[Req]) -> None:
+        out = BatchTokenIDOutput([], [], [], [], [], [])
+        for r in reqs:
+            if r.sent_len == len(r.output_ids) and not r.finished:
+                continue
+            out.rids.append(r.rid)
+            out.new_token_ids.append(r.output_ids[r.sent_len :])
+            out.new_token_logprobs.append(r.logprobs[r.sent_len :])
+            out.new_top_logprobs.append(r.top_logprobs[r.sent_len :])
+            out.finished_reasons.append(r.finished_reason)
+            out.prompt_tokens.append(len(r.origin_input_ids))
+            out.completion_tokens.append(len(r.output_ids))
+            out.cached_tokens.append(r.cached_tokens)
+            r.sent_len = len(r.output_ids)
+        if out.rids:
+            self.send(out)
+
+
+@torch.inference_mode()
+def run_scheduler_loop(scheduler: Scheduler) -> None:
+    try:
+        scheduler.event_loop_normal()
+    except Exception:
+        logger.exception("scheduler crashed")
+        raise
