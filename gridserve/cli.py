@@ -1,0 +1,66 @@
+"""The `gridserve` command: generate, bench."""
+
+import argparse
+import sys
+
+from gridserve.server_args import ServerArgs
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from gridserve.entrypoints.engine import Engine
+    from gridserve.errors import InvalidParamError
+
+    server_args = ServerArgs.from_cli_args(args)
+    engine = Engine(**vars(server_args))
+    try:
+        prompt = args.prompt
+        if args.chat:
+            prompt = engine.apply_chat_template([{"role": "user", "content": prompt}])
+        params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                  "top_k": args.top_k, "seed": args.seed, "stop": args.stop or None}
+        try:
+            last = None
+            for chunk in engine.generate(prompt, params, stream=True):
+                print(chunk["delta"], end="", flush=True)
+                last = chunk
+        except InvalidParamError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print()
+        reason = last["meta_info"]["finish_reason"] if last else None
+        if reason and reason["type"] == "abort":
+            print(f"error: {reason.get('message')}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        engine.shutdown()
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="complete one prompt, streaming the text")
+    p.add_argument("prompt")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap the prompt in the model's chat template (default on)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    ServerArgs.add_cli_args(p)
+    p.set_defaults(func=_generate)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gridserve", description="LLM serving engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    from gridserve.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Shared fixtures' helpers for tests on the embedded SmolLM2-135M-Instruct GGUF."""
+
+import os
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from gridserve.model_loader.gguf_loader import default_model_path
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "List three prime numbers.",
+    "Explain what a CPU does in one sentence.",
+    "Say hello in Spanish.",
+    "What is 12 times 12?",
+]
+MAX_NEW = 20
+
+
+def load_hf_model():
+    path = default_model_path()
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32).eval()
+
+
+def hf_greedy(model, input_ids: list[int], max_new: int = MAX_NEW) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([input_ids]), max_new_tokens=max_new, do_sample=False)
+    return out[0, len(input_ids):].tolist()
+
+
+def assert_no_leak(engine) -> None:
+    """When idle, every KV slot is either free or held by the prefix cache."""
+    kv = engine.scheduler.kv
+    cached = kv.tree.total_size() if kv.tree else 0
+    assert kv.allocator.available_size() + cached == engine.scheduler.runner.max_total_num_tokens
+    assert kv.req_pool.available_size() == kv.req_pool.size

@@ -1,0 +1,48 @@
+"""Incremental detokenization: multi-byte characters split over tokens, and stop strings never leak."""
+
+import pytest
+
+from gridserve.detokenizer import IncrementalDetokenizer
+from gridserve.model_loader.gguf_loader import default_model_path
+from gridserve.tokenizer import get_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return get_tokenizer(default_model_path())
+
+
+def stream(tok, ids, stop=(), prompt=(1,)):
+    d = IncrementalDetokenizer(tok, list(prompt), list(stop))
+    deltas = [d.add([t], i == len(ids) - 1) for i, t in enumerate(ids)]
+    return deltas, d.output_text
+
+
+@pytest.mark.parametrize("text", ["naïve café — 東京タワー 🚀🔥 done", " leading space", "a\n\nb\tc  d"])
+def test_deltas_equal_full_decode(tok, text):
+    ids = tok.encode(text)
+    deltas, final = stream(tok, ids)
+    assert "".join(deltas) == final == tok.decode(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_multibyte_split_across_tokens(tok):
+    ids = tok.encode("🚀")
+    assert len(ids) > 1  # byte-level BPE splits the emoji
+    deltas, final = stream(tok, ids)
+    assert deltas[:-1] == [""] * (len(ids) - 1) and deltas[-1] == "🚀"
+
+
+def test_stop_string_never_leaks(tok):
+    ids = tok.encode("The answer is ENDOFTEXT and more")
+    deltas, final = stream(tok, ids, stop=["ENDOFTEXT"])
+    assert final == "The answer is "
+    assert "".join(deltas) == final
+    for i in range(1, len(deltas) + 1):  # no prefix of the stop string is ever shown
+        assert "END" not in "".join(deltas[:i])
+
+
+def test_partial_stop_released_when_not_matched(tok):
+    ids = tok.encode("I said END but not the rest")
+    deltas, final = stream(tok, ids, stop=["ENDOFTEXT"])
+    assert final == "I said END but not the rest" == "".join(deltas)

@@ -1,0 +1,61 @@
+"""Greedy output of the embedded SmolLM2 equals transformers' generate, token for token: prompts alone and
+batched, with and without the radix cache, with chunked prefill, and with a KV pool so small that requests
+are retracted and recomputed."""
+
+import pytest
+
+from gridserve.entrypoints.engine import Engine
+from gridserve.scheduler.scheduler import MIN_NEW_TOKEN_RATIO
+from tests.smollm import MAX_NEW, QUESTIONS, assert_no_leak, hf_greedy, load_hf_model
+
+GREEDY = {"temperature": 0, "max_new_tokens": MAX_NEW}
+
+
+@pytest.fixture(scope="module")
+def prompts_and_reference():
+    engine = Engine(max_total_tokens=2048, show_progress=False, log_level="warning")
+    prompts = [engine.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+    prompts.append("The history of the printing press")  # a raw prompt too
+    ids = [engine.tokenizer.encode(p) for p in prompts]
+    hf = load_hf_model()
+    ref = [hf_greedy(hf, i) for i in ids]
+    yield engine, ids, ref
+    engine.shutdown()
+
+
+def _check(outs, ref):
+    for got, want in zip(outs, ref, strict=True):
+        assert got["output_ids"] == want
+        reason = got["meta_info"]["finish_reason"]
+        assert reason["type"] == ("stop" if len(want) < MAX_NEW else "length")
+
+
+def test_alone_and_batched_match_transformers(prompts_and_reference):
+    engine, ids, ref = prompts_and_reference
+    _check([engine.generate(input_ids=i, sampling_params=GREEDY) for i in ids], ref)
+    outs = engine.generate(input_ids=ids, sampling_params=GREEDY)
+    _check(outs, ref)
+    # the second run shares the chat template's system prompt through the radix cache
+    assert all(o["meta_info"]["cached_tokens"] > 0 for o in outs[:-1])
+    assert outs[0]["text"] == engine.tokenizer.decode(ref[0], skip_special_tokens=True)
+    assert_no_leak(engine)
+
+
+@pytest.mark.parametrize("server_args", [
+    {"disable_radix_cache": True},
+    {"chunked_prefill_size": 16},
+    {"chunked_prefill_size": 16, "disable_radix_cache": True},
+    {"max_total_tokens": 200},  # 7 requests need ~500 slots: retraction and eviction
+    {"max_total_tokens": 200, "disable_radix_cache": True, "chunked_prefill_size": 32},
+], ids=["no-radix", "chunked", "chunked-no-radix", "tiny-pool", "tiny-pool-no-radix-chunked"])
+def test_engine_configs_match_transformers(prompts_and_reference, server_args):
+    _, ids, ref = prompts_and_reference
+    args = {"max_total_tokens": 2048, **server_args}
+    with Engine(show_progress=False, log_level="warning", **args) as engine:
+        for _ in range(2):  # the second round runs on a warm (and, with a tiny pool, evicted) cache
+            # optimistic admission (reserve little room for future tokens), so decode must retract
+            engine.scheduler.new_token_ratio = MIN_NEW_TOKEN_RATIO
+            _check(engine.generate(input_ids=ids, sampling_params=GREEDY), ref)
+            assert_no_leak(engine)
+        if args["max_total_tokens"] < 500:
+            assert engine.scheduler.num_retracted > 0
