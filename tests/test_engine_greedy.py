@@ -43,7 +43,7 @@ def test_alone_and_batched_match_transformers(prompts_and_reference):
 
 @pytest.mark.parametrize("server_args", [
     {"disable_radix_cache": True},
-    {"chunked_prefill_size": 16},
+    {"chunked_prefill_size": 16, "schedule_policy": "lpm"},
     {"chunked_prefill_size": 16, "disable_radix_cache": True},
     {"max_total_tokens": 200},  # 7 requests need ~500 slots: retraction and eviction
     {"max_total_tokens": 200, "disable_radix_cache": True, "chunked_prefill_size": 32},
@@ -59,3 +59,5 @@ def test_engine_configs_match_transformers(prompts_and_reference, server_args):
             assert_no_leak(engine)
         if args["max_total_tokens"] < 500:
             assert engine.scheduler.num_retracted > 0
+            if engine.scheduler.kv.tree is not None:
+                assert engine.scheduler.kv.num_evicted_tokens > 0

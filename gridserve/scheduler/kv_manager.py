@@ -13,6 +13,7 @@ class KVManager:
         self.req_pool = req_pool
         self.allocator = allocator
         self.tree = RadixCache(allocator) if use_radix_cache else None
+        self.num_evicted_tokens = 0
 
     def available(self) -> int:
         """Slots obtainable now: free ones plus those the cache could evict."""
@@ -38,7 +39,7 @@ class KVManager:
     def alloc(self, n: int) -> torch.Tensor:
         short = n - self.allocator.available_size()
         if short > 0 and self.tree is not None:
-            self.tree.evict(short)
+            self.num_evicted_tokens += self.tree.evict(short)
         slots = self.allocator.alloc(n)
         if slots is None:
             raise RuntimeError(f"KV cache out of memory: need {n} slots, {self.allocator.available_size()} free")
