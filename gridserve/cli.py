@@ -10,7 +10,11 @@ def _generate(args: argparse.Namespace) -> int:
     from gridserve.entrypoints.engine import Engine
     from gridserve.errors import InvalidParamError
 
-    server_args = ServerArgs.from_cli_args(args)
+    try:
+        server_args = ServerArgs.from_cli_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     engine = Engine(**vars(server_args))
     try:
         prompt = args.prompt

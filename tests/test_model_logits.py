@@ -72,3 +72,20 @@ def test_logits_match_transformers(kind, tmp_path):
             want = torch.stack([hf(torch.tensor([s])).logits[0, -1] for s in seqs])
         torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
         last = out.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_dtypes_track_float32(dtype, tmp_path):
+    hf = make_tiny_model("qwen3", tmp_path)
+    args = ServerArgs(model_path=str(tmp_path), dtype=dtype, device="cpu", max_total_tokens=256,
+                      max_running_requests=2, show_progress=False)
+    runner = ModelRunner(args, str(tmp_path), load_model_config(str(tmp_path)))
+    assert runner.model.lm_head.weight.dtype == getattr(torch, dtype)
+    assert runner.kv_cache.k_buffers[0].dtype == getattr(torch, dtype)
+    prompt = list(range(5, 40))
+    row = runner.req_to_token_pool.alloc()
+    out = _forward(runner, ForwardMode.EXTEND, [row], [prompt], [0], all_logits=True)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0]
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.1)
