@@ -14,7 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 
 from gridserve.errors import InvalidParamError
-from gridserve.messages import BatchTokenIDOutput
+from gridserve.messages import BatchTokenIDOutput, FlushCacheReq
 from gridserve.model_loader.loader import load_model_config, resolve_model_path
 from gridserve.sampling.sampling_params import SamplingParams
 from gridserve.scheduler.scheduler import Scheduler, run_scheduler_loop
@@ -66,27 +66,25 @@ class Engine:
 
     # ---- public API -----------------------------------------------------------------------------
     def _requests(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num):
-        """Normalizes the SGLang-style arguments into (is_batch, list of scheduler requests)."""
-        is_batch = isinstance(prompt, list) or (input_ids is not None and input_ids and isinstance(input_ids[0], list))
-        prompts = prompt if isinstance(prompt, list) else [prompt]
-        ids = input_ids if (input_ids is not None and is_batch) else [input_ids]
-        n = len(prompts) if prompt is not None else len(ids)
-        if prompt is None:
-            prompts = [None] * n
-        elif input_ids is not None:
+        """Normalizes SGLang-style arguments into (is_batch, list of scheduler requests)."""
+        if (prompt is None) == (input_ids is None):
             raise InvalidParamError("prompt", "give exactly one of prompt or input_ids")
+        if prompt is not None:
+            is_batch = isinstance(prompt, list)
+            items = [(p, None) for p in (prompt if is_batch else [prompt])]
         else:
-            ids = [None] * n
+            is_batch = bool(input_ids) and isinstance(input_ids[0], list)
+            items = [(None, i) for i in (input_ids if is_batch else [input_ids])]
         if isinstance(sampling_params, list):
-            if len(sampling_params) != n:
-                raise InvalidParamError("sampling_params", f"got {len(sampling_params)} for {n} prompts")
+            if len(sampling_params) != len(items):
+                raise InvalidParamError("sampling_params", f"got {len(sampling_params)} for {len(items)} prompts")
             params = [SamplingParams.from_dict(p) for p in sampling_params]
         else:
-            params = [SamplingParams.from_dict(sampling_params)] * n
+            params = [SamplingParams.from_dict(sampling_params)] * len(items)
         tm = self.tokenizer_manager
         reqs = []
-        for p, i, sp in zip(prompts, ids, params, strict=True):
-            reqs += tm.make_requests(tm.tokenize(p, i), sp, return_logprob, top_logprobs_num)
+        for (p, ids), sp in zip(items, params, strict=True):
+            reqs += tm.make_requests(tm.tokenize(p, ids), sp, return_logprob, top_logprobs_num)
         return is_batch, reqs
 
     def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
@@ -139,8 +137,6 @@ class Engine:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def flush_cache(self) -> None:
-        from gridserve.messages import FlushCacheReq
-
         self._inbox.put(FlushCacheReq())
 
     def shutdown(self) -> None:

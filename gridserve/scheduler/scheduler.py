@@ -132,7 +132,6 @@ class Scheduler:
         batch = self.get_new_prefill_batch()
         if batch is not None:
             return batch
-        self.running = [r for r in self.running if not r.finished]
         if not self.running:
             return None
         self.retract_until_decode_fits()
