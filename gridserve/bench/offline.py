@@ -1,0 +1,304 @@
+"""`gridserve bench offline`: throughput of one in-process Engine on a fixed random workload.
+
+The default workload is nano-vllm's: 256 prompts of random token ids, prompt and output lengths each uniform
+in [100, 1024], seed 0, ignore_eos, temperature 0.6. All prompts are submitted at once so the scheduler batches
+them continuously. `--compare-transformers` runs Hugging Face `generate` on the same prompts and weights,
+one prompt at a time and as one left-padded batch.
+"""
+
+import argparse
+import asyncio
+import datetime
+import gc
+import json
+import os
+import random
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from gridserve.server_args import ServerArgs
+
+# Prompt ids are drawn from [0, min(vocab_size, MAX_TOKEN_ID)): the low ids of every supported tokenizer are
+# ordinary tokens, and the range stays inside tiny test vocabularies.
+MAX_TOKEN_ID = 10000
+# The untimed warm-up request: shares no prefix with the random prompts (beyond chance), so the radix cache
+# gives the timed requests nothing.
+WARMUP_IDS = list(range(16))
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+    token_id_range: tuple[int, int]  # prompt ids are drawn uniformly from [low, high)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+@dataclass
+class Result:
+    system: str
+    wall_s: float
+    prompt_tokens: int
+    output_tokens: int  # useful output tokens: padded-batch overshoot is not counted
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+    @property
+    def total_tok_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.wall_s
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "output_tok_s": self.output_tok_s, "total_tok_s": self.total_tok_s}
+
+
+def add_offline_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("workload")
+    g.add_argument("--num-prompts", type=int, default=256)
+    g.add_argument("--min-input-len", type=int, default=100)
+    g.add_argument("--max-input-len", type=int, default=1024)
+    g.add_argument("--min-output-len", type=int, default=100)
+    g.add_argument("--max-output-len", type=int, default=1024)
+    g.add_argument("--seed", type=int, default=0, help="seed of the workload (and of transformers' sampling)")
+    g.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    g = parser.add_argument_group("report")
+    g.add_argument("--output-json", metavar="PATH", help="write the parameters and results as JSON")
+    g.add_argument("--plot", metavar="PATH", help="bar chart of output tok/s per system (PNG; needs matplotlib)")
+    g.add_argument("--compare-transformers", action="store_true",
+                   help="also run Hugging Face transformers generate (batch 1, and one padded batch)")
+    ServerArgs.add_cli_args(parser)
+
+
+def validate_workload_args(args: argparse.Namespace) -> None:
+    """Raises ValueError naming the first bad workload flag."""
+    for name in ("num_prompts", "min_input_len", "min_output_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for kind in ("input", "output"):
+        lo, hi = getattr(args, f"min_{kind}_len"), getattr(args, f"max_{kind}_len")
+        if lo > hi:
+            raise ValueError(f"--min-{kind}-len ({lo}) must be <= --max-{kind}-len ({hi})")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.compare_transformers and args.load_format == "dummy":
+        raise ValueError("--compare-transformers needs real weights; it cannot be used with --load-format dummy")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--plot needs matplotlib: pip install 'gridserve[bench]'") from None
+
+
+def make_workload(num_prompts: int, input_lens: tuple[int, int], output_lens: tuple[int, int], vocab_size: int,
+                  seed: int) -> Workload:
+    """Random prompts; lengths are uniform in the inclusive ranges, ids uniform in [0, min(vocab, 10000))."""
+    rng = random.Random(seed)
+    top = min(vocab_size, MAX_TOKEN_ID)
+    prompts, outs = [], []
+    for _ in range(num_prompts):
+        prompts.append([rng.randrange(top) for _ in range(rng.randint(*input_lens))])
+        outs.append(rng.randint(*output_lens))
+    return Workload(prompts, outs, (0, top))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _check_lengths(system: str, got: list[int], want: list[int]) -> None:
+    bad = [(i, g, w) for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w]
+    if bad:
+        i, g, w = bad[0]
+        raise RuntimeError(f"{system}: {len(bad)} requests produced the wrong number of output tokens "
+                           f"(e.g. request {i}: {g} instead of {w})")
+
+
+async def _gridserve_timed(engine, workload: Workload, temperature: float) -> tuple[float, list[dict]]:
+    warm = {"max_new_tokens": 4, "temperature": temperature, "ignore_eos": True}
+    await engine.async_generate(input_ids=WARMUP_IDS, sampling_params=warm)
+    bar = tqdm(total=len(workload.prompts), desc="gridserve", unit="req")
+
+    async def one(ids: list[int], n: int) -> dict:
+        params = {"max_new_tokens": n, "temperature": temperature, "ignore_eos": True}
+        out = await engine.async_generate(input_ids=ids, sampling_params=params)
+        bar.update()
+        return out
+
+    start = time.perf_counter()
+    outs = await asyncio.gather(*(one(p, n) for p, n in zip(workload.prompts, workload.output_lens, strict=True)))
+    wall = time.perf_counter() - start
+    bar.close()
+    return wall, outs
+
+
+def run_gridserve(engine, workload: Workload, temperature: float) -> Result:
+    """A warm-up request, then every prompt at once; checks each produced exactly its output length."""
+    wall, outs = asyncio.run(_gridserve_timed(engine, workload, temperature))
+    aborted = [o["meta_info"]["finish_reason"] for o in outs if o["meta_info"]["finish_reason"]["type"] == "abort"]
+    if aborted:
+        raise RuntimeError(f"gridserve: {len(aborted)} requests were aborted: {aborted[0].get('message')}")
+    _check_lengths("gridserve", [len(o["output_ids"]) for o in outs], workload.output_lens)
+    return Result("gridserve", wall, workload.prompt_tokens, workload.output_tokens)
+
+
+def load_hf_model(path: str, dtype: torch.dtype, device: torch.device):
+    """The same checkpoint in transformers: a GGUF file through `gguf_file=`, else the HF folder."""
+    from transformers import AutoModelForCausalLM
+
+    from gridserve.model_loader.loader import is_gguf
+
+    if is_gguf(path):
+        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                     dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device).eval()
+
+
+def _hf_generate(model, ids: torch.Tensor, mask: torch.Tensor, n: int, temperature: float, pad_id: int,
+                 eos_ids: list[int]) -> torch.Tensor:
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
+        else {"do_sample": False}
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, min_new_tokens=n, max_new_tokens=n,
+                             pad_token_id=pad_id, eos_token_id=eos_ids or None, **sampling)
+    return out[:, ids.shape[1]:]
+
+
+def run_transformers(model, workload: Workload, temperature: float, seed: int, padded: bool,
+                     pad_id: int, eos_ids: list[int]) -> Result:
+    """Batch 1 (prompt after prompt) or one left-padded batch run to the longest output length."""
+    device = model.device
+    torch.manual_seed(seed)
+    warm = torch.tensor([WARMUP_IDS], device=device)
+    _hf_generate(model, warm, torch.ones_like(warm), 4, temperature, pad_id, eos_ids)
+    _sync(device)
+    start = time.perf_counter()
+    if padded:
+        width = max(len(p) for p in workload.prompts)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in workload.prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in workload.prompts], device=device)
+        out = _hf_generate(model, ids, mask, max(workload.output_lens), temperature, pad_id, eos_ids)
+        got = [min(out.shape[1], n) for n in workload.output_lens]
+    else:
+        got = []
+        for p, n in tqdm(list(zip(workload.prompts, workload.output_lens, strict=True)), desc="transformers bs=1",
+                         unit="req"):
+            ids = torch.tensor([p], device=device)
+            got.append(_hf_generate(model, ids, torch.ones_like(ids), n, temperature, pad_id, eos_ids).shape[1])
+    _sync(device)
+    wall = time.perf_counter() - start
+    system = "transformers_padded" if padded else "transformers_bs1"
+    _check_lengths(system, got, workload.output_lens)
+    return Result(system, wall, workload.prompt_tokens, workload.output_tokens)
+
+
+def print_results(results: list[Result]) -> None:
+    base = results[0]
+    print(f"{'system':<22}{'prompt tok':>12}{'output tok':>12}{'wall s':>10}"
+          f"{'output tok/s':>14}{'total tok/s':>13}{'gridserve speed-up':>20}")
+    for r in results:
+        speedup = f"{base.output_tok_s / r.output_tok_s:.2f}x" if r is not base else ""
+        print(f"{r.system:<22}{r.prompt_tokens:>12}{r.output_tokens:>12}{r.wall_s:>10.2f}"
+              f"{r.output_tok_s:>14.1f}{r.total_tok_s:>13.1f}{speedup:>20}")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def build_report(args: argparse.Namespace, workload: Workload, model_path: str, dtype: torch.dtype,
+                 device: torch.device, results: list[Result]) -> dict:
+    keys = ("num_prompts", "min_input_len", "max_input_len", "min_output_len", "max_output_len", "seed",
+            "temperature")
+    report = {
+        "benchmark": "offline",
+        "workload": {**{k: getattr(args, k) for k in keys}, "ignore_eos": True,
+                     "token_id_range": list(workload.token_id_range), "prompt_tokens": workload.prompt_tokens,
+                     "output_tokens": workload.output_tokens},
+        "model": model_path,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "torch_version": torch.__version__,
+        "git_commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "results": {r.system: r.as_dict() for r in results},
+    }
+    if len(results) > 1:
+        import transformers
+
+        report["transformers_version"] = transformers.__version__
+    return report
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["results"])
+    values = [report["results"][n]["output_tok_s"] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bars = ax.bar(names, values, color=["tab:blue"] + ["tab:gray"] * (len(names) - 1))
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"offline, {report['workload']['num_prompts']} prompts, {report['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gridserve.entrypoints.engine import Engine
+    from gridserve.model_executor.model_runner import resolve_device
+    from gridserve.model_loader.loader import resolve_dtype, resolve_model_path
+
+    validate_workload_args(args)
+    server_args = ServerArgs.from_cli_args(args)
+    engine = Engine(**vars(server_args))
+    cfg = engine.model_config
+    path = resolve_model_path(server_args.model_path)
+    dtype, device = resolve_dtype(server_args.dtype, cfg), resolve_device(server_args.device)
+    workload = make_workload(args.num_prompts, (args.min_input_len, args.max_input_len),
+                             (args.min_output_len, args.max_output_len), cfg.vocab_size, args.seed)
+    try:
+        results = [run_gridserve(engine, workload, args.temperature)]
+    finally:
+        engine.shutdown()
+    del engine  # frees the KV cache before transformers loads its copy of the weights
+    gc.collect()
+    if args.compare_transformers:
+        model = load_hf_model(path, dtype, device)
+        pad_id = cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
+        for padded in (False, True):
+            results.append(run_transformers(model, workload, args.temperature, args.seed, padded, pad_id,
+                                            cfg.eos_token_ids))
+    print(f"requests: {len(workload.prompts)}, prompt tokens: {workload.prompt_tokens}, "
+          f"output tokens: {workload.output_tokens}")
+    print_results(results)
+    report = build_report(args, workload, path, dtype, device, results)
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.plot:
+        plot(report, args.plot)
+    return 0

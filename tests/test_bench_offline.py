@@ -1,0 +1,70 @@
+"""`gridserve bench offline` end to end on a tiny random Llama, and its workload-flag checks."""
+
+import json
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from gridserve.bench.offline import make_workload
+from gridserve.cli import main
+from tests.tiny_models import make_tiny_model
+
+NUM_PROMPTS, INPUT_LENS, OUTPUT_LENS, SEED = 4, (3, 12), (2, 5), 1
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    """The tiny Llama folder plus a word-level tokenizer over its 211 ids (the engine loads one)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = make_tiny_model("llama", path)
+    vocab = {f"t{i}": i for i in range(model.config.vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="t3"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", bos_token="t1", eos_token="t2",
+                            unk_token="t3").save_pretrained(path)
+    return str(path)
+
+
+def test_offline_with_transformers(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "offline.json"
+    argv = ["bench", "offline", "--model", tiny_llama, "--num-prompts", str(NUM_PROMPTS),
+            "--min-input-len", str(INPUT_LENS[0]), "--max-input-len", str(INPUT_LENS[1]),
+            "--min-output-len", str(OUTPUT_LENS[0]), "--max-output-len", str(OUTPUT_LENS[1]), "--seed", str(SEED),
+            "--max-total-tokens", "512", "--no-show-progress", "--log-level", "warning",
+            "--compare-transformers", "--output-json", str(out)]
+    assert main(argv) == 0
+
+    want = make_workload(NUM_PROMPTS, INPUT_LENS, OUTPUT_LENS, 211, SEED)
+    report = json.loads(out.read_text())
+    assert report["workload"]["num_prompts"] == NUM_PROMPTS
+    assert report["workload"]["output_tokens"] == want.output_tokens
+    assert set(report["results"]) == {"gridserve", "transformers_bs1", "transformers_padded"}
+    for r in report["results"].values():
+        assert r["prompt_tokens"] == want.prompt_tokens
+        assert r["output_tokens"] == want.output_tokens
+        assert r["wall_s"] > 0 and r["output_tok_s"] > 0 and r["total_tok_s"] > r["output_tok_s"]
+    for key in ("device", "torch_version", "transformers_version", "date", "git_commit", "dtype"):
+        assert key in report
+    printed = capsys.readouterr().out
+    assert "transformers_padded" in printed and "output tok/s" in printed
+
+
+def test_workload_is_reproducible():
+    a = make_workload(8, (5, 9), (1, 3), 50, seed=3)
+    assert a == make_workload(8, (5, 9), (1, 3), 50, seed=3)
+    assert all(5 <= len(p) <= 9 and all(0 <= t < 50 for t in p) for p in a.prompts)
+    assert all(1 <= n <= 3 for n in a.output_lens)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--min-input-len", "20", "--max-input-len", "10"], "--min-input-len (20) must be <= --max-input-len (10)"),
+    (["--min-output-len", "0"], "--min-output-len must be >= 1"),
+    (["--num-prompts", "0"], "--num-prompts must be >= 1"),
+    (["--load-format", "dummy", "--compare-transformers"], "needs real weights"),
+])
+def test_bad_workload_flags(flags, message, capsys):
+    # checked before any model loads: the default model is never touched
+    assert main(["bench", "offline", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and message in err
