@@ -1,6 +1,8 @@
 """Incremental detokenization of one request's output: text deltas that never split a multi-byte character
 and never show a stop string (or the start of one that may still complete)."""
 
+from gridserve.messages import BatchStrOutput, BatchTokenIDOutput
+
 # Tokens before the new ones that are decoded with them, so that tokenizers which treat the first token
 # of a string specially (a leading space, a byte-fallback piece) give the same text as a full decode.
 CONTEXT_TOKENS = 5
@@ -56,3 +58,25 @@ def _partial_stop_len(text: str, stops: list[str]) -> int:
                 best = max(best, n)
                 break
     return best
+
+
+class DetokenizerManager:
+    """Turns the scheduler's token outputs into text deltas for every request in flight."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.states: dict[str, IncrementalDetokenizer] = {}
+
+    def handle(self, out: BatchTokenIDOutput) -> BatchStrOutput:
+        deltas = []
+        for i, rid in enumerate(out.rids):
+            init = out.detok_init[i] if out.detok_init else None
+            if init is not None:
+                self.states[rid] = IncrementalDetokenizer(self.tokenizer, init.prompt_tail, init.stop,
+                                                          init.skip_special_tokens)
+            finished = out.finished_reasons[i] is not None
+            state = self.states.pop(rid, None) if finished else self.states.get(rid)
+            deltas.append(state.add(out.new_token_ids[i], finished) if state else "")
+        return BatchStrOutput(out.rids, deltas, out.new_token_ids, out.finished_reasons, out.prompt_tokens,
+                              out.completion_tokens, out.cached_tokens, out.new_token_logprobs,
+                              out.new_top_logprobs, out.stats)

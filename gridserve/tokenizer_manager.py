@@ -1,41 +1,73 @@
 """TokenizerManager: the front end's view of requests. Tokenizes and validates, sends TokenizedGenerateReq
-to the scheduler, and turns the scheduler's token outputs back into per-request results and streams."""
+to the scheduler, and turns the detokenizer's outputs back into per-request results and streams.
+
+Outputs arrive on whatever thread receives them (a ZMQ receiver thread, or the scheduler thread in tests);
+each request remembers its own event loop and queue, so any number of loops (uvicorn's, the gRPC server's,
+the offline Engine's) can wait on requests at once."""
 
 import asyncio
+import logging
 import random
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from gridserve.detokenizer import IncrementalDetokenizer
 from gridserve.errors import InvalidParamError, RequestTooLargeError
-from gridserve.messages import AbortReq, BatchTokenIDOutput, TokenizedGenerateReq
+from gridserve.messages import (
+    AbortReq,
+    BatchStrOutput,
+    FlushCacheReq,
+    GetInternalStateReq,
+    RpcOutput,
+    SchedulerStats,
+    TokenizedGenerateReq,
+)
+from gridserve.metrics import Metrics
 from gridserve.sampling.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class SchedulerDeadError(RuntimeError):
+    """A scheduler (or the detokenizer) is gone; the deployment is going down."""
 
 
 @dataclass
 class ReqState:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    detok: IncrementalDetokenizer
     prompt_tokens: int
+    text: str = ""
     output_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)
     finished: bool = False
     created: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    last_token_time: float | None = None
 
 
 class TokenizerManager:
     def __init__(self, tokenizer, scheduler_info: dict, vocab_size: int, send: Callable[[object], None],
-                 random_seed: int = 0):
+                 served_model_name: str = "default", random_seed: int = 0):
         self.tokenizer = tokenizer
         self.info = scheduler_info
         self.vocab_size = vocab_size
-        self.send = send
+        self._send = send
+        self._send_lock = threading.Lock()  # ZMQ sockets are not thread-safe
+        self.served_model_name = served_model_name
         self.rid_to_state: dict[str, ReqState] = {}
+        self.rpc_waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self.seed_rng = random.Random(random_seed)  # seeds for requests that give none
+        self.last_stats = SchedulerStats(max_total_num_tokens=scheduler_info.get("max_total_num_tokens", 0))
+        self.metrics = Metrics(served_model_name)
+        self.dead_reason: str | None = None
+
+    def send(self, msg: object) -> None:
+        with self._send_lock:
+            self._send(msg)
 
     # ---- inputs ---------------------------------------------------------------------------------
     def tokenize(self, prompt: str | None, input_ids: list[int] | None) -> list[int]:
@@ -45,7 +77,7 @@ class TokenizerManager:
             if not isinstance(prompt, str):
                 raise InvalidParamError("prompt", f"must be a string, got {type(prompt).__name__}")
             input_ids = self.tokenizer.encode(prompt)
-        if not isinstance(input_ids, list) or not all(isinstance(t, int) for t in input_ids):
+        if not isinstance(input_ids, list) or not all(type(t) is int for t in input_ids):
             raise InvalidParamError("input_ids", "must be a list of ints")
         if not input_ids:
             raise InvalidParamError("prompt", "the prompt is empty")
@@ -54,21 +86,28 @@ class TokenizerManager:
             raise InvalidParamError("input_ids", f"token ids must be in [0, {self.vocab_size}), got {bad[0]}")
         return input_ids
 
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not messages:
+            raise InvalidParamError("messages", "must be a non-empty list")
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # a template error is the caller's malformed conversation
+            raise InvalidParamError("messages", f"chat template failed: {e}") from e
+
     def validate_length(self, n_prompt: int, params: SamplingParams) -> None:
         ctx, pool = self.info["context_len"], self.info["max_total_num_tokens"]
         total = n_prompt + params.max_new_tokens
-        if total > ctx:
-            raise RequestTooLargeError("max_new_tokens", f"prompt ({n_prompt} tokens) + max_new_tokens "
-                                       f"({params.max_new_tokens}) = {total} exceeds the context length ({ctx})")
-        if total > pool:
-            raise RequestTooLargeError("max_new_tokens", f"prompt ({n_prompt} tokens) + max_new_tokens "
-                                       f"({params.max_new_tokens}) = {total} exceeds the KV cache ({pool} tokens)")
+        for limit, what in ((ctx, "the context length"), (pool, "the KV cache size")):
+            if total > limit:
+                raise RequestTooLargeError("max_new_tokens", f"prompt ({n_prompt} tokens) + max_new_tokens "
+                                           f"({params.max_new_tokens}) = {total} exceeds {what} ({limit} tokens)")
 
     def make_requests(self, input_ids: list[int], params: SamplingParams, return_logprob: bool = False,
                       top_logprobs_num: int = 0) -> list[TokenizedGenerateReq]:
         """One scheduler request per choice (n); each choice gets its own seed, so they differ."""
         self.validate_length(len(input_ids), params)
-        if not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
+        if type(top_logprobs_num) is not int or top_logprobs_num < 0:
             raise InvalidParamError("top_logprobs_num", f"must be an int >= 0, got {top_logprobs_num!r}")
         base = params.seed if params.seed is not None else self.seed_rng.getrandbits(63)
         return [TokenizedGenerateReq(uuid.uuid4().hex, input_ids, params, base + i, return_logprob,
@@ -77,10 +116,9 @@ class TokenizerManager:
     # ---- streaming results ----------------------------------------------------------------------
     async def generate(self, req: TokenizedGenerateReq) -> AsyncIterator[dict]:
         """Sends one request and yields its cumulative result after every step; the last one is final."""
-        state = ReqState(asyncio.get_running_loop(), asyncio.Queue(),
-                         IncrementalDetokenizer(self.tokenizer, req.input_ids, req.sampling_params.stop,
-                                                req.sampling_params.skip_special_tokens),
-                         len(req.input_ids))
+        if self.dead_reason:
+            raise SchedulerDeadError(self.dead_reason)
+        state = ReqState(asyncio.get_running_loop(), asyncio.Queue(), len(req.input_ids))
         self.rid_to_state[req.rid] = state
         self.send(req)
         try:
@@ -90,26 +128,51 @@ class TokenizerManager:
                 if out["meta_info"]["finish_reason"] is not None:
                     return
         finally:
-            if not state.finished:  # the consumer went away: free the request's KV in the scheduler
+            if not state.finished and not self.dead_reason:  # the consumer left: free the request's KV
                 self.send(AbortReq(req.rid))
             self.rid_to_state.pop(req.rid, None)
 
-    def handle_batch_output(self, out: BatchTokenIDOutput) -> None:
-        """Called with each scheduler output; safe to call from another thread than the requests' loops."""
+    def handle_output(self, msg: object) -> None:
+        """Entry point for everything the detokenizer sends back. Thread-safe."""
+        if isinstance(msg, BatchStrOutput):
+            self._handle_batch(msg)
+        elif isinstance(msg, RpcOutput):
+            waiter = self.rpc_waiters.pop(msg.rid, None)
+            if waiter is not None:
+                loop, fut = waiter
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(msg))
+        else:
+            logger.error("tokenizer manager got an unknown message %r", type(msg).__name__)
+
+    def _handle_batch(self, out: BatchStrOutput) -> None:
+        if out.stats is not None:
+            self.last_stats = out.stats
+            self.metrics.on_scheduler_stats(out.stats)
+        now = time.perf_counter()
         for i, rid in enumerate(out.rids):
             state = self.rid_to_state.get(rid)
             if state is None:
                 continue  # aborted and already gone
-            reason = out.finished_reasons[i]
-            new = out.new_token_ids[i]
+            reason, new = out.finished_reasons[i], out.new_token_ids[i]
+            if new:
+                if state.first_token_time is None:
+                    state.first_token_time = now
+                    self.metrics.ttft.observe(now - state.created)
+                elif state.last_token_time is not None:
+                    self.metrics.itl.observe((now - state.last_token_time) / len(new))
+                state.last_token_time = now
+            state.text += out.text_deltas[i]
             state.output_ids += new
             state.logprobs += [(lp, t) for lp, t in zip(out.new_token_logprobs[i], new, strict=False)]
             state.top_logprobs += out.new_top_logprobs[i]
-            delta = state.detok.add(new, reason is not None)
             state.finished = reason is not None
+            ttft = state.first_token_time - state.created if state.first_token_time else None
+            if state.finished:
+                self.metrics.on_finished(out.prompt_tokens[i], out.completion_tokens[i], out.cached_tokens[i],
+                                         ttft, now - state.created, reason["type"] == "abort")
             result = {
-                "text": state.detok.output_text,
-                "delta": delta,
+                "text": state.text,
+                "delta": out.text_deltas[i],
                 "output_ids": list(state.output_ids),
                 "meta_info": {
                     "id": rid,
@@ -119,17 +182,43 @@ class TokenizerManager:
                     "finish_reason": reason,
                     "output_token_logprobs": list(state.logprobs),
                     "output_top_logprobs": list(state.top_logprobs),
-                    "e2e_latency": time.perf_counter() - state.created,
+                    "ttft": ttft,
+                    "e2e_latency": now - state.created,
                 },
             }
             state.loop.call_soon_threadsafe(state.queue.put_nowait, result)
 
+    # ---- control --------------------------------------------------------------------------------
+    async def _rpc(self, msg, timeout: float = 30.0) -> RpcOutput:
+        if self.dead_reason:
+            raise SchedulerDeadError(self.dead_reason)
+        msg.rid = uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.rpc_waiters[msg.rid] = (loop, fut)
+        self.send(msg)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self.rpc_waiters.pop(msg.rid, None)
+
+    async def flush_cache(self) -> bool:
+        """Empties the prefix cache; False when requests are in flight (then nothing is flushed)."""
+        return (await self._rpc(FlushCacheReq())).success
+
+    async def get_internal_state(self) -> dict:
+        return (await self._rpc(GetInternalStateReq())).data
+
     def fail_all(self, message: str) -> None:
-        """The scheduler is gone: every waiting request ends with an error instead of hanging."""
+        """A scheduler is gone: every waiting request ends with an error instead of hanging."""
+        self.dead_reason = self.dead_reason or message
         for rid, state in list(self.rid_to_state.items()):
             state.finished = True
-            result = {"text": state.detok.output_text, "delta": "", "output_ids": list(state.output_ids),
+            result = {"text": state.text, "delta": "", "output_ids": list(state.output_ids),
                       "meta_info": {"id": rid, "prompt_tokens": state.prompt_tokens,
                                     "completion_tokens": len(state.output_ids), "cached_tokens": 0,
-                                    "finish_reason": {"type": "abort", "message": message}}}
+                                    "finish_reason": {"type": "abort", "message": message},
+                                    "output_token_logprobs": [], "output_top_logprobs": []}}
             state.loop.call_soon_threadsafe(state.queue.put_nowait, result)
+        for loop, fut in list(self.rpc_waiters.values()):
+            loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_exception(SchedulerDeadError(message)))

@@ -13,6 +13,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
 
+from gridserve.detokenizer import DetokenizerManager
 from gridserve.errors import InvalidParamError
 from gridserve.messages import BatchTokenIDOutput, FlushCacheReq
 from gridserve.model_loader.loader import load_model_config, resolve_model_path
@@ -36,6 +37,7 @@ class Engine:
         self.model_config = load_model_config(path)
         self.tokenizer = get_tokenizer(path, self.server_args.tokenizer_path)
         self._inbox: queue.Queue = queue.Queue()
+        self.detokenizer = DetokenizerManager(self.tokenizer)
         self.scheduler = Scheduler(self.server_args, path, self.model_config, self.tokenizer, self._recv,
                                    self._on_output)
         self.scheduler_info = self.scheduler.scheduler_info
@@ -55,8 +57,10 @@ class Engine:
             pass
         return msgs
 
-    def _on_output(self, out: BatchTokenIDOutput) -> None:
-        self.tokenizer_manager.handle_batch_output(out)
+    def _on_output(self, msg) -> None:
+        if isinstance(msg, BatchTokenIDOutput):
+            msg = self.detokenizer.handle(msg)
+        self.tokenizer_manager.handle_output(msg)
 
     def _run_scheduler(self) -> None:
         try:

@@ -28,6 +28,7 @@ class Req:
         self.admitted = False
         self.finished_reason: dict | None = None
         self.sent_len = 0  # output tokens already sent out
+        self.detok_started = False  # the detokenizer has this request's DetokInit
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[float, int]]] = []
 

@@ -7,7 +7,17 @@ from collections.abc import Callable
 
 import torch
 
-from gridserve.messages import AbortReq, BatchTokenIDOutput, FlushCacheReq, TokenizedGenerateReq
+from gridserve.detokenizer import CONTEXT_TOKENS
+from gridserve.messages import (
+    AbortReq,
+    BatchTokenIDOutput,
+    DetokInit,
+    FlushCacheReq,
+    GetInternalStateReq,
+    RpcOutput,
+    SchedulerStats,
+    TokenizedGenerateReq,
+)
 from gridserve.model_executor.forward_batch import ForwardMode
 from gridserve.model_executor.model_runner import ModelRunner
 from gridserve.models.config import ModelConfig
@@ -20,9 +30,10 @@ logger = logging.getLogger(__name__)
 
 INIT_NEW_TOKEN_RATIO, MIN_NEW_TOKEN_RATIO, NEW_TOKEN_RATIO_DECAY = 0.7, 0.1, 0.001
 
-# recv(block) returns the messages that arrived (waiting a little when block is True); send(out) emits.
+# recv(block) returns the messages that arrived (waiting a little when block is True); send(msg) emits
+# a BatchTokenIDOutput or an RpcOutput towards the detokenizer.
 RecvFn = Callable[[bool], list]
-SendFn = Callable[[BatchTokenIDOutput], None]
+SendFn = Callable[[object], None]
 
 
 class Scheduler:
@@ -41,6 +52,8 @@ class Scheduler:
         self.chunked_req: Req | None = None
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.num_retracted = 0
+        self.prompt_tokens_total = 0
+        self.cached_prompt_tokens_total = 0
         self.stopped = False
         chunk = args.chunked_prefill_size if args.chunked_prefill_size > 0 else 1 << 62
         self.prefill_budget = min(args.max_prefill_tokens, chunk)
@@ -74,7 +87,9 @@ class Scheduler:
             elif isinstance(msg, AbortReq):
                 self.abort_request(msg.rid)
             elif isinstance(msg, FlushCacheReq):
-                self.flush_cache()
+                self.send(RpcOutput(msg.rid, self.flush_cache()))
+            elif isinstance(msg, GetInternalStateReq):
+                self.send(RpcOutput(msg.rid, True, self.get_internal_state()))
             else:
                 logger.error("scheduler got an unknown message %r", type(msg).__name__)
 
@@ -120,6 +135,22 @@ class Scheduler:
                 self._send([req])
                 return
 
+    def stats(self) -> SchedulerStats:
+        kv = self.kv
+        cached = kv.tree.total_size() if kv.tree else 0
+        total = self.runner.max_total_num_tokens
+        return SchedulerStats(
+            num_running=len(self.running) + (self.chunked_req is not None), num_waiting=len(self.waiting),
+            max_total_num_tokens=total, used_tokens=total - kv.allocator.available_size() - cached,
+            cached_tokens=cached, num_retracted=self.num_retracted, num_evicted_tokens=kv.num_evicted_tokens,
+            prompt_tokens_total=self.prompt_tokens_total, cached_prompt_tokens_total=self.cached_prompt_tokens_total)
+
+    def get_internal_state(self) -> dict:
+        s = self.stats()
+        return {**vars(s), "token_usage": s.token_usage, "cache_hit_rate": s.cache_hit_rate,
+                "new_token_ratio": self.new_token_ratio, "available_tokens": self.kv.allocator.available_size(),
+                "free_req_slots": self.kv.req_pool.available_size()}
+
     def flush_cache(self) -> bool:
         if not self.is_idle():
             logger.warning("flush_cache ignored: requests are in flight")
@@ -155,6 +186,8 @@ class Scheduler:
             self.waiting.remove(req)
             if not req.admitted:
                 req.admitted, req.cached_tokens = True, req.kv_len
+                self.prompt_tokens_total += len(req.origin_input_ids)
+                self.cached_prompt_tokens_total += req.kv_len
         self.chunked_req = adder.new_chunked
         return ScheduleBatch(adder.batch, ForwardMode.EXTEND) if adder.batch else None
 
@@ -239,8 +272,13 @@ class Scheduler:
             out.prompt_tokens.append(len(r.origin_input_ids))
             out.completion_tokens.append(len(r.output_ids))
             out.cached_tokens.append(r.cached_tokens)
+            first = not r.detok_started
+            out.detok_init.append(DetokInit(r.origin_input_ids[-CONTEXT_TOKENS:], r.params.stop,
+                                            r.params.skip_special_tokens) if first else None)
+            r.detok_started = True
             r.sent_len = len(r.output_ids)
         if out.rids:
+            out.stats = self.stats()
             self.send(out)
 
 
