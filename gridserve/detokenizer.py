@@ -80,3 +80,30 @@ class DetokenizerManager:
         return BatchStrOutput(out.rids, deltas, out.new_token_ids, out.finished_reasons, out.prompt_tokens,
                               out.completion_tokens, out.cached_tokens, out.new_token_logprobs,
                               out.new_top_logprobs, out.stats)
+
+
+def run_detokenizer_process(args, port_args, model_path: str, pipe_writer) -> None:
+    """The detokenizer process: token ids in from the scheduler, text out to the TokenizerManager."""
+    import sys
+    import traceback
+
+    import zmq
+
+    from gridserve.ipc import recv_all, zmq_socket
+    from gridserve.process_utils import init_child_process, parent_alive
+    from gridserve.tokenizer import get_tokenizer
+
+    parent = init_child_process("detokenizer", args.log_level)
+    try:
+        ctx = zmq.Context()
+        pull = zmq_socket(ctx, zmq.PULL, port_args.detokenizer_input)
+        push = zmq_socket(ctx, zmq.PUSH, port_args.tokenizer_input)
+        manager = DetokenizerManager(get_tokenizer(model_path, args.tokenizer_path))
+    except Exception:
+        pipe_writer.send({"status": "error", "message": traceback.format_exc()})
+        sys.exit(1)
+    pipe_writer.send({"status": "ready"})
+    pipe_writer.close()
+    while parent_alive(parent):
+        for msg in recv_all(pull, 100):
+            push.send_pyobj(manager.handle(msg) if isinstance(msg, BatchTokenIDOutput) else msg)

@@ -3,6 +3,7 @@ with SGLang's flag names (and a few short aliases users know from vLLM)."""
 
 import argparse
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -40,12 +41,24 @@ class ServerArgs:
     max_prefill_tokens: int = _opt(16384, "max new tokens in one prefill batch")
     chunked_prefill_size: int = _opt(8192, "prefill long prompts in chunks of this many tokens; -1 = off")
     schedule_policy: str = _opt("fcfs", "waiting-queue order: fcfs, or lpm (longest cached prefix first)")
+    schedule_conservativeness: float = _opt(1.0, "room kept for running requests' future tokens; larger means "
+                                                 "fewer retractions, smaller means more requests admitted")
     disable_radix_cache: bool = _opt(False, "turn off prefix sharing")
     attention_backend: str = _opt("torch", "attention implementation")
     random_seed: int = _opt(0, "seed for requests that do not give one")
     tp_size: int = _opt(1, "tensor-parallel size")
     pp_size: int = _opt(1, "pipeline-parallel size")
     dp_size: int = _opt(1, "data-parallel size")
+    base_gpu_id: int = _opt(0, "first GPU this node uses")
+    gpu_id_step: int = _opt(1, "GPU id distance between consecutive ranks")
+    nnodes: int = _opt(1, "number of nodes")
+    node_rank: int = _opt(0, "this node's index")
+    dist_init_addr: str | None = _opt(None, "host:port of node 0's rendezvous (multi-node)")
+    host: str = _opt("127.0.0.1", "HTTP/gRPC listen address")
+    port: int = _opt(30000, "HTTP/gRPC listen port")
+    api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY' on the API")
+    served_model_name: str | None = _opt(None, "model name in the API (default: the model path's name)")
+    grpc_mode: bool = _opt(False, "serve gRPC instead of HTTP")
     log_level: str = _opt("info", "logging level")
     show_progress: bool = _opt(True, "progress bars while loading")
 
@@ -65,9 +78,30 @@ class ServerArgs:
             raise ValueError(f"--chunked-prefill-size must be > 0 or -1, got {self.chunked_prefill_size}")
         if not 0 < self.mem_fraction_static < 1:
             raise ValueError(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
-        for name in ("tp_size", "pp_size", "dp_size"):
-            if getattr(self, name) != 1:
+        if self.schedule_conservativeness <= 0:
+            raise ValueError(f"--schedule-conservativeness must be > 0, got {self.schedule_conservativeness}")
+        for name in ("tp_size", "pp_size", "dp_size", "nnodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+            if name != "nnodes" and getattr(self, name) != 1:
                 raise ValueError(f"--{name.replace('_', '-')} > 1 is not supported yet")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank must be in [0, --nnodes={self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("--nnodes > 1 needs --dist-init-addr host:port (node 0's address)")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port must be in 1..65535, got {self.port}")
+        if self.base_gpu_id < 0 or self.gpu_id_step < 1:
+            raise ValueError("--base-gpu-id must be >= 0 and --gpu-id-step >= 1")
+
+    @property
+    def model_name(self) -> str:
+        """The name clients use for this model."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model_path is None:
+            return "SmolLM2-135M-Instruct"
+        return os.path.basename(os.path.normpath(self.model_path)).removesuffix(".gguf")
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:

@@ -30,9 +30,12 @@ def hf_greedy(model, input_ids: list[int], max_new: int = MAX_NEW) -> list[int]:
     return out[0, len(input_ids):].tolist()
 
 
-def assert_no_leak(engine) -> None:
-    """When idle, every KV slot is either free or held by the prefix cache."""
-    kv = engine.scheduler.kv
-    cached = kv.tree.total_size() if kv.tree else 0
-    assert kv.allocator.available_size() + cached == engine.scheduler.runner.max_total_num_tokens
-    assert kv.req_pool.available_size() == kv.req_pool.size
+def assert_no_leak(engine) -> dict:
+    """When idle, every KV slot is either free or held by the prefix cache, and every request row is free.
+    Returns the scheduler's internal state."""
+    state = engine.get_server_info()["internal_state"]
+    assert state["num_running"] == state["num_waiting"] == 0
+    assert state["used_tokens"] == 0
+    assert state["available_tokens"] + state["cached_tokens"] == state["max_total_num_tokens"]
+    assert state["free_req_slots"] == engine.scheduler_info["max_running_requests"]
+    return state

@@ -4,24 +4,19 @@
     engine.generate(prompt="Hi", sampling_params={"max_new_tokens": 16})
     engine.shutdown()
 
-Single-process mode: the scheduler runs its event loop in a background thread of this process.
+It runs the same scheduler and detokenizer processes as `gridserve serve`; the TokenizerManager lives in
+this process.
 """
 
 import asyncio
+import dataclasses
 import logging
-import queue
-import threading
 from collections.abc import AsyncIterator, Iterator
 
-from gridserve.detokenizer import DetokenizerManager
 from gridserve.errors import InvalidParamError
-from gridserve.messages import BatchTokenIDOutput, FlushCacheReq
-from gridserve.model_loader.loader import load_model_config, resolve_model_path
+from gridserve.launch import launch_subprocesses
 from gridserve.sampling.sampling_params import SamplingParams
-from gridserve.scheduler.scheduler import Scheduler, run_scheduler_loop
 from gridserve.server_args import ServerArgs
-from gridserve.tokenizer import get_tokenizer
-from gridserve.tokenizer_manager import TokenizerManager
 
 logger = logging.getLogger(__name__)
 
@@ -33,40 +28,10 @@ class Engine:
         self.server_args = ServerArgs(model_path=model_path, **kwargs)
         logging.basicConfig(level=self.server_args.log_level.upper(),
                             format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
-        path = resolve_model_path(self.server_args.model_path)
-        self.model_config = load_model_config(path)
-        self.tokenizer = get_tokenizer(path, self.server_args.tokenizer_path)
-        self._inbox: queue.Queue = queue.Queue()
-        self.detokenizer = DetokenizerManager(self.tokenizer)
-        self.scheduler = Scheduler(self.server_args, path, self.model_config, self.tokenizer, self._recv,
-                                   self._on_output)
-        self.scheduler_info = self.scheduler.scheduler_info
-        self.tokenizer_manager = TokenizerManager(self.tokenizer, self.scheduler_info, self.model_config.vocab_size,
-                                                  self._inbox.put, self.server_args.random_seed)
-        self._thread = threading.Thread(target=self._run_scheduler, name="gridserve-scheduler", daemon=True)
-        self._thread.start()
-
-    # ---- scheduler thread IO --------------------------------------------------------------------
-    def _recv(self, block: bool) -> list:
-        msgs = []
-        try:
-            msgs.append(self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait())
-            while True:
-                msgs.append(self._inbox.get_nowait())
-        except queue.Empty:
-            pass
-        return msgs
-
-    def _on_output(self, msg) -> None:
-        if isinstance(msg, BatchTokenIDOutput):
-            msg = self.detokenizer.handle(msg)
-        self.tokenizer_manager.handle_output(msg)
-
-    def _run_scheduler(self) -> None:
-        try:
-            run_scheduler_loop(self.scheduler)
-        except Exception as e:  # noqa: BLE001 - every waiting caller must hear about it
-            self.tokenizer_manager.fail_all(f"scheduler failed: {e!r}")
+        self.deployment = launch_subprocesses(self.server_args)
+        self.tokenizer_manager = self.deployment.tm
+        self.tokenizer = self.tokenizer_manager.tokenizer
+        self.scheduler_info = self.deployment.scheduler_info
 
     # ---- public API -----------------------------------------------------------------------------
     def _requests(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num):
@@ -140,12 +105,17 @@ class Engine:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def flush_cache(self) -> None:
-        self._inbox.put(FlushCacheReq())
+    def flush_cache(self) -> bool:
+        """Empties the prefix cache; False when requests are in flight."""
+        return asyncio.run(self.tokenizer_manager.flush_cache())
+
+    def get_server_info(self) -> dict:
+        """Server arguments, scheduler limits and the scheduler's live internal state."""
+        state = asyncio.run(self.tokenizer_manager.get_internal_state())
+        return {**dataclasses.asdict(self.server_args), **self.scheduler_info, "internal_state": state}
 
     def shutdown(self) -> None:
-        self.scheduler.stopped = True
-        self._thread.join(timeout=30)
+        self.deployment.shutdown()
 
     def __enter__(self) -> "Engine":
         return self

@@ -19,10 +19,10 @@ _CPU_KV_MEMORY_SHARE = 0.25
 _CPU_MAX_KV_TOKENS = 65536
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, gpu_id: int = 0) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device, gpu_id) if device == "cuda" else torch.device(device)
 
 
 def _cpu_available_bytes() -> int:
@@ -34,10 +34,12 @@ def _cpu_available_bytes() -> int:
 
 
 class ModelRunner:
-    def __init__(self, args: ServerArgs, model_path: str, cfg: ModelConfig):
+    def __init__(self, args: ServerArgs, model_path: str, cfg: ModelConfig, gpu_id: int = 0):
         self.args = args
         self.model_config = cfg
-        self.device = resolve_device(args.device)
+        self.device = resolve_device(args.device, gpu_id)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(args.dtype, cfg)
         self.context_len = args.context_length or cfg.max_position_embeddings
         self.model = load_model(model_path, cfg, self.dtype, self.device, args.load_format, args.show_progress)

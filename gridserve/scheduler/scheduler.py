@@ -5,8 +5,6 @@ ZMQ-connected process later."""
 import logging
 from collections.abc import Callable
 
-import torch
-
 from gridserve.detokenizer import CONTEXT_TOKENS
 from gridserve.messages import (
     AbortReq,
@@ -37,11 +35,12 @@ SendFn = Callable[[object], None]
 
 
 class Scheduler:
-    def __init__(self, args: ServerArgs, model_path: str, cfg: ModelConfig, tokenizer, recv: RecvFn, send: SendFn):
+    def __init__(self, args: ServerArgs, model_path: str, cfg: ModelConfig, tokenizer, recv: RecvFn, send: SendFn,
+                 gpu_id: int = 0):
         self.args = args
         self.recv, self.send = recv, send
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(args, model_path, cfg)
+        self.runner = ModelRunner(args, model_path, cfg, gpu_id)
         self.kv = KVManager(self.runner.req_to_token_pool, self.runner.allocator, not args.disable_radix_cache)
         self.eos_ids = set(cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -50,7 +49,9 @@ class Scheduler:
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.chunked_req: Req | None = None
-        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        # how much room admission keeps for the future tokens of running requests (SGLang's conservativeness)
+        self.min_new_token_ratio = min(1.0, MIN_NEW_TOKEN_RATIO * args.schedule_conservativeness)
+        self.new_token_ratio = min(1.0, INIT_NEW_TOKEN_RATIO * args.schedule_conservativeness)
         self.num_retracted = 0
         self.prompt_tokens_total = 0
         self.cached_prompt_tokens_total = 0
@@ -166,7 +167,7 @@ class Scheduler:
         if not self.running:
             return None
         self.retract_until_decode_fits()
-        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         for r in self.running:
             r.extend_len = 1
         return ScheduleBatch(list(self.running), ForwardMode.DECODE)
@@ -280,12 +281,3 @@ class Scheduler:
         if out.rids:
             out.stats = self.stats()
             self.send(out)
-
-
-@torch.inference_mode()
-def run_scheduler_loop(scheduler: Scheduler) -> None:
-    try:
-        scheduler.event_loop_normal()
-    except Exception:
-        logger.exception("scheduler crashed")
-        raise

@@ -1,0 +1,164 @@
+"""launch_subprocesses: start every child process of a deployment and wire them together.
+
+Node 0 runs, in order: one scheduler per local rank (each reports its scheduler_info through a one-way
+pipe once its model and KV cache are ready), the detokenizer, and in this process the TokenizerManager
+with a ZMQ receiver thread and a watchdog that notices any child's death within a second.
+"""
+
+import logging
+import multiprocessing as mp
+import os
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import wait
+
+import zmq
+
+from gridserve.detokenizer import run_detokenizer_process
+from gridserve.distributed.ranks import node_ranks
+from gridserve.ipc import PortArgs, zmq_socket
+from gridserve.model_loader.loader import load_model_config, resolve_model_path
+from gridserve.process_utils import describe_exit, terminate_processes
+from gridserve.scheduler.run import run_scheduler_process
+from gridserve.server_args import ServerArgs
+from gridserve.tokenizer import get_tokenizer
+from gridserve.tokenizer_manager import TokenizerManager
+
+logger = logging.getLogger(__name__)
+# scheduler_info keys that every rank must agree on
+_SHARED_LIMITS = ("max_total_num_tokens", "max_running_requests", "context_len", "max_req_input_len")
+
+
+class ChildFailedError(RuntimeError):
+    pass
+
+
+class Deployment:
+    """The running processes of this node and the TokenizerManager that talks to them."""
+
+    def __init__(self, args: ServerArgs, on_child_death: Callable[[str], None] | None = None):
+        self.args = args
+        self.on_child_death = on_child_death
+        self.port_args = PortArgs.create()
+        self.procs: list[tuple[str, mp.Process]] = []
+        self.stopping = threading.Event()
+        self.tm: TokenizerManager | None = None
+        self.scheduler_info: dict = {}
+        self._zmq = zmq.Context()
+        self._threads: list[threading.Thread] = []
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ---- start-up -------------------------------------------------------------------------------
+    def _start(self) -> None:
+        args, ctx = self.args, mp.get_context("spawn")
+        model_path = resolve_model_path(args.model_path)
+        cfg = load_model_config(model_path)
+        readers = []
+        for rank in node_ranks(args.tp_size, args.pp_size, args.dp_size, args.nnodes, args.node_rank,
+                               args.base_gpu_id, args.gpu_id_step):
+            readers.append(self._spawn(ctx, f"scheduler {rank.name}", run_scheduler_process,
+                                       (args, self.port_args, rank)))
+        if args.node_rank == 0:
+            readers.append(self._spawn(ctx, "detokenizer", run_detokenizer_process,
+                                       (args, self.port_args, model_path)))
+        tokenizer = get_tokenizer(model_path, args.tokenizer_path)  # overlaps with the children's start-up
+        infos = self._wait_ready(readers)
+        self._check_same_limits(infos[:-1] if args.node_rank == 0 else infos)
+        self.scheduler_info = infos[0]
+        push = zmq_socket(self._zmq, zmq.PUSH, self.port_args.scheduler_input)
+        self.tm = TokenizerManager(tokenizer, self.scheduler_info, cfg.vocab_size, push.send_pyobj,
+                                   args.model_name, args.random_seed)
+        self._pull = zmq_socket(self._zmq, zmq.PULL, self.port_args.tokenizer_input)
+        self._threads = [threading.Thread(target=self._receive_loop, name="gridserve-tm-recv", daemon=True),
+                         threading.Thread(target=self._watchdog, name="gridserve-watchdog", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _spawn(self, ctx, name: str, target, args: tuple):
+        reader, writer = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=target, args=(*args, writer), name=name, daemon=True)
+        proc.start()
+        writer.close()  # the child holds the only write end: its death shows as EOF on the reader
+        self.procs.append((name, proc))
+        return reader
+
+    def _wait_ready(self, readers: list) -> list[dict]:
+        """Waits for every child's report, checking every second that none has died."""
+        infos: dict[int, dict] = {}
+        pending = dict(enumerate(readers))
+        while pending:
+            for reader in wait(list(pending.values()), timeout=1.0):
+                i = next(k for k, r in pending.items() if r is reader)
+                name, proc = self.procs[i]
+                try:
+                    info = reader.recv()
+                except EOFError:
+                    proc.join(5)
+                    raise ChildFailedError(f"{name} (pid {proc.pid}) {describe_exit(proc.exitcode)} "
+                                           "before it was ready") from None
+                if info.get("status") == "error":
+                    raise ChildFailedError(f"{name} failed to start:\n{info['message']}")
+                infos[i] = info
+                del pending[i]
+            for i in list(pending):
+                name, proc = self.procs[i]
+                if not proc.is_alive():
+                    raise ChildFailedError(f"{name} (pid {proc.pid}) {describe_exit(proc.exitcode)} "
+                                           "before it was ready")
+        return [infos[i] for i in range(len(readers))]
+
+    @staticmethod
+    def _check_same_limits(infos: list[dict]) -> None:
+        for key in _SHARED_LIMITS:
+            values = {info[key] for info in infos}
+            if len(values) > 1:
+                raise ChildFailedError(f"ranks disagree on {key}: {sorted(values)}")
+
+    # ---- running --------------------------------------------------------------------------------
+    def _receive_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                if self._pull.poll(100):
+                    self.tm.handle_output(self._pull.recv_pyobj())
+            except zmq.ZMQError:
+                return  # the context is being closed
+
+    def _watchdog(self) -> None:
+        sentinels = {proc.sentinel: (name, proc) for name, proc in self.procs}
+        while not self.stopping.is_set():
+            ready = wait(list(sentinels), timeout=0.5)
+            if not ready or self.stopping.is_set():
+                continue
+            name, proc = sentinels[ready[0]]
+            proc.join(1)
+            reason = f"{name} (pid {proc.pid}) {describe_exit(proc.exitcode)}"
+            logger.error("%s; shutting the deployment down", reason)
+            self.tm.fail_all(reason)
+            terminate_processes([p for _, p in self.procs])
+            if self.on_child_death is not None:
+                self.on_child_death(reason)
+            return
+
+    @property
+    def alive(self) -> bool:
+        return all(p.is_alive() for _, p in self.procs)
+
+    def shutdown(self) -> None:
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        terminate_processes([p for _, p in self.procs])
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(2)
+        self._zmq.destroy(linger=0)
+        self.port_args.cleanup()
+
+
+def launch_subprocesses(args: ServerArgs, on_child_death: Callable[[str], None] | None = None) -> Deployment:
+    logger.info("starting gridserve (pid %d): model %s", os.getpid(), args.model_path or "embedded SmolLM2-135M")
+    return Deployment(args, on_child_death)

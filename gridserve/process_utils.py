@@ -1,0 +1,56 @@
+"""Process plumbing shared by the launcher and its children: titles, dying with the parent, killing trees."""
+
+import ctypes
+import logging
+import os
+import signal
+import threading
+import time
+
+import setproctitle
+
+logger = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1
+
+
+def init_child_process(title: str, log_level: str) -> int:
+    """Called first thing in every spawned child. Returns the parent's pid, which the child's loop watches."""
+    setproctitle.setproctitle(f"gridserve::{title}")
+    logging.basicConfig(level=log_level.upper(), format=f"[%(asctime)s {title}] %(levelname)s %(message)s")
+    try:  # the kernel kills us if the parent dies (best effort; the loops also poll the parent pid)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+    return os.getppid()
+
+
+def parent_alive(parent_pid: int) -> bool:
+    return os.getppid() == parent_pid
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "is still running"
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        hint = " (SIGKILL: possibly the out-of-memory killer)" if code == -signal.SIGKILL else ""
+        return f"was killed by signal {name}{hint}"
+    return f"exited with code {code}"
+
+
+def terminate_processes(procs: list, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL whatever is still alive after `timeout` seconds."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
+
+
+def in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
