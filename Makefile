@@ -21,7 +21,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/gridserve generate "Write a haiku about the sea."
+	$(BIN)/gridserve serve
 
 test: $(STAMP)
 	$(BIN)/ruff check gridserve tests

@@ -1,4 +1,4 @@
-"""The `gridserve` command: generate, bench."""
+"""The `gridserve` command: serve, generate, bench."""
 
 import argparse
 import sys
@@ -55,9 +55,27 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=_generate)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from gridserve.launch_server import run
+
+    try:
+        server_args = ServerArgs.from_cli_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run(server_args)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (or gRPC with --grpc-mode)")
+    ServerArgs.add_cli_args(p)
+    p.set_defaults(func=_serve)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gridserve", description="LLM serving engine")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
     _add_generate(sub)
     from gridserve.bench.cli import add_bench_parser
 

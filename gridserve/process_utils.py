@@ -32,9 +32,9 @@ def describe_exit(code: int | None) -> str:
     if code is None:
         return "is still running"
     if code < 0:
-        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
-        hint = " (SIGKILL: possibly the out-of-memory killer)" if code == -signal.SIGKILL else ""
-        return f"was killed by signal {name}{hint}"
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+        hint = " (exit code -9; possibly the out-of-memory killer)" if code == -signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
     return f"exited with code {code}"
 
 

@@ -33,7 +33,7 @@ def hf_greedy(model, input_ids: list[int], max_new: int = MAX_NEW) -> list[int]:
 def assert_no_leak(engine) -> dict:
     """When idle, every KV slot is either free or held by the prefix cache, and every request row is free.
     Returns the scheduler's internal state."""
-    state = engine.get_server_info()["internal_state"]
+    state = engine.get_server_info()["internal_states"][0]
     assert state["num_running"] == state["num_waiting"] == 0
     assert state["used_tokens"] == 0
     assert state["available_tokens"] + state["cached_tokens"] == state["max_total_num_tokens"]

@@ -26,3 +26,27 @@ def test_generate_bad_values_fail_with_a_message():
     assert "Traceback" not in p.stderr
     p = run("generate", "Hi", "--no-such-flag")
     assert p.returncode == 2 and "unrecognized arguments" in p.stderr
+
+
+def test_serve_rejects_bad_flags_at_once():
+    for args, message in [
+        (["--bogus"], "unrecognized arguments"),
+        (["--nnodes", "2"], "--dist-init-addr"),
+        (["--node-rank", "1"], "--node-rank must be in [0, --nnodes=1)"),
+        (["--port", "70000"], "--port must be in 1..65535"),
+        (["--tp-size", "0"], "--tp-size must be >= 1"),
+        (["--dtype", "int3"], "invalid choice"),
+    ]:
+        p = run("serve", *args)
+        assert p.returncode == 2 and message in p.stderr, (args, p.stderr)
+
+
+def test_launch_server_module_accepts_sglang_flags():
+    p = subprocess.run([sys.executable, "-m", "gridserve.launch_server", "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0
+    for flag in ("--model-path", "--tp-size", "--pp-size", "--dp-size", "--nnodes", "--node-rank",
+                 "--dist-init-addr", "--host", "--port", "--mem-fraction-static", "--max-total-tokens",
+                 "--chunked-prefill-size", "--max-running-requests", "--disable-radix-cache", "--grpc-mode",
+                 "--api-key"):
+        assert flag in p.stdout, flag

@@ -43,12 +43,11 @@ def test_alone_and_batched_match_transformers(prompts_and_reference):
 @pytest.mark.parametrize("server_args", [
     {"disable_radix_cache": True},
     {"chunked_prefill_size": 16, "schedule_policy": "lpm"},
-    {"chunked_prefill_size": 16, "disable_radix_cache": True},
     # 7 requests need ~500 slots; optimistic admission (little room kept for future tokens) makes decode retract
     {"max_total_tokens": 200, "schedule_conservativeness": 0.05},
     {"max_total_tokens": 200, "schedule_conservativeness": 0.05, "disable_radix_cache": True,
      "chunked_prefill_size": 32},
-], ids=["no-radix", "chunked", "chunked-no-radix", "tiny-pool", "tiny-pool-no-radix-chunked"])
+], ids=["no-radix", "chunked-lpm", "tiny-pool", "tiny-pool-no-radix-chunked"])
 def test_engine_configs_match_transformers(prompts_and_reference, server_args):
     _, ids, ref = prompts_and_reference
     args = {"max_total_tokens": 2048, **server_args}

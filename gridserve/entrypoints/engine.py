@@ -112,7 +112,7 @@ class Engine:
     def get_server_info(self) -> dict:
         """Server arguments, scheduler limits and the scheduler's live internal state."""
         state = asyncio.run(self.tokenizer_manager.get_internal_state())
-        return {**dataclasses.asdict(self.server_args), **self.scheduler_info, "internal_state": state}
+        return {**dataclasses.asdict(self.server_args), **self.scheduler_info, "internal_states": [state]}
 
     def shutdown(self) -> None:
         self.deployment.shutdown()

@@ -1,0 +1,291 @@
+"""The HTTP front end: OpenAI-compatible routes, SGLang's native /generate, and the operator's routes
+(/health, /health_generate, /server_info, /flush_cache, /metrics), around a TokenizerManager.
+
+    app = create_app(tokenizer_manager, server_args, api_key=...)
+    run_http_server(app, host, port)
+
+The app only talks to the TokenizerManager, so it does not care whether the scheduler runs in a thread of
+this process (tests, gridserve.Engine) or in other processes over ZMQ (`gridserve serve`)."""
+
+import asyncio
+import contextlib
+import dataclasses
+import secrets
+from collections.abc import AsyncIterator
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import PlainTextResponse, Response
+
+import gridserve
+from gridserve.entrypoints.openai.protocol import (
+    REQUEST_FIELDS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    ModelCard,
+    ModelList,
+)
+from gridserve.entrypoints.openai.serving_chat import OpenAIServingChat
+from gridserve.entrypoints.openai.serving_completions import OpenAIServingCompletion
+from gridserve.entrypoints.openai.utils import (
+    ClientDisconnected,
+    OpenAIError,
+    ORJSONResponse,
+    SSEResponse,
+    TokenStrings,
+    as_openai_error,
+    cancel_on_disconnect,
+    check_alive,
+    collect_finals,
+    error_response,
+    generate_all,
+    prepare_requests,
+    sampling_params,
+    sse_stream,
+    tokenize,
+)
+from gridserve.errors import InvalidParamError
+from gridserve.messages import TokenizedGenerateReq
+from gridserve.sampling.sampling_params import SamplingParams
+from gridserve.server_args import ServerArgs
+from gridserve.tokenizer_manager import SchedulerDeadError
+
+# /health_generate: a generation that takes longer than this means the pipeline is stuck.
+HEALTH_GENERATE_TIMEOUT_S = 20.0
+# Routes a load balancer or Prometheus polls without credentials.
+PUBLIC_ROUTES = ("/health", "/health_generate", "/metrics")
+
+
+def create_app(tm, server_args: ServerArgs, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving `tm`. With api_key, every route but PUBLIC_ROUTES needs `Bearer <api_key>`."""
+    docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="gridserve", version=gridserve.__version__, default_response_class=ORJSONResponse, **docs)
+    app.state.tm, app.state.server_args = tm, server_args
+    _add_error_handlers(app)
+    protected = APIRouter(dependencies=[Depends(_api_key_check(api_key))] if api_key else [])
+    _add_openai_routes(protected, tm)
+    _add_native_routes(protected, tm, server_args)
+    app.include_router(protected)
+    app.include_router(_public_routes(tm))
+    return app
+
+
+def run_http_server(app: FastAPI, host: str, port: int) -> None:
+    """Serves `app` until interrupted (uvicorn on uvloop, logging at the server's --log-level)."""
+    level = app.state.server_args.log_level.lower()
+    uvicorn.run(app, host=host, port=port, loop="uvloop",
+                log_level=level if level in uvicorn.config.LOG_LEVELS else "info")
+
+
+# ---- errors -----------------------------------------------------------------------------------------------
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every failure answers `{"error": {"message", "type", "param", "code"}}` as OpenAI does."""
+
+    async def openai_error(_: Request, exc: Exception) -> Response:
+        return error_response(as_openai_error(exc))
+
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return error_response(_validation_to_openai(exc))
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_response(OpenAIError(exc.status_code, message, code=str(exc.status_code)))
+
+    async def disconnected(_: Request, __: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it: the client is gone (nginx's "client closed")
+
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(ClientDisconnected, disconnected)
+    # Expected failures get their own handlers: the catch-all `Exception` one also logs a traceback.
+    for expected in (OpenAIError, InvalidParamError, SchedulerDeadError, TimeoutError):
+        app.add_exception_handler(expected, openai_error)
+    app.add_exception_handler(Exception, openai_error)
+
+
+def _validation_to_openai(exc: RequestValidationError) -> OpenAIError:
+    """FastAPI's 422 becomes OpenAI's 400, naming the offending field (e.g. `messages[0].content`)."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return OpenAIError(400, "the request body is not valid JSON")
+    loc = list(first.get("loc", ()))
+    param = _param_path(loc[1:] if loc[:1] == ["body"] else loc)
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return OpenAIError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}{more}", param=param)
+
+
+def _param_path(loc: list) -> str | None:
+    """`messages[0].content` from pydantic's location, stopping at union-member tags such as `list[int]`."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in REQUEST_FIELDS:
+            path += f".{part}" if path else part
+        else:
+            break
+    return path or None
+
+
+def _api_key_check(api_key: str):
+    expected = api_key.encode()
+
+    async def check(request: Request) -> None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected):
+            raise OpenAIError(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
+                              code="invalid_api_key")
+
+    return check
+
+
+# ---- routes -----------------------------------------------------------------------------------------------
+def _add_openai_routes(router: APIRouter, tm) -> None:
+    tokens = TokenStrings(tm.tokenizer)
+    completions, chat = OpenAIServingCompletion(tm, tokens), OpenAIServingChat(tm, tokens)
+
+    @router.post("/v1/completions")
+    async def create_completion(body: CompletionRequest, request: Request) -> Response:
+        return await completions.create_completion(body, request)
+
+    @router.post("/v1/chat/completions")
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+        return await chat.create_chat_completion(body, request)
+
+    def card() -> ModelCard:
+        name = tm.served_model_name
+        return ModelCard(id=name, root=name, max_model_len=tm.info.get("context_len"))
+
+    @router.get("/v1/models")
+    async def list_models() -> dict:
+        return ModelList(data=[card()]).model_dump()
+
+    @router.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict:
+        if model_id != tm.served_model_name:
+            raise OpenAIError(404, f"The model `{model_id}` does not exist", param="model", code="model_not_found")
+        return card().model_dump()
+
+
+def _add_native_routes(router: APIRouter, tm, server_args: ServerArgs) -> None:
+    @router.post("/generate")
+    async def generate(body: GenerateRequest, request: Request) -> Response:
+        check_alive(tm)
+        reqs, ids, batch = _native_requests(tm, body)
+        if body.stream:
+            return SSEResponse(sse_stream(_native_stream(tm, body, reqs, ids)))
+        finals = await cancel_on_disconnect(request, collect_finals(tm, reqs))
+        results = [_native_result(out, ids[i], body.return_logprob) for i, out in enumerate(finals)]
+        return ORJSONResponse(results if batch or len(results) > 1 else results[0])
+
+    @router.get("/server_info")
+    @router.get("/get_server_info")  # SGLang's older name
+    async def server_info() -> dict:
+        state = await tm.get_internal_state()
+        args = dataclasses.asdict(server_args)
+        if args.get("api_key"):  # whoever may read this already has the key, but it does not belong in logs
+            args["api_key"] = "<hidden>"
+        return {**args, **tm.info, "internal_states": [state], "version": gridserve.__version__}
+
+    @router.get("/get_model_info")
+    async def model_info() -> dict:
+        return {"model_path": server_args.model_path, "tokenizer_path": server_args.tokenizer_path,
+                "served_model_name": tm.served_model_name, "is_generation": True}
+
+    @router.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache() -> Response:
+        if not await tm.flush_cache():
+            raise OpenAIError(400, "cache not flushed: requests are in flight; retry when the server is idle")
+        return PlainTextResponse("Cache flushed.")
+
+
+def _public_routes(tm) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health() -> Response:
+        check_alive(tm)
+        return Response(status_code=200)
+
+    @router.get("/health_generate")
+    async def health_generate() -> Response:
+        """Healthy only if one token makes it through the whole pipeline in time."""
+        check_alive(tm)
+        reqs = tm.make_requests(tm.tokenize("Hello", None), SamplingParams(max_new_tokens=1, temperature=0.0))
+        try:
+            await asyncio.wait_for(collect_finals(tm, reqs), HEALTH_GENERATE_TIMEOUT_S)
+        except TimeoutError as e:
+            raise OpenAIError(503, f"no token generated within {HEALTH_GENERATE_TIMEOUT_S:g} s",
+                              code="service_unavailable") from e
+        except OpenAIError as e:
+            raise OpenAIError(503, f"generation failed: {e.message}", code="service_unavailable") from e
+        return Response(status_code=200)
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        return Response(tm.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+# ---- /generate --------------------------------------------------------------------------------------------
+def _native_requests(tm, body: GenerateRequest) -> tuple[list[TokenizedGenerateReq], list[str | None], bool]:
+    """Scheduler requests (n per prompt, in order), the id each result reports, and whether the input was a
+    batch. A client's rid only names its results: scheduler ids stay unique whatever clients send."""
+    if (body.text is None) == (body.input_ids is None):
+        raise OpenAIError(400, "give exactly one of text or input_ids", param="text")
+    if body.text is not None:
+        batch = isinstance(body.text, list)
+        prompts = [tokenize(tm, t, param="text") for t in (body.text if batch else [body.text])]
+    else:
+        batch = bool(body.input_ids) and isinstance(body.input_ids[0], list)
+        items = body.input_ids if batch else [body.input_ids]
+        prompts = [tokenize(tm, input_ids=i, param="input_ids") for i in items]
+    if not prompts:
+        raise OpenAIError(400, "the batch is empty", param="text" if body.text is not None else "input_ids")
+    params = _per_prompt(body.sampling_params, len(prompts), "sampling_params")
+    rids = _per_prompt(body.rid, len(prompts), "rid")
+    reqs, ids = [], []
+    for prompt, p, rid in zip(prompts, params, rids, strict=True):
+        sp = sampling_params(p)
+        top = (body.top_logprobs_num or 0) if body.return_logprob else 0
+        reqs += prepare_requests(tm, [prompt], sp, sp.max_new_tokens, return_logprob=bool(body.return_logprob),
+                                 top_logprobs_num=top, prompt_param="text" if body.text is not None else "input_ids",
+                                 max_tokens_param="max_new_tokens")
+        ids += [rid if rid is None or sp.n == 1 else f"{rid}-{j}" for j in range(sp.n)]
+    return reqs, ids, batch
+
+
+def _per_prompt(value, n: int, param: str) -> list:
+    """A per-prompt field given once for all prompts, or as a list of one per prompt."""
+    if not isinstance(value, list):
+        return [value] * n
+    if len(value) != n:
+        raise OpenAIError(400, f"{param}: got {len(value)} for {n} prompts", param=param)
+    return value
+
+
+def _native_result(out: dict, rid: str | None, return_logprob: bool | None) -> dict:
+    meta = dict(out["meta_info"])
+    if rid is not None:
+        meta["id"] = rid
+    if not return_logprob:
+        meta.pop("output_token_logprobs", None)
+        meta.pop("output_top_logprobs", None)
+    return {"text": out["text"], "output_ids": out["output_ids"], "meta_info": meta}
+
+
+async def _native_stream(tm, body: GenerateRequest, reqs: list[TokenizedGenerateReq],
+                         ids: list[str | None]) -> AsyncIterator[dict]:
+    """SGLang's stream: the cumulative result after each step (with `index` when there are several)."""
+    async with contextlib.aclosing(generate_all(tm, reqs)) as outs:
+        async for i, out in outs:
+            result = _native_result(out, ids[i], body.return_logprob)
+            if len(reqs) > 1:
+                result["index"] = i
+            yield result

@@ -1,0 +1,117 @@
+"""Entry point of a deployment: `gridserve serve ...` or `python -m gridserve.launch_server --model-path ...`.
+
+launch_server serves HTTP (FastAPI on uvicorn); serve_grpc serves gRPC (--grpc-mode). Both start the
+processes with launch_subprocesses, and both end the deployment with a non-zero exit code when a child
+process dies, after a short grace period in which /health (or the Health RPC) reports the failure.
+"""
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import threading
+import time
+
+from gridserve.launch import ChildFailedError, launch_subprocesses
+from gridserve.process_utils import in_main_thread
+from gridserve.server_args import ServerArgs
+
+logger = logging.getLogger("gridserve")
+DEATH_GRACE_S = 2.0  # keep answering (with errors) this long after a child died, so clients learn why
+
+
+def _announce_ready(started: float, is_ready) -> None:
+    def watch():
+        while not is_ready():
+            time.sleep(0.05)
+        logger.info("server ready in %.1f s", time.perf_counter() - started)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def launch_server(args: ServerArgs) -> int:
+    import uvicorn
+
+    from gridserve.entrypoints.http_server import create_app
+
+    started = time.perf_counter()
+    failed: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_child_death(reason: str) -> None:
+        failed.append(reason)
+        threading.Timer(DEATH_GRACE_S, lambda: server and setattr(server, "should_exit", True)).start()
+
+    deployment = launch_subprocesses(args, on_child_death)
+    try:
+        app = create_app(deployment.tm, args, args.api_key)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop",
+                                               log_level=args.log_level.lower(), timeout_graceful_shutdown=3))
+        _announce_ready(started, lambda: server.started)
+        server.run()
+    finally:
+        deployment.shutdown()
+    if failed:
+        logger.error("deployment stopped: %s", failed[0])
+        return 1
+    return 0
+
+
+def serve_grpc(args: ServerArgs) -> int:
+    from gridserve.entrypoints.grpc.grpc_server import serve_grpc_forever
+
+    started = time.perf_counter()
+    failed: list[str] = []
+    deployment = launch_subprocesses(args, lambda reason: failed.append(reason))
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.create_task(serve_grpc_forever(deployment.tm, args, args.host, args.port))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        logger.info("gRPC server ready in %.1f s", time.perf_counter() - started)
+        while not task.done():
+            await asyncio.sleep(0.2)
+            if failed:
+                await asyncio.sleep(DEATH_GRACE_S)
+                task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    try:
+        asyncio.run(run())
+    finally:
+        deployment.shutdown()
+    if failed:
+        logger.error("deployment stopped: %s", failed[0])
+        return 1
+    return 0
+
+
+def run(args: ServerArgs) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    if not in_main_thread():
+        raise RuntimeError("launch_server must run in the main thread (it owns the signal handlers)")
+    try:
+        return serve_grpc(args) if args.grpc_mode else launch_server(args)
+    except ChildFailedError as e:
+        logger.error("start-up failed: %s", e)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gridserve.launch_server")
+    ServerArgs.add_cli_args(parser)
+    ns = parser.parse_args(argv)
+    try:
+        args = ServerArgs.from_cli_args(ns)
+    except ValueError as e:
+        parser.error(str(e))
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""A live `gridserve serve` (real processes, real sockets) driven by the official openai client, plus the
+fault paths: a killed scheduler, SIGTERM, and gRPC mode giving the same tokens as HTTP."""
+
+import json
+import signal
+import threading
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from gridserve.entrypoints.engine import Engine
+from gridserve.entrypoints.grpc import gridserve_pb2 as pb
+from gridserve.entrypoints.grpc import gridserve_pb2_grpc as pb_grpc
+from tests.server_utils import ServerProcess, health, wait_gone
+
+QUESTION = "Name three colors."
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = ServerProcess()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = Engine(max_total_tokens=4096, show_progress=False, log_level="warning")
+    yield e
+    e.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+
+
+def test_startup_time_is_reported(server, capsys):
+    with capsys.disabled():
+        print(f"\n[gridserve serve, embedded model, CPU] start-up to ready: {server.startup_seconds():.1f} s")
+
+
+def test_openai_client_greedy_equals_engine(client, engine):
+    chat_prompt = engine.apply_chat_template([{"role": "user", "content": QUESTION}])
+    want_chat = engine.generate(chat_prompt, {"temperature": 0, "max_new_tokens": 24})
+    want_text = engine.generate("The capital of France is", {"temperature": 0, "max_new_tokens": 12})
+
+    chat = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=24,
+                                          messages=[{"role": "user", "content": QUESTION}])
+    assert chat.choices[0].message.content == want_chat["text"]
+    assert chat.usage.completion_tokens == want_chat["meta_info"]["completion_tokens"]
+    stream = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=24, stream=True,
+                                            messages=[{"role": "user", "content": QUESTION}])
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want_chat["text"]
+
+    comp = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
+                                     temperature=0, max_tokens=12)
+    assert comp.choices[0].text == want_text["text"]
+    stream = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
+                                       temperature=0, max_tokens=12, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == want_text["text"]
+
+
+def test_32_concurrent_streams_are_well_formed_sse(server):
+    results: list[str | None] = [None] * 32
+
+    def one(i: int) -> None:
+        body = {"prompt": f"Count to {i}:", "max_tokens": 16, "stream": True, "temperature": 0.7, "seed": i}
+        events = []
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=300) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line:
+                    events.append(line)
+        assert events[-1] == "data: [DONE]"
+        for e in events[:-1]:
+            assert e.startswith("data: ")
+            json.loads(e[len("data: "):])
+        results[i] = "ok"
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert results == ["ok"] * 32
+
+
+def test_disconnected_client_frees_kv(server):
+    body = {"prompt": "Tell me a long story.", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 3:
+                break  # leave mid-stream
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{server.url}/server_info", timeout=10).json()["internal_states"][0]
+        if state["used_tokens"] == 0 and state["num_running"] == 0:
+            break
+        time.sleep(0.2)
+    assert state["used_tokens"] == 0 and state["num_running"] == 0
+    assert "gridserve:num_running_reqs" in httpx.get(f"{server.url}/metrics").text
+
+
+def test_killed_scheduler_takes_the_deployment_down():
+    s = ServerProcess()
+    try:
+        tree = s.descendants()
+        scheduler = s.child_pid("gridserve::scheduler dp0 pp0 tp0")
+        in_flight: dict = {}
+
+        def request() -> None:  # a request running when the scheduler dies gets an error, not a hang
+            try:
+                r = httpx.post(f"{s.url}/v1/completions", timeout=30,
+                               json={"prompt": "Hi", "max_tokens": 2000, "ignore_eos": True})
+                in_flight["status"] = r.status_code
+            except httpx.HTTPError as e:
+                in_flight["status"] = repr(e)
+
+        t = threading.Thread(target=request)
+        t.start()
+        time.sleep(1.0)
+        signal_time = time.monotonic()
+        import os
+
+        os.kill(scheduler, signal.SIGKILL)
+        saw_failure = False
+        while s.proc.poll() is None and time.monotonic() - signal_time < 10:
+            saw_failure |= health(s.url) != 200
+            time.sleep(0.1)
+        assert s.proc.poll() is not None, "server still running 10 s after its scheduler died"
+        assert s.proc.returncode != 0
+        assert saw_failure
+        assert "scheduler dp0 pp0 tp0" in s.output() and "SIGKILL" in s.output()
+        t.join(10)
+        assert not t.is_alive() and in_flight["status"] != 200
+        assert wait_gone(tree, 5) == []
+    finally:
+        s.stop()
+
+
+def test_grpc_streams_the_same_tokens_as_http_and_sigterm_cleans_up(server):
+    http = httpx.post(f"{server.url}/generate", timeout=60,
+                      json={"text": "The capital of France is", "sampling_params": {"temperature": 0,
+                                                                                    "max_new_tokens": 12}}).json()
+    g = ServerProcess(grpc=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{g.port}") as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            req = pb.GenerateRequest(text="The capital of France is", stream=True,
+                                     sampling_params=pb.SamplingParams(temperature=0, max_new_tokens=12))
+            ids, text = [], ""
+            for resp in stub.Generate(req, timeout=60):
+                ids += list(resp.token_ids)
+                text += resp.text
+        assert ids == http["output_ids"] and text == http["text"]
+        tree = g.descendants()
+        start = time.monotonic()
+        g.proc.send_signal(signal.SIGTERM)
+        g.proc.wait(10)
+        assert wait_gone(tree, max(0.1, 10 - (time.monotonic() - start))) == []
+    finally:
+        g.stop()
+
+
+def test_sigterm_stops_everything(server):
+    tree = server.descendants()
+    assert len(tree) >= 2  # a scheduler and the detokenizer at least
+    start = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(10)
+    assert wait_gone(tree, max(0.1, 10 - (time.monotonic() - start))) == []
