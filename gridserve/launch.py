@@ -5,6 +5,7 @@ pipe once its model and KV cache are ready), the detokenizer, and in this proces
 with a ZMQ receiver thread and a watchdog that notices any child's death within a second.
 """
 
+import atexit
 import logging
 import multiprocessing as mp
 import os
@@ -18,7 +19,7 @@ from gridserve.detokenizer import run_detokenizer_process
 from gridserve.distributed.ranks import node_ranks
 from gridserve.ipc import PortArgs, zmq_socket
 from gridserve.model_loader.loader import load_model_config, resolve_model_path
-from gridserve.process_utils import describe_exit, terminate_processes
+from gridserve.process_utils import describe_exit, spawn_without_main, terminate_processes
 from gridserve.scheduler.run import run_scheduler_process
 from gridserve.server_args import ServerArgs
 from gridserve.tokenizer import get_tokenizer
@@ -46,6 +47,7 @@ class Deployment:
         self.scheduler_info: dict = {}
         self._zmq = zmq.Context()
         self._threads: list[threading.Thread] = []
+        atexit.register(self.shutdown)  # an Engine the caller never shut down still ends quietly
         try:
             self._start()
         except BaseException:
@@ -81,7 +83,8 @@ class Deployment:
     def _spawn(self, ctx, name: str, target, args: tuple):
         reader, writer = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=target, args=(*args, writer), name=name, daemon=True)
-        proc.start()
+        with spawn_without_main():
+            proc.start()
         writer.close()  # the child holds the only write end: its death shows as EOF on the reader
         self.procs.append((name, proc))
         return reader
@@ -151,6 +154,7 @@ class Deployment:
         if self.stopping.is_set():
             return
         self.stopping.set()
+        atexit.unregister(self.shutdown)
         terminate_processes([p for _, p in self.procs])
         for t in self._threads:
             if t is not threading.current_thread():

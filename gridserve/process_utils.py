@@ -1,9 +1,11 @@
 """Process plumbing shared by the launcher and its children: titles, dying with the parent, killing trees."""
 
+import contextlib
 import ctypes
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -54,3 +56,21 @@ def terminate_processes(procs: list, timeout: float = 5.0) -> None:
 
 def in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def spawn_without_main():
+    """Start spawned children without re-running the parent's __main__ script in them.
+
+    Every child target lives in gridserve's own modules, so the child never needs the user's script; and
+    re-running it would start a second Engine inside the child whenever the script lacks an
+    `if __name__ == "__main__":` guard."""
+    main = sys.modules["__main__"]
+    saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if hasattr(main, k)}
+    for k in saved:
+        setattr(main, k, None) if k == "__spec__" else delattr(main, k)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(main, k, v)

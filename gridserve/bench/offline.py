@@ -270,13 +270,13 @@ def plot(report: dict, path: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from gridserve.entrypoints.engine import Engine
     from gridserve.model_executor.model_runner import resolve_device
-    from gridserve.model_loader.loader import resolve_dtype, resolve_model_path
+    from gridserve.model_loader.loader import load_model_config, resolve_dtype, resolve_model_path
 
     validate_workload_args(args)
     server_args = ServerArgs.from_cli_args(args)
-    engine = Engine(**vars(server_args))
-    cfg = engine.model_config
     path = resolve_model_path(server_args.model_path)
+    cfg = load_model_config(path)
+    engine = Engine(**vars(server_args))
     dtype, device = resolve_dtype(server_args.dtype, cfg), resolve_device(server_args.device)
     workload = make_workload(args.num_prompts, (args.min_input_len, args.max_input_len),
                              (args.min_output_len, args.max_output_len), cfg.vocab_size, args.seed)
