@@ -58,7 +58,6 @@ class Deployment:
     def _start(self) -> None:
         args, ctx = self.args, mp.get_context("spawn")
         model_path = resolve_model_path(args.model_path)
-        cfg = load_model_config(model_path)
         readers = []
         for rank in node_ranks(args.tp_size, args.pp_size, args.dp_size, args.nnodes, args.node_rank,
                                args.base_gpu_id, args.gpu_id_step):
@@ -67,12 +66,14 @@ class Deployment:
         if args.node_rank == 0:
             readers.append(self._spawn(ctx, "detokenizer", run_detokenizer_process,
                                        (args, self.port_args, model_path)))
-        tokenizer = get_tokenizer(model_path, args.tokenizer_path)  # overlaps with the children's start-up
+        # while the children load the model
+        tokenizer = get_tokenizer(model_path, args.tokenizer_path)
+        vocab_size = load_model_config(model_path).vocab_size
         infos = self._wait_ready(readers)
         self._check_same_limits(infos[:-1] if args.node_rank == 0 else infos)
         self.scheduler_info = infos[0]
         push = zmq_socket(self._zmq, zmq.PUSH, self.port_args.scheduler_input)
-        self.tm = TokenizerManager(tokenizer, self.scheduler_info, cfg.vocab_size, push.send_pyobj,
+        self.tm = TokenizerManager(tokenizer, self.scheduler_info, vocab_size, push.send_pyobj,
                                    args.model_name, args.random_seed)
         self._pull = zmq_socket(self._zmq, zmq.PULL, self.port_args.tokenizer_input)
         self._threads = [threading.Thread(target=self._receive_loop, name="gridserve-tm-recv", daemon=True),

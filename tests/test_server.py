@@ -2,6 +2,7 @@
 fault paths: a killed scheduler, SIGTERM, and gRPC mode giving the same tokens as HTTP."""
 
 import json
+import os
 import signal
 import threading
 import time
@@ -14,7 +15,7 @@ import pytest
 from gridserve.entrypoints.engine import Engine
 from gridserve.entrypoints.grpc import gridserve_pb2 as pb
 from gridserve.entrypoints.grpc import gridserve_pb2_grpc as pb_grpc
-from tests.server_utils import ServerProcess, health, wait_gone
+from tests.server_utils import ServerProcess, cmdline, health, wait_gone
 
 QUESTION = "Name three colors."
 
@@ -124,8 +125,6 @@ def test_killed_scheduler_takes_the_deployment_down():
         t.start()
         time.sleep(1.0)
         signal_time = time.monotonic()
-        import os
-
         os.kill(scheduler, signal.SIGKILL)
         saw_failure = False
         while s.proc.poll() is None and time.monotonic() - signal_time < 10:
@@ -173,3 +172,15 @@ def test_sigterm_stops_everything(server):
     server.proc.send_signal(signal.SIGTERM)
     server.proc.wait(10)
     assert wait_gone(tree, max(0.1, 10 - (time.monotonic() - start))) == []
+
+
+def test_children_die_with_a_killed_main_process():
+    s = ServerProcess()
+    try:
+        tree = s.descendants()
+        assert any("gridserve::scheduler" in cmdline(p) for p in tree)
+        s.proc.kill()
+        s.proc.wait(5)
+        assert wait_gone(tree, 10) == []
+    finally:
+        s.stop()

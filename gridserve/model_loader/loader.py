@@ -1,5 +1,6 @@
 """Finds a model (HF folder, GGUF file, or the embedded default), builds it and loads its weights."""
 
+import functools
 import glob
 import json
 import os
@@ -35,11 +36,17 @@ def is_gguf(path: str) -> bool:
     return path.endswith(".gguf")
 
 
+@functools.lru_cache(maxsize=2)
+def open_gguf(path: str):
+    """Opening a GGUF parses its whole metadata (seconds for a large vocabulary): do it once per process."""
+    from gridserve.model_loader.gguf_loader import GGUFCheckpoint
+
+    return GGUFCheckpoint(path)
+
+
 def load_model_config(path: str) -> ModelConfig:
     if is_gguf(path):
-        from gridserve.model_loader.gguf_loader import GGUFCheckpoint
-
-        cfg = GGUFCheckpoint(path).config
+        cfg = open_gguf(path).config
     else:
         with open(os.path.join(path, "config.json")) as f:
             cfg = json.load(f)
@@ -101,9 +108,7 @@ def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.de
             p.data.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         return model.eval()
     if is_gguf(path):
-        from gridserve.model_loader.gguf_loader import GGUFCheckpoint
-
-        ckpt = GGUFCheckpoint(path)
+        ckpt = open_gguf(path)
         total, weights = len(ckpt), ckpt.tensors()
     else:
         total, weights = _iter_safetensors(path)
