@@ -30,6 +30,13 @@ def _announce_ready(started: float, is_ready) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _exit_code(failed: list[str]) -> int:
+    if failed:
+        logger.error("deployment stopped: %s", failed[0])
+        return 1
+    return 0
+
+
 def launch_server(args: ServerArgs) -> int:
     import uvicorn
 
@@ -52,10 +59,7 @@ def launch_server(args: ServerArgs) -> int:
         server.run()
     finally:
         deployment.shutdown()
-    if failed:
-        logger.error("deployment stopped: %s", failed[0])
-        return 1
-    return 0
+    return _exit_code(failed)
 
 
 def serve_grpc(args: ServerArgs) -> int:
@@ -85,10 +89,7 @@ def serve_grpc(args: ServerArgs) -> int:
         asyncio.run(run())
     finally:
         deployment.shutdown()
-    if failed:
-        logger.error("deployment stopped: %s", failed[0])
-        return 1
-    return 0
+    return _exit_code(failed)
 
 
 def run(args: ServerArgs) -> int:
