@@ -40,7 +40,7 @@ class Deployment:
     def __init__(self, args: ServerArgs, on_child_death: Callable[[str], None] | None = None):
         self.args = args
         self.on_child_death = on_child_death
-        self.port_args = PortArgs.create()
+        self.port_args = PortArgs.create(args.dist_init_addr)
         self.procs: list[tuple[str, mp.Process]] = []
         self.stopping = threading.Event()
         self.tm: TokenizerManager | None = None

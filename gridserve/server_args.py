@@ -53,7 +53,8 @@ class ServerArgs:
     gpu_id_step: int = _opt(1, "GPU id distance between consecutive ranks")
     nnodes: int = _opt(1, "number of nodes")
     node_rank: int = _opt(0, "this node's index")
-    dist_init_addr: str | None = _opt(None, "host:port of node 0's rendezvous (multi-node)")
+    dist_init_addr: str | None = _opt(None, "host:port of the ranks' rendezvous (default: a free local port)")
+    dist_timeout: float | None = _opt(None, "seconds any collective may wait before the deployment fails")
     host: str = _opt("127.0.0.1", "HTTP/gRPC listen address")
     port: int = _opt(30000, "HTTP/gRPC listen port")
     api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY' on the API")
@@ -83,16 +84,22 @@ class ServerArgs:
         for name in ("tp_size", "pp_size", "dp_size", "nnodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-            if name != "nnodes" and getattr(self, name) != 1:
+            if name in ("pp_size", "dp_size") and getattr(self, name) != 1:
                 raise ValueError(f"--{name.replace('_', '-')} > 1 is not supported yet")
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"--node-rank must be in [0, --nnodes={self.nnodes}), got {self.node_rank}")
         if self.nnodes > 1 and not self.dist_init_addr:
             raise ValueError("--nnodes > 1 needs --dist-init-addr host:port (node 0's address)")
+        if self.dist_init_addr and ":" not in self.dist_init_addr:
+            raise ValueError(f"--dist-init-addr must be host:port, got {self.dist_init_addr!r}")
+        if self.dist_timeout is not None and self.dist_timeout <= 0:
+            raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
         if self.base_gpu_id < 0 or self.gpu_id_step < 1:
             raise ValueError("--base-gpu-id must be >= 0 and --gpu-id-step >= 1")
+        if self.nnodes > 1:
+            raise ValueError("--nnodes > 1 is not supported yet")
 
     @property
     def model_name(self) -> str:

@@ -1,9 +1,10 @@
 """The one place that knows this process's parallel ranks and groups.
 
-Until tensor/pipeline parallelism lands every group has size 1, and the collectives below are identities.
-Layers call only these functions, so adding real groups changes this file and nothing in the models.
+Layers and the scheduler call only what is here. With tp = pp = 1 (no init_model_parallel call) every group
+has size 1 and every collective is an identity, so the single-GPU path has no distributed code in it.
 """
 
+import datetime
 from dataclasses import dataclass
 
 import torch
@@ -12,12 +13,22 @@ import torch.distributed as dist
 
 @dataclass
 class GroupCoordinator:
-    """A process group plus this rank's position in it."""
+    """A process group plus this rank's position in it: a device group for tensors (NCCL on GPU, gloo on
+    CPU) and a gloo group for small Python objects (control messages)."""
 
     rank: int = 0
     size: int = 1
-    device_group: object = None  # torch.distributed group for tensors (NCCL on GPU, gloo on CPU)
-    cpu_group: object = None  # gloo group for small control messages
+    ranks: tuple[int, ...] = (0,)
+    device_group: object = None
+    cpu_group: object = None
+
+    @property
+    def first_rank(self) -> int:
+        return self.ranks[0]
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
@@ -31,6 +42,27 @@ class GroupCoordinator:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.device_group)
         return torch.cat(parts, dim=dim)
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """In place, from the group's first rank."""
+        if self.size > 1:
+            dist.broadcast(x, src=self.first_rank, group=self.device_group)
+        return x
+
+    def broadcast_object(self, obj=None):
+        """A picklable object from the group's first rank to all (over the CPU group)."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.first_rank, group=self.cpu_group)
+        return box[0]
+
+    def all_reduce_min(self, value: int) -> int:
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
+        return int(t.item())
 
 
 _TP = GroupCoordinator()
@@ -51,3 +83,42 @@ def tp_rank() -> int:
 
 def tp_size() -> int:
     return _TP.size
+
+
+def init_model_parallel(world_size: int, rank: int, tp_size: int, pp_size: int, init_method: str,
+                        device: torch.device, timeout_s: float | None = None) -> None:
+    """Joins the world of one model replica (tp * pp ranks) and builds its TP and PP groups.
+    Global rank = pp_rank * tp_size + tp_rank."""
+    global _TP, _PP
+    assert world_size == tp_size * pp_size
+    if world_size == 1:
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+    dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank,
+                            timeout=timeout, device_id=device if device.type == "cuda" else None)
+    pp_rank, tp_rank_ = divmod(rank, tp_size)
+    # every rank must create every group, in the same order
+    for p in range(pp_size):
+        ranks = tuple(p * tp_size + t for t in range(tp_size))
+        dev, cpu = _new_groups(ranks, backend, timeout)
+        if p == pp_rank:
+            _TP = GroupCoordinator(tp_rank_, tp_size, ranks, dev, cpu)
+    for t in range(tp_size):
+        ranks = tuple(p * tp_size + t for p in range(pp_size))
+        dev, cpu = _new_groups(ranks, backend, timeout)
+        if t == tp_rank_:
+            _PP = GroupCoordinator(pp_rank, pp_size, ranks, dev, cpu)
+
+
+def _new_groups(ranks: tuple[int, ...], backend: str, timeout):
+    dev = dist.new_group(list(ranks), backend=backend, timeout=timeout)
+    cpu = dev if backend == "gloo" else dist.new_group(list(ranks), backend="gloo", timeout=timeout)
+    return dev, cpu
+
+
+def destroy_model_parallel() -> None:
+    global _TP, _PP
+    _TP, _PP = GroupCoordinator(), GroupCoordinator()
+    if dist.is_initialized():
+        dist.destroy_process_group()

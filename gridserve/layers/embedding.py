@@ -24,7 +24,8 @@ class VocabParallelEmbedding(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         rows = max(0, min(self.shard_size, self.vocab_size - self.vocab_start))
-        param.data[:rows].copy_(loaded[self.vocab_start : self.vocab_start + rows])
+        if rows:
+            param.data[:rows].copy_(loaded.narrow(0, self.vocab_start, rows))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

@@ -1,7 +1,8 @@
 """Linear layers in Megatron's column/row-parallel form. With tp=1 they are plain linears.
 
 Each layer owns a `weight_loader(param, loaded, shard_id)` that copies the slice of a full checkpoint tensor
-that belongs to this rank, so the model loader never needs to know how a layer is split.
+that belongs to this rank, so the model loader never needs to know how a layer is split. `loaded` may be a
+LazyTensor: narrow() then reads only this rank's slice from disk.
 """
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gridserve.distributed.parallel_state import get_tp_group
+from gridserve.model_loader.weight_utils import materialize
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -39,7 +41,7 @@ class ReplicatedLinear(LinearBase):
         super().__init__(in_features, out_features, bias, params_dtype)
 
     def weight_loader(self, param, loaded, shard_id=None):
-        param.data.copy_(loaded)
+        param.data.copy_(materialize(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -85,7 +87,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp_size, "attention heads")
         if tp_size >= num_kv_heads:
-            _divide(tp_size, num_kv_heads, "KV heads replication: tp size")
+            if tp_size % num_kv_heads:
+                raise ValueError(f"tp size {tp_size} > num_key_value_heads {num_kv_heads} and not a multiple of it")
             self.num_kv_heads = 1
             self.kv_replicas = tp_size // num_kv_heads
         else:
@@ -117,7 +120,7 @@ class RowParallelLinear(LinearBase):
 
     def weight_loader(self, param, loaded, shard_id=None):
         if param.dim() == 1:  # the bias is added once, after the reduction
-            param.data.copy_(loaded)
+            param.data.copy_(materialize(loaded))
             return
         cols = param.shape[1]
         param.data.copy_(loaded.narrow(1, self.tp.rank * cols, cols))

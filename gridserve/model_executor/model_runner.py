@@ -5,6 +5,7 @@ import logging
 import torch
 
 from gridserve.attention.torch_backend import TorchAttentionBackend
+from gridserve.distributed.parallel_state import get_tp_group
 from gridserve.mem_cache.memory_pool import KVCache, ReqToTokenPool, TokenToKVPoolAllocator
 from gridserve.model_executor.forward_batch import ForwardBatch
 from gridserve.model_loader.loader import load_model, resolve_dtype
@@ -45,7 +46,9 @@ class ModelRunner:
         self.model = load_model(model_path, cfg, self.dtype, self.device, args.load_format, args.show_progress)
         attn = self.model.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
-        self.max_total_num_tokens = self._kv_capacity()
+        self.tp = get_tp_group()
+        # every TP rank holds the same tokens, so the pool is as large as the smallest rank allows
+        self.max_total_num_tokens = self.tp.all_reduce_min(self._kv_capacity())
         self.max_running_requests = args.max_running_requests or max(
             1, min(self.max_total_num_tokens // 2, 2048 if self.device.type == "cuda" else 256))
         self.req_to_token_pool = ReqToTokenPool(self.max_running_requests, self.context_len + 1, self.device)
@@ -80,4 +83,11 @@ class ModelRunner:
 
     def sample(self, logits: torch.Tensor, info: SamplingBatchInfo, return_logprob: bool,
                top_logprobs_num: int) -> SampleOutput:
-        return self.sampler(logits, info, return_logprob, top_logprobs_num)
+        out = self.sampler(logits, info, return_logprob, top_logprobs_num)
+        # Every TP rank has the same gathered logits and the sampler is seed-deterministic, but float
+        # reductions are not guaranteed bit-identical across ranks: take rank 0's tokens, so the KV caches
+        # and the request states can never diverge.
+        for t in (out.next_token_ids, out.logprobs, out.top_logprobs_val, out.top_logprobs_idx):
+            if t is not None:
+                self.tp.broadcast(t)
+        return out

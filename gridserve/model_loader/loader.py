@@ -11,6 +11,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from gridserve.model_loader.weight_utils import LazyTensor
 from gridserve.models.config import ModelConfig, parse_dtype
 from gridserve.models.registry import get_model_class
 
@@ -82,7 +83,7 @@ def _iter_safetensors(path: str) -> tuple[int, Iterator[tuple[str, torch.Tensor]
         for fn in files:
             with safe_open(fn, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, LazyTensor(f.get_slice(name))
 
     return total, gen()
 

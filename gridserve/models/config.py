@@ -43,6 +43,19 @@ class ModelConfig:
     bos_token_id: int | None = None
     hf_config: dict = field(default_factory=dict, repr=False)
 
+    def check_tensor_parallel(self, tp: int) -> None:
+        """Raises ValueError, with the numbers, when the model cannot be split over `tp` ranks."""
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        if heads % tp:
+            raise ValueError(f"--tp-size {tp} does not divide num_attention_heads {heads}")
+        if kv >= tp and kv % tp:
+            raise ValueError(f"--tp-size {tp} does not divide num_key_value_heads {kv}")
+        if kv < tp and tp % kv:
+            raise ValueError(f"--tp-size {tp} is larger than num_key_value_heads {kv} but not a multiple of it, "
+                             "so the KV heads cannot be replicated evenly")
+        if self.intermediate_size % tp:
+            raise ValueError(f"--tp-size {tp} does not divide intermediate_size {self.intermediate_size}")
+
     @classmethod
     def from_dict(cls, cfg: dict) -> "ModelConfig":
         model_type = cfg.get("model_type", "llama")

@@ -14,6 +14,7 @@ from gridserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinea
 from gridserve.layers.norm import RMSNorm
 from gridserve.layers.rotary import RotaryEmbedding
 from gridserve.model_executor.forward_batch import ForwardBatch
+from gridserve.model_loader.weight_utils import materialize
 from gridserve.models.config import ModelConfig
 
 
@@ -141,7 +142,7 @@ class LlamaForCausalLM(nn.Module):
             param = params[target]
             loader = getattr(param, "weight_loader", None)
             if loader is None:
-                param.data.copy_(tensor)
+                param.data.copy_(materialize(tensor))
             else:
                 loader(param, tensor, shard)
             loaded.add(target)

@@ -1,14 +1,17 @@
 """run_scheduler_process: the body of one scheduler (rank) process."""
 
 import logging
+import os
 import sys
 import traceback
 
 import torch
 import zmq
 
+from gridserve.distributed.parallel_state import get_pp_group, get_tp_group, init_model_parallel
 from gridserve.distributed.ranks import RankInfo
 from gridserve.ipc import PortArgs, recv_all, zmq_socket
+from gridserve.model_executor.model_runner import resolve_device
 from gridserve.model_loader.loader import load_model_config, resolve_model_path
 from gridserve.process_utils import init_child_process, parent_alive
 from gridserve.scheduler.scheduler import Scheduler
@@ -22,20 +25,21 @@ IDLE_POLL_MS = 50  # how long an idle scheduler waits for a request before check
 def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo, pipe_writer) -> None:
     parent = init_child_process(f"scheduler {rank.name}", args.log_level)
     try:
-        ctx = zmq.Context()
-        recv_sock = zmq_socket(ctx, zmq.PULL, port_args.scheduler_input)
-        send_sock = zmq_socket(ctx, zmq.PUSH, port_args.detokenizer_input)
-
-        def recv(block: bool) -> list:
-            if not parent_alive(parent):
-                logger.error("parent process is gone; exiting")
-                sys.exit(1)
-            return recv_all(recv_sock, IDLE_POLL_MS if block else 0)
-
         path = resolve_model_path(args.model_path)
         cfg = load_model_config(path)
+        cfg.check_tensor_parallel(args.tp_size)
+        device = resolve_device(args.device, rank.gpu_id)
+        world = args.tp_size * args.pp_size
+        if device.type == "cpu":  # share the cores between the ranks instead of oversubscribing them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        init_model_parallel(world, rank.global_rank % world, args.tp_size, args.pp_size,
+                            port_args.dist_init_method, device, args.dist_timeout)
+        recv, send = _scheduler_io(port_args, parent)
         tokenizer = get_tokenizer(path, args.tokenizer_path)  # to find stop strings in the output
-        scheduler = Scheduler(args, path, cfg, tokenizer, recv, send_sock.send_pyobj, gpu_id=rank.gpu_id)
+        scheduler = Scheduler(args, path, cfg, tokenizer, recv, send, gpu_id=rank.gpu_id)
+    except ValueError as e:  # a configuration the user can fix: the message says how
+        pipe_writer.send({"status": "error", "message": str(e)})
+        sys.exit(1)
     except Exception:
         pipe_writer.send({"status": "error", "message": traceback.format_exc()})
         sys.exit(1)
@@ -43,3 +47,22 @@ def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo,
     pipe_writer.close()
     with torch.inference_mode():
         scheduler.event_loop_normal()
+
+
+def _scheduler_io(port_args: PortArgs, parent: int):
+    """The IO rank (tp 0 of stage 0) reads requests from ZMQ and broadcasts them, possibly none, to the other
+    TP ranks every iteration, so every rank forms the same batches; only it sends outputs on."""
+    tp = get_tp_group()
+    if not (tp.is_first and get_pp_group().is_first):
+        return (lambda block: tp.broadcast_object()), (lambda msg: None)
+    ctx = zmq.Context()
+    recv_sock = zmq_socket(ctx, zmq.PULL, port_args.scheduler_input)
+    send_sock = zmq_socket(ctx, zmq.PUSH, port_args.detokenizer_input)
+
+    def recv(block: bool) -> list:
+        if not parent_alive(parent):
+            logger.error("parent process is gone; exiting")
+            sys.exit(1)
+        return tp.broadcast_object(recv_all(recv_sock, IDLE_POLL_MS if block else 0))
+
+    return recv, send_sock.send_pyobj
