@@ -11,14 +11,17 @@ from tests.tiny_models import make_tiny_model
 from tests.tp_worker import logits_worker
 
 
-@pytest.mark.parametrize("kind, tp", [("llama", 2), ("llama3-rope", 2), ("qwen2", 2), ("qwen3", 2),
-                                      ("qwen3-yarn", 2), ("qwen3", 4)])
-def test_tp_logits_equal_tp1(kind, tp, tmp_path):
+@pytest.mark.parametrize("kind, tp, load_format", [
+    ("llama", 2, "auto"), ("llama3-rope", 2, "auto"), ("qwen2", 2, "auto"), ("qwen3", 2, "auto"),
+    ("qwen3-yarn", 2, "auto"), ("qwen3", 4, "auto"),
+    ("qwen2", 2, "dummy"),  # random benchmark weights are the same model at every tp
+])
+def test_tp_logits_equal_tp1(kind, tp, load_format, tmp_path):
     make_tiny_model(kind, tmp_path / "model")
-    want = run_script(make_runner(str(tmp_path / "model")))
+    want = run_script(make_runner(str(tmp_path / "model"), 1, load_format))
     result = tmp_path / "tp.pt"
     mp.start_processes(logits_worker, args=(tp, f"tcp://127.0.0.1:{free_port()}", str(tmp_path / "model"),
-                                            str(result)), nprocs=tp, start_method="spawn")
+                                            str(result), load_format), nprocs=tp, start_method="spawn")
     got = torch.load(result)
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):

@@ -1,4 +1,4 @@
-"""`gridserve bench ...`: the benchmark commands (offline today; latency and serving later)."""
+"""`gridserve bench ...`: the benchmark commands (offline, latency; serving later)."""
 
 import argparse
 import sys
@@ -17,6 +17,19 @@ def _offline(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _latency(args: argparse.Namespace) -> int:
+    from gridserve.bench.latency import run, validate_latency_args
+    from gridserve.server_args import ServerArgs
+
+    try:
+        validate_latency_args(args)
+        ServerArgs.from_cli_args(args)
+    except ValueError as e:
+        print(f"gridserve bench latency: error: {e}", file=sys.stderr)
+        return 2
+    return run(args)
+
+
 def add_bench_parser(subparsers) -> None:
     """Registers `bench` and its sub-commands on the top-level `gridserve` sub-parsers."""
     from gridserve.bench.offline import add_offline_args
@@ -27,3 +40,8 @@ def add_bench_parser(subparsers) -> None:
                                   description="Throughput of the in-process Engine on nano-vllm's random workload.")
     add_offline_args(offline)
     offline.set_defaults(func=_offline)
+    from gridserve.bench.latency import add_latency_args
+
+    latency = commands.add_parser("latency", help="batch-1 TTFT and TPOT through the real pipeline")
+    add_latency_args(latency)
+    latency.set_defaults(func=_latency)

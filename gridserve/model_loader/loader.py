@@ -11,6 +11,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from gridserve.model_loader.dummy import dummy_weights
 from gridserve.model_loader.weight_utils import LazyTensor
 from gridserve.models.config import ModelConfig, parse_dtype
 from gridserve.models.registry import get_model_class
@@ -104,11 +105,8 @@ def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.de
     finally:
         torch.set_default_dtype(old)
     if load_format == "dummy":  # random weights in the real shapes, for benchmarks without a checkpoint
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        for p in model.parameters():
-            p.data.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-        return model.eval()
-    if is_gguf(path):
+        total, weights = dummy_weights(cfg, dtype, device)
+    elif is_gguf(path):
         ckpt = open_gguf(path)
         total, weights = len(ckpt), ckpt.tensors()
     else:
