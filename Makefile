@@ -24,11 +24,11 @@ serve: $(STAMP)
 	$(BIN)/gridserve serve
 
 test: $(STAMP)
-	$(BIN)/ruff check gridserve tests
+	$(BIN)/ruff check gridserve tests scripts
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check gridserve tests
+	$(BIN)/ruff check gridserve tests scripts
 
 clean:
 	rm -rf $(VENV) build *.egg-info

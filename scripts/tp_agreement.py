@@ -41,7 +41,8 @@ def main() -> None:
     prefix = [next((i for i, (x, y) in enumerate(zip(ra, rb, strict=True)) if x != y), len(ra))
               for ra, rb in zip(a, b, strict=True)]
     result = {"tp": args.tp, "positions": total, "agreeing_positions": same, "agreement": same / total,
-              "mean_common_prefix": sum(prefix) / len(prefix), "identical_sequences": sum(x == y for x, y in zip(a, b))}
+              "mean_common_prefix": sum(prefix) / len(prefix),
+              "identical_sequences": sum(x == y for x, y in zip(a, b, strict=True))}
     print(json.dumps(result, indent=2))
     if args.output_json:
         with open(args.output_json, "w") as f:
