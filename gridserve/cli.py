@@ -9,9 +9,13 @@ from gridserve.server_args import ServerArgs
 def _generate(args: argparse.Namespace) -> int:
     from gridserve.entrypoints.engine import Engine
     from gridserve.errors import InvalidParamError
+    from gridserve.sampling.sampling_params import SamplingParams
 
-    try:
+    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+              "top_k": args.top_k, "seed": args.seed, "stop": args.stop or None}
+    try:  # bad values fail before any process starts
         server_args = ServerArgs.from_cli_args(args)
+        SamplingParams.from_dict(params)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -20,8 +24,6 @@ def _generate(args: argparse.Namespace) -> int:
         prompt = args.prompt
         if args.chat:
             prompt = engine.apply_chat_template([{"role": "user", "content": prompt}])
-        params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                  "top_k": args.top_k, "seed": args.seed, "stop": args.stop or None}
         try:
             last = None
             for chunk in engine.generate(prompt, params, stream=True):
