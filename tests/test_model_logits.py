@@ -4,36 +4,12 @@ one full prefill, a prefill split into cached prefix + extend, and token-by-toke
 import pytest
 import torch
 
-from gridserve.model_executor.forward_batch import ForwardBatch, ForwardMode
+from gridserve.model_executor.forward_batch import ForwardMode
 from gridserve.model_executor.model_runner import ModelRunner
 from gridserve.model_loader.loader import load_model_config
 from gridserve.server_args import ServerArgs
+from tests.logits_script import forward, make_runner
 from tests.tiny_models import CONFIGS, make_tiny_model
-
-
-def _runner(path) -> ModelRunner:
-    args = ServerArgs(model_path=str(path), dtype="float32", device="cpu", max_total_tokens=512,
-                      max_running_requests=8, show_progress=False)
-    return ModelRunner(args, str(path), load_model_config(str(path)))
-
-
-def _forward(runner: ModelRunner, mode, rows, ids_per_req, prefix_lens, all_logits=False):
-    """Runs one batch: rows[i] is request i's req_to_token row, ids_per_req[i] its new tokens."""
-    pool = runner.req_to_token_pool.req_to_token
-    ids, pos, locs, seq_lens = [], [], [], []
-    for row, new, prefix in zip(rows, ids_per_req, prefix_lens, strict=True):
-        slots = runner.allocator.alloc(len(new))
-        pool[row, prefix : prefix + len(new)] = slots.to(torch.int32)
-        ids += new
-        pos += range(prefix, prefix + len(new))
-        locs.append(slots)
-        seq_lens.append(prefix + len(new))
-    fb = ForwardBatch(
-        forward_mode=mode, batch_size=len(rows), input_ids=torch.tensor(ids), positions=torch.tensor(pos),
-        req_pool_indices=torch.tensor(rows), seq_lens=torch.tensor(seq_lens), out_cache_loc=torch.cat(locs),
-        seq_lens_cpu=seq_lens, extend_seq_lens_cpu=[len(x) for x in ids_per_req],
-        extend_prefix_lens_cpu=list(prefix_lens), return_all_logits=all_logits)
-    return runner.forward(fb)
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
@@ -41,7 +17,7 @@ def test_logits_match_transformers(kind, tmp_path):
     hf = make_tiny_model(kind, tmp_path)
     cfg = load_model_config(str(tmp_path))
     assert (cfg.rope_scaling is not None) == ("rope" in kind or "yarn" in kind)
-    runner = _runner(tmp_path)
+    runner = make_runner(str(tmp_path))
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 211, (n,), generator=g).tolist() for n in (11, 5, 23)]
     with torch.no_grad():
@@ -49,7 +25,7 @@ def test_logits_match_transformers(kind, tmp_path):
 
     # 1. batched full prefill, logits at every position
     rows = [runner.req_to_token_pool.alloc() for _ in prompts]
-    out = _forward(runner, ForwardMode.EXTEND, rows, prompts, [0, 0, 0], all_logits=True)
+    out = forward(runner, ForwardMode.EXTEND, rows, prompts, [0, 0, 0], all_logits=True)
     torch.testing.assert_close(out, torch.cat(ref), rtol=1e-4, atol=1e-4)
 
     # 2. prefix already in the cache (reuse the rows above), extend the rest of each prompt
@@ -58,7 +34,7 @@ def test_logits_match_transformers(kind, tmp_path):
     cut = [4, 2, 10]
     for r_old, r_new, c in zip(rows, rows2, cut, strict=True):
         pool[r_new, :c] = pool[r_old, :c]
-    out = _forward(runner, ForwardMode.EXTEND, rows2, [p[c:] for p, c in zip(prompts, cut, strict=True)], cut)
+    out = forward(runner, ForwardMode.EXTEND, rows2, [p[c:] for p, c in zip(prompts, cut, strict=True)], cut)
     torch.testing.assert_close(out, torch.stack([r[-1] for r in ref]), rtol=1e-4, atol=1e-4)
 
     # 3. decode three greedy tokens for all requests at once, against transformers on the grown sequence
@@ -67,7 +43,7 @@ def test_logits_match_transformers(kind, tmp_path):
     for _ in range(3):
         for s, t in zip(seqs, last, strict=True):
             s.append(t)
-        out = _forward(runner, ForwardMode.DECODE, rows2, [[t] for t in last], [len(s) - 1 for s in seqs])
+        out = forward(runner, ForwardMode.DECODE, rows2, [[t] for t in last], [len(s) - 1 for s in seqs])
         with torch.no_grad():
             want = torch.stack([hf(torch.tensor([s])).logits[0, -1] for s in seqs])
         torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
@@ -84,7 +60,7 @@ def test_low_precision_dtypes_track_float32(dtype, tmp_path):
     assert runner.kv_cache.k_buffers[0].dtype == getattr(torch, dtype)
     prompt = list(range(5, 40))
     row = runner.req_to_token_pool.alloc()
-    out = _forward(runner, ForwardMode.EXTEND, [row], [prompt], [0], all_logits=True)
+    out = forward(runner, ForwardMode.EXTEND, [row], [prompt], [0], all_logits=True)
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0]
     assert out.dtype == torch.float32
