@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 _CHOICES = {
     "dtype": ["auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32"],
     "device": ["auto", "cpu", "cuda"],
-    "attention_backend": ["torch"],
+    "attention_backend": ["torch", "triton"],
     "load_format": ["auto", "dummy"],
     "schedule_policy": ["fcfs", "lpm"],
 }
@@ -44,7 +44,7 @@ class ServerArgs:
     schedule_conservativeness: float = _opt(1.0, "room kept for running requests' future tokens; larger means "
                                                  "fewer retractions, smaller means more requests admitted")
     disable_radix_cache: bool = _opt(False, "turn off prefix sharing")
-    attention_backend: str = _opt("torch", "attention implementation")
+    attention_backend: str = _opt("torch", "attention kernels: torch (reference) or triton (paged decode)")
     random_seed: int = _opt(0, "seed for requests that do not give one")
     tp_size: int = _opt(1, "tensor-parallel size")
     pp_size: int = _opt(1, "pipeline-parallel size")

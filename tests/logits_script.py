@@ -12,9 +12,11 @@ PROMPTS = [[(7 * i + 3 * j) % 200 + 5 for j in range(n)] for i, n in enumerate((
 DECODE = [[17, 29, 31], [101, 103, 107], [191, 193, 197]]  # fixed next tokens, so no argmax near-tie matters
 
 
-def make_runner(path: str, tp_size: int = 1, load_format: str = "auto") -> ModelRunner:
+def make_runner(path: str, tp_size: int = 1, load_format: str = "auto", attention_backend: str = "torch"
+                ) -> ModelRunner:
     args = ServerArgs(model_path=path, dtype="float32", device="cpu", max_total_tokens=512, tp_size=tp_size,
-                      max_running_requests=8, show_progress=False, load_format=load_format)
+                      max_running_requests=8, show_progress=False, load_format=load_format,
+                      attention_backend=attention_backend)
     return ModelRunner(args, path, load_model_config(path))
 
 

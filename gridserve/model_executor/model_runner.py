@@ -4,6 +4,7 @@ import logging
 
 import torch
 
+from gridserve.attention.base import AttentionBackend
 from gridserve.attention.torch_backend import TorchAttentionBackend
 from gridserve.distributed.parallel_state import get_tp_group
 from gridserve.mem_cache.memory_pool import KVCache, ReqToTokenPool, TokenToKVPoolAllocator
@@ -24,6 +25,14 @@ def resolve_device(device: str, gpu_id: int = 0) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device, gpu_id) if device == "cuda" else torch.device(device)
+
+
+def make_attention_backend(name: str) -> AttentionBackend:
+    if name == "triton":
+        from gridserve.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    return TorchAttentionBackend()
 
 
 def _cpu_available_bytes() -> int:
@@ -55,7 +64,7 @@ class ModelRunner:
         self.allocator = TokenToKVPoolAllocator(self.max_total_num_tokens, self.device)
         self.kv_cache = KVCache(self.max_total_num_tokens, cfg.num_hidden_layers, self.num_kv_heads,
                                 self.head_dim, self.dtype, self.device)
-        self.attn_backend = TorchAttentionBackend()
+        self.attn_backend = make_attention_backend(args.attention_backend)
         self.sampler = Sampler()
         logger.info("KV cache: %d tokens, max running requests %d, context length %d",
                     self.max_total_num_tokens, self.max_running_requests, self.context_len)

@@ -1,0 +1,236 @@
+"""Paged decode attention in Triton (split-KV, two stages).
+
+Stage 1, grid (B, num_kv_heads, num_kv_splits): a program owns one KV head of one request and one split of its
+KV length. It handles every query head of that KV head's GQA group at once (the group is padded to a power of
+two >= 16 so scores come from ``tl.dot``), walks its split in BLOCK_N blocks of KV slots read from
+``req_to_token``, loads each K/V row once, and keeps an online softmax (running max and sum in fp32). It writes
+the normalised partial output and its log-sum-exp to fp32 scratch; an empty split writes lse = -inf.
+
+Stage 2, grid (B, num_heads): merges the splits of one (request, head) by their LSEs into the output, in the
+output's dtype.
+
+The scratch buffers can be allocated once for a maximum batch (``DecodeWorkspace``) and passed on every call,
+so a CUDA graph can capture the kernels with static buffers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_stage1(
+    Q, K, V, ReqToToken, ReqPoolIdx, SeqLens, AttnOut, AttnLse,
+    sm_scale,
+    stride_qb, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_rt,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    GROUP: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(SeqLens + b).to(tl.int32)
+    req = tl.load(ReqPoolIdx + b).to(tl.int64)
+    split_len = tl.cdiv(seq_len, NUM_SPLITS)
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_H)
+    mask_h = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_dv = offs_dv < HEAD_DIM_V
+
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
+
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        slots = tl.load(ReqToToken + req * stride_rt + offs_n, mask=mask_n, other=0).to(tl.int64)
+
+        k = tl.load(K + slots[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # (BLOCK_H, BLOCK_N) fp32
+        s = tl.where(mask_n[None, :], s * sm_scale, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block has at least one valid key
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+
+        v = tl.load(V + slots[:, None] * stride_vt + kvh * stride_vh + offs_dv[None, :],
+                    mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+
+    nonempty = l_i > 0.0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, m_i + tl.log(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+
+    o_ptrs = (AttnOut + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + split * stride_os
+              + offs_dv[None, :])
+    tl.store(o_ptrs, out, mask=mask_h[:, None] & mask_dv[None, :])
+    tl.store(AttnLse + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
+
+
+@triton.jit
+def _decode_stage2(
+    AttnOut, AttnLse, Out,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    stride_outb, stride_outh,
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < NUM_SPLITS
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_dv = offs_dv < HEAD_DIM_V
+
+    lse = tl.load(AttnLse + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty (seq_len 0, a padded row): output zeros
+    w = tl.exp(lse - m)
+    w = tl.where(mask_s & (lse > float("-inf")), w, 0.0)
+    denom = tl.sum(w, 0)
+
+    parts = tl.load(AttnOut + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_dv[None, :],
+                    mask=mask_s[:, None] & mask_dv[None, :], other=0.0)
+    parts = tl.where(w[:, None] > 0.0, parts, 0.0)
+    out = tl.sum(w[:, None] * parts, 0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(Out + b * stride_outb + h * stride_outh + offs_dv, out.to(Out.dtype.element_ty), mask=mask_dv)
+
+
+@dataclass
+class DecodeWorkspace:
+    """fp32 scratch for split-KV decode, sized for a maximum batch: reuse it across calls / CUDA graphs."""
+
+    attn_out: torch.Tensor  # (max_bs, num_heads, num_kv_splits, head_dim_v) fp32
+    attn_lse: torch.Tensor  # (max_bs, num_heads, num_kv_splits) fp32
+
+    @classmethod
+    def allocate(cls, max_bs: int, num_heads: int, head_dim_v: int, num_kv_splits: int = 8,
+                 device: str | torch.device = "cuda") -> DecodeWorkspace:
+        return cls(
+            attn_out=torch.empty((max_bs, num_heads, num_kv_splits, head_dim_v), dtype=torch.float32, device=device),
+            attn_lse=torch.empty((max_bs, num_heads, num_kv_splits), dtype=torch.float32, device=device),
+        )
+
+    @property
+    def num_kv_splits(self) -> int:
+        return self.attn_lse.shape[2]
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float,
+    num_kv_splits: int = 8,
+    out: torch.Tensor | None = None,
+    workspace: DecodeWorkspace | None = None,
+    block_n: int = 32,
+) -> torch.Tensor:
+    """One decode query per request attended over its paged KV, ``req_to_token[req_pool_indices[i], :seq_lens[i]]``.
+
+    q: (B, num_heads, head_dim); k_buffer: (num_slots + 1, num_kv_heads, head_dim); v_buffer:
+    (num_slots + 1, num_kv_heads, head_dim_v). Returns (B, num_heads, head_dim_v) in q's dtype (written into
+    ``out`` when given). With ``workspace`` its number of splits is used and no scratch is allocated.
+    """
+    if q.dim() != 3 or k_buffer.dim() != 3 or v_buffer.dim() != 3:
+        raise ValueError("q, k_buffer, v_buffer must be 3-D: (B, heads, head_dim) / (slots, kv_heads, head_dim)")
+    bs, num_heads, head_dim = q.shape
+    num_kv_heads, head_dim_v = k_buffer.shape[1], v_buffer.shape[2]
+    if k_buffer.shape[2] != head_dim or v_buffer.shape[1] != num_kv_heads:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k_buffer.shape)}, v {tuple(v_buffer.shape)}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
+    if max(head_dim, head_dim_v) > 256:
+        raise ValueError(f"head_dim up to 256 supported, got {head_dim}/{head_dim_v}")
+    group = num_heads // num_kv_heads
+
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    if k_buffer.stride(2) != 1 or v_buffer.stride(2) != 1 or req_to_token.stride(1) != 1:
+        raise ValueError("k_buffer, v_buffer and req_to_token must be contiguous in their last dimension")
+
+    if workspace is None:
+        workspace = DecodeWorkspace.allocate(bs, num_heads, head_dim_v, num_kv_splits, q.device)
+    num_kv_splits = workspace.num_kv_splits
+    attn_out, attn_lse = workspace.attn_out, workspace.attn_lse
+    if (attn_out.shape[0] < bs or attn_out.shape[1] != num_heads or attn_out.shape[3] != head_dim_v
+            or attn_out.stride(3) != 1 or attn_lse.stride(2) != 1):
+        raise ValueError(f"workspace {tuple(attn_out.shape)} too small for batch {bs} x {num_heads} x {head_dim_v}")
+
+    if out is None:
+        out = torch.empty((bs, num_heads, head_dim_v), dtype=q.dtype, device=q.device)
+    elif out.shape != (bs, num_heads, head_dim_v) or out.stride(2) != 1:
+        raise ValueError(f"out must be ({bs}, {num_heads}, {head_dim_v}) and contiguous in its last dimension")
+    if bs == 0:
+        return out
+
+    block_h = max(16, triton.next_power_of_2(group))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    # The interpreter's tl.dot mishandles bf16 operands (stored as uint16): take the dots in fp32 there.
+    dot_fp32 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+    _decode_stage1[(bs, num_kv_heads, num_kv_splits)](
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, attn_out, attn_lse,
+        float(sm_scale),
+        q.stride(0), q.stride(1),
+        k_buffer.stride(0), k_buffer.stride(1),
+        v_buffer.stride(0), v_buffer.stride(1),
+        req_to_token.stride(0),
+        attn_out.stride(0), attn_out.stride(1), attn_out.stride(2),
+        attn_lse.stride(0), attn_lse.stride(1),
+        GROUP=group, NUM_SPLITS=num_kv_splits, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_N=block_n, DOT_PRECISION=precision,
+        DOT_FP32=dot_fp32,
+    )
+    _decode_stage2[(bs, num_heads)](
+        attn_out, attn_lse, out,
+        attn_out.stride(0), attn_out.stride(1), attn_out.stride(2),
+        attn_lse.stride(0), attn_lse.stride(1),
+        out.stride(0), out.stride(1),
+        NUM_SPLITS=num_kv_splits, HEAD_DIM_V=head_dim_v,
+        BLOCK_S=triton.next_power_of_2(num_kv_splits), BLOCK_DV=block_dv,
+    )
+    return out
