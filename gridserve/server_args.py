@@ -44,7 +44,7 @@ class ServerArgs:
     schedule_conservativeness: float = _opt(1.0, "room kept for running requests' future tokens; larger means "
                                                  "fewer retractions, smaller means more requests admitted")
     disable_radix_cache: bool = _opt(False, "turn off prefix sharing")
-    attention_backend: str = _opt("torch", "attention kernels: torch (reference) or triton (paged decode)")
+    attention_backend: str = _opt("torch", "attention kernels: torch (reference) or triton (paged decode + extend)")
     random_seed: int = _opt(0, "seed for requests that do not give one")
     tp_size: int = _opt(1, "tensor-parallel size")
     pp_size: int = _opt(1, "pipeline-parallel size")

@@ -1,26 +1,40 @@
-"""Attention with the project's Triton kernels: paged split-KV decode. Extend (prefill with a cached
-prefix) still runs the PyTorch reference path until its kernel lands."""
+"""Attention with the project's Triton kernels over the paged KV cache: split-KV decode, and extend (prefill
+with a cached prefix, causal over the new tokens)."""
 
 import torch
 
-from gridserve.attention.torch_backend import TorchAttentionBackend
+from gridserve.attention.base import AttentionBackend
 from gridserve.model_executor.forward_batch import ForwardBatch
 
 
-class TritonAttentionBackend(TorchAttentionBackend):
+class TritonAttentionBackend(AttentionBackend):
     def __init__(self, num_kv_splits: int = 8):
-        super().__init__()
-        from gridserve.attention.triton_ops import DecodeWorkspace, decode_attention  # imports triton
+        from gridserve.attention.triton_ops import DecodeWorkspace, decode_attention, extend_attention
 
         self._decode = decode_attention
+        self._extend = extend_attention
+        self.extend_lens = self.extend_start_loc = None
+        self.max_extend_len = 0
         self._workspace_cls = DecodeWorkspace
         self.num_kv_splits = num_kv_splits
         self.workspace = None
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
-        if fb.forward_mode.is_decode():
-            return  # the kernel reads req_to_token itself: no gathered index table
-        super().init_forward_metadata(fb)
+        """The kernels read req_to_token themselves; extend only needs where each request's new tokens are."""
+        if fb.forward_mode.is_extend():
+            dev = fb.seq_lens.device
+            self.extend_lens = torch.tensor(fb.extend_seq_lens_cpu, dtype=torch.int32, device=dev)
+            self.extend_start_loc = torch.tensor(fb.extend_start_loc_cpu, dtype=torch.int32, device=dev)
+            self.max_extend_len = max(fb.extend_seq_lens_cpu)
+
+    def forward_extend(self, q, k, v, layer, fb: ForwardBatch) -> torch.Tensor:
+        k_buf, v_buf = fb.kv_cache.get_kv(layer.layer_id)
+        fb.kv_cache.set_kv(layer.layer_id, fb.out_cache_loc, k.view(-1, layer.num_kv_heads, layer.head_dim),
+                           v.view(-1, layer.num_kv_heads, layer.head_dim))
+        out = self._extend(q.view(-1, layer.num_heads, layer.head_dim), k_buf, v_buf, fb.req_to_token,
+                           fb.req_pool_indices, fb.seq_lens, self.extend_lens, self.extend_start_loc,
+                           layer.scaling, self.max_extend_len)
+        return out.reshape(-1, layer.num_heads * layer.head_dim)
 
     def _workspace_for(self, batch_size: int, num_heads: int, head_dim: int, device: torch.device):
         ws = self.workspace

@@ -1,0 +1,172 @@
+"""Paged extend (prefill with a cached prefix) attention in Triton.
+
+The new tokens of every request are concatenated in ``q`` (request i's start at ``extend_start_loc[i]``) and their
+K/V are already stored in the paged cache. Query j of request i sits at absolute position ``prefix_i + j``
+(``prefix_i = seq_lens[i] - extend_lens[i]``) and attends to KV positions ``0..prefix_i + j``, whose slots are
+``req_to_token[req_pool_indices[i], p]``.
+
+One kernel, grid (B, num_heads, cdiv(max_extend_len, BLOCK_M)): a program owns BLOCK_M queries of one head of one
+request (a program past its request's extend length exits at once). It walks the KV positions in BLOCK_N blocks up
+to the causal limit of its last query, the prefix fully visible and the new part causally masked, with ``tl.dot``
+for QK^T and PV and an online softmax in fp32. A query head maps to KV head ``head // (num_heads // num_kv_heads)``.
+head_dim is padded to a power of two >= 16 and masked.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _extend_fwd(
+    Q, K, V, Out, ReqToToken, ReqPoolIdx, SeqLens, ExtendLens, ExtendStart,
+    sm_scale,
+    stride_qt, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_ot, stride_oh,
+    stride_rt,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    mblk = tl.program_id(2)
+
+    extend_len = tl.load(ExtendLens + b).to(tl.int32)
+    if mblk * BLOCK_M >= extend_len:
+        return
+    seq_len = tl.load(SeqLens + b).to(tl.int32)
+    prefix = seq_len - extend_len
+    req = tl.load(ReqPoolIdx + b).to(tl.int64)
+    q_start = tl.load(ExtendStart + b).to(tl.int64)
+    kvh = h // GROUP
+
+    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)  # query index among the request's new tokens
+    mask_m = offs_m < extend_len
+    pos_m = prefix + offs_m  # absolute position of each query
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_dv = offs_dv < HEAD_DIM_V
+
+    rows = q_start + offs_m.to(tl.int64)
+    q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # keys up to the causal limit of this block's last valid query
+    end = prefix + tl.minimum((mblk + 1) * BLOCK_M, extend_len)
+    for start_n in range(0, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        slots = tl.load(ReqToToken + req * stride_rt + offs_n, mask=mask_n, other=0).to(tl.int64)
+
+        k = tl.load(K + slots[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
+        visible = mask_n[None, :] & (offs_n[None, :] <= pos_m[:, None])
+        s = tl.where(visible, s * sm_scale, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at zero
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+
+        v = tl.load(V + slots[:, None] * stride_vt + kvh * stride_vh + offs_dv[None, :],
+                    mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(Out + rows[:, None] * stride_ot + h * stride_oh + offs_dv[None, :],
+             out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    extend_start_loc: torch.Tensor,
+    sm_scale: float,
+    max_extend_len: int,
+    out: torch.Tensor | None = None,
+    block_m: int = 32,
+    block_n: int = 32,
+) -> torch.Tensor:
+    """Causal attention of each request's new tokens over its whole paged KV (cached prefix + the new tokens).
+
+    q: (N, num_heads, head_dim), the new tokens of all requests concatenated, request i's at
+    ``extend_start_loc[i] : extend_start_loc[i] + extend_lens[i]``; k_buffer: (num_slots + 1, num_kv_heads,
+    head_dim) and v_buffer: (num_slots + 1, num_kv_heads, head_dim_v), already holding the new tokens' K/V;
+    ``max_extend_len`` >= every ``extend_lens[i]``. Returns (N, num_heads, head_dim_v) in q's dtype (written into
+    ``out`` when given); rows of q no request covers are left untouched.
+    """
+    if q.dim() != 3 or k_buffer.dim() != 3 or v_buffer.dim() != 3:
+        raise ValueError("q, k_buffer, v_buffer must be 3-D: (N, heads, head_dim) / (slots, kv_heads, head_dim)")
+    n_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, head_dim_v = k_buffer.shape[1], v_buffer.shape[2]
+    if k_buffer.shape[2] != head_dim or v_buffer.shape[1] != num_kv_heads:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k_buffer.shape)}, v {tuple(v_buffer.shape)}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
+    if max(head_dim, head_dim_v) > 256:
+        raise ValueError(f"head_dim up to 256 supported, got {head_dim}/{head_dim_v}")
+    if block_m < 16 or block_n < 16:
+        raise ValueError("block_m and block_n must be >= 16 (tl.dot)")
+    group = num_heads // num_kv_heads
+    bs = seq_lens.shape[0]
+
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    if k_buffer.stride(2) != 1 or v_buffer.stride(2) != 1 or req_to_token.stride(1) != 1:
+        raise ValueError("k_buffer, v_buffer and req_to_token must be contiguous in their last dimension")
+
+    if out is None:
+        out = torch.empty((n_tokens, num_heads, head_dim_v), dtype=q.dtype, device=q.device)
+    elif out.shape != (n_tokens, num_heads, head_dim_v) or out.stride(2) != 1:
+        raise ValueError(f"out must be ({n_tokens}, {num_heads}, {head_dim_v}) and contiguous in its last dimension")
+    if bs == 0 or n_tokens == 0 or max_extend_len <= 0:
+        return out
+
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    # The interpreter's tl.dot mishandles bf16 operands (stored as uint16): take the dots in fp32 there.
+    dot_fp32 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+    grid = (bs, num_heads, triton.cdiv(max_extend_len, block_m))
+    _extend_fwd[grid](
+        q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, seq_lens, extend_lens, extend_start_loc,
+        float(sm_scale),
+        q.stride(0), q.stride(1),
+        k_buffer.stride(0), k_buffer.stride(1),
+        v_buffer.stride(0), v_buffer.stride(1),
+        out.stride(0), out.stride(1),
+        req_to_token.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        DOT_PRECISION=precision, DOT_FP32=dot_fp32,
+    )
+    return out

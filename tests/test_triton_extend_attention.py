@@ -1,0 +1,107 @@
+"""Triton paged extend attention vs a plain-PyTorch reference (runs on CPU under TRITON_INTERPRET=1)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from gridserve.attention.triton_ops.extend_attention import extend_attention  # noqa: E402
+
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available() else "cpu"
+
+
+def reference(q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, extend_lens, extend_start_loc, scale):
+    num_heads = q.shape[1]
+    group = num_heads // k_buf.shape[1]
+    out = torch.full((q.shape[0], num_heads, v_buf.shape[2]), float("nan"), dtype=torch.float32)
+    k_buf, v_buf = k_buf.cpu(), v_buf.cpu()
+    for i in range(len(seq_lens)):
+        seq_len, n, start = int(seq_lens[i]), int(extend_lens[i]), int(extend_start_loc[i])
+        slots = req_to_token[req_pool_indices[i], :seq_len].long().cpu()
+        k = k_buf[slots].float().repeat_interleave(group, dim=1).transpose(0, 1)  # (H, L, D)
+        v = v_buf[slots].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        qi = q[start : start + n].cpu().float().transpose(0, 1)  # (H, n, D)
+        s = torch.einsum("hnd,hld->hnl", qi, k) * scale
+        visible = torch.ones(n, seq_len, dtype=torch.bool).tril(diagonal=seq_len - n)  # query j sees 0..prefix+j
+        s = s.masked_fill(~visible, float("-inf"))
+        out[start : start + n] = torch.einsum("hnl,hld->hnd", torch.softmax(s, dim=-1), v).transpose(0, 1)
+    return out
+
+
+def make_case(prefix_lens, ext_lens, num_heads, num_kv_heads, head_dim, dtype, seed=0, poison=float("nan")):
+    """Random paged KV with slots scattered over the pool; every slot no request uses is poisoned."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [p + e for p, e in zip(prefix_lens, ext_lens, strict=True)]
+    bs, total = len(lens), sum(lens)
+    num_slots = total + 7
+    max_reqs, max_ctx = bs + 2, max(lens) + 5
+    k_buf = torch.randn(num_slots + 1, num_kv_heads, head_dim, generator=g).to(dtype)
+    v_buf = torch.randn(num_slots + 1, num_kv_heads, head_dim, generator=g).to(dtype)
+    used = torch.randperm(num_slots, generator=g)[:total] + 1  # slot 0 is padding and stays unused
+    unused = torch.ones(num_slots + 1, dtype=torch.bool)
+    unused[used] = False
+    k_buf[unused] = poison
+    v_buf[unused] = poison
+    # request rows in shuffled order; the table's tail past each length points at poisoned slots
+    req_pool_indices = torch.randperm(max_reqs, generator=g)[:bs]
+    req_to_token = torch.zeros(max_reqs, max_ctx, dtype=torch.int32)
+    poisoned = unused.nonzero().flatten()
+    off = 0
+    for i, n in enumerate(lens):
+        row = req_pool_indices[i]
+        req_to_token[row, :n] = used[off : off + n].int()
+        req_to_token[row, n:] = poisoned[torch.randint(len(poisoned), (max_ctx - n,), generator=g)].int()
+        off += n
+    extend_lens = torch.tensor(ext_lens, dtype=torch.int64)
+    extend_start_loc = torch.cumsum(extend_lens, 0) - extend_lens
+    q = torch.randn(sum(ext_lens), num_heads, head_dim, generator=g).to(dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int64)
+    return tuple(t.to(DEVICE) for t in (q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, extend_lens,
+                                        extend_start_loc))
+
+
+BLOCK = 16  # block_m = block_n in the tests, so short shapes still cover several blocks
+SHAPES = [
+    # (prefix_lens, extend_lens, num_heads, num_kv_heads, head_dim)
+    ([0], [1], 4, 4, 64),
+    ([0], [37], 8, 2, 80),  # no prefix, extend over two blocks
+    ([5, 0, 40], [1, 20, 3], 8, 2, 64),  # decode-like row, no prefix, prefix over two blocks
+    ([21, 3, 0], [18, 33, 1], 8, 1, 80),  # extend > BLOCK_M with a prefix, head_dim not a power of two
+    ([50], [9], 4, 4, 80),
+]
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("prefix_lens,ext_lens,num_heads,num_kv_heads,head_dim", SHAPES)
+def test_matches_reference(prefix_lens, ext_lens, num_heads, num_kv_heads, head_dim, dtype, atol):
+    q, k, v, r2t, rpi, sl, el, esl = make_case(prefix_lens, ext_lens, num_heads, num_kv_heads, head_dim, dtype)
+    scale = head_dim**-0.5
+    out = torch.full_like(q, float("nan"))
+    res = extend_attention(q, k, v, r2t, rpi, sl, el, esl, scale, max(ext_lens), out=out, block_m=BLOCK,
+                           block_n=BLOCK)
+    assert res is out and res.dtype == dtype
+    assert torch.isfinite(out).all(), "output not fully written or poisoned KV leaked"
+    ref = reference(q, k, v, r2t, rpi, sl, el, esl, scale)
+    torch.testing.assert_close(out.float().cpu(), ref, atol=atol, rtol=atol)
+
+
+def test_default_blocks_huge_poison_and_loose_max_extend_len():
+    # default block sizes; a poison that would dominate any softmax it leaked into; max_extend_len above the true max
+    q, k, v, r2t, rpi, sl, el, esl = make_case([40, 2], [35, 6], 8, 2, 64, torch.float32, seed=1, poison=1e30)
+    out = extend_attention(q, k, v, r2t, rpi, sl, el, esl, 0.125, 70)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out.cpu(), reference(q, k, v, r2t, rpi, sl, el, esl, 0.125), atol=1e-4, rtol=1e-4)
+
+
+def test_fp16_and_zero_extend_row():
+    # a request with no new tokens contributes no queries and must not disturb its neighbours
+    q, k, v, r2t, rpi, sl, el, esl = make_case([7, 4, 0], [5, 0, 17], 4, 2, 64, torch.float16, seed=2)
+    out = torch.full_like(q, float("nan"))
+    extend_attention(q, k, v, r2t, rpi, sl, el, esl, 0.125, 17, out=out, block_m=BLOCK, block_n=BLOCK)
+    assert torch.isfinite(out).all()
+    ref = reference(q, k, v, r2t, rpi, sl, el, esl, 0.125)
+    torch.testing.assert_close(out.float().cpu(), ref, atol=2e-2, rtol=2e-2)
