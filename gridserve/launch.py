@@ -147,10 +147,6 @@ class Deployment:
                 self.on_child_death(reason)
             return
 
-    @property
-    def alive(self) -> bool:
-        return all(p.is_alive() for _, p in self.procs)
-
     def shutdown(self) -> None:
         if self.stopping.is_set():
             return

@@ -33,8 +33,7 @@ def forward(runner: ModelRunner, mode, rows, new_ids, prefix_lens, all_logits=Fa
     fb = ForwardBatch(
         forward_mode=mode, batch_size=len(rows), input_ids=torch.tensor(ids), positions=torch.tensor(pos),
         req_pool_indices=torch.tensor(rows), seq_lens=torch.tensor(seq_lens), out_cache_loc=torch.cat(locs),
-        seq_lens_cpu=seq_lens, extend_seq_lens_cpu=[len(x) for x in new_ids],
-        extend_prefix_lens_cpu=list(prefix_lens), return_all_logits=all_logits)
+        seq_lens_cpu=seq_lens, extend_seq_lens_cpu=[len(x) for x in new_ids], return_all_logits=all_logits)
     return runner.forward(fb)
 
 

@@ -10,6 +10,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from gridserve.attention.triton_ops.extend_attention import extend_attention  # noqa: E402
+from tests.paged_kv import make_paged_kv  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available() else "cpu"
 
@@ -33,33 +34,12 @@ def reference(q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, extend_
 
 
 def make_case(prefix_lens, ext_lens, num_heads, num_kv_heads, head_dim, dtype, seed=0, poison=float("nan")):
-    """Random paged KV with slots scattered over the pool; every slot no request uses is poisoned."""
-    g = torch.Generator().manual_seed(seed)
     lens = [p + e for p, e in zip(prefix_lens, ext_lens, strict=True)]
-    bs, total = len(lens), sum(lens)
-    num_slots = total + 7
-    max_reqs, max_ctx = bs + 2, max(lens) + 5
-    k_buf = torch.randn(num_slots + 1, num_kv_heads, head_dim, generator=g).to(dtype)
-    v_buf = torch.randn(num_slots + 1, num_kv_heads, head_dim, generator=g).to(dtype)
-    used = torch.randperm(num_slots, generator=g)[:total] + 1  # slot 0 is padding and stays unused
-    unused = torch.ones(num_slots + 1, dtype=torch.bool)
-    unused[used] = False
-    k_buf[unused] = poison
-    v_buf[unused] = poison
-    # request rows in shuffled order; the table's tail past each length points at poisoned slots
-    req_pool_indices = torch.randperm(max_reqs, generator=g)[:bs]
-    req_to_token = torch.zeros(max_reqs, max_ctx, dtype=torch.int32)
-    poisoned = unused.nonzero().flatten()
-    off = 0
-    for i, n in enumerate(lens):
-        row = req_pool_indices[i]
-        req_to_token[row, :n] = used[off : off + n].int()
-        req_to_token[row, n:] = poisoned[torch.randint(len(poisoned), (max_ctx - n,), generator=g)].int()
-        off += n
+    g, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens = make_paged_kv(
+        lens, num_kv_heads, head_dim, dtype, seed, poison)
     extend_lens = torch.tensor(ext_lens, dtype=torch.int64)
     extend_start_loc = torch.cumsum(extend_lens, 0) - extend_lens
     q = torch.randn(sum(ext_lens), num_heads, head_dim, generator=g).to(dtype)
-    seq_lens = torch.tensor(lens, dtype=torch.int64)
     return tuple(t.to(DEVICE) for t in (q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, extend_lens,
                                         extend_start_loc))
 

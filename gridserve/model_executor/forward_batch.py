@@ -30,7 +30,6 @@ class ForwardBatch:
     seq_lens_cpu: list[int]
     # extend only
     extend_seq_lens_cpu: list[int] | None = None  # new tokens per request
-    extend_prefix_lens_cpu: list[int] | None = None  # cached tokens per request
     # logits of every position instead of only the last one per request (tests, prompt logprobs)
     return_all_logits: bool = False
     # filled by the model runner

@@ -77,7 +77,6 @@ class ScheduleBatch:
             out_cache_loc=out_cache_loc,
             seq_lens_cpu=seq_lens,
             extend_seq_lens_cpu=[r.extend_len for r in self.reqs],
-            extend_prefix_lens_cpu=[r.kv_len for r in self.reqs],
         )
 
     def sampling_info(self, vocab_size: int, device: torch.device) -> SamplingBatchInfo:

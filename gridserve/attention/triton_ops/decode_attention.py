@@ -15,12 +15,13 @@ so a CUDA graph can capture the kernels with static buffers.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from gridserve.attention.triton_ops.common import check_paged_inputs
 
 
 @triton.jit
@@ -173,22 +174,8 @@ def decode_attention(
     (num_slots + 1, num_kv_heads, head_dim_v). Returns (B, num_heads, head_dim_v) in q's dtype (written into
     ``out`` when given). With ``workspace`` its number of splits is used and no scratch is allocated.
     """
-    if q.dim() != 3 or k_buffer.dim() != 3 or v_buffer.dim() != 3:
-        raise ValueError("q, k_buffer, v_buffer must be 3-D: (B, heads, head_dim) / (slots, kv_heads, head_dim)")
-    bs, num_heads, head_dim = q.shape
-    num_kv_heads, head_dim_v = k_buffer.shape[1], v_buffer.shape[2]
-    if k_buffer.shape[2] != head_dim or v_buffer.shape[1] != num_kv_heads:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k_buffer.shape)}, v {tuple(v_buffer.shape)}")
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
-    if max(head_dim, head_dim_v) > 256:
-        raise ValueError(f"head_dim up to 256 supported, got {head_dim}/{head_dim_v}")
-    group = num_heads // num_kv_heads
-
-    if q.stride(2) != 1:
-        q = q.contiguous()
-    if k_buffer.stride(2) != 1 or v_buffer.stride(2) != 1 or req_to_token.stride(1) != 1:
-        raise ValueError("k_buffer, v_buffer and req_to_token must be contiguous in their last dimension")
+    q, sh = check_paged_inputs(q, k_buffer, v_buffer, req_to_token)
+    bs, num_heads, head_dim_v = q.shape[0], sh.num_heads, sh.head_dim_v
 
     if workspace is None:
         workspace = DecodeWorkspace.allocate(bs, num_heads, head_dim_v, num_kv_splits, q.device)
@@ -205,14 +192,9 @@ def decode_attention(
     if bs == 0:
         return out
 
-    block_h = max(16, triton.next_power_of_2(group))
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_dv = max(16, triton.next_power_of_2(head_dim_v))
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    # The interpreter's tl.dot mishandles bf16 operands (stored as uint16): take the dots in fp32 there.
-    dot_fp32 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    block_h = max(16, triton.next_power_of_2(sh.group))
 
-    _decode_stage1[(bs, num_kv_heads, num_kv_splits)](
+    _decode_stage1[(bs, sh.num_kv_heads, num_kv_splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, attn_out, attn_lse,
         float(sm_scale),
         q.stride(0), q.stride(1),
@@ -221,9 +203,9 @@ def decode_attention(
         req_to_token.stride(0),
         attn_out.stride(0), attn_out.stride(1), attn_out.stride(2),
         attn_lse.stride(0), attn_lse.stride(1),
-        GROUP=group, NUM_SPLITS=num_kv_splits, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_N=block_n, DOT_PRECISION=precision,
-        DOT_FP32=dot_fp32,
+        GROUP=sh.group, NUM_SPLITS=num_kv_splits, HEAD_DIM=sh.head_dim, HEAD_DIM_V=head_dim_v,
+        BLOCK_H=block_h, BLOCK_D=sh.block_d, BLOCK_DV=sh.block_dv, BLOCK_N=block_n,
+        DOT_PRECISION=sh.dot_precision, DOT_FP32=sh.dot_fp32,
     )
     _decode_stage2[(bs, num_heads)](
         attn_out, attn_lse, out,
@@ -231,6 +213,6 @@ def decode_attention(
         attn_lse.stride(0), attn_lse.stride(1),
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_kv_splits, HEAD_DIM_V=head_dim_v,
-        BLOCK_S=triton.next_power_of_2(num_kv_splits), BLOCK_DV=block_dv,
+        BLOCK_S=triton.next_power_of_2(num_kv_splits), BLOCK_DV=sh.block_dv,
     )
     return out

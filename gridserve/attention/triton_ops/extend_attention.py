@@ -14,11 +14,11 @@ head_dim is padded to a power of two >= 16 and masked.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from gridserve.attention.triton_ops.common import check_paged_inputs
 
 
 @triton.jit
@@ -123,25 +123,11 @@ def extend_attention(
     ``max_extend_len`` >= every ``extend_lens[i]``. Returns (N, num_heads, head_dim_v) in q's dtype (written into
     ``out`` when given); rows of q no request covers are left untouched.
     """
-    if q.dim() != 3 or k_buffer.dim() != 3 or v_buffer.dim() != 3:
-        raise ValueError("q, k_buffer, v_buffer must be 3-D: (N, heads, head_dim) / (slots, kv_heads, head_dim)")
-    n_tokens, num_heads, head_dim = q.shape
-    num_kv_heads, head_dim_v = k_buffer.shape[1], v_buffer.shape[2]
-    if k_buffer.shape[2] != head_dim or v_buffer.shape[1] != num_kv_heads:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k_buffer.shape)}, v {tuple(v_buffer.shape)}")
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
-    if max(head_dim, head_dim_v) > 256:
-        raise ValueError(f"head_dim up to 256 supported, got {head_dim}/{head_dim_v}")
+    q, sh = check_paged_inputs(q, k_buffer, v_buffer, req_to_token)
+    n_tokens, num_heads, head_dim_v = q.shape[0], sh.num_heads, sh.head_dim_v
     if block_m < 16 or block_n < 16:
         raise ValueError("block_m and block_n must be >= 16 (tl.dot)")
-    group = num_heads // num_kv_heads
     bs = seq_lens.shape[0]
-
-    if q.stride(2) != 1:
-        q = q.contiguous()
-    if k_buffer.stride(2) != 1 or v_buffer.stride(2) != 1 or req_to_token.stride(1) != 1:
-        raise ValueError("k_buffer, v_buffer and req_to_token must be contiguous in their last dimension")
 
     if out is None:
         out = torch.empty((n_tokens, num_heads, head_dim_v), dtype=q.dtype, device=q.device)
@@ -149,12 +135,6 @@ def extend_attention(
         raise ValueError(f"out must be ({n_tokens}, {num_heads}, {head_dim_v}) and contiguous in its last dimension")
     if bs == 0 or n_tokens == 0 or max_extend_len <= 0:
         return out
-
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_dv = max(16, triton.next_power_of_2(head_dim_v))
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    # The interpreter's tl.dot mishandles bf16 operands (stored as uint16): take the dots in fp32 there.
-    dot_fp32 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
     grid = (bs, num_heads, triton.cdiv(max_extend_len, block_m))
     _extend_fwd[grid](
@@ -165,8 +145,8 @@ def extend_attention(
         v_buffer.stride(0), v_buffer.stride(1),
         out.stride(0), out.stride(1),
         req_to_token.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        DOT_PRECISION=precision, DOT_FP32=dot_fp32,
+        GROUP=sh.group, HEAD_DIM=sh.head_dim, HEAD_DIM_V=head_dim_v,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=sh.block_d, BLOCK_DV=sh.block_dv,
+        DOT_PRECISION=sh.dot_precision, DOT_FP32=sh.dot_fp32,
     )
     return out
