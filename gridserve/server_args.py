@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 _CHOICES = {
     "dtype": ["auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32"],
     "device": ["auto", "cpu", "cuda"],
-    "attention_backend": ["torch", "triton"],
+    "attention_backend": ["auto", "torch", "triton"],
     "load_format": ["auto", "dummy"],
     "schedule_policy": ["fcfs", "lpm"],
 }
@@ -44,7 +44,13 @@ class ServerArgs:
     schedule_conservativeness: float = _opt(1.0, "room kept for running requests' future tokens; larger means "
                                                  "fewer retractions, smaller means more requests admitted")
     disable_radix_cache: bool = _opt(False, "turn off prefix sharing")
-    attention_backend: str = _opt("torch", "attention kernels: torch (reference) or triton (paged decode + extend)")
+    attention_backend: str = _opt("auto", "attention kernels: triton (paged decode + extend; the default on CUDA) "
+                                          "or torch (reference; the default on CPU)")
+    cuda_graph_max_bs: int = _opt(256, "largest decode batch run as a captured CUDA graph; larger ones run eagerly")
+    disable_cuda_graph: bool = _opt(False, "run decode eagerly (no CUDA graphs)")
+    disable_overlap_schedule: bool = _opt(False, "wait for each step before scheduling the next (the overlap "
+                                                 "loop is the default on CUDA)")
+    enable_overlap_schedule: bool = _opt(False, "use the overlap loop on CPU too, where it is off by default")
     random_seed: int = _opt(0, "seed for requests that do not give one")
     tp_size: int = _opt(1, "tensor-parallel size")
     pp_size: int = _opt(1, "pipeline-parallel size")
@@ -70,13 +76,16 @@ class ServerArgs:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(self, name)!r}")
-        positive = ["context_length", "max_total_tokens", "max_running_requests", "max_prefill_tokens"]
+        positive = ["context_length", "max_total_tokens", "max_running_requests", "max_prefill_tokens",
+                    "cuda_graph_max_bs"]
         for name in positive:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
         if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
             raise ValueError(f"--chunked-prefill-size must be > 0 or -1, got {self.chunked_prefill_size}")
+        if self.disable_overlap_schedule and self.enable_overlap_schedule:
+            raise ValueError("--disable-overlap-schedule and --enable-overlap-schedule contradict each other")
         if not 0 < self.mem_fraction_static < 1:
             raise ValueError(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
         if self.schedule_conservativeness <= 0:

@@ -47,7 +47,14 @@ def test_alone_and_batched_match_transformers(prompts_and_reference):
     {"max_total_tokens": 200, "schedule_conservativeness": 0.05},
     {"max_total_tokens": 200, "schedule_conservativeness": 0.05, "disable_radix_cache": True,
      "chunked_prefill_size": 32},
-], ids=["no-radix", "chunked-lpm", "tiny-pool", "tiny-pool-no-radix-chunked"])
+    # the overlap loop (the default on CUDA) runs one step ahead of the host: same tokens, same retractions
+    {"enable_overlap_schedule": True},
+    {"enable_overlap_schedule": True, "chunked_prefill_size": 16, "schedule_policy": "lpm"},
+    {"enable_overlap_schedule": True, "max_total_tokens": 200, "schedule_conservativeness": 0.05},
+    {"enable_overlap_schedule": True, "max_total_tokens": 200, "schedule_conservativeness": 0.05,
+     "disable_radix_cache": True, "chunked_prefill_size": 32},
+], ids=["no-radix", "chunked-lpm", "tiny-pool", "tiny-pool-no-radix-chunked", "overlap", "overlap-chunked-lpm",
+        "overlap-tiny-pool", "overlap-tiny-pool-no-radix-chunked"])
 def test_engine_configs_match_transformers(prompts_and_reference, server_args):
     _, ids, ref = prompts_and_reference
     args = {"max_total_tokens": 2048, **server_args}

@@ -152,3 +152,42 @@ def test_bad_inputs(engine):
         engine.generate(input_ids=[1] * 4000, sampling_params={"max_new_tokens": 200})
     # the engine still serves afterwards
     assert engine.generate("Hello", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+
+
+def test_overlap_loop_equals_normal_loop(engine, prompt):
+    """The overlap loop reads each step's tokens one step late; every sampling feature must still give the
+    same tokens, logprobs, texts and finish reasons, alone and batched."""
+    rep = "one two one two one two one two one two one two"
+    cases = [
+        (prompt, {"temperature": 0.8, "seed": 7}),
+        (rep, {"temperature": 0.7, "seed": 3, "repetition_penalty": 1.3, "frequency_penalty": 0.5,
+               "presence_penalty": 0.3}),
+        (rep, {"temperature": 0, "frequency_penalty": 2.0}),
+        (prompt, {"temperature": 0.9, "top_p": 0.9, "top_k": 20, "min_p": 0.05, "seed": 11}),
+        (prompt, {"temperature": 0, "stop": [" the", "."]}),
+        (prompt, {"temperature": 0, "max_new_tokens": 0}),
+        (prompt, {"temperature": 0, "max_new_tokens": 1}),
+        ("Hello", {"temperature": 0, "max_new_tokens": 60}),  # may stop at EOS while the next step runs
+    ]
+    prompts = [p for p, _ in cases]
+    params = [{"max_new_tokens": 24, **c} for _, c in cases]
+
+    def run(e):
+        pairs = zip(prompts, params, strict=True)
+        alone = [e.generate(p, c, return_logprob=True, top_logprobs_num=2) for p, c in pairs]
+        return alone + e.generate(prompts, params, return_logprob=True, top_logprobs_num=2)
+
+    def key(o):
+        m = o["meta_info"]
+        return o["output_ids"], o["text"], m["finish_reason"], m["output_token_logprobs"], m["output_top_logprobs"]
+
+    want = [key(o) for o in run(engine)]
+    with Engine(max_total_tokens=4096, show_progress=False, log_level="warning",
+                enable_overlap_schedule=True) as overlap:
+        got = [key(o) for o in run(overlap)]
+        assert_no_leak(overlap)
+    for g, w in zip(got, want, strict=True):
+        assert g[:3] == w[:3]
+        assert [t for _, t in g[3]] == [t for _, t in w[3]]
+        assert [lp for lp, _ in g[3]] == pytest.approx([lp for lp, _ in w[3]], abs=1e-4)
+        assert [[t for _, t in top] for top in g[4]] == [[t for _, t in top] for top in w[4]]

@@ -2,8 +2,9 @@
 
 A backend stores the new K/V into the paged cache and attends over each request's KV slots, found through
 `req_to_token[req_pool_indices, :seq_len]`. `init_forward_metadata` runs once per batch, before the layers,
-so a backend can precompute index tensors; a backend that supports CUDA graphs keeps that metadata in static
-buffers sized for the largest captured batch and refreshes them in place before each replay.
+so a backend can precompute index tensors. A backend that supports CUDA graphs needs no host values in decode
+(it reads lengths and slots from the batch's device tensors) and keeps its scratch buffers for the largest
+captured batch.
 """
 
 from abc import ABC, abstractmethod
@@ -34,9 +35,6 @@ class AttentionBackend(ABC):
             return self.forward_decode(q, k, v, layer, fb)
         return self.forward_extend(q, k, v, layer, fb)
 
-    # CUDA-graph hooks: static metadata buffers for decode at batch sizes up to max_bs.
-    def init_cuda_graph_state(self, max_bs: int) -> None:
-        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
-
-    def init_forward_metadata_replay_cuda_graph(self, fb: ForwardBatch) -> None:
+    # CUDA-graph hook: allocate whatever decode needs at batch sizes up to max_bs once, so replays reuse it.
+    def init_cuda_graph_state(self, max_bs: int, num_heads: int, head_dim: int, device: torch.device) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")

@@ -8,6 +8,8 @@ from gridserve.model_executor.forward_batch import ForwardBatch
 
 
 class TritonAttentionBackend(AttentionBackend):
+    supports_cuda_graph = True
+
     def __init__(self, num_kv_splits: int = 8):
         from gridserve.attention.triton_ops import DecodeWorkspace, decode_attention, extend_attention
 
@@ -22,9 +24,7 @@ class TritonAttentionBackend(AttentionBackend):
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         """The kernels read req_to_token themselves; extend only needs where each request's new tokens are."""
         if fb.forward_mode.is_extend():
-            dev = fb.seq_lens.device
-            self.extend_lens = torch.tensor(fb.extend_seq_lens_cpu, dtype=torch.int32, device=dev)
-            self.extend_start_loc = torch.tensor(fb.extend_start_loc_cpu, dtype=torch.int32, device=dev)
+            self.extend_lens, self.extend_start_loc = fb.extend_seq_lens, fb.extend_start_loc
             self.max_extend_len = max(fb.extend_seq_lens_cpu)
 
     def forward_extend(self, q, k, v, layer, fb: ForwardBatch) -> torch.Tensor:
@@ -35,6 +35,9 @@ class TritonAttentionBackend(AttentionBackend):
                            fb.req_pool_indices, fb.seq_lens, self.extend_lens, self.extend_start_loc,
                            layer.scaling, self.max_extend_len)
         return out.reshape(-1, layer.num_heads * layer.head_dim)
+
+    def init_cuda_graph_state(self, max_bs: int, num_heads: int, head_dim: int, device: torch.device) -> None:
+        self._workspace_for(max_bs, num_heads, head_dim, device)
 
     def _workspace_for(self, batch_size: int, num_heads: int, head_dim: int, device: torch.device):
         ws = self.workspace

@@ -6,6 +6,8 @@ from enum import Enum, auto
 
 import torch
 
+from gridserve.tensor_utils import to_device
+
 
 class ForwardMode(Enum):
     EXTEND = auto()  # prefill of new tokens, possibly after a cached prefix (also a chunk of a long prompt)
@@ -30,12 +32,20 @@ class ForwardBatch:
     seq_lens_cpu: list[int]
     # extend only
     extend_seq_lens_cpu: list[int] | None = None  # new tokens per request
+    extend_seq_lens: torch.Tensor | None = None  # (B,) int64 on the device; made from the list when not given
+    extend_start_loc: torch.Tensor | None = None  # (B,) int64: where each request's new tokens start
     # logits of every position instead of only the last one per request (tests, prompt logprobs)
     return_all_logits: bool = False
     # filled by the model runner
     req_to_token: torch.Tensor | None = None
     kv_cache: object = None
     attn_backend: object = None
+
+    def __post_init__(self) -> None:
+        if self.forward_mode.is_extend() and self.extend_seq_lens is None:
+            dev = self.input_ids.device
+            self.extend_seq_lens = to_device(self.extend_seq_lens_cpu, torch.int64, dev)
+            self.extend_start_loc = to_device(self.extend_start_loc_cpu, torch.int64, dev)
 
     @property
     def extend_start_loc_cpu(self) -> list[int]:

@@ -1,4 +1,5 @@
-"""ModelRunner: owns the model, the KV cache pools, the attention backend and the sampler of one rank."""
+"""ModelRunner: owns the model, the KV cache pools, the attention backend, the decode CUDA graphs and the
+sampler of one rank."""
 
 import logging
 
@@ -8,17 +9,15 @@ from gridserve.attention.base import AttentionBackend
 from gridserve.attention.torch_backend import TorchAttentionBackend
 from gridserve.distributed.parallel_state import get_tp_group
 from gridserve.mem_cache.memory_pool import KVCache, ReqToTokenPool, TokenToKVPoolAllocator
+from gridserve.model_executor.cuda_graph_runner import CudaGraphRunner
 from gridserve.model_executor.forward_batch import ForwardBatch
+from gridserve.model_executor.memory import MemoryPlan, cpu_kv_capacity, measure_activation_peak
 from gridserve.model_loader.loader import load_model, resolve_dtype
 from gridserve.models.config import ModelConfig
 from gridserve.sampling.sampler import SampleOutput, Sampler, SamplingBatchInfo
 from gridserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
-
-# On CPU the KV cache may take this share of the memory that is free at start.
-_CPU_KV_MEMORY_SHARE = 0.25
-_CPU_MAX_KV_TOKENS = 65536
 
 
 def resolve_device(device: str, gpu_id: int = 0) -> torch.device:
@@ -27,20 +26,14 @@ def resolve_device(device: str, gpu_id: int = 0) -> torch.device:
     return torch.device(device, gpu_id) if device == "cuda" else torch.device(device)
 
 
-def make_attention_backend(name: str) -> AttentionBackend:
+def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
     if name == "triton":
         from gridserve.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend()
     return TorchAttentionBackend()
-
-
-def _cpu_available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 8 << 30
 
 
 class ModelRunner:
@@ -54,8 +47,10 @@ class ModelRunner:
         self.context_len = args.context_length or cfg.max_position_embeddings
         self.model = load_model(model_path, cfg, self.dtype, self.device, args.load_format, args.show_progress)
         attn = self.model.model.layers[0].self_attn
-        self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.tp = get_tp_group()
+        self.attn_backend = make_attention_backend(args.attention_backend, self.device)
+        self.sampler = Sampler()
         # every TP rank holds the same tokens, so the pool is as large as the smallest rank allows
         self.max_total_num_tokens = self.tp.all_reduce_min(self._kv_capacity())
         self.max_running_requests = args.max_running_requests or max(
@@ -64,31 +59,55 @@ class ModelRunner:
         self.allocator = TokenToKVPoolAllocator(self.max_total_num_tokens, self.device)
         self.kv_cache = KVCache(self.max_total_num_tokens, cfg.num_hidden_layers, self.num_kv_heads,
                                 self.head_dim, self.dtype, self.device)
-        self.attn_backend = make_attention_backend(args.attention_backend)
-        self.sampler = Sampler()
         logger.info("KV cache: %d tokens, max running requests %d, context length %d",
                     self.max_total_num_tokens, self.max_running_requests, self.context_len)
+        self.graph_runner = self._init_cuda_graphs()
+
+    def _graph_max_bs(self) -> int:
+        return min(self.args.cuda_graph_max_bs, self.max_running_requests)
 
     def _kv_capacity(self) -> int:
-        if self.args.max_total_tokens:
-            return self.args.max_total_tokens
         per_token = KVCache.bytes_per_token(self.model_config.num_hidden_layers, self.num_kv_heads,
                                             self.head_dim, self.dtype)
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - total * (1 - self.args.mem_fraction_static)
-            if budget <= 0:
-                raise RuntimeError(f"no GPU memory left for the KV cache after loading weights "
-                                   f"(free {free >> 20} MiB of {total >> 20} MiB); raise --mem-fraction-static")
-            return int(budget // per_token)
-        return int(min(_CPU_MAX_KV_TOKENS, _cpu_available_bytes() * _CPU_KV_MEMORY_SHARE // per_token))
+        if self.args.max_total_tokens:
+            return self.args.max_total_tokens
+        if self.device.type != "cuda":
+            return cpu_kv_capacity(per_token)
+        prefill_tokens = min(self.args.max_prefill_tokens, self.args.chunked_prefill_size
+                             if self.args.chunked_prefill_size > 0 else self.args.max_prefill_tokens)
+        peak = measure_activation_peak(self, prefill_tokens)
+        graph_bs = 0 if self.args.disable_cuda_graph else min(self.args.cuda_graph_max_bs,
+                                                              self.args.max_running_requests or 1 << 30)
+        plan = MemoryPlan.make(self.device, self.args.mem_fraction_static, peak, prefill_tokens, graph_bs,
+                               self.model_config.vocab_size, per_token)
+        logger.info("%s", plan.describe())
+        return plan.kv_tokens
 
-    def forward(self, fb: ForwardBatch) -> torch.Tensor:
+    def _init_cuda_graphs(self) -> CudaGraphRunner | None:
+        if self.device.type != "cuda" or self.args.disable_cuda_graph:
+            return None
+        if not self.attn_backend.supports_cuda_graph:
+            logger.warning("the %s attention backend cannot run in CUDA graphs: decode runs eagerly",
+                           type(self.attn_backend).__name__)
+            return None
+        try:
+            return CudaGraphRunner(self, self._graph_max_bs())
+        except torch.OutOfMemoryError as e:
+            raise ValueError(f"out of GPU memory while capturing CUDA graphs up to batch {self._graph_max_bs()}: "
+                             f"lower --cuda-graph-max-bs or --mem-fraction-static "
+                             f"(now {self.args.mem_fraction_static}), or pass --disable-cuda-graph") from e
+
+    def forward_eager(self, fb: ForwardBatch) -> torch.Tensor:
         fb.req_to_token = self.req_to_token_pool.req_to_token
         fb.kv_cache = self.kv_cache
         fb.attn_backend = self.attn_backend
         self.attn_backend.init_forward_metadata(fb)
         return self.model(fb.input_ids, fb.positions, fb)
+
+    def forward(self, fb: ForwardBatch) -> torch.Tensor:
+        if self.graph_runner is not None and self.graph_runner.can_run(fb):
+            return self.graph_runner.run(fb)
+        return self.forward_eager(fb)
 
     def sample(self, logits: torch.Tensor, info: SamplingBatchInfo, return_logprob: bool,
                top_logprobs_num: int) -> SampleOutput:

@@ -123,8 +123,7 @@ class LlamaForCausalLM(nn.Module):
         """Returns float32 logits: one row per request (its last token), or every row if asked."""
         hidden = self.model(input_ids, positions, fb)
         if fb.forward_mode.is_extend() and not fb.return_all_logits:
-            last = torch.tensor(fb.extend_seq_lens_cpu, device=hidden.device).cumsum(0) - 1
-            hidden = hidden[last]
+            hidden = hidden[fb.extend_start_loc + fb.extend_seq_lens - 1]
         return self.lm_head.compute_logits(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from gridserve.sampling.sampling_params import SamplingParams
+from gridserve.tensor_utils import to_device
 
 _MASK32 = 0xFFFFFFFF
 # Distinct odd constants keep the seed, step and token lanes from cancelling each other when xored.
@@ -94,31 +95,36 @@ class SamplingBatchInfo:
         output_ids: list[list[int]],
         vocab_size: int,
         device: torch.device | str,
+        pending_tokens: torch.Tensor | None = None,
     ) -> SamplingBatchInfo:
         """steps[i] is how many tokens request i has generated so far (its RNG counter).
 
         prompt_ids/output_ids are only read for rows with an active penalty; other rows may pass [].
+        pending_tokens (B,) on the device, -1 where absent, holds each row's newest output token when the host
+        does not know it yet (the overlap loop); penalties count it like the tokens in output_ids.
         """
         b = len(params)
         if not (len(seeds) == len(steps) == b):
             raise ValueError("params, seeds and steps must have one entry per request")
         v = vocab_size
+        device = torch.device(device)
         greedy = [p.is_greedy for p in params]
         sampled = [p for p, g in zip(params, greedy, strict=True) if not g]
-
-        def col(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device).view(b, 1)
-
+        # Two host-to-device copies per batch (floats, integers) instead of one per field.
+        floats = to_device([[1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
+                            [p.top_p for p in params], [p.min_p for p in params]], torch.float32, device)
+        ints = to_device([[v if p.top_k == -1 else min(p.top_k, v) for p in params],
+                          [_to_int64(s) for s in seeds], list(steps), [int(g) for g in greedy]],
+                         torch.int64, device)
         info = cls(
             vocab_size=v,
-            temperatures=col([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
-                             torch.float32),
-            top_ps=col([p.top_p for p in params], torch.float32),
-            top_ks=col([v if p.top_k == -1 else min(p.top_k, v) for p in params], torch.int64),
-            min_ps=col([p.min_p for p in params], torch.float32),
-            seeds=torch.tensor([_to_int64(s) for s in seeds], dtype=torch.int64, device=device),
-            steps=torch.tensor(steps, dtype=torch.int64, device=device),
-            greedy_mask=torch.tensor(greedy, dtype=torch.bool, device=device),
+            temperatures=floats[0].view(b, 1),
+            top_ps=floats[1].view(b, 1),
+            top_ks=ints[0].view(b, 1),
+            min_ps=floats[2].view(b, 1),
+            seeds=ints[1],
+            steps=ints[2],
+            greedy_mask=ints[3].bool(),
             is_all_greedy=all(greedy),
             has_greedy=any(greedy),
             need_top_k=any(p.top_k != -1 and p.top_k < v for p in sampled),
@@ -126,34 +132,42 @@ class SamplingBatchInfo:
             need_min_p=any(p.min_p > 0.0 for p in sampled),
         )
 
+        def col(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return to_device(values, dtype, device).view(b, 1)
+
         rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         if rep_rows:
             info.repetition_penalties = col([p.repetition_penalty for p in params], torch.float32)
             seqs = [list(prompt_ids[i]) + list(output_ids[i]) for i in rep_rows]
-            info.repetition_mask = _scatter_tokens(rep_rows, seqs, b, v, device, torch.bool)
+            info.repetition_mask = _scatter_tokens(rep_rows, seqs, b, v, device, torch.bool, pending_tokens)
 
         fp_rows = [i for i, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
         if fp_rows:
             info.frequency_penalties = col([p.frequency_penalty for p in params], torch.float32)
             info.presence_penalties = col([p.presence_penalty for p in params], torch.float32)
             seqs = [list(output_ids[i]) for i in fp_rows]
-            info.output_counts = _scatter_tokens(fp_rows, seqs, b, v, device, torch.float32)
+            info.output_counts = _scatter_tokens(fp_rows, seqs, b, v, device, torch.float32, pending_tokens)
         return info
 
 
 def _scatter_tokens(
-    rows: list[int], seqs: list[list[int]], b: int, v: int, device: torch.device | str, dtype: torch.dtype
+    rows: list[int], seqs: list[list[int]], b: int, v: int, device: torch.device | str, dtype: torch.dtype,
+    pending_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(b, v) table of token occurrences: counts for float dtype, presence for bool."""
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
-    row_idx = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), lengths).to(device)
-    tok_idx = torch.tensor([t for s in seqs for t in s], dtype=torch.int64).to(device)
+    """(b, v) table of token occurrences: counts for float dtype, presence for bool. Pending tokens are counted
+    on every row; rows without the penalty ignore the table, so only the listed rows matter."""
+    device = torch.device(device)
+    row_idx = to_device([r for r, s in zip(rows, seqs, strict=True) for _ in s], torch.int64, device)
+    tok_idx = to_device([t for s in seqs for t in s], torch.int64, device)
     # Ids past the logits width (embedding vocab larger than lm_head) cannot be sampled: park them in an
     # extra column that is dropped, instead of failing.
     tok_idx = tok_idx.clamp(max=v)
     table = torch.zeros(b, v + 1, dtype=dtype, device=device)
     one = torch.ones((), dtype=dtype, device=device)
     table.index_put_((row_idx, tok_idx), one, accumulate=dtype != torch.bool)
+    if pending_tokens is not None:
+        cols = torch.where(pending_tokens >= 0, pending_tokens.clamp(max=v), v)
+        table.index_put_((torch.arange(b, device=device), cols), one, accumulate=dtype != torch.bool)
     return table[:, :v]
 
 
@@ -163,6 +177,34 @@ class SampleOutput:
     logprobs: torch.Tensor | None  # (B,) float32
     top_logprobs_val: torch.Tensor | None  # (B, K)
     top_logprobs_idx: torch.Tensor | None  # (B, K) int64
+
+    def copy_to_host(self) -> HostSampleOutput:
+        """Starts the device-to-host copies without waiting for them (pinned buffers and an event on CUDA)."""
+        fields = (self.next_token_ids, self.logprobs, self.top_logprobs_val, self.top_logprobs_idx)
+        if self.next_token_ids.device.type != "cuda":
+            return HostSampleOutput(tuple(t if t is None else t.cpu() for t in fields), None)
+        host = []
+        for t in fields:
+            if t is not None:
+                dst = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                dst.copy_(t, non_blocking=True)
+                t = dst
+            host.append(t)
+        event = torch.cuda.Event()
+        event.record()
+        return HostSampleOutput(tuple(host), event)
+
+
+@dataclass
+class HostSampleOutput:
+    tensors: tuple  # SampleOutput's fields on the host (possibly still being written until `event`)
+    event: object
+
+    def wait(self) -> tuple[list, list | None, list | None, list | None]:
+        """The sampled ids (and logprobs) as lists, once the device has produced them."""
+        if self.event is not None:
+            self.event.synchronize()
+        return tuple(None if t is None else t.tolist() for t in self.tensors)
 
 
 def apply_penalties(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:

@@ -5,6 +5,7 @@ import torch
 from gridserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 from gridserve.sampling.sampler import SamplingBatchInfo
 from gridserve.sampling.sampling_params import SamplingParams
+from gridserve.tensor_utils import to_device
 
 
 class Req:
@@ -29,12 +30,35 @@ class Req:
         self.finished_reason: dict | None = None
         self.sent_len = 0  # output tokens already sent out
         self.detok_started = False  # the detokenizer has this request's DetokInit
+        self.finish_sent = False
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[float, int]]] = []
+        # Tokens sampled on the device whose ids the host has not read yet (the overlap loop runs one step
+        # ahead); the newest of them is row `last_row` of the latest launched batch's output.
+        self.pending = 0
+        self.last_row = -1
 
     @property
     def fill_ids(self) -> list[int]:
+        """The tokens whose ids the host knows: prompt + resolved output."""
         return self.origin_input_ids + self.output_ids
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_ids) + self.pending
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.origin_input_ids) + self.num_generated
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Ids of tokens [start, end); a token still on the device is the placeholder -1 - last_row."""
+        known = len(self.origin_input_ids) + len(self.output_ids)
+        ids = self.fill_ids[start:min(end, known)]
+        if end > known:
+            assert self.pending == 1 and end == known + 1, "only the newest token can be unresolved"
+            ids.append(-1 - self.last_row)
+        return ids
 
     @property
     def finished(self) -> bool:
@@ -51,36 +75,57 @@ class ScheduleBatch:
     def __init__(self, reqs: list[Req], mode: ForwardMode):
         self.reqs = reqs
         self.mode = mode
+        # set at launch: the sampled tokens (on the device) and which requests take one from this step
+        self.result = None
+        self.samples: list[bool] = []
 
-    def to_forward_batch(self, req_to_token: torch.Tensor, out_cache_loc: torch.Tensor,
-                         device: torch.device) -> ForwardBatch:
-        """Writes the new slots into req_to_token and builds the model inputs."""
-        ids, pos, starts = [], [], []
+    def to_forward_batch(self, req_to_token: torch.Tensor, out_cache_loc: torch.Tensor, device: torch.device,
+                         prev_tokens: torch.Tensor | None) -> ForwardBatch:
+        """Writes the new slots into req_to_token and builds the model inputs with one host-to-device copy.
+
+        A request's newest token may still be on the device (sampled by the previous, unprocessed batch); its
+        id is then a placeholder -1 - row, resolved here from that batch's `prev_tokens` without a host sync.
+        """
+        ids, pos, rows = [], [], []
         for r in self.reqs:
-            fill = r.fill_ids
-            ids += fill[r.kv_len : r.kv_len + r.extend_len]
+            ids += r.token_ids(r.kv_len, r.kv_len + r.extend_len)
             pos += range(r.kv_len, r.kv_len + r.extend_len)
+            rows += [r.req_pool_idx] * r.extend_len
+        n, b = len(ids), len(self.reqs)
         seq_lens = [r.kv_len + r.extend_len for r in self.reqs]
-        offset = 0
-        for r in self.reqs:
-            req_to_token[r.req_pool_idx, r.kv_len : r.kv_len + r.extend_len] = \
-                out_cache_loc[offset : offset + r.extend_len].to(torch.int32)
-            starts.append(offset)
-            offset += r.extend_len
+        ext_lens = [r.extend_len for r in self.reqs]
+        starts = [0] * b
+        for i in range(1, b):
+            starts[i] = starts[i - 1] + ext_lens[i - 1]
+        flat = to_device(ids + pos + rows + [r.req_pool_idx for r in self.reqs] + seq_lens + ext_lens + starts,
+                         torch.int64, device)
+        input_ids, positions, token_rows = flat[:n], flat[n : 2 * n], flat[2 * n : 3 * n]
+        req_pool_indices, dev_seq_lens, dev_ext_lens, dev_starts = flat[3 * n :].view(4, b)
+        if any(t < 0 for t in ids):
+            input_ids = torch.where(input_ids < 0, prev_tokens[(-1 - input_ids).clamp(min=0)], input_ids)
+        req_to_token[token_rows, positions] = out_cache_loc.to(torch.int32)
+        is_extend = self.mode.is_extend()
         return ForwardBatch(
             forward_mode=self.mode,
-            batch_size=len(self.reqs),
-            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-            positions=torch.tensor(pos, dtype=torch.long, device=device),
-            req_pool_indices=torch.tensor([r.req_pool_idx for r in self.reqs], device=device),
-            seq_lens=torch.tensor(seq_lens, device=device),
+            batch_size=b,
+            input_ids=input_ids,
+            positions=positions,
+            req_pool_indices=req_pool_indices,
+            seq_lens=dev_seq_lens,
             out_cache_loc=out_cache_loc,
             seq_lens_cpu=seq_lens,
-            extend_seq_lens_cpu=[r.extend_len for r in self.reqs],
+            extend_seq_lens_cpu=ext_lens,
+            extend_seq_lens=dev_ext_lens if is_extend else None,
+            extend_start_loc=dev_starts if is_extend else None,
         )
 
-    def sampling_info(self, vocab_size: int, device: torch.device) -> SamplingBatchInfo:
+    def sampling_info(self, vocab_size: int, device: torch.device, prev_tokens: torch.Tensor | None
+                      ) -> SamplingBatchInfo:
         rs = self.reqs
-        return SamplingBatchInfo.build([r.params for r in rs], [r.seed for r in rs], [len(r.output_ids) for r in rs],
+        pending = None
+        if any(r.pending for r in rs) and any(r.params.has_penalties for r in rs):
+            rows = to_device([r.last_row if r.pending else -1 for r in rs], torch.int64, device)
+            pending = torch.where(rows >= 0, prev_tokens[rows.clamp(min=0)], -1)
+        return SamplingBatchInfo.build([r.params for r in rs], [r.seed for r in rs], [r.num_generated for r in rs],
                                        [r.origin_input_ids for r in rs], [r.output_ids for r in rs], vocab_size,
-                                       device)
+                                       device, pending)

@@ -56,6 +56,10 @@ class Scheduler:
         self.prompt_tokens_total = 0
         self.cached_prompt_tokens_total = 0
         self.stopped = False
+        self.last_batch: ScheduleBatch | None = None  # launched, results not read yet (overlap loop)
+        self.last_tokens = None  # the device tensor of the latest launched batch's sampled ids
+        on_cuda = self.runner.device.type == "cuda"
+        self.use_overlap = not args.disable_overlap_schedule and (on_cuda or args.enable_overlap_schedule)
         chunk = args.chunked_prefill_size if args.chunked_prefill_size > 0 else 1 << 62
         self.prefill_budget = min(args.max_prefill_tokens, chunk)
 
@@ -66,19 +70,36 @@ class Scheduler:
                 "max_running_requests": r.max_running_requests, "context_len": r.context_len,
                 "max_req_input_len": min(r.context_len, r.max_total_num_tokens) - 1}
 
-    # ---- the normal event loop -------------------------------------------------------------------
+    # ---- event loops ----------------------------------------------------------------------------
     def event_loop_normal(self) -> None:
+        """Schedule, run, read the results, repeat: the host waits for every step."""
         while not self.stopped:
             self.process_input_requests(self.recv(self.is_idle()))
-            self.step()
+            batch = self.get_next_batch_to_run()
+            if batch is not None:
+                self.launch_batch(batch)
+                self.process_batch_result(batch)
+
+    def event_loop_overlap(self) -> None:
+        """The device runs step i while the host reads step i-1's tokens and schedules step i+1. A request
+        that step i-1 finishes may still be in step i; that step's token for it is dropped."""
+        while not self.stopped:
+            self.process_input_requests(self.recv(self.is_idle()))
+            batch = self.get_next_batch_to_run()
+            if batch is not None:
+                self.launch_batch(batch)
+            last, self.last_batch = self.last_batch, batch
+            if last is not None:
+                self.process_batch_result(last)
+
+    def run_event_loop(self) -> None:
+        if self.use_overlap:
+            self.event_loop_overlap()
+        else:
+            self.event_loop_normal()
 
     def is_idle(self) -> bool:
-        return not (self.waiting or self.running or self.chunked_req)
-
-    def step(self) -> None:
-        batch = self.get_next_batch_to_run()
-        if batch is not None:
-            self.process_batch_result(batch, self.run_batch(batch))
+        return not (self.waiting or self.running or self.chunked_req or self.last_batch)
 
     # ---- inputs ---------------------------------------------------------------------------------
     def process_input_requests(self, msgs: list) -> None:
@@ -164,13 +185,19 @@ class Scheduler:
         batch = self.get_new_prefill_batch()
         if batch is not None:
             return batch
-        if not self.running:
-            return None
         self.retract_until_decode_fits()
+        reqs = self.decodable()
+        if not reqs:
+            return None
         self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
-        for r in self.running:
+        for r in reqs:
             r.extend_len = 1
-        return ScheduleBatch(list(self.running), ForwardMode.DECODE)
+        return ScheduleBatch(reqs, ForwardMode.DECODE)
+
+    def decodable(self) -> list[Req]:
+        """Running requests that need another token. One step ahead (overlap), a request may already hold
+        its last token unread; it finishes by length when that step is read, so it is not run again."""
+        return [r for r in self.running if r.num_generated < r.params.max_new_tokens]
 
     def get_new_prefill_batch(self) -> ScheduleBatch | None:
         if not self.waiting and self.chunked_req is None:
@@ -182,6 +209,8 @@ class Scheduler:
             self.retract(lambda: self.kv.available() >= need, keep=0)
             adder.add_chunked(self.chunked_req)
         for req in order_waiting(self.waiting, self.args.schedule_policy, self.kv):
+            if req.pending:  # retracted while its newest token was still on the device: next time
+                continue
             if not adder.add(req):
                 break
             self.waiting.remove(req)
@@ -193,8 +222,8 @@ class Scheduler:
         return ScheduleBatch(adder.batch, ForwardMode.EXTEND) if adder.batch else None
 
     def retract_until_decode_fits(self) -> None:
-        """Each running request needs one new slot; retract the newest requests until they all fit."""
-        self.retract(lambda: self.kv.available() >= len(self.running), keep=1)
+        """Each decoding request needs one new slot; retract the newest requests until they all fit."""
+        self.retract(lambda: self.kv.available() >= len(self.decodable()), keep=1)
 
     def retract(self, fits: Callable[[], bool], keep: int) -> None:
         """Moves the newest running requests back to the waiting queue (their KV is released and will be
@@ -208,27 +237,47 @@ class Scheduler:
             logger.info("retracted request %s (KV cache full); it will be recomputed", victim.rid)
 
     # ---- running --------------------------------------------------------------------------------
-    def run_batch(self, batch: ScheduleBatch):
+    def launch_batch(self, batch: ScheduleBatch) -> None:
+        """Queues the batch's forward and sampling on the device and advances the requests as if it had run:
+        KV lengths grow, sampling requests hold one more pending token, new requests join the running set.
+        Nothing here waits for the device."""
         runner = self.runner
         out_cache_loc = self.kv.alloc(sum(r.extend_len for r in batch.reqs))
-        fb = batch.to_forward_batch(runner.req_to_token_pool.req_to_token, out_cache_loc, runner.device)
+        prev = self.last_tokens
+        fb = batch.to_forward_batch(runner.req_to_token_pool.req_to_token, out_cache_loc, runner.device, prev)
         logits = runner.forward(fb)
         want_logprob = any(r.return_logprob for r in batch.reqs)
         top_k = max(r.top_logprobs_num for r in batch.reqs)
-        return runner.sample(logits, batch.sampling_info(self.vocab_size, runner.device), want_logprob, top_k)
-
-    def process_batch_result(self, batch: ScheduleBatch, result) -> None:
-        next_ids = result.next_token_ids.tolist()
-        logprobs = result.logprobs.tolist() if result.logprobs is not None else None
-        top_val = result.top_logprobs_val.tolist() if result.top_logprobs_val is not None else None
-        top_idx = result.top_logprobs_idx.tolist() if result.top_logprobs_idx is not None else None
+        result = runner.sample(logits, batch.sampling_info(self.vocab_size, runner.device, prev), want_logprob,
+                               top_k)
+        batch.result = result.copy_to_host()
+        self.last_tokens = result.next_token_ids
         for i, req in enumerate(batch.reqs):
             req.kv_len += req.extend_len
-            if req.kv_len < len(req.fill_ids):  # a chunk of a longer prompt: nothing to sample yet
+            samples = req.kv_len == req.num_tokens
+            batch.samples.append(samples)
+            if not samples:  # a chunk of a longer prompt: publish it to the prefix cache
                 self.kv.cache_unfinished(req)
+                continue
+            req.pending += 1
+            req.last_row = i
+            if batch.mode.is_extend() and req is not self.chunked_req:
+                self.running.append(req)
+
+    def process_batch_result(self, batch: ScheduleBatch) -> None:
+        """Reads a launched batch's tokens (waiting for the device if needed), checks stop conditions, frees
+        finished requests and sends the new tokens on."""
+        next_ids, logprobs, top_val, top_idx = batch.result.wait()
+        done = []
+        for i, req in enumerate(batch.reqs):
+            if not batch.samples[i]:
+                continue
+            req.pending -= 1
+            if req.finished:  # aborted, or finished by the previous step while this one ran
                 continue
             if req.params.max_new_tokens == 0:
                 req.finished_reason = {"type": "length", "length": 0}
+                done.append(req)
                 continue
             req.output_ids.append(next_ids[i])
             if req.return_logprob:
@@ -237,13 +286,15 @@ class Scheduler:
                 k = req.top_logprobs_num
                 req.top_logprobs.append(list(zip(top_val[i][:k], top_idx[i][:k], strict=True)))
             self.check_finished(req)
-        for req in batch.reqs:
-            if batch.mode.is_extend() and req is not self.chunked_req and not req.finished:
-                self.running.append(req)
             if req.finished:
-                self.kv.release(req)
+                done.append(req)
+        for req in done:
+            if req in self.waiting:  # retracted while its last token was on the device
+                self.waiting.remove(req)
+            self.kv.release(req)
         self._send(batch.reqs)
-        self.running = [r for r in self.running if not r.finished]
+        if done:
+            self.running = [r for r in self.running if not r.finished]
 
     def check_finished(self, req: Req) -> None:
         p, tok = req.params, req.output_ids[-1]
@@ -263,7 +314,7 @@ class Scheduler:
     def _send(self, reqs: list[Req]) -> None:
         out = BatchTokenIDOutput([], [], [], [], [], [])
         for r in reqs:
-            if r.sent_len == len(r.output_ids) and not r.finished:
+            if r.finish_sent or (r.sent_len == len(r.output_ids) and not r.finished):
                 continue
             out.rids.append(r.rid)
             out.new_token_ids.append(r.output_ids[r.sent_len :])
@@ -278,6 +329,7 @@ class Scheduler:
                                             r.params.skip_special_tokens) if first else None)
             r.detok_started = True
             r.sent_len = len(r.output_ids)
+            r.finish_sent = r.finished
         if out.rids:
             out.stats = self.stats()
             self.send(out)

@@ -1,0 +1,102 @@
+"""Decode steps replayed from captured CUDA graphs.
+
+A decode step of a small model is hundreds of kernel launches that each take the GPU microseconds: the host
+cannot issue them as fast as the GPU runs them. Capturing the whole decode forward (layers, LM head) once per
+batch size and replaying it costs one launch. Inputs live in static buffers that each step copies into; a
+batch is padded up to the next captured size with rows that read no KV (seq_len 0) and write their K/V to the
+padding slot 0, so they cannot disturb real rows. Prefill runs eagerly: its shapes vary too much.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+import torch
+
+from gridserve.model_executor.forward_batch import ForwardBatch, ForwardMode
+
+logger = logging.getLogger(__name__)
+
+
+def capture_batch_sizes(max_bs: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to 256 and every 16 beyond: padding wastes at most 8 (or 16) rows."""
+    sizes = [1, 2, 4, 8, *range(16, 257, 8), *range(272, max_bs + 16, 16)]
+    out = sorted({s for s in sizes if s < max_bs} | {max_bs})
+    return out
+
+
+class CudaGraphRunner:
+    def __init__(self, runner, max_bs: int, capture: bool = True):
+        """capture=False keeps the static buffers and the padding but runs them eagerly (tests on CPU)."""
+        self.runner = runner
+        self.sizes = capture_batch_sizes(max_bs)
+        self.max_bs = max_bs
+        dev = runner.device
+        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.req_pool_indices = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.out_cache_loc = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        runner.attn_backend.init_cuda_graph_state(max_bs, runner.num_heads, runner.head_dim, dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        if capture:
+            self._capture_all()
+
+    def _static_batch(self, bs: int) -> ForwardBatch:
+        return ForwardBatch(
+            forward_mode=ForwardMode.DECODE, batch_size=bs, input_ids=self.input_ids[:bs],
+            positions=self.positions[:bs], req_pool_indices=self.req_pool_indices[:bs], seq_lens=self.seq_lens[:bs],
+            out_cache_loc=self.out_cache_loc[:bs],
+            seq_lens_cpu=[0] * bs,  # not read by graph-capable backends: replays cannot see host values
+        )
+
+    def _capture_all(self) -> None:
+        start = time.perf_counter()
+        pool = None
+        stream = torch.cuda.Stream()  # capture must not run on the legacy default stream
+        # Largest first: the smaller graphs then fit in the memory the largest one reserved in the shared pool.
+        for bs in reversed(self.sizes):
+            fb = self._static_batch(bs)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile Triton kernels, create cuBLAS handles, outside the graph
+                    self.runner.forward_eager(fb)
+                stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    out = self.runner.forward_eager(fb)
+            torch.cuda.current_stream().wait_stream(stream)
+            pool = graph.pool()
+            self.graphs[bs], self.outputs[bs] = graph, out
+        torch.cuda.synchronize()
+        logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s", self._sizes_text(),
+                    time.perf_counter() - start)
+
+    def _sizes_text(self) -> str:
+        s = self.sizes
+        return ", ".join(map(str, s)) if len(s) <= 6 else f"{s[0]}, {s[1]}, {s[2]} ... {s[-1]} ({len(s)} graphs)"
+
+    def can_run(self, fb: ForwardBatch) -> bool:
+        return fb.forward_mode.is_decode() and fb.batch_size <= self.max_bs and not fb.return_all_logits
+
+    def run(self, fb: ForwardBatch) -> torch.Tensor:
+        """Logits of the batch's rows. On CUDA they are a view of the graph's output buffer, valid until the
+        next replay (stream order makes any kernel queued before it see these values)."""
+        bs = fb.batch_size
+        padded = self.sizes[bisect.bisect_left(self.sizes, bs)]
+        self.input_ids[:bs].copy_(fb.input_ids)
+        self.positions[:bs].copy_(fb.positions)
+        self.req_pool_indices[:bs].copy_(fb.req_pool_indices)
+        self.seq_lens[:bs].copy_(fb.seq_lens)
+        self.out_cache_loc[:bs].copy_(fb.out_cache_loc)
+        if padded > bs:  # stale ids and rows of earlier batches are valid indices; lengths and slots are not
+            self.seq_lens[bs:padded].zero_()
+            self.out_cache_loc[bs:padded].zero_()
+        graph = self.graphs.get(padded)
+        if graph is None:
+            return self.runner.forward_eager(self._static_batch(padded))[:bs]
+        graph.replay()
+        return self.outputs[padded][:bs]
