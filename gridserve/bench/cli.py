@@ -1,18 +1,20 @@
-"""`gridserve bench ...`: the benchmark commands (offline, latency; serving later)."""
+"""`gridserve bench ...`: the benchmark commands (offline, latency, serving)."""
 
 import argparse
 import sys
 
 
-def _checked(name: str, validate, run):
-    """A bench command that rejects bad flags with a one-line message before anything loads."""
+def _checked(name: str, validate, run, server_args: bool = True):
+    """A bench command that rejects bad flags with a one-line message before anything loads. `server_args=False`
+    for pure clients (serving), which take no server flags."""
 
     def command(args: argparse.Namespace) -> int:
         from gridserve.server_args import ServerArgs
 
         try:
             validate(args)
-            ServerArgs.from_cli_args(args)
+            if server_args:
+                ServerArgs.from_cli_args(args)
         except ValueError as e:
             print(f"gridserve bench {name}: error: {e}", file=sys.stderr)
             return 2
@@ -23,7 +25,7 @@ def _checked(name: str, validate, run):
 
 def add_bench_parser(subparsers) -> None:
     """Registers `bench` and its sub-commands on the top-level `gridserve` sub-parsers."""
-    from gridserve.bench import latency, offline
+    from gridserve.bench import latency, offline, serving
 
     bench = subparsers.add_parser("bench", help="benchmarks")
     commands = bench.add_subparsers(dest="bench_command", required=True)
@@ -34,3 +36,7 @@ def add_bench_parser(subparsers) -> None:
     p = commands.add_parser("latency", help="batch-1 TTFT and TPOT through the real pipeline")
     latency.add_latency_args(p)
     p.set_defaults(func=_checked("latency", latency.validate_latency_args, latency.run))
+    p = commands.add_parser("serving", help="load test of a running OpenAI-compatible server (gridserve, SGLang, vLLM)",
+                            description="Online serving benchmark, like SGLang's bench_serving.")
+    serving.add_serving_args(p)
+    p.set_defaults(func=_checked("serving", serving.validate_serving_args, serving.run, server_args=False))

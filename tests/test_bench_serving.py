@@ -1,0 +1,162 @@
+"""`gridserve bench serving` against a live `gridserve serve` on the embedded model (real processes, real sockets),
+plus the metric math on hand-made timings and the flag checks."""
+
+import json
+import math
+import subprocess
+from argparse import Namespace
+
+import pytest
+
+from gridserve.bench.datasets import PromptMaker, build_requests, sample_shared_prefix
+from gridserve.bench.serving import RequestOutput, compute_metrics, format_result, parse_rates
+from gridserve.cli import main
+from tests.server_utils import GRIDSERVE, ServerProcess, free_port
+
+LABELS = ("Serving Benchmark Result", "Backend:", "Traffic request rate:", "Max request concurrency:",
+          "Successful requests:", "Benchmark duration (s):", "Total input tokens:", "Total generated tokens:",
+          "Request throughput (req/s):", "Input token throughput (tok/s):", "Output token throughput (tok/s):",
+          "Total token throughput (tok/s):", "Concurrency:", "Mean E2E Latency (ms):", "Median E2E Latency (ms):",
+          "Mean TTFT (ms):", "Median TTFT (ms):", "P99 TTFT (ms):", "Mean TPOT (ms):", "Median TPOT (ms):",
+          "P99 TPOT (ms):", "Mean ITL (ms):", "Median ITL (ms):", "P99 ITL (ms):")
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = ServerProcess()
+    yield s
+    s.stop()
+
+
+def bench(server, tmp_path, *flags: str) -> tuple[int, list[dict]]:
+    out = tmp_path / "results.jsonl"
+    rc = main(["bench", "serving", "--base-url", server.url, "--disable-tqdm", "--output-file", str(out), *flags])
+    return rc, [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+
+
+def assert_sane(r: dict, num: int, output_len: int) -> None:
+    assert (r["completed"], r["failed"], r["errors"]) == (num, 0, [])
+    assert r["total_output_tokens"] == num * output_len  # ignore_eos: every request runs to max_tokens
+    for key in ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "mean_itl_ms",
+                "median_itl_ms", "mean_e2e_latency_ms", "output_throughput", "request_throughput", "concurrency"):
+        assert math.isfinite(r[key]) and r[key] > 0, key
+    assert r["mean_e2e_latency_ms"] >= r["mean_ttft_ms"]
+
+
+def test_random_dataset(server, tmp_path, capsys):
+    rc, results = bench(server, tmp_path, "--num-prompts", "8", "--random-input-len", "32", "--random-output-len",
+                        "8", "--random-range-ratio", "1", "--max-concurrency", "4")
+    out = capsys.readouterr().out
+    assert rc == 0
+    [r] = results
+    assert_sane(r, 8, 8)
+    assert r["total_input_tokens"] == 8 * 32  # token-id prompts: exact input lengths
+    assert r["model"] == "SmolLM2-135M-Instruct" and r["max_concurrency"] == 4 and r["request_rate"] == "inf"
+    assert r["args"]["random_input_len"] == 32
+    for label in LABELS:
+        assert label in out, label
+    print(out)
+
+
+def test_shared_prefix_chat_at_a_request_rate(server, tmp_path):
+    rc, results = bench(server, tmp_path, "--dataset-name", "generated-shared-prefix", "--endpoint", "chat",
+                        "--gsp-num-groups", "2", "--gsp-prompts-per-group", "2", "--gsp-system-prompt-len", "48",
+                        "--gsp-question-len", "8", "--gsp-output-len", "4", "--request-rate", "8",
+                        "--warmup-requests", "0")
+    assert rc == 0
+    [r] = results
+    assert_sane(r, 4, 4)
+    assert r["request_rate"] == 8.0 and r["dataset_name"] == "generated-shared-prefix"
+    assert r["total_input_tokens"] > 4 * (48 + 8)  # words are >= 1 token each, plus the chat template
+
+
+def test_sweep_of_two_rates_plots(server, tmp_path):
+    plot = tmp_path / "sweep.png"
+    try:
+        import matplotlib  # noqa: F401
+
+        flags = ["--plot", str(plot)]
+    except ImportError:
+        flags = []
+    rc, results = bench(server, tmp_path, "--num-prompts", "4", "--random-input-len", "16", "--random-output-len",
+                        "4", "--random-range-ratio", "1", "--sweep-request-rates", "16,inf", "--warmup-requests", "0",
+                        *flags)
+    assert rc == 0
+    assert [r["request_rate"] for r in results] == [16.0, "inf"]
+    for r in results:
+        assert_sane(r, 4, 4)
+    if flags:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--random-input-len", "-1"], "--random-input-len must be >= 1"),
+    (["--random-range-ratio", "1.5"], "--random-range-ratio must be in [0, 1]"),
+    (["--request-rate", "0"], "--request-rate must be > 0"),
+    (["--sweep-request-rates", "1,x"], "--sweep-request-rates: 'x' is not a number"),
+    (["--max-concurrency", "0"], "--max-concurrency must be >= 1"),
+    (["--endpoint", "chat", "--prompt-format", "token-ids"], "--prompt-format token-ids needs"),
+])
+def test_bad_flags_exit_2(flags, message, capsys):
+    assert main(["bench", "serving", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gridserve bench serving: error:") and message in err and "\n" not in err
+
+
+def test_unreachable_server_exits_1():
+    url = f"http://127.0.0.1:{free_port()}"
+    p = subprocess.run([GRIDSERVE, "bench", "serving", "--base-url", url], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert p.stderr.strip() == f"gridserve bench serving: error: cannot reach {url}: All connection attempts failed"
+
+
+def test_metric_math_on_hand_made_timings():
+    outputs = [
+        RequestOutput(True, "", 10, 10, ttft=0.1, latency=1.0, itl=[0.1] * 9),  # TPOT 0.9 / 9 = 100 ms
+        RequestOutput(True, "", 20, 5, ttft=0.3, latency=2.0, itl=[0.2, 0.5, 0.5, 0.5]),  # TPOT 1.7 / 4 = 425 ms
+        RequestOutput(True, "", 30, 1, ttft=0.5, latency=0.5),  # one token: no TPOT
+        RequestOutput(False, "HTTP 500: boom", 40),
+    ]
+    m = compute_metrics(outputs, duration=4.0)
+    assert (m["completed"], m["failed"], m["errors"]) == (3, 1, ["HTTP 500: boom"])
+    assert (m["total_input_tokens"], m["total_output_tokens"]) == (60, 16)
+    assert m["request_throughput"] == pytest.approx(0.75)
+    assert m["output_throughput"] == pytest.approx(4.0) and m["total_throughput"] == pytest.approx(19.0)
+    assert m["concurrency"] == pytest.approx(3.5 / 4)  # summed E2E over the duration
+    assert m["mean_ttft_ms"] == pytest.approx(300) and m["median_ttft_ms"] == pytest.approx(300)
+    assert m["p99_ttft_ms"] == pytest.approx(100 + 0.99 * 400)  # linear interpolation between order statistics
+    assert m["std_ttft_ms"] == pytest.approx(math.sqrt((200**2 + 0 + 200**2) / 3))
+    assert m["mean_tpot_ms"] == pytest.approx(262.5) and m["median_tpot_ms"] == pytest.approx(262.5)
+    assert m["max_tpot_ms"] == pytest.approx(425)
+    assert m["mean_itl_ms"] == pytest.approx(1000 * (0.9 + 1.7) / 13) and m["median_itl_ms"] == pytest.approx(100)
+    assert m["max_itl_ms"] == pytest.approx(500)
+    assert m["median_e2e_latency_ms"] == pytest.approx(1000) and m["p90_e2e_latency_ms"] == pytest.approx(1800)
+    block = format_result(m, "gridserve", math.inf, None)
+    assert "Median TPOT (ms):                        262.50" in block
+    assert "Traffic request rate:                    inf" in block and "not set" in block
+    empty = compute_metrics([RequestOutput(False, "x")], duration=1.0)
+    assert empty["completed"] == 0 and empty["mean_ttft_ms"] == 0.0  # SGLang reports 0, not nan
+
+
+def test_parse_rates():
+    assert parse_rates("1, 2.5,inf") == [1.0, 2.5, math.inf]
+    with pytest.raises(ValueError, match="must be > 0"):
+        parse_rates("1,-2")
+
+
+def test_datasets_lengths_and_shared_prefixes():
+    args = Namespace(dataset_name="random", endpoint="completions", prompt_format="auto", seed=3, num_prompts=50,
+                     random_input_len=40, random_output_len=20, random_range_ratio=0.5)
+    reqs = build_requests(args)
+    assert all(isinstance(r.prompt, list) and len(r.prompt) == r.prompt_len for r in reqs)
+    assert all(20 <= r.prompt_len <= 40 and 10 <= r.output_len <= 20 for r in reqs)
+    assert reqs == build_requests(args)  # seeded
+    args.endpoint = "chat"
+    assert all(isinstance(r.prompt, str) and len(r.prompt.split()) == r.prompt_len for r in build_requests(args))
+
+    import random
+
+    reqs = sample_shared_prefix(PromptMaker(random.Random(0), as_ids=True), 3, 4, 16, 5, 7)
+    assert len(reqs) == 12 and all(r.prompt_len == 21 and r.output_len == 7 for r in reqs)
+    assert len({tuple(r.prompt[:16]) for r in reqs}) == 3  # three shared system prompts
+    assert len({tuple(r.prompt) for r in reqs}) == 12
