@@ -46,8 +46,18 @@ def test_offline_with_transformers(tiny_llama, tmp_path, capsys):
         assert r["wall_s"] > 0 and r["output_tok_s"] > 0 and r["total_tok_s"] > r["output_tok_s"]
     for key in ("device", "torch_version", "transformers_version", "date", "git_commit", "dtype"):
         assert key in report
+    floor = report["floor"]
+    assert floor["rates"]["mem_bw"] > 0 and floor["rates"]["matmul_flops"] > 0
+    assert floor["memory_s"] > 0 and floor["compute_s"] > 0
+    assert floor["floor_s"] == pytest.approx(floor["memory_s"] + floor["compute_s"])
+    assert floor["output_tokens"] == want.output_tokens and floor["output_tok_s"] > 0
+    assert floor["decode_steps"] == max(want.output_lens) - 1  # 4 prompts fit the CPU default of 256 running
+    assert set(floor["achieved_fraction"]) == set(report["results"])
+    assert 0 < floor["achieved_fraction"]["gridserve"] <= 1  # nothing beats its floor
     printed = capsys.readouterr().out
     assert "transformers_padded" in printed and "output tok/s" in printed
+    assert "of floor" in printed and "GB/s memory" in printed and "TFLOP/s" in printed
+    assert "floor " in printed and "output tok/s, " in printed and "total tok/s" in printed
 
 
 def test_workload_is_reproducible():

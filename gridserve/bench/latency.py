@@ -1,14 +1,17 @@
 """`gridserve bench latency`: batch-1 time to first token (TTFT) and time per output token (TPOT), measured
-on streamed outputs of the real pipeline (scheduler and detokenizer processes)."""
+on streamed outputs of the real pipeline (scheduler and detokenizer processes). Unless `--no-floor`, the device
+is measured and the batch-1 floors (gridserve/bench/roofline.py) are printed with the fraction achieved."""
 
 import argparse
 import json
 import statistics
 import time
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
 
+from gridserve.bench.roofline import ABOVE_FLOOR_NOTE, latency_floor, measure_for
 from gridserve.server_args import ServerArgs
 
 
@@ -18,6 +21,8 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-runs", type=int, default=5, help="timed runs after one warm-up run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None)
+    p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the device and report the TTFT / TPOT floors (--no-floor skips it, ~1 s)")
     ServerArgs.add_cli_args(p)
 
 
@@ -42,6 +47,27 @@ def one_run(engine, input_ids: list[int], output_len: int) -> tuple[float, float
     if n != output_len:
         raise RuntimeError(f"expected {output_len} output tokens, got {n}")
     return first - start, (last - first) / (output_len - 1)
+
+
+def report_floor(args: argparse.Namespace, server_args: ServerArgs, result: dict) -> dict:
+    """Measures the device, prints the batch-1 floors and the fraction achieved; returns them for the JSON."""
+    from gridserve.model_executor.model_runner import resolve_device
+    from gridserve.model_loader.loader import load_model_config, resolve_dtype, resolve_model_path
+
+    cfg = load_model_config(resolve_model_path(server_args.model_path))
+    device = resolve_device(server_args.device, server_args.base_gpu_id)
+    cost, rates = measure_for(cfg, resolve_dtype(server_args.dtype, cfg), device, server_args.tp_size)
+    floor = latency_floor(cost, args.input_len, args.output_len, rates)
+    ttft_ms, tpot_ms = floor.ttft_s * 1e3, floor.tpot_s * 1e3
+    ttft_frac, tpot_frac = ttft_ms / result["ttft_ms_median"], tpot_ms / result["tpot_ms_median"]
+    print(f"floor on {rates.device}: {rates.describe()}")
+    print(f"  TTFT floor {ttft_ms:.3f} ms (achieved {ttft_frac:.1%}), TPOT floor {tpot_ms:.3f} ms "
+          f"(achieved {tpot_frac:.1%}): {floor.weight_bytes / 1e9:.3f} GB weights + {floor.kv_bytes / 1e6:.2f} MB "
+          "KV read per decode step")
+    if max(ttft_frac, tpot_frac) > 1:
+        print(ABOVE_FLOOR_NOTE)
+    return {"rates": asdict(rates), "ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "weight_bytes": floor.weight_bytes,
+            "kv_bytes_per_step": floor.kv_bytes, "ttft_fraction": ttft_frac, "tpot_fraction": tpot_frac}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"batch 1, input {args.input_len}, output {args.output_len}, {args.num_runs} runs")
     print(f"  TTFT median {result['ttft_ms_median']:.2f} ms (mean {result['ttft_ms_mean']:.2f})")
     print(f"  TPOT median {result['tpot_ms_median']:.3f} ms (mean {result['tpot_ms_mean']:.3f})")
+    if args.floor:  # measured after shutdown, so the engine's processes do not compete for the device
+        result["floor"] = report_floor(args, server_args, result)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)

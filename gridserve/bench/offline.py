@@ -3,7 +3,8 @@
 The default workload is nano-vllm's: 256 prompts of random token ids, prompt and output lengths each uniform
 in [100, 1024], seed 0, ignore_eos, temperature 0.6. All prompts are submitted at once so the scheduler batches
 them continuously. `--compare-transformers` runs Hugging Face `generate` on the same prompts and weights,
-one prompt at a time and as one left-padded batch.
+one prompt at a time and as one left-padded batch. Unless `--no-floor`, the device's bandwidth and matmul rate
+are measured and the workload's floor (gridserve/bench/roofline.py) is printed with the fraction each system achieved.
 """
 
 import argparse
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+from gridserve.bench.roofline import ABOVE_FLOOR_NOTE, DeviceRates, OfflineFloor, measure_for, offline_floor
 from gridserve.server_args import ServerArgs
 
 # Prompt ids are drawn from [0, min(vocab_size, MAX_TOKEN_ID)): the low ids of every supported tokenizer are
@@ -78,6 +80,8 @@ def add_offline_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--plot", metavar="PATH", help="bar chart of output tok/s per system (PNG; needs matplotlib)")
     g.add_argument("--compare-transformers", action="store_true",
                    help="also run Hugging Face transformers generate (batch 1, and one padded batch)")
+    g.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the device and report the workload's floor (--no-floor skips it, ~1 s)")
     ServerArgs.add_cli_args(parser)
 
 
@@ -206,14 +210,25 @@ def run_transformers(model, workload: Workload, temperature: float, seed: int, p
     return Result(system, wall, workload.prompt_tokens, workload.output_tokens)
 
 
-def print_results(results: list[Result]) -> None:
+def print_results(results: list[Result], floor: OfflineFloor | None = None) -> None:
     base = results[0]
     print(f"{'system':<22}{'prompt tok':>12}{'output tok':>12}{'wall s':>10}"
-          f"{'output tok/s':>14}{'total tok/s':>13}{'gridserve speed-up':>20}")
+          f"{'output tok/s':>14}{'total tok/s':>13}{'gridserve speed-up':>20}" + (f"{'of floor':>10}" if floor else ""))
     for r in results:
         speedup = f"{base.output_tok_s / r.output_tok_s:.2f}x" if r is not base else ""
         print(f"{r.system:<22}{r.prompt_tokens:>12}{r.output_tokens:>12}{r.wall_s:>10.2f}"
-              f"{r.output_tok_s:>14.1f}{r.total_tok_s:>13.1f}{speedup:>20}")
+              f"{r.output_tok_s:>14.1f}{r.total_tok_s:>13.1f}{speedup:>20}"
+              + (f"{floor.fraction(r.wall_s):>10.1%}" if floor else ""))
+
+
+def print_floor(floor: OfflineFloor, rates: DeviceRates, max_running: int, results: list[Result]) -> None:
+    print(f"floor on {rates.device}: {rates.describe()}")
+    print(f"  memory {floor.memory_s:.3f} s ({floor.decode_steps} decode steps at <= {max_running} running + "
+          f"{floor.prefill_steps} prefill steps: {floor.weight_bytes / 1e9:.1f} GB weights, "
+          f"{floor.kv_bytes / 1e9:.1f} GB KV) + compute {floor.compute_s:.3f} s ({floor.flops / 1e12:.2f} TFLOP)")
+    print(f"  floor {floor.floor_s:.3f} s: {floor.output_tok_s:.1f} output tok/s, {floor.total_tok_s:.1f} total tok/s")
+    if any(floor.fraction(r.wall_s) > 1 for r in results):
+        print(ABOVE_FLOOR_NOTE)
 
 
 def _git_commit() -> str | None:
@@ -226,7 +241,7 @@ def _git_commit() -> str | None:
 
 
 def build_report(args: argparse.Namespace, workload: Workload, model_path: str, dtype: torch.dtype,
-                 device: torch.device, results: list[Result]) -> dict:
+                 device: torch.device, results: list[Result], floor: dict | None = None) -> dict:
     keys = ("num_prompts", "min_input_len", "max_input_len", "min_output_len", "max_output_len", "seed",
             "temperature")
     report = {
@@ -242,6 +257,8 @@ def build_report(args: argparse.Namespace, workload: Workload, model_path: str, 
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "results": {r.system: r.as_dict() for r in results},
     }
+    if floor is not None:
+        report["floor"] = floor
     if len(results) > 1:
         import transformers
 
@@ -260,6 +277,12 @@ def plot(report: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bars = ax.bar(names, values, color=["tab:blue"] + ["tab:gray"] * (len(names) - 1))
     ax.bar_label(bars, fmt="%.1f")
+    if "floor" in report:
+        top = report["floor"]["output_tok_s"]
+        ax.axhline(top, color="tab:red", linestyle="--", label=f"floor {top:.1f}")
+        ax.legend(loc="upper right")
+        if top > 20 * max(values):  # keep the bars readable when they are far below the floor
+            ax.set_yscale("log")
     ax.set_ylabel("output tokens / s")
     ax.set_title(f"offline, {report['workload']['num_prompts']} prompts, {report['device']}")
     fig.tight_layout()
@@ -277,7 +300,8 @@ def run(args: argparse.Namespace) -> int:
     path = resolve_model_path(server_args.model_path)
     cfg = load_model_config(path)
     engine = Engine(**vars(server_args))
-    dtype, device = resolve_dtype(server_args.dtype, cfg), resolve_device(server_args.device)
+    dtype, device = resolve_dtype(server_args.dtype, cfg), resolve_device(server_args.device, server_args.base_gpu_id)
+    max_running = engine.scheduler_info["max_running_requests"]
     workload = make_workload(args.num_prompts, (args.min_input_len, args.max_input_len),
                              (args.min_output_len, args.max_output_len), cfg.vocab_size, args.seed)
     try:
@@ -286,6 +310,12 @@ def run(args: argparse.Namespace) -> int:
         engine.shutdown()
     del engine  # frees the KV cache before transformers loads its copy of the weights
     gc.collect()
+    floor = floor_report = None
+    if args.floor:  # measured now: the engine's processes are gone and transformers is not loaded yet
+        cost, rates = measure_for(cfg, dtype, device, server_args.tp_size)
+        chunk = server_args.chunked_prefill_size if server_args.chunked_prefill_size > 0 else 1 << 62
+        floor = offline_floor(cost, [len(p) for p in workload.prompts], workload.output_lens, rates, max_running,
+                              min(server_args.max_prefill_tokens, chunk))
     if args.compare_transformers:
         model = load_hf_model(path, dtype, device)
         pad_id = cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
@@ -294,8 +324,12 @@ def run(args: argparse.Namespace) -> int:
                                             cfg.eos_token_ids))
     print(f"requests: {len(workload.prompts)}, prompt tokens: {workload.prompt_tokens}, "
           f"output tokens: {workload.output_tokens}")
-    print_results(results)
-    report = build_report(args, workload, path, dtype, device, results)
+    print_results(results, floor)
+    if floor is not None:
+        print_floor(floor, rates, max_running, results)
+        floor_report = {"rates": asdict(rates), "max_running_requests": max_running, **floor.as_dict(),
+                        "achieved_fraction": {r.system: floor.fraction(r.wall_s) for r in results}}
+    report = build_report(args, workload, path, dtype, device, results, floor_report)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(report, f, indent=2)

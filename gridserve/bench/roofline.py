@@ -1,0 +1,257 @@
+"""The floor ("roofline") that `bench offline` and `bench latency` compare their results with.
+
+Model, for a dense decoder run by an engine with continuous batching (first output token made by the prefill):
+- Rates are measured on the device: memory bandwidth from a large device-to-device copy (bytes read + written),
+  and the dense matmul rate in the model dtype. With --tp-size n they are multiplied by n (an ideal split).
+- A forward step reads every weight once: all linear weights, the LM head, norms and biases; the embedding
+  lookup reads only a few rows, so an untied embedding table is not counted.
+- FLOPs per token: 2 * linear params (the LM head only for the last prompt token: prefill logits are computed
+  for it alone) + attention 4 * layers * heads * head_dim * context (QK^T and PV).
+- Every decode token reads its whole context's KV (prompt + tokens so far); KV writes (one per token) and
+  activations are left out.
+- Decode steps: a greedy schedule of the output lengths over at most max_running_requests slots (sequences are
+  taken in order, each holds a slot for output_len - 1 steps), i.e. max(output_len) - 1 when all fit; KV
+  capacity and the prefill/decode interleaving are ignored. Prefill steps: ceil(prompt tokens / prefill budget).
+- Offline floor = memory time (weights per step + KV reads, over bandwidth) + compute time (all FLOPs over the
+  matmul rate). The sum is what the requirement asks for; max() of the two would be the strict roofline, so
+  both terms are reported separately.
+- Latency floor at batch 1: TPOT = (weights + KV of the mean decode context) / bandwidth; TTFT = prefill FLOPs
+  / matmul rate + one weight read / bandwidth.
+"""
+
+import heapq
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from gridserve.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    mem_bw: float  # bytes / s, read + written
+    matmul_flops: float  # FLOP / s, dense matmul in `dtype`
+    device: str = ""
+    dtype: str = ""
+
+    def scaled(self, n: int) -> "DeviceRates":
+        """n identical devices splitting the work perfectly (tensor parallelism, as a floor)."""
+        return DeviceRates(self.mem_bw * n, self.matmul_flops * n, f"{n} x {self.device}" if n > 1 else self.device,
+                           self.dtype)
+
+    def describe(self) -> str:
+        return f"{self.mem_bw / 1e9:.1f} GB/s memory, {self.matmul_flops / 1e12:.3f} TFLOP/s {self.dtype} matmul"
+
+
+# printed when a result beats its floor: the rates must have been measured low
+ABOVE_FLOOR_NOTE = "  note: above 100% of the floor means the device measured slower than it ran (a busy machine?)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type != "cpu" and hasattr(getattr(torch, device.type, None), "synchronize"):
+        getattr(torch, device.type).synchronize()  # mps, xpu, ...: kernels run asynchronously there too
+
+
+def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":  # events time the kernel itself, not the launch
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
+    """Bytes read + written per second by a device-to-device copy of `nbytes` random bytes."""
+    src = torch.rand(nbytes // 4, device=device)  # random, so no compression/zero shortcut helps
+    dst = torch.empty_like(src)
+    t = _median_seconds(lambda: dst.copy_(src), device, repeats)
+    return 2 * src.nbytes / t
+
+
+def measure_matmul(device: torch.device, dtype: torch.dtype, n: int | None, repeats: int,
+                   target_s: float = 0.05) -> tuple[float, int]:
+    """(FLOP/s, n) of an n x n x n matmul; n=None sizes it so one matmul takes about `target_s` (CPU)."""
+    if n is None:
+        # CPU rates differ 100x between dtypes (no bf16 units): time one 512^3, then scale n to the target. Not
+        # below 256: smaller ones measure thread start-up, not the rate (50x low on a busy 2-core machine)
+        probe = 512
+        x = torch.randn(probe, probe, dtype=dtype, device=device)
+        t = _median_seconds(lambda: x @ x, device, 1, warmup=1)
+        n = min(max(int(probe * (target_s / max(t, 1e-9)) ** (1 / 3)) // 64 * 64, 256), 2048)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    out = torch.empty(n, n, dtype=dtype, device=device)
+    t = _median_seconds(lambda: torch.matmul(a, b, out=out), device, repeats)
+    return 2 * n**3 / t, n
+
+
+def measure_device(device: torch.device | str, dtype: torch.dtype | None = None) -> DeviceRates:
+    """Measured bandwidth and matmul rate: about 0.1 s on an H100, under 1 s on a CPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    gpu = device.type == "cuda"
+    dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
+    if gpu:
+        with torch.cuda.device(device):
+            bw = measure_bandwidth(device, 1 << 30, repeats=10)  # 1 GiB: far beyond L2
+            flops, _ = measure_matmul(device, dtype, 8192, repeats=10)
+            torch.cuda.empty_cache()
+        name = torch.cuda.get_device_name(device)
+    else:
+        bw = measure_bandwidth(device, 64 << 20, repeats=5)  # 64 MiB: beyond the last-level cache
+        flops, _ = measure_matmul(device, dtype, None, repeats=5)
+        name = str(device)
+    return DeviceRates(bw, flops, name, str(dtype).removeprefix("torch."))
+
+
+def measure_for(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                tp_size: int = 1) -> tuple["ModelCost", DeviceRates]:
+    """The model's costs in `dtype` and the device's measured rates, times tp_size (the bench commands' helper)."""
+    return ModelCost.from_config(cfg, dtype.itemsize), measure_device(device, dtype).scaled(tp_size)
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Per-step bytes and per-token FLOPs of a dense decoder, from its shapes."""
+
+    linear_params: int  # q, k, v, o, gate, up, down of every layer + the LM head
+    lm_head_params: int
+    other_params: int  # norms and biases: read every step, no matmul FLOPs
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    kv_bytes_per_token: int
+    dtype_bytes: int
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, dtype_bytes: int) -> "ModelCost":
+        h, d, layers = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
+        q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+        attn = h * (q + 2 * kv) + q * h
+        mlp = 3 * h * cfg.intermediate_size
+        lm_head = cfg.vocab_size * h
+        norms = 2 * h + (2 * d if cfg.qk_norm else 0)
+        bias = q + 2 * kv if cfg.attention_bias else 0
+        return cls(linear_params=layers * (attn + mlp) + lm_head, lm_head_params=lm_head,
+                   other_params=layers * (norms + bias) + h, num_layers=layers, num_heads=cfg.num_attention_heads,
+                   head_dim=d, kv_bytes_per_token=2 * layers * kv * dtype_bytes, dtype_bytes=dtype_bytes)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes one forward step reads (tied or not, the LM head is read once; embedding rows are negligible)."""
+        return (self.linear_params + self.other_params) * self.dtype_bytes
+
+    def attention_flops(self, keys: int) -> int:
+        """QK^T and PV for one query token attending to `keys` tokens, all layers."""
+        return 4 * self.num_layers * self.num_heads * self.head_dim * keys
+
+    def prefill_flops(self, prompt_len: int) -> int:
+        """One request's prefill: causal attention, logits for the last token only."""
+        body = 2 * (self.linear_params - self.lm_head_params) * prompt_len + 2 * self.lm_head_params
+        return body + self.attention_flops(prompt_len * (prompt_len + 1) // 2)
+
+    def decode_flops(self, prompt_len: int, steps: int) -> int:
+        """`steps` decode tokens after a prompt: step k attends to prompt_len + k keys."""
+        return 2 * self.linear_params * steps + self.attention_flops(_context_sum(prompt_len, steps))
+
+    def decode_kv_bytes(self, prompt_len: int, steps: int) -> int:
+        return self.kv_bytes_per_token * _context_sum(prompt_len, steps)
+
+
+def _context_sum(prompt_len: int, steps: int) -> int:
+    """sum over k = 1..steps of (prompt_len + k)."""
+    return steps * prompt_len + steps * (steps + 1) // 2
+
+
+def decode_steps(output_lens: Sequence[int], max_running_requests: int) -> int:
+    """Decode forward passes of a greedy continuous-batching schedule: each sequence, in order, takes the first
+    free slot and holds it for output_len - 1 steps (the prefill makes its first token)."""
+    free_at = [0] * max(1, min(max_running_requests, len(output_lens)))
+    end = 0
+    for n in output_lens:
+        if n > 1:
+            finish = heapq.heappop(free_at) + n - 1
+            heapq.heappush(free_at, finish)
+            end = max(end, finish)
+    return end
+
+
+@dataclass(frozen=True)
+class OfflineFloor:
+    decode_steps: int
+    prefill_steps: int
+    weight_bytes: int  # weights read, all steps
+    kv_bytes: int  # KV read by decode tokens
+    flops: int
+    memory_s: float
+    compute_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+    @property
+    def floor_s(self) -> float:
+        return self.memory_s + self.compute_s
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.output_tokens / self.floor_s
+
+    @property
+    def total_tok_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.floor_s
+
+    def fraction(self, wall_s: float) -> float:
+        """Share of the floor achieved: floor time / measured time (1.0 = at the floor)."""
+        return self.floor_s / wall_s
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "floor_s": self.floor_s, "output_tok_s": self.output_tok_s,
+                "total_tok_s": self.total_tok_s}
+
+
+def offline_floor(cost: ModelCost, prompt_lens: Sequence[int], output_lens: Sequence[int], rates: DeviceRates,
+                  max_running_requests: int, prefill_tokens_per_step: int) -> OfflineFloor:
+    d_steps = decode_steps(output_lens, max_running_requests)
+    p_steps = math.ceil(sum(prompt_lens) / prefill_tokens_per_step)
+    weight_bytes = (d_steps + p_steps) * cost.weight_bytes
+    kv = flops = 0
+    for p, n in zip(prompt_lens, output_lens, strict=True):
+        kv += cost.decode_kv_bytes(p, n - 1)
+        flops += cost.prefill_flops(p) + cost.decode_flops(p, n - 1)
+    return OfflineFloor(d_steps, p_steps, weight_bytes, kv, flops, (weight_bytes + kv) / rates.mem_bw,
+                        flops / rates.matmul_flops, sum(prompt_lens), sum(output_lens))
+
+
+@dataclass(frozen=True)
+class LatencyFloor:
+    tpot_s: float
+    ttft_s: float
+    weight_bytes: int  # per step
+    kv_bytes: float  # per decode step, at the mean context
+
+
+def latency_floor(cost: ModelCost, input_len: int, output_len: int, rates: DeviceRates) -> LatencyFloor:
+    # decode step k = 1..output_len-1 reads input_len + k tokens of KV: the mean is input_len + output_len / 2
+    kv = cost.kv_bytes_per_token * (input_len + output_len / 2)
+    tpot = (cost.weight_bytes + kv) / rates.mem_bw
+    ttft = cost.prefill_flops(input_len) / rates.matmul_flops + cost.weight_bytes / rates.mem_bw
+    return LatencyFloor(tpot, ttft, cost.weight_bytes, kv)
