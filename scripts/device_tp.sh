@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv
 git log -1 --format=%h 2>/dev/null || true
 TPS=${1:-"1 2"}
 for tp in $TPS; do
-  [ "$tp" -gt 1 ] && python3 scripts/tp_agreement.py $M --tp $tp --output-json $OUT/agreement_tp$tp.json 2>&1 \
+  [ "$tp" -gt 1 ] && python3 scripts/greedy_agreement.py $M --baseline tp_size=1 --candidate tp_size=$tp --output-json $OUT/agreement_tp$tp.json 2>&1 \
     | grep -v Warning
 done
 for tp in $TPS; do

