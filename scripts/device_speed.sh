@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: issue 6's checks and benchmarks on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: check latency offline serving startup hf; default all but hf)
+#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving startup hf; default all but hf)
 # Run from the repo root with .whl carried (see ../shared/device/wheels.sh). Results land in $OUT.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
@@ -13,9 +13,13 @@ GS="python3 -m gridserve.cli"
 STEPS=${1:-"check latency offline serving startup"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 has() { [[ " $STEPS " == *" $1 "* ]]; }
+if has kernels; then  # the Triton kernels on the GPU against their references
+  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py \
+    tests/test_triton_decode_attention.py tests/test_triton_extend_attention.py 2>&1 | tail -3
+fi
 if has check; then  # eager normal loop vs CUDA graphs + overlap loop (the defaults)
   python3 scripts/greedy_agreement.py $Q --baseline disable_cuda_graph=true disable_overlap_schedule=true \
-    --num-prompts 24 --output-json $OUT/agreement_graph.json 2>&1 | grep -v Warning | tail -12
+    --num-prompts 24 --output-json $OUT/agreement_graph.json > $OUT/agreement_graph.log 2>&1; tail -12 $OUT/agreement_graph.log
 fi
 if has latency; then
   for m in Q L; do
@@ -49,4 +53,12 @@ fi
 if has hf; then
   $GS bench offline $Q --compare-transformers --num-prompts 64 --no-floor --no-show-progress \
     --output-json $OUT/offline_hf.json 2>&1 | tee $OUT/offline_hf.log | grep -vE "Warning|warn\(" | tail -8
+fi
+if has profile; then  # host time per decode step, in-process (scripts/profile_scheduler.py)
+  for m in Q L; do for mode in "" "--disable-overlap-schedule"; do
+    python3 scripts/profile_scheduler.py ${!m} $mode --batch-size 1 --no-show-progress --top 25 --kernels 2>&1 \
+      | grep -v Warning > $OUT/profile_${m}${mode:+_normal}.txt; head -1 $OUT/profile_${m}${mode:+_normal}.txt
+  done; done
+  python3 scripts/profile_scheduler.py $Q --batch-size 64 --no-show-progress --top 25 2>&1 | grep -v Warning \
+    > $OUT/profile_Q_bs64.txt; head -1 $OUT/profile_Q_bs64.txt
 fi

@@ -23,7 +23,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 def greedy(args, overrides: dict, prompts: list[list[int]]) -> list[list[int]]:
     engine = Engine(model_path=args.model, load_format=args.load_format, tokenizer_path=args.tokenizer_path,
-                    context_length=4096, log_level="warning", show_progress=False, **overrides)
+                    context_length=args.context_length, log_level="warning", show_progress=False, **overrides)
     try:
         outs = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "ignore_eos": True,
                                                                      "max_new_tokens": args.output_len})
@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--load-format", default="auto")
     p.add_argument("--tokenizer-path", default=None)
+    p.add_argument("--context-length", type=int, default=4096)
     p.add_argument("--baseline", nargs="*", default=[], help="ServerArgs overrides, key=value")
     p.add_argument("--candidate", nargs="*", default=[], help="ServerArgs overrides, key=value")
     p.add_argument("--num-prompts", type=int, default=16)

@@ -68,7 +68,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: (N, Hq, D), k: (N, Hk, D); returns both rotated, in their dtype."""
+        """q: (N, Hq, D), k: (N, Hk, D); returns both rotated, in their dtype (in place on CUDA)."""
+        if q.is_cuda:
+            from gridserve.layers.fused_ops import rotary_embedding_
+
+            return rotary_embedding_(positions, q, k, self.inv_freq, self.attention_scaling)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         cos = (emb.cos() * self.attention_scaling).to(q.dtype)

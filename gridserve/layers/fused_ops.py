@@ -1,0 +1,118 @@
+"""Triton kernels that fuse the elementwise work around the matmuls: RMSNorm (with the residual add), rotary
+embedding and SiLU-and-mul.
+
+Written in plain PyTorch these are 5-20 kernels each; a decode step of a 28-layer model launched ~2,000
+kernels of 1-2 us, which cost more than its matmuls (profile in docs/benchmarks.md). Each function here is one
+kernel. The layers call them for CUDA tensors and keep the PyTorch code as the reference (CPU, tests); the
+kernels also run on CPU under TRITON_INTERPRET=1, which is how CI checks them.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rmsnorm_kernel(X, R, W, Y, RO, stride_xt, stride_xh, stride_r, stride_y, stride_ro, H, N, eps,
+                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # one row = one (token, head); heads = 1 for hidden-size norms
+    t, h = row // H, row % H
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(X + t * stride_xt + h * stride_xh + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        # round the sum to the activation dtype first, as the unfused `x + residual` does
+        x = (x.to(tl.float32) + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(RO.dtype.element_ty)
+        tl.store(RO + row * stride_ro + cols, x, mask=mask)
+    x = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(x * x, 0) / N + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (x * inv * w).to(Y.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm over the last dim of x (..., N); x may be a strided (tokens, heads, N) view. With residual,
+    returns (norm(x + residual), x + residual), else norm(x)."""
+    n = x.shape[-1]
+    x3 = x.reshape(-1, 1, n) if x.dim() == 2 else x
+    if x3.dim() != 3 or x3.stride(-1) != 1:
+        x3 = x.reshape(-1, 1, n).contiguous()
+    tokens, heads = x3.shape[0], x3.shape[1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    res_out = r = None
+    if residual is not None:
+        r = residual.reshape(-1, n)
+        if r.stride(-1) != 1 or r.stride(0) != n:
+            r = r.contiguous()
+        res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rows = tokens * heads
+    if rows:
+        _rmsnorm_kernel[(rows,)](
+            x3, r if r is not None else x3, weight, y, res_out if res_out is not None else y,
+            x3.stride(0), x3.stride(1), n, n, n, heads, n, eps,
+            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n))
+    return y if residual is None else (y, res_out)
+
+
+@triton.jit
+def _rope_rows(base, cos, sin, offs, mask, HALF: tl.constexpr):
+    x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(base + offs, (x1 * cos - x2 * sin).to(base.dtype.element_ty), mask=mask)
+    tl.store(base + HALF + offs, (x2 * cos + x1 * sin).to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(Q, K, Pos, InvFreq, stride_qt, stride_qh, stride_kt, stride_kh, HQ, scaling,
+                 HALF: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < HALF
+    f = tl.load(Pos + t).to(tl.float32) * tl.load(InvFreq + offs, mask=mask, other=0.0)
+    cos = tl.cos(f) * scaling
+    sin = tl.sin(f) * scaling
+    if h < HQ:
+        _rope_rows(Q + t * stride_qt + h * stride_qh, cos, sin, offs, mask, HALF)
+    else:
+        _rope_rows(K + t * stride_kt + (h - HQ) * stride_kh, cos, sin, offs, mask, HALF)
+
+
+def rotary_embedding_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor,
+                      scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary embedding applied in place to q (N, Hq, D) and k (N, Hk, D); returns them."""
+    n, hq, d = q.shape
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("q and k must be contiguous in their last dimension")
+    if n:
+        _rope_kernel[(n, hq + k.shape[1])](
+            q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1), hq, float(scaling),
+            HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2))
+    return q, k
+
+
+@triton.jit
+def _silu_and_mul_kernel(X, Y, stride_x, stride_y, N, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    gate = tl.load(X + t * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(X + t * stride_x + N + cols, mask=mask, other=0.0).to(tl.float32)
+    # silu rounds to the activation dtype before the product, as F.silu(gate) * up does
+    act = (gate / (1.0 + tl.exp(-gate))).to(Y.dtype.element_ty).to(tl.float32)
+    tl.store(Y + t * stride_y + cols, (act * up).to(Y.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x = [gate | up] along the last dim (tokens, 2I); returns silu(gate) * up (tokens, I)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n = x2.shape[1] // 2
+    y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    block = min(1024, triton.next_power_of_2(n))
+    if x2.shape[0]:
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, y, x2.stride(0), y.stride(0), n,
+                                                                   BLOCK=block)
+    return y.view(*x.shape[:-1], n)

@@ -1,0 +1,87 @@
+"""The fused Triton kernels (RMSNorm + residual, rotary, SiLU-and-mul) against the layers' PyTorch code, on CPU
+under TRITON_INTERPRET=1 (on a GPU machine without it, on CUDA)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from gridserve.layers.activation import SiluAndMul  # noqa: E402
+from gridserve.layers.fused_ops import rms_norm, rotary_embedding_, silu_and_mul  # noqa: E402
+from gridserve.layers.norm import RMSNorm  # noqa: E402
+from gridserve.layers.rotary import RotaryEmbedding  # noqa: E402
+
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def rand(*shape, dtype):
+    return torch.randn(*shape, dtype=torch.float32).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,n", [(1, 64), (5, 24), (3, 130)])  # non-powers of two exercise the masks
+def test_rms_norm_with_and_without_residual(dtype, tokens, n):
+    norm = RMSNorm(n, eps=1e-6)
+    norm.weight.data = torch.rand(n) + 0.5
+    x, res = rand(tokens, n, dtype=dtype), rand(tokens, n, dtype=dtype)
+    w = norm.weight.to(dtype).to(DEVICE)
+    ref_norm = norm.to(dtype)
+    want = ref_norm(x.cpu())
+    torch.testing.assert_close(rms_norm(x, w, 1e-6).cpu(), want, **TOL[dtype])
+    want_y, want_sum = ref_norm(x.cpu(), res.cpu())
+    y, s = rms_norm(x, w, 1e-6, res)
+    torch.testing.assert_close(s.cpu(), want_sum, **TOL[dtype])
+    torch.testing.assert_close(y.cpu(), want_y, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_per_head_on_a_strided_view(dtype):
+    """q/k norm: (tokens, heads, head_dim) slices of the fused qkv output, not contiguous."""
+    tokens, hq, hk, d = 4, 4, 2, 32
+    qkv = rand(tokens, (hq + 2 * hk) * d, dtype=dtype)
+    q = qkv[:, : hq * d].reshape(tokens, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].reshape(tokens, hk, d)
+    assert not q.is_contiguous()
+    norm = RMSNorm(d, eps=1e-6).to(dtype)
+    norm.weight.data = (torch.rand(d) + 0.5).to(dtype)
+    w = norm.weight.to(DEVICE)
+    for t in (q, k):
+        torch.testing.assert_close(rms_norm(t, w, 1e-6).cpu(), norm(t.cpu().contiguous()), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "yarn", "factor": 4.0,
+                                            "original_max_position_embeddings": 256}])
+def test_rotary_in_place_matches_reference(dtype, scaling):
+    tokens, hq, hk, d = 6, 4, 2, 64
+    rope = RotaryEmbedding(d, 10000.0, 1024, scaling)
+    qkv = rand(tokens, (hq + 2 * hk) * d, dtype=dtype)
+    q = qkv[:, : hq * d].reshape(tokens, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].reshape(tokens, hk, d)
+    v_before = qkv[:, (hq + hk) * d :].clone()
+    positions = torch.tensor([0, 1, 7, 100, 511, 1000], device=DEVICE)
+    want_q, want_k = rope(positions.cpu(), q.cpu().contiguous(), k.cpu().contiguous())
+    got_q, got_k = rotary_embedding_(positions, q, k, rope.inv_freq.to(DEVICE), rope.attention_scaling)
+    assert got_q.data_ptr() == q.data_ptr()  # in place
+    torch.testing.assert_close(got_q.cpu(), want_q, **TOL[dtype])
+    torch.testing.assert_close(got_k.cpu(), want_k, **TOL[dtype])
+    assert torch.equal(qkv[:, (hq + hk) * d :], v_before)  # v, beside q and k in the same buffer, untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,inter", [(1, 64), (3, 96), (2, 1500)])  # 1500 spans two column blocks
+def test_silu_and_mul(dtype, tokens, inter):
+    x = rand(tokens, 2 * inter, dtype=dtype)
+    torch.testing.assert_close(silu_and_mul(x).cpu(), SiluAndMul()(x.cpu()), **TOL[dtype])
+
+
+def test_empty_batches():
+    x = rand(0, 16, dtype=torch.float32)
+    assert rms_norm(x, torch.ones(16, device=DEVICE), 1e-6).shape == (0, 16)
+    assert silu_and_mul(rand(0, 32, dtype=torch.float32)).shape == (0, 16)
