@@ -12,9 +12,9 @@ PROMPTS = [[(7 * i + 3 * j) % 200 + 5 for j in range(n)] for i, n in enumerate((
 DECODE = [[17, 29, 31], [101, 103, 107], [191, 193, 197]]  # fixed next tokens, so no argmax near-tie matters
 
 
-def make_runner(path: str, tp_size: int = 1, load_format: str = "auto", attention_backend: str = "torch"
-                ) -> ModelRunner:
-    args = ServerArgs(model_path=path, dtype="float32", device="cpu", max_total_tokens=512, tp_size=tp_size,
+def make_runner(path: str, tp_size: int = 1, load_format: str = "auto", attention_backend: str = "torch",
+                device: str = "cpu") -> ModelRunner:
+    args = ServerArgs(model_path=path, dtype="float32", device=device, max_total_tokens=512, tp_size=tp_size,
                       max_running_requests=8, show_progress=False, load_format=load_format,
                       attention_backend=attention_backend)
     return ModelRunner(args, path, load_model_config(path))
@@ -30,11 +30,13 @@ def forward(runner: ModelRunner, mode, rows, new_ids, prefix_lens, all_logits=Fa
         pos += range(prefix, prefix + len(new))
         locs.append(slots)
         seq_lens.append(prefix + len(new))
+    dev = runner.device
     fb = ForwardBatch(
-        forward_mode=mode, batch_size=len(rows), input_ids=torch.tensor(ids), positions=torch.tensor(pos),
-        req_pool_indices=torch.tensor(rows), seq_lens=torch.tensor(seq_lens), out_cache_loc=torch.cat(locs),
+        forward_mode=mode, batch_size=len(rows), input_ids=torch.tensor(ids, device=dev),
+        positions=torch.tensor(pos, device=dev), req_pool_indices=torch.tensor(rows, device=dev),
+        seq_lens=torch.tensor(seq_lens, device=dev), out_cache_loc=torch.cat(locs),
         seq_lens_cpu=seq_lens, extend_seq_lens_cpu=[len(x) for x in new_ids], return_all_logits=all_logits)
-    return runner.forward(fb)
+    return runner.forward(fb).cpu()
 
 
 def run_script(runner: ModelRunner) -> list[torch.Tensor]:

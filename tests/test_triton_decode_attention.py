@@ -98,7 +98,7 @@ def test_triton_backend_model_logits_equal_torch_backend(kind, tmp_path):
     from tests.tiny_models import make_tiny_model
 
     make_tiny_model(kind, tmp_path)
-    want = run_script(make_runner(str(tmp_path)))
-    got = run_script(make_runner(str(tmp_path), attention_backend="triton"))
+    want = run_script(make_runner(str(tmp_path), device=DEVICE))
+    got = run_script(make_runner(str(tmp_path), attention_backend="triton", device=DEVICE))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
