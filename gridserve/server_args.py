@@ -111,6 +111,13 @@ class ServerArgs:
             raise ValueError("--nnodes > 1 is not supported yet")
 
     @property
+    def prefill_token_budget(self) -> int:
+        """The most new tokens one prefill batch computes: --max-prefill-tokens, capped by the chunk size."""
+        if self.chunked_prefill_size > 0:
+            return min(self.max_prefill_tokens, self.chunked_prefill_size)
+        return self.max_prefill_tokens
+
+    @property
     def model_name(self) -> str:
         """The name clients use for this model."""
         if self.served_model_name:

@@ -13,10 +13,3 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
-
-
-def tensor_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor moved to `device`, without a host sync on CUDA."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)

@@ -43,21 +43,14 @@ def main() -> None:
         steps = 0
         start = time.perf_counter()
         while not sched.is_idle():
-            batch = sched.get_next_batch_to_run()
-            if batch is not None:
-                sched.launch_batch(batch)
-                steps += 1
-            last, sched.last_batch = sched.last_batch, batch
-            if not sched.use_overlap and batch is not None:
-                last, sched.last_batch = batch, None
-            if last is not None:
-                sched.process_batch_result(last)
+            sched.run_step()
+            steps += 1
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return (time.perf_counter() - start) / steps * 1e3
 
     run("warm")
-    print(f"step time {run('timed'):.3f} ms (batch {a.batch_size}, overlap {sched.use_overlap}, "
+    print(f"loop iteration {run('timed'):.3f} ms (batch {a.batch_size}, overlap {sched.use_overlap}, "
           f"graphs {sched.runner.graph_runner is not None})")
     prof = cProfile.Profile()
     prof.enable()

@@ -21,7 +21,14 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from gridserve.bench.roofline import ABOVE_FLOOR_NOTE, DeviceRates, OfflineFloor, measure_for, offline_floor
+from gridserve.bench.roofline import (
+    ABOVE_FLOOR_NOTE,
+    DeviceRates,
+    OfflineFloor,
+    measure_for,
+    offline_floor,
+    sync_device,
+)
 from gridserve.server_args import ServerArgs
 
 # Prompt ids are drawn from [0, min(vocab_size, MAX_TOKEN_ID)): the low ids of every supported tokenizer are
@@ -117,11 +124,6 @@ def make_workload(num_prompts: int, input_lens: tuple[int, int], output_lens: tu
     return Workload(prompts, outs, (0, top))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _check_lengths(system: str, got: list[int], want: list[int]) -> None:
     bad = [(i, g, w) for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w]
     if bad:
@@ -189,7 +191,7 @@ def run_transformers(model, workload: Workload, temperature: float, seed: int, p
     torch.manual_seed(seed)
     warm = torch.tensor([WARMUP_IDS], device=device)
     _hf_generate(model, warm, torch.ones_like(warm), 4, temperature, pad_id, eos_ids)
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     if padded:
         width = max(len(p) for p in workload.prompts)
@@ -203,7 +205,7 @@ def run_transformers(model, workload: Workload, temperature: float, seed: int, p
                          unit="req"):
             ids = torch.tensor([p], device=device)
             got.append(_hf_generate(model, ids, torch.ones_like(ids), n, temperature, pad_id, eos_ids).shape[1])
-    _sync(device)
+    sync_device(device)
     wall = time.perf_counter() - start
     system = "transformers_padded" if padded else "transformers_bs1"
     _check_lengths(system, got, workload.output_lens)
@@ -313,9 +315,8 @@ def run(args: argparse.Namespace) -> int:
     floor = floor_report = None
     if args.floor:  # measured now: the engine's processes are gone and transformers is not loaded yet
         cost, rates = measure_for(cfg, dtype, device, server_args.tp_size)
-        chunk = server_args.chunked_prefill_size if server_args.chunked_prefill_size > 0 else 1 << 62
         floor = offline_floor(cost, [len(p) for p in workload.prompts], workload.output_lens, rates, max_running,
-                              min(server_args.max_prefill_tokens, chunk))
+                              server_args.prefill_token_budget)
     if args.compare_transformers:
         model = load_hf_model(path, dtype, device)
         pad_id = cfg.eos_token_ids[0] if cfg.eos_token_ids else 0

@@ -51,7 +51,7 @@ class DeviceRates:
 ABOVE_FLOOR_NOTE = "  note: above 100% of the floor means the device measured slower than it ran (a busy machine?)"
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type != "cpu" and hasattr(getattr(torch, device.type, None), "synchronize"):
@@ -61,7 +61,7 @@ def _sync(device: torch.device) -> None:
 def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync_device(device)
     times = []
     for _ in range(repeats):
         if device.type == "cuda":  # events time the kernel itself, not the launch
@@ -74,7 +74,7 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int
         else:
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            sync_device(device)
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

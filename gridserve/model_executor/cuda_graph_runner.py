@@ -23,8 +23,7 @@ logger = logging.getLogger(__name__)
 def capture_batch_sizes(max_bs: int) -> list[int]:
     """1, 2, 4, 8, then every 8 up to 256 and every 16 beyond: padding wastes at most 8 (or 16) rows."""
     sizes = [1, 2, 4, 8, *range(16, 257, 8), *range(272, max_bs + 16, 16)]
-    out = sorted({s for s in sizes if s < max_bs} | {max_bs})
-    return out
+    return sorted({s for s in sizes if s < max_bs} | {max_bs})
 
 
 class CudaGraphRunner:

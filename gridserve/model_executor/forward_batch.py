@@ -3,6 +3,7 @@ the attention backend and the logits step."""
 
 from dataclasses import dataclass
 from enum import Enum, auto
+from itertools import accumulate
 
 import torch
 
@@ -49,8 +50,9 @@ class ForwardBatch:
 
     @property
     def extend_start_loc_cpu(self) -> list[int]:
-        starts, acc = [], 0
-        for n in self.extend_seq_lens_cpu:
-            starts.append(acc)
-            acc += n
-        return starts
+        return start_offsets(self.extend_seq_lens_cpu)
+
+
+def start_offsets(lens: list[int]) -> list[int]:
+    """Where each request's tokens start in the flattened batch."""
+    return [0, *accumulate(lens)][: len(lens)]

@@ -73,8 +73,7 @@ class ModelRunner:
             return self.args.max_total_tokens
         if self.device.type != "cuda":
             return cpu_kv_capacity(per_token)
-        prefill_tokens = min(self.args.max_prefill_tokens, self.args.chunked_prefill_size
-                             if self.args.chunked_prefill_size > 0 else self.args.max_prefill_tokens)
+        prefill_tokens = self.args.prefill_token_budget
         peak = measure_activation_peak(self, prefill_tokens)
         graph_bs = 0 if self.args.disable_cuda_graph else min(self.args.cuda_graph_max_bs,
                                                               self.args.max_running_requests or 1 << 30)

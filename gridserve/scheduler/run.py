@@ -46,7 +46,7 @@ def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo,
     pipe_writer.send(scheduler.scheduler_info)
     pipe_writer.close()
     with torch.inference_mode():
-        scheduler.run_event_loop()
+        scheduler.event_loop()
 
 
 def _scheduler_io(port_args: PortArgs, parent: int):

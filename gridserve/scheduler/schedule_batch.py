@@ -2,7 +2,7 @@
 
 import torch
 
-from gridserve.model_executor.forward_batch import ForwardBatch, ForwardMode
+from gridserve.model_executor.forward_batch import ForwardBatch, ForwardMode, start_offsets
 from gridserve.sampling.sampler import SamplingBatchInfo
 from gridserve.sampling.sampling_params import SamplingParams
 from gridserve.tensor_utils import to_device
@@ -94,14 +94,11 @@ class ScheduleBatch:
         n, b = len(ids), len(self.reqs)
         seq_lens = [r.kv_len + r.extend_len for r in self.reqs]
         ext_lens = [r.extend_len for r in self.reqs]
-        starts = [0] * b
-        for i in range(1, b):
-            starts[i] = starts[i - 1] + ext_lens[i - 1]
-        flat = to_device(ids + pos + rows + [r.req_pool_idx for r in self.reqs] + seq_lens + ext_lens + starts,
-                         torch.int64, device)
+        flat = to_device(ids + pos + rows + [r.req_pool_idx for r in self.reqs] + seq_lens + ext_lens
+                         + start_offsets(ext_lens), torch.int64, device)
         input_ids, positions, token_rows = flat[:n], flat[n : 2 * n], flat[2 * n : 3 * n]
         req_pool_indices, dev_seq_lens, dev_ext_lens, dev_starts = flat[3 * n :].view(4, b)
-        if any(t < 0 for t in ids):
+        if any(r.pending for r in self.reqs):  # some ids may be placeholders
             input_ids = torch.where(input_ids < 0, prev_tokens[(-1 - input_ids).clamp(min=0)], input_ids)
         req_to_token[token_rows, positions] = out_cache_loc.to(torch.int32)
         is_extend = self.mode.is_extend()

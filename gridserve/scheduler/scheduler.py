@@ -60,8 +60,7 @@ class Scheduler:
         self.last_tokens = None  # the device tensor of the latest launched batch's sampled ids
         on_cuda = self.runner.device.type == "cuda"
         self.use_overlap = not args.disable_overlap_schedule and (on_cuda or args.enable_overlap_schedule)
-        chunk = args.chunked_prefill_size if args.chunked_prefill_size > 0 else 1 << 62
-        self.prefill_budget = min(args.max_prefill_tokens, chunk)
+        self.prefill_budget = args.prefill_token_budget
 
     @property
     def scheduler_info(self) -> dict:
@@ -71,32 +70,25 @@ class Scheduler:
                 "max_req_input_len": min(r.context_len, r.max_total_num_tokens) - 1}
 
     # ---- event loops ----------------------------------------------------------------------------
-    def event_loop_normal(self) -> None:
-        """Schedule, run, read the results, repeat: the host waits for every step."""
+    def event_loop(self) -> None:
         while not self.stopped:
             self.process_input_requests(self.recv(self.is_idle()))
-            batch = self.get_next_batch_to_run()
-            if batch is not None:
-                self.launch_batch(batch)
-                self.process_batch_result(batch)
+            self.run_step()
 
-    def event_loop_overlap(self) -> None:
-        """The device runs step i while the host reads step i-1's tokens and schedules step i+1. A request
-        that step i-1 finishes may still be in step i; that step's token for it is dropped."""
-        while not self.stopped:
-            self.process_input_requests(self.recv(self.is_idle()))
-            batch = self.get_next_batch_to_run()
-            if batch is not None:
-                self.launch_batch(batch)
-            last, self.last_batch = self.last_batch, batch
-            if last is not None:
-                self.process_batch_result(last)
+    def run_step(self) -> None:
+        """Schedules and launches the next batch, then reads the results of one launched batch.
 
-    def run_event_loop(self) -> None:
+        Normal loop: it reads the batch it just launched, so the host waits for every step. Overlap loop: it
+        reads the batch launched before, so the device runs step i while the host reads step i-1's tokens and
+        schedules step i+1. A request that step i-1 finishes may still be in step i; that token is dropped.
+        """
+        batch = self.get_next_batch_to_run()
+        if batch is not None:
+            self.launch_batch(batch)
         if self.use_overlap:
-            self.event_loop_overlap()
-        else:
-            self.event_loop_normal()
+            batch, self.last_batch = self.last_batch, batch
+        if batch is not None:
+            self.process_batch_result(batch)
 
     def is_idle(self) -> bool:
         return not (self.waiting or self.running or self.chunked_req or self.last_batch)
