@@ -2,6 +2,7 @@
 and never show a stop string (or the start of one that may still complete)."""
 
 from gridserve.messages import BatchStrOutput, BatchTokenIDOutput
+from gridserve.tokenizer import decode_batch
 
 # Tokens before the new ones that are decoded with them, so that tokenizers which treat the first token
 # of a string specially (a leading space, a byte-fallback piece) give the same text as a full decode.
@@ -19,24 +20,33 @@ class IncrementalDetokenizer:
         self.read_offset = 0  # ids[:read_offset] are reflected in self.text
         self.sent = 0  # characters of the visible text already returned
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
-
-    def add(self, new_ids: list[int], finished: bool) -> str:
-        """Appends tokens; returns the visible text delta."""
+    def windows(self, new_ids: list[int]) -> tuple[list[int], list[int]]:
+        """Appends tokens; returns the ids to decode: the unread tokens with a little context, and the context
+        alone (its text is cut off the first). Call `apply` with both texts."""
         self.ids += new_ids
         window = self.context + self.ids[max(0, self.read_offset - CONTEXT_TOKENS) : self.read_offset]
-        full = self._decode(window + self.ids[self.read_offset :])
-        prefix = self._decode(window)
+        return window + self.ids[self.read_offset :], window
+
+    def apply(self, full: str, prefix: str, finished: bool) -> str:
+        """Takes the decoded windows; returns the visible text delta."""
         # a trailing U+FFFD means a multi-byte character is still incomplete: wait for its next byte
         if len(full) > len(prefix) and (finished or not full.endswith("\ufffd")):
             self.text += full[len(prefix) :]
             self.read_offset = len(self.ids)
         return self._visible_delta(finished)
 
+    def add(self, new_ids: list[int], finished: bool) -> str:
+        """Appends tokens; returns the visible text delta (one request alone; the manager batches)."""
+        full, prefix = self.windows(new_ids)
+        return self.apply(*decode_batch(self.tokenizer, [full, prefix], self.skip), finished)
+
     def _visible_delta(self, finished: bool) -> str:
         visible = self.text
-        cut = min((i for i in (visible.find(s) for s in self.stop) if i >= 0), default=-1)
+        if not self.stop:
+            delta, self.sent = visible[self.sent :], len(visible)
+            return delta
+        # A stop string cannot start inside the text already sent (a tail that could begin one is held back).
+        cut = min((i for i in (visible.find(s, self.sent) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             visible = visible[:cut]
         elif not finished:  # hold back a tail that could be the start of a stop string
@@ -68,7 +78,8 @@ class DetokenizerManager:
         self.states: dict[str, IncrementalDetokenizer] = {}
 
     def handle(self, out: BatchTokenIDOutput) -> BatchStrOutput:
-        deltas = []
+        deltas = [""] * len(out.rids)
+        work: list[tuple[int, IncrementalDetokenizer, bool]] = []
         for i, rid in enumerate(out.rids):
             init = out.detok_init[i] if out.detok_init else None
             if init is not None:
@@ -76,7 +87,15 @@ class DetokenizerManager:
                                                           init.skip_special_tokens)
             finished = out.finished_reasons[i] is not None
             state = self.states.pop(rid, None) if finished else self.states.get(rid)
-            deltas.append(state.add(out.new_token_ids[i], finished) if state else "")
+            if state is not None:
+                work.append((i, state, finished))
+        # One batched decode per skip_special_tokens setting for the whole step.
+        for skip in {state.skip for _, state, _ in work}:
+            group = [w for w in work if w[1].skip == skip]
+            windows = [state.windows(out.new_token_ids[i]) for i, state, _ in group]
+            texts = decode_batch(self.tokenizer, [f for f, _ in windows] + [p for _, p in windows], skip)
+            for j, (i, state, finished) in enumerate(group):
+                deltas[i] = state.apply(texts[j], texts[len(group) + j], finished)
         return BatchStrOutput(out.rids, deltas, out.new_token_ids, out.finished_reasons, out.prompt_tokens,
                               out.completion_tokens, out.cached_tokens, out.new_token_logprobs,
                               out.new_top_logprobs, out.stats)

@@ -1,9 +1,13 @@
 """TokenizerManager: the front end's view of requests. Tokenizes and validates, sends TokenizedGenerateReq
 to the scheduler, and turns the detokenizer's outputs back into per-request results and streams.
 
-Outputs arrive on whatever thread receives them (a ZMQ receiver thread, or the scheduler thread in tests);
-each request remembers its own event loop and queue, so any number of loops (uvicorn's, the gRPC server's,
-the offline Engine's) can wait on requests at once."""
+Outputs arrive on whatever thread receives them (a ZMQ receiver thread, or the scheduler thread in tests).
+That thread only appends each step to its request's deque and wakes the request's event loop once per batch;
+the request's own coroutine folds the steps it finds into its cumulative result. A consumer that falls
+behind therefore gets several steps in one result instead of a backlog, and the receiving thread's cost per
+token stays constant (at batch 256 building every result there cost more than a GPU step). Each request
+remembers its own event loop, so any number of loops (uvicorn's, the gRPC server's, the offline Engine's)
+can wait on requests at once."""
 
 import asyncio
 import logging
@@ -11,8 +15,10 @@ import random
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from gridserve.errors import InvalidParamError, RequestTooLargeError
 from gridserve.messages import (
@@ -34,19 +40,78 @@ class SchedulerDeadError(RuntimeError):
     """A scheduler (or the detokenizer) is gone; the deployment is going down."""
 
 
+class StepOut(NamedTuple):
+    """One request's share of one detokenized step."""
+
+    delta: str
+    new_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list
+    finish_reason: dict | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    time: float
+
+
 @dataclass
 class ReqState:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
     prompt_tokens: int
-    text: str = ""
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list = field(default_factory=list)
-    top_logprobs: list = field(default_factory=list)
-    finished: bool = False
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    steps: deque = field(default_factory=deque)  # StepOut, appended by the receiving thread
+    woken: bool = False  # a wake-up is scheduled and the consumer has not yet taken it
+    finished: bool = False  # set by the receiving thread when the last step arrives
     created: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     last_token_time: float | None = None
+    # The cumulative result, kept by the request's coroutine.
+    text: str = ""
+    yielded_chars: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)
+    last: StepOut | None = None
+
+    def take_steps(self) -> bool:
+        """Folds the steps that arrived into the result; False when there were none."""
+        got = False
+        while self.steps:
+            step = self.steps.popleft()  # deque ops are atomic: safe against the appending thread
+            got = True
+            self.text += step.delta
+            self.output_ids += step.new_ids
+            self.logprobs += list(zip(step.logprobs, step.new_ids, strict=False))
+            self.top_logprobs += step.top_logprobs
+            self.last = step
+        return got
+
+    def result(self, rid: str) -> dict:
+        """The cumulative result; "delta" is the text since the previous result."""
+        last = self.last
+        delta, self.yielded_chars = self.text[self.yielded_chars :], len(self.text)
+        ttft = self.first_token_time - self.created if self.first_token_time else None
+        return {
+            "text": self.text,
+            "delta": delta,
+            "output_ids": list(self.output_ids),
+            "meta_info": {
+                "id": rid,
+                "prompt_tokens": last.prompt_tokens,
+                "completion_tokens": last.completion_tokens,
+                "cached_tokens": last.cached_tokens,
+                "finish_reason": last.finish_reason,
+                "output_token_logprobs": list(self.logprobs),
+                "output_top_logprobs": list(self.top_logprobs),
+                "ttft": ttft,
+                "e2e_latency": last.time - self.created,
+            },
+        }
+
+
+def _set_events(states: list[ReqState]) -> None:
+    for state in states:
+        state.event.set()
 
 
 class TokenizerManager:
@@ -114,18 +179,25 @@ class TokenizerManager:
                                      top_logprobs_num) for i in range(params.n)]
 
     # ---- streaming results ----------------------------------------------------------------------
-    async def generate(self, req: TokenizedGenerateReq) -> AsyncIterator[dict]:
-        """Sends one request and yields its cumulative result after every step; the last one is final."""
+    async def generate(self, req: TokenizedGenerateReq, stream: bool = True) -> AsyncIterator[dict]:
+        """Sends one request and yields its cumulative result as it grows (only the final one unless stream);
+        the last result has a finish_reason."""
         if self.dead_reason:
             raise SchedulerDeadError(self.dead_reason)
-        state = ReqState(asyncio.get_running_loop(), asyncio.Queue(), len(req.input_ids))
+        state = ReqState(asyncio.get_running_loop(), len(req.input_ids))
         self.rid_to_state[req.rid] = state
         self.send(req)
         try:
             while True:
-                out = await state.queue.get()
-                yield out
-                if out["meta_info"]["finish_reason"] is not None:
+                await state.event.wait()
+                state.event.clear()
+                state.woken = False  # before draining: a step appended from here on schedules a new wake-up
+                if not state.take_steps():
+                    continue
+                done = state.last.finish_reason is not None
+                if stream or done:
+                    yield state.result(req.rid)
+                if done:
                     return
         finally:
             if not state.finished and not self.dead_reason:  # the consumer left: free the request's KV
@@ -149,6 +221,7 @@ class TokenizerManager:
             self.last_stats = out.stats
             self.metrics.on_scheduler_stats(out.stats)
         now = time.perf_counter()
+        to_wake = []
         for i, rid in enumerate(out.rids):
             state = self.rid_to_state.get(rid)
             if state is None:
@@ -161,32 +234,30 @@ class TokenizerManager:
                 elif state.last_token_time is not None:
                     self.metrics.itl.observe((now - state.last_token_time) / len(new))
                 state.last_token_time = now
-            state.text += out.text_deltas[i]
-            state.output_ids += new
-            state.logprobs += [(lp, t) for lp, t in zip(out.new_token_logprobs[i], new, strict=False)]
-            state.top_logprobs += out.new_top_logprobs[i]
-            state.finished = reason is not None
-            ttft = state.first_token_time - state.created if state.first_token_time else None
-            if state.finished:
+            state.steps.append(StepOut(out.text_deltas[i], new, out.new_token_logprobs[i], out.new_top_logprobs[i],
+                                       reason, out.prompt_tokens[i], out.completion_tokens[i], out.cached_tokens[i],
+                                       now))
+            if reason is not None:
+                state.finished = True
+                ttft = state.first_token_time - state.created if state.first_token_time else None
                 self.metrics.on_finished(out.prompt_tokens[i], out.completion_tokens[i], out.cached_tokens[i],
                                          ttft, now - state.created, reason["type"] == "abort")
-            result = {
-                "text": state.text,
-                "delta": out.text_deltas[i],
-                "output_ids": list(state.output_ids),
-                "meta_info": {
-                    "id": rid,
-                    "prompt_tokens": out.prompt_tokens[i],
-                    "completion_tokens": out.completion_tokens[i],
-                    "cached_tokens": out.cached_tokens[i],
-                    "finish_reason": reason,
-                    "output_token_logprobs": list(state.logprobs),
-                    "output_top_logprobs": list(state.top_logprobs),
-                    "ttft": ttft,
-                    "e2e_latency": now - state.created,
-                },
-            }
-            state.loop.call_soon_threadsafe(state.queue.put_nowait, result)
+            to_wake.append(state)
+        self._wake(to_wake)
+
+    @staticmethod
+    def _wake(states: list[ReqState]) -> None:
+        """One call per event loop for the whole batch (each call_soon_threadsafe writes to the loop's pipe)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[ReqState]] = {}
+        for state in states:
+            if not state.woken:
+                state.woken = True
+                by_loop.setdefault(state.loop, []).append(state)
+        for loop, group in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_set_events, group)
+            except RuntimeError:  # that loop is closed: its consumers are gone
+                pass
 
     # ---- control --------------------------------------------------------------------------------
     async def _rpc(self, msg, timeout: float = 30.0) -> RpcOutput:
@@ -212,13 +283,12 @@ class TokenizerManager:
     def fail_all(self, message: str) -> None:
         """A scheduler is gone: every waiting request ends with an error instead of hanging."""
         self.dead_reason = self.dead_reason or message
-        for rid, state in list(self.rid_to_state.items()):
+        now = time.perf_counter()
+        states = list(self.rid_to_state.values())
+        for state in states:
             state.finished = True
-            result = {"text": state.text, "delta": "", "output_ids": list(state.output_ids),
-                      "meta_info": {"id": rid, "prompt_tokens": state.prompt_tokens,
-                                    "completion_tokens": len(state.output_ids), "cached_tokens": 0,
-                                    "finish_reason": {"type": "abort", "message": message},
-                                    "output_token_logprobs": [], "output_top_logprobs": []}}
-            state.loop.call_soon_threadsafe(state.queue.put_nowait, result)
+            state.steps.append(StepOut("", [], [], [], {"type": "abort", "message": message}, state.prompt_tokens,
+                                       len(state.output_ids), 0, now))
+        self._wake(states)
         for loop, fut in list(self.rpc_waiters.values()):
             loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_exception(SchedulerDeadError(message)))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: issue 6's checks and benchmarks on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving startup hf; default all but hf)
+#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving startup hf profile decodek offprof; default all but hf)
 # Run from the repo root with .whl carried (see ../shared/device/wheels.sh). Results land in $OUT.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 if has kernels; then  # the Triton kernels on the GPU against their references
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py \
-    tests/test_triton_decode_attention.py tests/test_triton_extend_attention.py 2>&1 | tail -3
+    tests/test_triton_decode_attention.py tests/test_triton_extend_attention.py tests/test_race_kernel.py 2>&1 | tail -3
 fi
 if has check; then  # eager normal loop vs CUDA graphs + overlap loop (the defaults)
   python3 scripts/greedy_agreement.py $Q --baseline disable_cuda_graph=true disable_overlap_schedule=true \
@@ -53,6 +53,13 @@ fi
 if has hf; then
   $GS bench offline $Q --compare-transformers --num-prompts 64 --no-floor --no-show-progress \
     --output-json $OUT/offline_hf.json 2>&1 | tee $OUT/offline_hf.log | grep -vE "Warning|warn\(" | tail -8
+fi
+if has decodek; then  # the decode attention kernel's bandwidth over launch settings
+  python3 scripts/bench_decode_kernel.py --contexts 512,2048 2>&1 | tee $OUT/decode_kernel.txt | grep -v Warning
+fi
+if has offprof; then  # device time of the offline workload by phase, and a kernel table at large batch
+  python3 scripts/profile_scheduler.py $Q --offline --kernels --no-show-progress --top 30 2>&1 | grep -v Warning \
+    | tee $OUT/profile_offline.txt
 fi
 if has profile; then  # host time per decode step, in-process (scripts/profile_scheduler.py)
   for m in Q L; do for mode in "" "--disable-overlap-schedule"; do

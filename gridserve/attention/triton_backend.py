@@ -10,7 +10,7 @@ from gridserve.model_executor.forward_batch import ForwardBatch
 class TritonAttentionBackend(AttentionBackend):
     supports_cuda_graph = True
 
-    def __init__(self, num_kv_splits: int = 8):
+    def __init__(self, num_kv_splits: int | None = None):
         from gridserve.attention.triton_ops import DecodeWorkspace, decode_attention, extend_attention
 
         self._decode = decode_attention
@@ -18,7 +18,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.extend_lens = self.extend_start_loc = None
         self.max_extend_len = 0
         self._workspace_cls = DecodeWorkspace
-        self.num_kv_splits = num_kv_splits
+        self.num_kv_splits = num_kv_splits  # None: chosen per batch size (decode_attention's default)
         self.workspace = None
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
@@ -43,7 +43,7 @@ class TritonAttentionBackend(AttentionBackend):
         ws = self.workspace
         if ws is None or ws.attn_out.shape[0] < batch_size or ws.attn_out.shape[1] != num_heads:
             ws = self._workspace_cls.allocate(max(batch_size, 2 * (ws.attn_out.shape[0] if ws else 0)),
-                                              num_heads, head_dim, self.num_kv_splits, device=device)
+                                              num_heads, head_dim, device=device)
             self.workspace = ws
         return ws
 
@@ -54,5 +54,5 @@ class TritonAttentionBackend(AttentionBackend):
         b = fb.batch_size
         ws = self._workspace_for(b, layer.num_heads, layer.head_dim, q.device)
         out = self._decode(q.view(b, layer.num_heads, layer.head_dim), k_buf, v_buf, fb.req_to_token,
-                           fb.req_pool_indices, fb.seq_lens, layer.scaling, workspace=ws)
+                           fb.req_pool_indices, fb.seq_lens, layer.scaling, self.num_kv_splits, workspace=ws)
         return out.reshape(b, layer.num_heads * layer.head_dim)

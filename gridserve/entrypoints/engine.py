@@ -83,7 +83,7 @@ class Engine:
 
     async def _final(self, req) -> dict:
         last = None
-        async for out in self.tokenizer_manager.generate(req):
+        async for out in self.tokenizer_manager.generate(req, stream=False):
             last = out
         last.pop("delta", None)
         return last

@@ -57,6 +57,16 @@ def random_uniforms(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -
     return ((bits >> 9).to(torch.float32) + 0.5) * (2.0**-23)
 
 
+def exponential_race(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax of probs / E with E = -log(U) ~ Exp(1): token i wins with probability p_i / sum(p).
+    On CUDA one fused kernel (sampling/race_kernel.py) draws the same uniforms in registers."""
+    if probs.is_cuda:
+        from gridserve.sampling.race_kernel import race_argmax
+
+        return race_argmax(probs, seeds, steps, _SEED_SALT, _TOKEN_SALT)
+    return (probs / -torch.log(random_uniforms(seeds, steps, probs.shape[1]))).argmax(dim=-1)
+
+
 def _to_int64(v: int) -> int:
     # Seeds may be given signed or unsigned; reduce mod 2**64 into int64's range.
     return ((v + 2**63) % 2**64) - 2**63
@@ -266,10 +276,7 @@ class Sampler:
             next_ids = penalised.argmax(dim=-1)
         else:
             probs = _filtered_probs(penalised, info)
-            # Exponential race (Gumbel-max): argmax p_i / E_i with E_i ~ Exp(1) picks i with probability
-            # p_i / sum(p). E = -log(U) with the counter-based uniforms.
-            noise = -torch.log(random_uniforms(info.seeds, info.steps, info.vocab_size))
-            next_ids = (probs / noise).argmax(dim=-1)
+            next_ids = exponential_race(probs, info.seeds, info.steps)
             if info.has_greedy:
                 next_ids = torch.where(info.greedy_mask, penalised.argmax(dim=-1), next_ids)
 

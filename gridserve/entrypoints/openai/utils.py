@@ -206,9 +206,10 @@ async def merge_streams(streams: list[AsyncIterator[dict]]) -> AsyncIterator[tup
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def generate_all(tm, reqs: list[TokenizedGenerateReq]) -> AsyncIterator[tuple[int, dict]]:
-    """(choice index, cumulative output) of every request as they progress; raises a failed request's error."""
-    async with contextlib.aclosing(merge_streams([tm.generate(r) for r in reqs])) as merged:
+async def generate_all(tm, reqs: list[TokenizedGenerateReq], stream: bool = True) -> AsyncIterator[tuple[int, dict]]:
+    """(choice index, cumulative output) of every request as they progress (only the finals unless stream);
+    raises a failed request's error."""
+    async with contextlib.aclosing(merge_streams([tm.generate(r, stream) for r in reqs])) as merged:
         async for i, out in merged:
             check_finished(tm, out)
             yield i, out
@@ -217,7 +218,7 @@ async def generate_all(tm, reqs: list[TokenizedGenerateReq]) -> AsyncIterator[tu
 async def collect_finals(tm, reqs: list[TokenizedGenerateReq]) -> list[dict]:
     """The final output of every request, in order; raises a failed request's error."""
     finals: list[dict] = [{}] * len(reqs)
-    async with contextlib.aclosing(generate_all(tm, reqs)) as outs:
+    async with contextlib.aclosing(generate_all(tm, reqs, stream=False)) as outs:
         async for i, out in outs:
             finals[i] = out
     return finals

@@ -1,0 +1,70 @@
+"""Achieved memory bandwidth of the Triton decode attention kernel over a grid of launch settings (GPU only).
+Reads every K and V row of the batch's contexts once; bytes / time is compared with a device copy's rate.
+Usage: python scripts/bench_decode_kernel.py [--heads 16 --kv-heads 8 --head-dim 128]"""
+
+import argparse
+import functools
+import itertools
+
+import torch
+import triton
+
+from gridserve.attention.triton_ops.decode_attention import (
+    DecodeWorkspace,
+    decode_attention,
+    default_num_kv_splits,
+)
+from gridserve.bench.roofline import measure_device
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--batches", default="1,64,256")
+    p.add_argument("--contexts", default="512,1024,2048")
+    p.add_argument("--splits", default="4,8,16")
+    p.add_argument("--block-n", default="32,64,128")
+    p.add_argument("--warps", default="4,8")
+    p.add_argument("--stages", default="1,2,3")
+    a = p.parse_args()
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    bw = measure_device(dev, dt).mem_bw
+    print(f"device copy rate {bw / 1e9:.0f} GB/s")
+    for bs, ctx in itertools.product(ints(a.batches), ints(a.contexts)):
+        slots = bs * ctx
+        k = torch.randn(slots + 1, a.kv_heads, a.head_dim, device=dev, dtype=dt)
+        v = torch.randn_like(k)
+        # Shuffled slots: a real pool after many requests is not contiguous.
+        req_to_token = (torch.randperm(slots, device=dev, dtype=torch.int32) + 1).view(bs, ctx)
+        idx = torch.arange(bs, device=dev, dtype=torch.int64)
+        seq_lens = torch.full((bs,), ctx, device=dev, dtype=torch.int64)
+        q = torch.randn(bs, a.heads, a.head_dim, device=dev, dtype=dt)
+        moved = 2 * slots * a.kv_heads * a.head_dim * k.element_size()
+        rows = []
+        for splits, bn, w, st in itertools.product(ints(a.splits), ints(a.block_n), ints(a.warps), ints(a.stages)):
+            ws = DecodeWorkspace.allocate(bs, a.heads, a.head_dim, splits, dev)
+            run = functools.partial(decode_attention, q, k, v, req_to_token, idx, seq_lens, 0.088, workspace=ws,
+                                    block_n=bn, num_warps=w, num_stages=st)
+            try:
+                ms = triton.testing.do_bench(run, warmup=5, rep=30)
+            except Exception as e:  # out of shared memory etc.: skip the setting
+                print(f"  skip splits={splits} block_n={bn} warps={w} stages={st}: {type(e).__name__}")
+                continue
+            rows.append((moved / ms / 1e6, ms, splits, bn, w, st))
+        rows.sort(reverse=True)
+        print(f"batch {bs} context {ctx}: {moved / 1e9:.2f} GB of KV")
+        for gbs, ms, splits, bn, w, st in rows[:5] + rows[-1:]:
+            print(f"  {gbs:7.0f} GB/s ({100 * gbs * 1e9 / bw:3.0f}%) {ms * 1e3:8.1f} us  "
+                  f"splits={splits} block_n={bn} warps={w} stages={st}")
+        ws = DecodeWorkspace.allocate(bs, a.heads, a.head_dim, device=dev)
+        ms = triton.testing.do_bench(functools.partial(decode_attention, q, k, v, req_to_token, idx, seq_lens,
+                                                       0.088, workspace=ws), warmup=5, rep=30)
+        print(f"  defaults ({default_num_kv_splits(bs, a.kv_heads, dev)} splits): {moved / ms / 1e6:.0f} GB/s, "
+              f"{ms * 1e3:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
