@@ -7,6 +7,7 @@ process dies, after a short grace period in which /health (or the Health RPC) re
 
 import argparse
 import asyncio
+import importlib
 import logging
 import signal
 import sys
@@ -38,19 +39,24 @@ def _exit_code(failed: list[str]) -> int:
 
 
 def launch_server(args: ServerArgs) -> int:
-    import uvicorn
-
-    from gridserve.entrypoints.http_server import create_app
-
     started = time.perf_counter()
     failed: list[str] = []
-    server: uvicorn.Server | None = None
+    server = None
 
     def on_child_death(reason: str) -> None:
         failed.append(reason)
         threading.Timer(DEATH_GRACE_S, lambda: server and setattr(server, "should_exit", True)).start()
 
+    # The HTTP stack's imports (~1 s) run while the children start, not before them.
+    importer = threading.Thread(target=importlib.import_module, args=("gridserve.entrypoints.http_server",),
+                                daemon=True)
+    importer.start()
     deployment = launch_subprocesses(args, on_child_death)
+    importer.join()
+    import uvicorn
+
+    from gridserve.entrypoints.http_server import create_app
+
     try:
         app = create_app(deployment.tm, args, args.api_key)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop",

@@ -4,7 +4,7 @@ import os
 
 from transformers import AutoTokenizer
 
-from gridserve.model_loader.loader import is_gguf
+from gridserve.model_loader.paths import is_gguf
 
 
 def get_tokenizer(model_path: str, tokenizer_path: str | None = None):

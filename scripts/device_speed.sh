@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: issue 6's checks and benchmarks on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving startup hf profile decodek offprof; default all but hf)
+#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving startup hf profile decodek offprof ttft; default all but hf)
 # Run from the repo root with .whl carried (see ../shared/device/wheels.sh). Results land in $OUT.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
@@ -40,6 +40,9 @@ if has serving; then
   $GS bench serving --base-url http://127.0.0.1:30010 --dataset-name random --random-input-len 256 \
     --random-output-len 256 --random-range-ratio 1 --num-prompts 64 --max-concurrency 4 --disable-tqdm \
     --output-file $OUT/serving_L.jsonl 2>&1 | tail -32
+  $GS bench serving --base-url http://127.0.0.1:30010 --dataset-name random --random-input-len 256 \
+    --random-output-len 64 --random-range-ratio 1 --num-prompts 16 --max-concurrency 1 --disable-tqdm \
+    --output-file $OUT/serving_L_c1.jsonl 2>&1 | grep -E "Concurrency|TTFT|TPOT"
   kill $SERVER; wait $SERVER
 fi
 if has startup; then  # start to ready, graphs included
@@ -51,7 +54,7 @@ if has startup; then  # start to ready, graphs included
   kill $SERVER; wait $SERVER
 fi
 if has hf; then
-  $GS bench offline $Q --compare-transformers --num-prompts 64 --no-floor --no-show-progress \
+  $GS bench offline $Q --compare-transformers padded --no-floor --no-show-progress \
     --output-json $OUT/offline_hf.json 2>&1 | tee $OUT/offline_hf.log | grep -vE "Warning|warn\(" | tail -8
 fi
 if has decodek; then  # the decode attention kernel's bandwidth over launch settings
@@ -60,6 +63,10 @@ fi
 if has offprof; then  # device time of the offline workload by phase, and a kernel table at large batch
   python3 scripts/profile_scheduler.py $Q --offline --kernels --no-show-progress --top 30 2>&1 | grep -v Warning \
     | tee $OUT/profile_offline.txt
+fi
+if has ttft; then  # the scheduler's share of TTFT, in-process: 3 requests decode while new ones arrive
+  python3 scripts/profile_scheduler.py $L --ttft --batch-size 4 --input-len 256 --no-show-progress 2>&1 \
+    | grep -v Warning | tail -3
 fi
 if has profile; then  # host time per decode step, in-process (scripts/profile_scheduler.py)
   for m in Q L; do for mode in "" "--disable-overlap-schedule"; do

