@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: issue 6's checks and benchmarks on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving startup hf profile decodek offprof ttft; default all but hf)
+#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving startup hf profile decodek offprof ttft prefill; default all but hf)
 # Run from the repo root with .whl carried (see ../shared/device/wheels.sh). Results land in $OUT.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
@@ -54,7 +54,7 @@ if has startup; then  # start to ready, graphs included
   kill $SERVER; wait $SERVER
 fi
 if has hf; then
-  $GS bench offline $Q --compare-transformers padded --no-floor --no-show-progress \
+  $GS bench offline $Q --compare-transformers padded --num-prompts 64 --no-floor --no-show-progress \
     --output-json $OUT/offline_hf.json 2>&1 | tee $OUT/offline_hf.log | grep -vE "Warning|warn\(" | tail -8
 fi
 if has decodek; then  # the decode attention kernel's bandwidth over launch settings
@@ -67,6 +67,10 @@ fi
 if has ttft; then  # the scheduler's share of TTFT, in-process: 3 requests decode while new ones arrive
   python3 scripts/profile_scheduler.py $L --ttft --batch-size 4 --input-len 256 --no-show-progress 2>&1 \
     | grep -v Warning | tail -3
+fi
+if has prefill; then  # host time of an eager prefill step (batch 1, 256 tokens): cProfile over 20 of them
+  python3 scripts/profile_scheduler.py $L --input-len 256 --output-len 1 --repeat 20 --no-show-progress --top 35 --kernels \
+    2>&1 | grep -v Warning > $OUT/profile_prefill_L.txt; head -1 $OUT/profile_prefill_L.txt
 fi
 if has profile; then  # host time per decode step, in-process (scripts/profile_scheduler.py)
   for m in Q L; do for mode in "" "--disable-overlap-schedule"; do

@@ -10,6 +10,7 @@ import cProfile
 import io
 import pstats
 import time
+import zlib
 from collections import defaultdict
 
 import torch
@@ -28,6 +29,7 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--repeat", type=int, default=1, help="profile this many runs (e.g. prefill only: --output-len 1)")
     p.add_argument("--kernels", action="store_true", help="also a torch.profiler table of the device's kernels")
     p.add_argument("--offline", action="store_true", help="bench offline's workload (256 prompts, 100..1024)")
     p.add_argument("--ttft", action="store_true",
@@ -40,7 +42,7 @@ def main() -> None:
     sched = Scheduler(args, path, load_model_config(path), None, lambda block: [], sent.append)
 
     def requests(tag: str) -> list:
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(zlib.crc32(tag.encode()))  # new prompts each run: no cache hits
         params = SamplingParams(max_new_tokens=a.output_len, temperature=0, ignore_eos=True)
         return [TokenizedGenerateReq(f"{tag}{i}", torch.randint(0, 10000, (a.input_len,), generator=g).tolist(),
                                      params, seed=i) for i in range(a.batch_size)]
@@ -66,7 +68,8 @@ def main() -> None:
           f"graphs {sched.runner.graph_runner is not None})")
     prof = cProfile.Profile()
     prof.enable()
-    run("prof")
+    for i in range(a.repeat):
+        run(f"prof{i}-")
     prof.disable()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(a.top)

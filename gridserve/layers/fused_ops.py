@@ -63,7 +63,7 @@ def _rope_rows(base, cos, sin, offs, mask, HALF: tl.constexpr):
     tl.store(base + HALF + offs, (x2 * cos + x1 * sin).to(base.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["Pos"])  # a slice of the batch's one input copy
 def _rope_kernel(Q, K, Pos, InvFreq, stride_qt, stride_qh, stride_kt, stride_kh, HQ, scaling,
                  HALF: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)

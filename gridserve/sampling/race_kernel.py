@@ -35,7 +35,7 @@ def _lanes(v):
     return lo, hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["Seeds", "Steps"])  # rows of one copy: alignment varies
 def _race_kernel(Probs, Seeds, Steps, BestScore, BestIdx, V, stride_p, stride_b,
                  SEED_SALT: tl.constexpr, TOKEN_SALT: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)

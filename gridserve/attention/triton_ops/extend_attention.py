@@ -21,7 +21,9 @@ import triton.language as tl
 from gridserve.attention.triton_ops.common import check_paged_inputs
 
 
-@triton.jit
+# Per-request index tensors are slices of one host-to-device copy, so their 16-byte alignment changes with the
+# batch; specialising on it compiled new kernel variants in the middle of a run (seen in bench offline).
+@triton.jit(do_not_specialize_on_alignment=["ReqPoolIdx", "SeqLens", "ExtendLens", "ExtendStart"])
 def _extend_fwd(
     Q, K, V, Out, ReqToToken, ReqPoolIdx, SeqLens, ExtendLens, ExtendStart,
     sm_scale,
