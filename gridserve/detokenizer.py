@@ -110,14 +110,14 @@ def run_detokenizer_process(args, port_args, model_path: str, pipe_writer) -> No
 
     from gridserve.ipc import recv_all, zmq_socket
     from gridserve.process_utils import init_child_process, parent_alive
-    from gridserve.tokenizer import get_tokenizer
+    from gridserve.tokenizer import get_decoder
 
     parent = init_child_process("detokenizer", args.log_level)
     try:
         ctx = zmq.Context()
         pull = zmq_socket(ctx, zmq.PULL, port_args.detokenizer_input)
         push = zmq_socket(ctx, zmq.PUSH, port_args.tokenizer_input)
-        manager = DetokenizerManager(get_tokenizer(model_path, args.tokenizer_path))
+        manager = DetokenizerManager(get_decoder(model_path, args.tokenizer_path))
     except Exception:
         pipe_writer.send({"status": "error", "message": traceback.format_exc()})
         sys.exit(1)

@@ -351,7 +351,7 @@ def test_tokenizer_matches_transformers_and_caches(smollm2_path, tmp_path, monke
     t_cached = time.perf_counter() - t0
 
     assert len(calls) == 1  # the second call came from the cache
-    cache_key = os.path.basename(gguf_loader._tokenizer_cache_dir(smollm2_path))
+    cache_key = os.path.basename(paths.tokenizer_cache_dir(smollm2_path))
     assert os.listdir(tmp_path / "gridserve" / "tokenizers") == [cache_key]
     assert t_cached < 3.0, t_cached  # a conversion takes ~5 s; a cache hit ~0.2 s
     chat_ref = ref.apply_chat_template(_MESSAGES, tokenize=False, add_generation_prompt=True)
@@ -396,7 +396,7 @@ def test_tokenizer_cache_key_and_corrupt_cache(tiny_tokenizer_gguf, tmp_path, mo
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     calls = _count_conversions(monkeypatch)
     first = load_gguf_tokenizer(tiny_tokenizer_gguf)
-    cache_dir = gguf_loader._tokenizer_cache_dir(tiny_tokenizer_gguf)
+    cache_dir = paths.tokenizer_cache_dir(tiny_tokenizer_gguf)
     assert os.path.isdir(cache_dir) and len(calls) == 1
 
     # A corrupt cache is rebuilt rather than trusted.
@@ -410,4 +410,4 @@ def test_tokenizer_cache_key_and_corrupt_cache(tiny_tokenizer_gguf, tmp_path, mo
     # Touching the file (new mtime) changes the key, so a replaced file is never served a stale tokenizer.
     st = os.stat(tiny_tokenizer_gguf)
     os.utime(tiny_tokenizer_gguf, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert gguf_loader._tokenizer_cache_dir(tiny_tokenizer_gguf) != cache_dir
+    assert paths.tokenizer_cache_dir(tiny_tokenizer_gguf) != cache_dir

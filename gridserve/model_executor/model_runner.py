@@ -2,6 +2,7 @@
 sampler of one rank."""
 
 import logging
+import time
 
 import torch
 
@@ -45,7 +46,9 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(args.dtype, cfg)
         self.context_len = args.context_length or cfg.max_position_embeddings
+        start = time.perf_counter()
         self.model = load_model(model_path, cfg, self.dtype, self.device, args.load_format, args.show_progress)
+        logger.info("weights loaded (%s) in %.1f s", args.load_format, time.perf_counter() - start)
         attn = self.model.model.layers[0].self_attn
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.tp = get_tp_group()

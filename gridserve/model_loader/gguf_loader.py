@@ -8,7 +8,6 @@ at roughly one dequantized tensor on top of the memory-mapped file.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -20,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from gridserve.model_loader.paths import tokenizer_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -218,14 +219,6 @@ _PROBE_MESSAGES = [
 ]
 
 
-def _tokenizer_cache_dir(path: str) -> str:
-    """~/.cache/gridserve/tokenizers/<key>: key changes whenever the file is moved, replaced or touched."""
-    st = os.stat(path)
-    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "gridserve", "tokenizers", key)
-
-
 def _tokenizer_fingerprint(tok: Any) -> tuple:
     """What must survive a save/load round trip: ids (plain, special tokens, chat template) and specials."""
     chat = None
@@ -257,7 +250,7 @@ def load_gguf_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
     path = os.path.abspath(path)
-    cache_dir = _tokenizer_cache_dir(path)
+    cache_dir = tokenizer_cache_dir(path)
     if os.path.isdir(cache_dir):
         try:
             tok = AutoTokenizer.from_pretrained(cache_dir)

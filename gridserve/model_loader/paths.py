@@ -1,6 +1,7 @@
 """Where a model lives: the --model-path argument resolved to a folder or a GGUF file. No torch here, so the
 launcher can resolve paths and spawn its children before it pays for heavy imports."""
 
+import hashlib
 import importlib.util
 import os
 
@@ -40,3 +41,12 @@ def resolve_model_path(model_path: str | None) -> str:
 
 def is_gguf(path: str) -> bool:
     return path.endswith(".gguf")
+
+
+def tokenizer_cache_dir(gguf_path: str) -> str:
+    """~/.cache/gridserve/tokenizers/<key> for a GGUF file's converted tokenizer: the key changes whenever the
+    file is moved, replaced or touched."""
+    st = os.stat(gguf_path)
+    key = hashlib.sha256(f"{gguf_path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "gridserve", "tokenizers", key)

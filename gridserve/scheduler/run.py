@@ -16,7 +16,7 @@ from gridserve.model_loader.loader import load_model_config, resolve_model_path
 from gridserve.process_utils import init_child_process, parent_alive
 from gridserve.scheduler.scheduler import Scheduler
 from gridserve.server_args import ServerArgs
-from gridserve.tokenizer import get_tokenizer
+from gridserve.tokenizer import get_decoder
 
 logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 50  # how long an idle scheduler waits for a request before checking on its parent again
@@ -24,6 +24,7 @@ IDLE_POLL_MS = 50  # how long an idle scheduler waits for a request before check
 
 def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo, pipe_writer) -> None:
     parent = init_child_process(f"scheduler {rank.name}", args.log_level)
+    logger.info("scheduler process up (imports done)")  # its timestamp shows the import cost at start-up
     try:
         path = resolve_model_path(args.model_path)
         cfg = load_model_config(path)
@@ -35,7 +36,7 @@ def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo,
         init_model_parallel(world, rank.global_rank % world, args.tp_size, args.pp_size,
                             port_args.dist_init_method, device, args.dist_timeout)
         recv, send = _scheduler_io(port_args, parent)
-        tokenizer = get_tokenizer(path, args.tokenizer_path)  # to find stop strings in the output
+        tokenizer = get_decoder(path, args.tokenizer_path)  # to find stop strings in the output
         scheduler = Scheduler(args, path, cfg, tokenizer, recv, send, gpu_id=rank.gpu_id)
     except ValueError as e:  # a configuration the user can fix: the message says how
         pipe_writer.send({"status": "error", "message": str(e)})
