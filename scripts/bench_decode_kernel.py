@@ -24,7 +24,7 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--batches", default="1,64,256")
     p.add_argument("--contexts", default="512,1024,2048")
-    p.add_argument("--splits", default="4,8,16")
+    p.add_argument("--splits", default="1,2,4,8,16")
     p.add_argument("--block-n", default="32,64,128")
     p.add_argument("--warps", default="4,8")
     p.add_argument("--stages", default="1,2,3")
