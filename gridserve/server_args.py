@@ -47,7 +47,10 @@ class ServerArgs:
     attention_backend: str = _opt("auto", "attention kernels: triton (paged decode + extend; the default on CUDA) "
                                           "or torch (reference; the default on CPU)")
     cuda_graph_max_bs: int = _opt(256, "largest decode batch run as a captured CUDA graph; larger ones run eagerly")
-    disable_cuda_graph: bool = _opt(False, "run decode eagerly (no CUDA graphs)")
+    disable_cuda_graph: bool = _opt(False, "run decode and prefill eagerly (no CUDA graphs)")
+    piecewise_cuda_graph_max_tokens: int = _opt(2048, "largest prefill (new tokens in the batch) replayed from "
+                                                      "piecewise CUDA graphs; larger ones run eagerly")
+    disable_piecewise_cuda_graph: bool = _opt(False, "run prefill eagerly while decode still uses CUDA graphs")
     disable_overlap_schedule: bool = _opt(False, "wait for each step before scheduling the next (the overlap "
                                                  "loop is the default on CUDA)")
     enable_overlap_schedule: bool = _opt(False, "use the overlap loop on CPU too, where it is off by default")
@@ -77,7 +80,7 @@ class ServerArgs:
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(self, name)!r}")
         positive = ["context_length", "max_total_tokens", "max_running_requests", "max_prefill_tokens",
-                    "cuda_graph_max_bs"]
+                    "cuda_graph_max_bs", "piecewise_cuda_graph_max_tokens"]
         for name in positive:
             v = getattr(self, name)
             if v is not None and v <= 0:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: issue 6's checks and benchmarks on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving startup hf profile decodek offprof ttft prefill; default all but hf)
+#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill; default all but hf)
 # Run from the repo root with .whl carried (see ../shared/device/wheels.sh). Results land in $OUT.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
@@ -15,7 +15,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 if has kernels; then  # the Triton kernels on the GPU against their references
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py \
-    tests/test_triton_decode_attention.py tests/test_triton_extend_attention.py tests/test_race_kernel.py 2>&1 | tail -3
+    tests/test_triton_decode_attention.py tests/test_triton_extend_attention.py tests/test_race_kernel.py \
+    tests/test_piecewise_graphs.py 2>&1 | tail -3
 fi
 if has check; then  # eager normal loop vs CUDA graphs + overlap loop (the defaults)
   python3 scripts/greedy_agreement.py $Q --baseline disable_cuda_graph=true disable_overlap_schedule=true \
@@ -33,17 +34,26 @@ if has offline; then
       | tee $OUT/offline_Q${mode:+_normal}.log | grep -vE "Warning|warn\(" | tail -8
   done
 fi
-if has serving; then
-  $GS serve $L --port 30010 --no-show-progress > $OUT/serve_L.log 2>&1 &
+serve_and_bench() {  # $1: tag, $2: extra server flags; 4 client runs against one server
+  $GS serve $L $2 --port 30010 --no-show-progress > $OUT/serve_L_$1.log 2>&1 &
   SERVER=$!
   for i in $(seq 240); do curl -sf localhost:30010/health > /dev/null && break; sleep 1; done
-  $GS bench serving --base-url http://127.0.0.1:30010 --dataset-name random --random-input-len 256 \
-    --random-output-len 256 --random-range-ratio 1 --num-prompts 64 --max-concurrency 4 --disable-tqdm \
-    --output-file $OUT/serving_L.jsonl 2>&1 | tail -32
-  $GS bench serving --base-url http://127.0.0.1:30010 --dataset-name random --random-input-len 256 \
-    --random-output-len 64 --random-range-ratio 1 --num-prompts 16 --max-concurrency 1 --disable-tqdm \
-    --output-file $OUT/serving_L_c1.jsonl 2>&1 | grep -E "Concurrency|TTFT|TPOT"
+  grep -E "captured" $OUT/serve_L_$1.log | cut -c1-170
+  for run in "4 1 256 64" "4 0 256 64" "1 1 64 16"; do
+    set -- $run
+    echo "== $1/$( [ "$2" = 1 ] && echo fixed || echo random) lengths: max-concurrency $1, out $3, $4 prompts"
+    $GS bench serving --base-url http://127.0.0.1:30010 --dataset-name random --random-input-len 256 \
+      --random-output-len $3 --random-range-ratio $2 --num-prompts $4 --max-concurrency $1 --disable-tqdm \
+      --output-file $OUT/serving_L.jsonl 2>&1 | grep -E "TTFT|TPOT|Output token throughput"
+  done
   kill $SERVER; wait $SERVER
+}
+if has serving; then  # ratio 1: every request 256/256, so arrivals come in lockstep; ratio 0: SGLang's default
+  serve_and_bench graphs ""
+  grep -E "prefill batch" $OUT/serve_L_graphs.log | tail -12 | cut -c1-170
+fi
+if has serving-eager; then  # the same without the prefill graphs
+  serve_and_bench eager_prefill "--disable-piecewise-cuda-graph"
 fi
 if has startup; then  # start to ready, graphs included: first start (cold Triton cache) and a second one
   for run in 1 2; do

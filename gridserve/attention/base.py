@@ -20,9 +20,21 @@ class AttentionBackend(ABC):
     @abstractmethod
     def init_forward_metadata(self, fb: ForwardBatch) -> None: ...
 
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch) -> None:
+        """Writes the new tokens' K/V (N, Hkv*D) into the paged cache at fb.out_cache_loc."""
+        fb.kv_cache.set_kv(layer.layer_id, fb.out_cache_loc, k.view(-1, layer.num_kv_heads, layer.head_dim),
+                           v.view(-1, layer.num_kv_heads, layer.head_dim))
+
     @abstractmethod
+    def extend_attend(self, q: torch.Tensor, layer, fb: ForwardBatch, out: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """Causal attention of the new tokens q (N, Hq*D) over their requests' cached KV, which already holds
+        the new tokens; returns (N, Hq*D), written into `out` when given."""
+
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch
-                       ) -> torch.Tensor: ...
+                       ) -> torch.Tensor:
+        self.store_kv(k, v, layer, fb)
+        return self.extend_attend(q, layer, fb)
 
     @abstractmethod
     def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch

@@ -27,12 +27,10 @@ class TorchAttentionBackend(AttentionBackend):
         self.decode_indices = idx.masked_fill(~mask, 0)
         self.decode_mask = mask[:, None, None, :]  # broadcast over heads and the single query
 
-    def forward_extend(self, q, k, v, layer, fb: ForwardBatch) -> torch.Tensor:
+    def extend_attend(self, q, layer, fb: ForwardBatch, out: torch.Tensor | None = None) -> torch.Tensor:
         k_buf, v_buf = fb.kv_cache.get_kv(layer.layer_id)
-        fb.kv_cache.set_kv(layer.layer_id, fb.out_cache_loc, k.view(-1, layer.num_kv_heads, layer.head_dim),
-                           v.view(-1, layer.num_kv_heads, layer.head_dim))
         q = q.view(-1, layer.num_heads, layer.head_dim)
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out.view(-1, layer.num_heads, layer.head_dim)
         starts = fb.extend_start_loc_cpu
         for i in range(fb.batch_size):
             n, seq_len = fb.extend_seq_lens_cpu[i], fb.seq_lens_cpu[i]
@@ -49,9 +47,8 @@ class TorchAttentionBackend(AttentionBackend):
         return out.view(-1, layer.num_heads * layer.head_dim)
 
     def forward_decode(self, q, k, v, layer, fb: ForwardBatch) -> torch.Tensor:
+        self.store_kv(k, v, layer, fb)
         k_buf, v_buf = fb.kv_cache.get_kv(layer.layer_id)
-        fb.kv_cache.set_kv(layer.layer_id, fb.out_cache_loc, k.view(-1, layer.num_kv_heads, layer.head_dim),
-                           v.view(-1, layer.num_kv_heads, layer.head_dim))
         b = fb.batch_size
         qb = q.view(b, layer.num_heads, 1, layer.head_dim)
         kb = k_buf[self.decode_indices].permute(0, 2, 1, 3).to(q.dtype)  # (B, Hkv, L, D)

@@ -27,13 +27,12 @@ class TritonAttentionBackend(AttentionBackend):
             self.extend_lens, self.extend_start_loc = fb.extend_seq_lens, fb.extend_start_loc
             self.max_extend_len = max(fb.extend_seq_lens_cpu)
 
-    def forward_extend(self, q, k, v, layer, fb: ForwardBatch) -> torch.Tensor:
+    def extend_attend(self, q, layer, fb: ForwardBatch, out: torch.Tensor | None = None) -> torch.Tensor:
         k_buf, v_buf = fb.kv_cache.get_kv(layer.layer_id)
-        fb.kv_cache.set_kv(layer.layer_id, fb.out_cache_loc, k.view(-1, layer.num_kv_heads, layer.head_dim),
-                           v.view(-1, layer.num_kv_heads, layer.head_dim))
-        out = self._extend(q.view(-1, layer.num_heads, layer.head_dim), k_buf, v_buf, fb.req_to_token,
-                           fb.req_pool_indices, fb.seq_lens, self.extend_lens, self.extend_start_loc,
-                           layer.scaling, self.max_extend_len)
+        shape = (-1, layer.num_heads, layer.head_dim)
+        out = self._extend(q.view(shape), k_buf, v_buf, fb.req_to_token, fb.req_pool_indices, fb.seq_lens,
+                           self.extend_lens, self.extend_start_loc, layer.scaling, self.max_extend_len,
+                           out=None if out is None else out.view(shape))
         return out.reshape(-1, layer.num_heads * layer.head_dim)
 
     def init_cuda_graph_state(self, max_bs: int, num_heads: int, head_dim: int, device: torch.device) -> None:
@@ -48,9 +47,8 @@ class TritonAttentionBackend(AttentionBackend):
         return ws
 
     def forward_decode(self, q, k, v, layer, fb: ForwardBatch) -> torch.Tensor:
+        self.store_kv(k, v, layer, fb)
         k_buf, v_buf = fb.kv_cache.get_kv(layer.layer_id)
-        fb.kv_cache.set_kv(layer.layer_id, fb.out_cache_loc, k.view(-1, layer.num_kv_heads, layer.head_dim),
-                           v.view(-1, layer.num_kv_heads, layer.head_dim))
         b = fb.batch_size
         ws = self._workspace_for(b, layer.num_heads, layer.head_dim, q.device)
         out = self._decode(q.view(b, layer.num_heads, layer.head_dim), k_buf, v_buf, fb.req_to_token,

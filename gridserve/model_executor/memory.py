@@ -74,12 +74,15 @@ class MemoryPlan:
 
     @classmethod
     def make(cls, device: torch.device, mem_fraction_static: float, activation_peak: int, prefill_tokens: int,
-             graph_max_bs: int, vocab_size: int, bytes_per_token: int) -> MemoryPlan:
+             graph_max_bs: int, prefill_graph_tokens: int, vocab_size: int, bytes_per_token: int) -> MemoryPlan:
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
-        # the graphs' pool holds decode activations and fp32 logits (plus sampling temporaries) at the largest
-        # batch; decode activations are tiny next to a prefill's, so the logits term dominates
+        # The decode graphs' pool holds decode activations and fp32 logits (plus sampling temporaries) at the
+        # largest batch; decode activations are tiny next to a prefill's, so the logits term dominates. The
+        # prefill pieces' pool holds the activations of their largest token count (scaled from the measured peak;
+        # it overestimates, as the measured peak includes the logits).
         graph_reserve = graph_max_bs * vocab_size * 4 * 3
+        graph_reserve += int(activation_peak * min(1.0, prefill_graph_tokens / prefill_tokens))
         static_room = int(total * mem_fraction_static) - used
         transient_room = free - activation_peak - graph_reserve - _SAFETY_BYTES
         kv_bytes = min(static_room, transient_room)
@@ -100,7 +103,7 @@ class MemoryPlan:
             return head + "The weights nearly fill the GPU: use --tp-size to split them over more GPUs."
         return head + (f"Lower --mem-fraction-static below {frac}, --chunked-prefill-size / --max-prefill-tokens "
                        f"(a prefill of {self.prefill_tokens} tokens needs {self.activation_peak / GiB:.2f} GiB), "
-                       f"or --cuda-graph-max-bs.")
+                       f"--cuda-graph-max-bs or --piecewise-cuda-graph-max-tokens.")
 
     def describe(self) -> str:
         return (f"GPU memory {self.total / GiB:.1f} GiB: weights and runtime {self.used_before_kv / GiB:.2f} GiB, "

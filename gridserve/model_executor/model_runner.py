@@ -1,5 +1,5 @@
-"""ModelRunner: owns the model, the KV cache pools, the attention backend, the decode CUDA graphs and the
-sampler of one rank."""
+"""ModelRunner: owns the model, the KV cache pools, the attention backend, the CUDA graphs (whole decode
+steps, prefill in pieces) and the sampler of one rank."""
 
 import logging
 import time
@@ -13,6 +13,7 @@ from gridserve.mem_cache.memory_pool import KVCache, ReqToTokenPool, TokenToKVPo
 from gridserve.model_executor.cuda_graph_runner import CudaGraphRunner
 from gridserve.model_executor.forward_batch import ForwardBatch
 from gridserve.model_executor.memory import MemoryPlan, cpu_kv_capacity, measure_activation_peak
+from gridserve.model_executor.piecewise_graph_runner import PiecewiseGraphRunner
 from gridserve.model_loader.loader import load_model, resolve_dtype
 from gridserve.models.config import ModelConfig
 from gridserve.sampling.sampler import SampleOutput, Sampler, SamplingBatchInfo
@@ -65,9 +66,19 @@ class ModelRunner:
         logger.info("KV cache: %d tokens, max running requests %d, context length %d",
                     self.max_total_num_tokens, self.max_running_requests, self.context_len)
         self.graph_runner = self._init_cuda_graphs()
+        self.prefill_graphs = self._init_prefill_graphs()
 
     def _graph_max_bs(self) -> int:
         return min(self.args.cuda_graph_max_bs, self.max_running_requests)
+
+    def _prefill_graph_tokens(self) -> int:
+        """The largest prefill replayed from piecewise graphs; 0 when prefill runs eagerly."""
+        a = self.args
+        if self.device.type != "cuda" or a.disable_cuda_graph or a.disable_piecewise_cuda_graph:
+            return 0
+        if not self.attn_backend.supports_cuda_graph:
+            return 0
+        return min(a.piecewise_cuda_graph_max_tokens, a.prefill_token_budget)
 
     def _kv_capacity(self) -> int:
         per_token = KVCache.bytes_per_token(self.model_config.num_hidden_layers, self.num_kv_heads,
@@ -81,7 +92,7 @@ class ModelRunner:
         graph_bs = 0 if self.args.disable_cuda_graph else min(self.args.cuda_graph_max_bs,
                                                               self.args.max_running_requests or 1 << 30)
         plan = MemoryPlan.make(self.device, self.args.mem_fraction_static, peak, prefill_tokens, graph_bs,
-                               self.model_config.vocab_size, per_token)
+                               self._prefill_graph_tokens(), self.model_config.vocab_size, per_token)
         logger.info("%s", plan.describe())
         return plan.kv_tokens
 
@@ -99,16 +110,33 @@ class ModelRunner:
                              f"lower --cuda-graph-max-bs or --mem-fraction-static "
                              f"(now {self.args.mem_fraction_static}), or pass --disable-cuda-graph") from e
 
-    def forward_eager(self, fb: ForwardBatch) -> torch.Tensor:
+    def _init_prefill_graphs(self) -> PiecewiseGraphRunner | None:
+        tokens = self._prefill_graph_tokens()
+        if not tokens:
+            return None
+        try:
+            return PiecewiseGraphRunner(self, tokens)
+        except torch.OutOfMemoryError as e:
+            raise ValueError(f"out of GPU memory while capturing prefill CUDA graphs up to {tokens} tokens: lower "
+                             f"--piecewise-cuda-graph-max-tokens or --mem-fraction-static "
+                             f"(now {self.args.mem_fraction_static}), or pass --disable-piecewise-cuda-graph") from e
+
+    def _attach(self, fb: ForwardBatch) -> None:
         fb.req_to_token = self.req_to_token_pool.req_to_token
         fb.kv_cache = self.kv_cache
         fb.attn_backend = self.attn_backend
+
+    def forward_eager(self, fb: ForwardBatch) -> torch.Tensor:
+        self._attach(fb)
         self.attn_backend.init_forward_metadata(fb)
         return self.model(fb.input_ids, fb.positions, fb)
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         if self.graph_runner is not None and self.graph_runner.can_run(fb):
             return self.graph_runner.run(fb)
+        if self.prefill_graphs is not None and self.prefill_graphs.can_run(fb):
+            self._attach(fb)
+            return self.model.compute_logits(self.prefill_graphs.run(fb), fb)
         return self.forward_eager(fb)
 
     def sample(self, logits: torch.Tensor, info: SamplingBatchInfo, return_logprob: bool,

@@ -121,7 +121,11 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         """Returns float32 logits: one row per request (its last token), or every row if asked."""
-        hidden = self.model(input_ids, positions, fb)
+        return self.compute_logits(self.model(input_ids, positions, fb), fb)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        """float32 logits from the final hidden states of every new token of the batch."""
         if fb.forward_mode.is_extend() and not fb.return_all_logits:
             hidden = hidden[fb.extend_start_loc + fb.extend_seq_lens - 1]
         return self.lm_head.compute_logits(hidden).float()

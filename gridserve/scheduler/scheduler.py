@@ -3,6 +3,7 @@ sends new tokens out. Its IO is two callables, so the same class serves an in-pr
 ZMQ-connected process later."""
 
 import logging
+import time
 from collections.abc import Callable
 
 from gridserve.detokenizer import CONTEXT_TOKENS
@@ -27,6 +28,7 @@ from gridserve.server_args import ServerArgs
 logger = logging.getLogger(__name__)
 
 INIT_NEW_TOKEN_RATIO, MIN_NEW_TOKEN_RATIO, NEW_TOKEN_RATIO_DECAY = 0.7, 0.1, 0.001
+DECODE_LOG_INTERVAL = 40  # decode steps between two throughput log lines (SGLang's default)
 
 # recv(block) returns the messages that arrived (waiting a little when block is True); send(msg) emits
 # a BatchTokenIDOutput or an RpcOutput towards the detokenizer.
@@ -61,6 +63,8 @@ class Scheduler:
         on_cuda = self.runner.device.type == "cuda"
         self.use_overlap = not args.disable_overlap_schedule and (on_cuda or args.enable_overlap_schedule)
         self.prefill_budget = args.prefill_token_budget
+        self.decode_steps = 0
+        self.decode_log_start = (time.perf_counter(), 0)  # (time, tokens decoded) at the last decode log line
 
     @property
     def scheduler_info(self) -> dict:
@@ -184,6 +188,7 @@ class Scheduler:
         self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         for r in reqs:
             r.extend_len = 1
+        self._log_decode(len(reqs))
         return ScheduleBatch(reqs, ForwardMode.DECODE)
 
     def decodable(self) -> list[Req]:
@@ -211,7 +216,28 @@ class Scheduler:
                 self.prompt_tokens_total += len(req.origin_input_ids)
                 self.cached_prompt_tokens_total += req.kv_len
         self.chunked_req = adder.new_chunked
-        return ScheduleBatch(adder.batch, ForwardMode.EXTEND) if adder.batch else None
+        if not adder.batch:
+            return None
+        self._log_prefill(adder.batch)
+        return ScheduleBatch(adder.batch, ForwardMode.EXTEND)
+
+    def _log_prefill(self, reqs: list[Req]) -> None:
+        s = self.stats()
+        logger.info("prefill batch: %d requests, %d new tokens, %d cached tokens, token usage %.2f, running %d, "
+                    "waiting %d", len(reqs), sum(r.extend_len for r in reqs), sum(r.kv_len for r in reqs),
+                    s.token_usage, len(self.running), len(self.waiting))
+
+    def _log_decode(self, batch_size: int) -> None:
+        self.decode_steps += 1
+        t0, n0 = self.decode_log_start
+        tokens = n0 + batch_size
+        if self.decode_steps % DECODE_LOG_INTERVAL:
+            self.decode_log_start = (t0, tokens)
+            return
+        now = time.perf_counter()
+        logger.info("decode batch: %d running, token usage %.2f, gen throughput %.1f tok/s", batch_size,
+                    self.stats().token_usage, tokens / max(now - t0, 1e-9))
+        self.decode_log_start = (now, 0)
 
     def retract_until_decode_fits(self) -> None:
         """Each decoding request needs one new slot; retract the newest requests until they all fit."""
