@@ -55,7 +55,7 @@ class CudaGraphRunner:
     def _capture_all(self) -> None:
         start = time.perf_counter()
         pool = None
-        stream = torch.cuda.Stream()  # capture must not run on the legacy default stream
+        stream = self.runner.stream
         # Largest first: the smaller graphs then fit in the memory the largest one reserved in the shared pool.
         for bs in reversed(self.sizes):
             fb = self._static_batch(bs)

@@ -96,7 +96,7 @@ class PiecewiseGraphRunner:
 
     def _capture_all(self) -> None:
         start = time.perf_counter()
-        stream = torch.cuda.Stream()
+        stream = self.runner.stream
         self._pool = self._pool or torch.cuda.graph_pool_handle()
         self.out_cache_loc.zero_()  # every captured row writes its K/V to the padding slot
         for n in reversed(self.counts):  # largest first: the smaller ones fit in the memory it reserved
