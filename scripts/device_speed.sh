@@ -16,7 +16,7 @@ has() { [[ " $STEPS " == *" $1 "* ]]; }
 if has kernels; then  # the Triton kernels on the GPU against their references
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py \
     tests/test_triton_decode_attention.py tests/test_triton_extend_attention.py tests/test_race_kernel.py \
-    tests/test_piecewise_graphs.py 2>&1 | tail -3
+    tests/test_piecewise_graphs.py tests/test_kv_store.py 2>&1 | tail -3
 fi
 if has check; then  # eager normal loop vs CUDA graphs + overlap loop (the defaults)
   python3 scripts/greedy_agreement.py $Q --baseline disable_cuda_graph=true disable_overlap_schedule=true \

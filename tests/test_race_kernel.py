@@ -62,3 +62,22 @@ def test_many_rows_equal_the_pytorch_draw():
 
 def test_empty_batch():
     assert kernel(torch.rand(0, 10), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)).shape == (0,)
+
+
+def reference_logits(logits, temps, seeds, steps):
+    u = sampler.random_uniforms(seeds, steps, logits.shape[1])
+    return (logits / temps[:, None] - torch.log(-torch.log(u))).argmax(dim=-1)
+
+
+@pytest.mark.parametrize("vocab", [1, 100, CHUNK + 300])
+def test_draw_from_logits_equals_the_pytorch_draw_and_the_probability_draw(vocab):
+    g = torch.Generator().manual_seed(vocab + 1)
+    logits = torch.randn(len(SEEDS), vocab, generator=g) * 0.2  # flat: the noise decides
+    temps = torch.tensor([0.5, 1.0, 0.7, 1.3, 2.0, 0.9, 1.1, 0.6])
+    seeds, steps = torch.tensor(SEEDS), torch.tensor(STEPS)
+    got = race_argmax(logits.to(DEVICE), seeds.to(DEVICE), steps.to(DEVICE), sampler._SEED_SALT,
+                      sampler._TOKEN_SALT, temps.to(DEVICE)).cpu().tolist()
+    assert got == reference_logits(logits, temps, seeds, steps).tolist()
+    # the log-space draw picks what the probability draw picks (the same race, another monotone score)
+    assert got == reference(torch.softmax(logits / temps[:, None], dim=-1), seeds, steps).tolist()
+    assert got == sampler.exponential_race_logits(logits, temps[:, None], seeds, steps).tolist()

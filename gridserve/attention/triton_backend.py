@@ -1,5 +1,5 @@
-"""Attention with the project's Triton kernels over the paged KV cache: split-KV decode, and extend (prefill
-with a cached prefix, causal over the new tokens)."""
+"""Attention with the project's Triton kernels over the paged KV cache: split-KV decode, extend (prefill with a
+cached prefix, causal over the new tokens) and the fused KV store."""
 
 import torch
 
@@ -11,10 +11,11 @@ class TritonAttentionBackend(AttentionBackend):
     supports_cuda_graph = True
 
     def __init__(self, num_kv_splits: int | None = None):
-        from gridserve.attention.triton_ops import DecodeWorkspace, decode_attention, extend_attention
+        from gridserve.attention.triton_ops import DecodeWorkspace, decode_attention, extend_attention, store_kv
 
         self._decode = decode_attention
         self._extend = extend_attention
+        self._store = store_kv
         self.extend_lens = self.extend_start_loc = None
         self.max_extend_len = 0
         self._workspace_cls = DecodeWorkspace
@@ -26,6 +27,10 @@ class TritonAttentionBackend(AttentionBackend):
         if fb.forward_mode.is_extend():
             self.extend_lens, self.extend_start_loc = fb.extend_seq_lens, fb.extend_start_loc
             self.max_extend_len = max(fb.extend_seq_lens_cpu)
+
+    def store_kv(self, k, v, layer, fb: ForwardBatch) -> None:
+        k_buf, v_buf = fb.kv_cache.get_kv(layer.layer_id)
+        self._store(k_buf, v_buf, fb.out_cache_loc, k, v)
 
     def extend_attend(self, q, layer, fb: ForwardBatch, out: torch.Tensor | None = None) -> torch.Tensor:
         k_buf, v_buf = fb.kv_cache.get_kv(layer.layer_id)

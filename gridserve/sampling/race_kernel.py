@@ -1,5 +1,6 @@
 """The sampler's draw as one Triton kernel: argmax over tokens of p / E, E = -log(U), with the same
-counter-based uniforms as `sampler.random_uniforms`.
+counter-based uniforms as `sampler.random_uniforms`; or, straight from the logits when no top-k/top-p/min-p
+filter applies, argmax of logit / T - log(E), the same draw in log space without a softmax pass.
 
 Written in PyTorch the draw is ~40 int64 elementwise passes over a (batch, vocab) table; at batch 256 and
 Qwen3's 152k vocabulary that was 3.9 ms a step, a third of `bench offline` (profile in docs/benchmarks.md).
@@ -35,10 +36,12 @@ def _lanes(v):
     return lo, hi
 
 
-@triton.jit(do_not_specialize_on_alignment=["Seeds", "Steps"])  # rows of one copy: alignment varies
-def _race_kernel(Probs, Seeds, Steps, BestScore, BestIdx, V, stride_p, stride_b,
-                 SEED_SALT: tl.constexpr, TOKEN_SALT: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr):
+@triton.jit(do_not_specialize_on_alignment=["Seeds", "Steps", "Temps"])  # rows of one copy: alignment varies
+def _race_kernel(Probs, Seeds, Steps, Temps, BestScore, BestIdx, V, stride_p, stride_b,
+                 SEED_SALT: tl.constexpr, TOKEN_SALT: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr,
+                 FROM_LOGITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    inv_t = 1.0 / tl.load(Temps + row) if FROM_LOGITS else 1.0
     chunk = tl.program_id(1)
     seed_lo, seed_hi = _lanes(tl.load(Seeds + row))
     step_lo, step_hi = _lanes(tl.load(Steps + row))
@@ -56,7 +59,10 @@ def _race_kernel(Probs, Seeds, Steps, BestScore, BestIdx, V, stride_p, stride_b,
         tok = _mix32(offs.to(tl.uint32) ^ tl.full([], TOKEN_SALT, tl.uint32))
         bits = _mix32(key ^ tok)
         u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23
-        score = tl.where(mask, p / -tl.log(u), float("-inf"))
+        if FROM_LOGITS:
+            score = tl.where(mask, p * inv_t - tl.log(-tl.log(u)), float("-inf"))
+        else:
+            score = tl.where(mask, p / -tl.log(u), float("-inf"))
         better = score > best  # strict: an earlier token keeps a tie, as torch.argmax does
         best = tl.where(better, score, best)
         best_i = tl.where(better, offs, best_i)
@@ -67,16 +73,19 @@ def _race_kernel(Probs, Seeds, Steps, BestScore, BestIdx, V, stride_p, stride_b,
 
 
 def race_argmax(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, seed_salt: int,
-                token_salt: int) -> torch.Tensor:
+                token_salt: int, temperatures: torch.Tensor | None = None) -> torch.Tensor:
     """Row-wise argmax of probs / -log(U) with U the counter-based uniforms of (seeds[i], steps[i], token).
-    probs (B, V) float (rows need not sum to 1); seeds, steps (B,) int64. Returns (B,) int64 token ids."""
+    probs (B, V) float (rows need not sum to 1); seeds, steps (B,) int64. Returns (B,) int64 token ids.
+    With temperatures (B,) or (B, 1), `probs` are logits and the score is logit / T - log(-log(U))."""
     b, v = probs.shape
     if probs.stride(1) != 1:
         probs = probs.contiguous()
     chunks = triton.cdiv(v, CHUNK)
     best = torch.empty((b, chunks), dtype=torch.float32, device=probs.device)
     best_idx = torch.empty((b, chunks), dtype=torch.int32, device=probs.device)
+    temps = seeds if temperatures is None else temperatures.reshape(-1).float().contiguous()
     if b:
-        _race_kernel[(b, chunks)](probs, seeds, steps, best, best_idx, v, probs.stride(0), chunks,
-                                  SEED_SALT=seed_salt, TOKEN_SALT=token_salt, CHUNK=CHUNK, TILE=TILE)
+        _race_kernel[(b, chunks)](probs, seeds, steps, temps, best, best_idx, v, probs.stride(0), chunks,
+                                  SEED_SALT=seed_salt, TOKEN_SALT=token_salt, CHUNK=CHUNK, TILE=TILE,
+                                  FROM_LOGITS=temperatures is not None)
     return best_idx.gather(1, best.argmax(dim=1, keepdim=True)).squeeze(1).long()

@@ -67,6 +67,18 @@ def exponential_race(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tens
     return (probs / -torch.log(random_uniforms(seeds, steps, probs.shape[1]))).argmax(dim=-1)
 
 
+def exponential_race_logits(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
+                            steps: torch.Tensor) -> torch.Tensor:
+    """The same draw as exponential_race(softmax(logits / T)), in log space: argmax of logits / T - log(E).
+    It skips the softmax pass over the (batch, vocab) table when no filter needs probabilities."""
+    if logits.is_cuda:
+        from gridserve.sampling.race_kernel import race_argmax
+
+        return race_argmax(logits, seeds, steps, _SEED_SALT, _TOKEN_SALT, temperatures)
+    e = -torch.log(random_uniforms(seeds, steps, logits.shape[1]))
+    return (logits / temperatures - torch.log(e)).argmax(dim=-1)
+
+
 def _to_int64(v: int) -> int:
     # Seeds may be given signed or unsigned; reduce mod 2**64 into int64's range.
     return ((v + 2**63) % 2**64) - 2**63
@@ -274,11 +286,12 @@ class Sampler:
 
         if info.is_all_greedy:
             next_ids = penalised.argmax(dim=-1)
+        elif info.need_top_k or info.need_top_p or info.need_min_p:
+            next_ids = exponential_race(_filtered_probs(penalised, info), info.seeds, info.steps)
         else:
-            probs = _filtered_probs(penalised, info)
-            next_ids = exponential_race(probs, info.seeds, info.steps)
-            if info.has_greedy:
-                next_ids = torch.where(info.greedy_mask, penalised.argmax(dim=-1), next_ids)
+            next_ids = exponential_race_logits(penalised, info.temperatures, info.seeds, info.steps)
+        if info.has_greedy and not info.is_all_greedy:
+            next_ids = torch.where(info.greedy_mask, penalised.argmax(dim=-1), next_ids)
 
         logprobs = top_val = top_idx = None
         if return_logprob or top_logprobs_num > 0:
