@@ -61,8 +61,7 @@ class CudaGraphRunner:
             fb = self._static_batch(bs)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(2):  # compile Triton kernels, create cuBLAS handles, outside the graph
-                    self.runner.forward_eager(fb)
+                self.runner.forward_eager(fb)  # compile Triton kernels, create cuBLAS handles, outside the graph
                 stream.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):

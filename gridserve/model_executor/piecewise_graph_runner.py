@@ -102,8 +102,7 @@ class PiecewiseGraphRunner:
         for n in reversed(self.counts):  # largest first: the smaller ones fit in the memory it reserved
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(2):  # compile kernels and create cuBLAS handles outside the graphs
-                    self._forward(n)
+                self._forward(n)  # compile kernels and create cuBLAS handles outside the graphs
                 stream.synchronize()
                 self._pieces = []
                 self._begin_piece()
