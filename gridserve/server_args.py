@@ -57,6 +57,8 @@ class ServerArgs:
     random_seed: int = _opt(0, "seed for requests that do not give one")
     tp_size: int = _opt(1, "tensor-parallel size")
     pp_size: int = _opt(1, "pipeline-parallel size")
+    pp_layer_partition: str | None = _opt(None, "layers per pipeline stage, e.g. 15,15,15,16 (default: even, the "
+                                                "remainder on the last stages)")
     dp_size: int = _opt(1, "data-parallel size")
     base_gpu_id: int = _opt(0, "first GPU this node uses")
     gpu_id_step: int = _opt(1, "GPU id distance between consecutive ranks")
@@ -96,8 +98,13 @@ class ServerArgs:
         for name in ("tp_size", "pp_size", "dp_size", "nnodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-            if name in ("pp_size", "dp_size") and getattr(self, name) != 1:
+            if name == "dp_size" and getattr(self, name) != 1:
                 raise ValueError(f"--{name.replace('_', '-')} > 1 is not supported yet")
+        if self.pp_layer_partition is not None:
+            parts = self.pp_layer_partition.split(",")
+            if not all(p.strip().isdigit() and int(p) > 0 for p in parts) or len(parts) != self.pp_size:
+                raise ValueError(f"--pp-layer-partition must be {self.pp_size} positive layer counts separated by "
+                                 f"commas (one per stage), got {self.pp_layer_partition!r}")
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"--node-rank must be in [0, --nnodes={self.nnodes}), got {self.node_rank}")
         if self.nnodes > 1 and not self.dist_init_addr:
@@ -119,6 +126,11 @@ class ServerArgs:
         if self.chunked_prefill_size > 0:
             return min(self.max_prefill_tokens, self.chunked_prefill_size)
         return self.max_prefill_tokens
+
+    @property
+    def pp_partition(self) -> list[int] | None:
+        """--pp-layer-partition as layer counts, or None for the even split."""
+        return None if self.pp_layer_partition is None else [int(p) for p in self.pp_layer_partition.split(",")]
 
     @property
     def model_name(self) -> str:

@@ -1,5 +1,5 @@
 """One fixed sequence of model forwards over the paged KV cache (batched prefill, prefix extend, decode),
-run the same way at any tensor-parallel size, returning the logits of every step."""
+run the same way at any tensor- or pipeline-parallel size, returning the logits of every step."""
 
 import torch
 
@@ -36,6 +36,9 @@ def forward(runner: ModelRunner, mode, rows, new_ids, prefix_lens, all_logits=Fa
         positions=torch.tensor(pos, device=dev), req_pool_indices=torch.tensor(rows, device=dev),
         seq_lens=torch.tensor(seq_lens, device=dev), out_cache_loc=torch.cat(locs),
         seq_lens_cpu=seq_lens, extend_seq_lens_cpu=[len(x) for x in new_ids], return_all_logits=all_logits)
+    if runner.pp.size > 1:  # every stage runs its layers; only the last one has logits
+        out = runner.forward_stage(fb)
+        return None if out is None else out.cpu()
     return runner.forward(fb).cpu()
 
 

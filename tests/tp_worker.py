@@ -1,17 +1,24 @@
-"""A tensor-parallel rank for tests: joins a gloo group, runs the logits script, rank 0 saves the result."""
+"""A model-parallel rank for tests: joins a gloo group (tp x pp), runs the logits script, and the rank that holds
+the logits (tp 0 of the last stage) saves them."""
 
 import torch
 
-from gridserve.distributed.parallel_state import destroy_model_parallel, init_model_parallel
+from gridserve.distributed.parallel_state import destroy_model_parallel, get_pp_group, init_model_parallel
 
 
 def logits_worker(rank: int, tp: int, init_method: str, model_path: str, result_path: str,
-                  load_format: str = "auto") -> None:
+                  load_format: str = "auto", pp: int = 1, partition: list[int] | None = None) -> None:
     torch.set_num_threads(1)
-    init_model_parallel(tp, rank, tp, 1, init_method, torch.device("cpu"))
+    init_model_parallel(tp * pp, rank, tp, pp, init_method, torch.device("cpu"), pp_layer_partition=partition)
     from tests.logits_script import make_runner, run_script
 
-    out = run_script(make_runner(model_path, tp, load_format))
-    if rank == 0:
+    runner = make_runner(model_path, tp, load_format)
+    if pp > 1:  # this stage holds only its layers and their KV cache
+        assert runner.num_layers < len(runner.model.model.layers) == runner.model_config.num_hidden_layers
+        assert len(runner.kv_cache.k_buffers) == runner.num_layers
+    out = run_script(runner)
+    runner.wait_sends()
+    if rank == (pp - 1) * tp:
+        assert get_pp_group().is_last
         torch.save(out, result_path)
     destroy_model_parallel()

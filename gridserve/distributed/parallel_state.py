@@ -57,6 +57,29 @@ class GroupCoordinator:
         dist.broadcast_object_list(box, src=self.first_rank, group=self.cpu_group)
         return box[0]
 
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.size - 1
+
+    def send(self, tensors: list[torch.Tensor], dst: int) -> list:
+        """Sends tensors to group rank dst without waiting; returns the requests to wait on before the tensors
+        are reused."""
+        return [dist.isend(t.contiguous(), self.ranks[dst], group=self.device_group) for t in tensors]
+
+    def recv(self, tensors: list[torch.Tensor], src: int) -> list[torch.Tensor]:
+        """Fills the given (preallocated) tensors from group rank src, in the order they were sent."""
+        for t in tensors:
+            dist.recv(t, self.ranks[src], group=self.device_group)
+        return tensors
+
+    def send_object(self, obj, dst: int) -> None:
+        dist.send_object_list([obj], self.ranks[dst], group=self.cpu_group)
+
+    def recv_object(self, src: int):
+        box = [None]
+        dist.recv_object_list(box, self.ranks[src], group=self.cpu_group)
+        return box[0]
+
     def all_reduce_min(self, value: int) -> int:
         if self.size == 1:
             return value
@@ -67,6 +90,8 @@ class GroupCoordinator:
 
 _TP = GroupCoordinator()
 _PP = GroupCoordinator()
+_WORLD = GroupCoordinator()
+_PP_PARTITION: list[int] | None = None  # --pp-layer-partition, when given
 
 
 def get_tp_group() -> GroupCoordinator:
@@ -75,6 +100,18 @@ def get_tp_group() -> GroupCoordinator:
 
 def get_pp_group() -> GroupCoordinator:
     return _PP
+
+
+def get_world_group() -> GroupCoordinator:
+    """Every rank of this model replica (tp * pp), for the few facts that all of them must agree on."""
+    return _WORLD
+
+
+def pp_layer_range(num_layers: int) -> tuple[int, int]:
+    """[start, end) of the layers this pipeline stage holds."""
+    from gridserve.distributed.pipeline import partition_layers
+
+    return partition_layers(num_layers, _PP.size, _PP_PARTITION)[_PP.rank]
 
 
 def tp_rank() -> int:
@@ -86,11 +123,13 @@ def tp_size() -> int:
 
 
 def init_model_parallel(world_size: int, rank: int, tp_size: int, pp_size: int, init_method: str,
-                        device: torch.device, timeout_s: float | None = None) -> None:
+                        device: torch.device, timeout_s: float | None = None,
+                        pp_layer_partition: list[int] | None = None) -> None:
     """Joins the world of one model replica (tp * pp ranks) and builds its TP and PP groups.
     Global rank = pp_rank * tp_size + tp_rank."""
-    global _TP, _PP
+    global _TP, _PP, _WORLD, _PP_PARTITION
     assert world_size == tp_size * pp_size
+    _PP_PARTITION = pp_layer_partition
     if world_size == 1:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -109,6 +148,10 @@ def init_model_parallel(world_size: int, rank: int, tp_size: int, pp_size: int, 
         dev, cpu = _new_groups(ranks, backend, timeout)
         if t == tp_rank_:
             _PP = GroupCoordinator(pp_rank, pp_size, ranks, dev, cpu)
+    world = tuple(range(world_size))
+    cpu_world = dist.group.WORLD if backend == "gloo" else dist.new_group(list(world), backend="gloo",
+                                                                          timeout=timeout)
+    _WORLD = GroupCoordinator(rank, world_size, world, dist.group.WORLD, cpu_world)
 
 
 def _new_groups(ranks: tuple[int, ...], backend: str, timeout):
@@ -118,7 +161,7 @@ def _new_groups(ranks: tuple[int, ...], backend: str, timeout):
 
 
 def destroy_model_parallel() -> None:
-    global _TP, _PP
-    _TP, _PP = GroupCoordinator(), GroupCoordinator()
+    global _TP, _PP, _WORLD, _PP_PARTITION
+    _TP, _PP, _WORLD, _PP_PARTITION = GroupCoordinator(), GroupCoordinator(), GroupCoordinator(), None
     if dist.is_initialized():
         dist.destroy_process_group()

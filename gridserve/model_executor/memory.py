@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gridserve.distributed.pipeline import IntermediateTensors
 from gridserve.mem_cache.memory_pool import KVCache
 from gridserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 
@@ -40,7 +41,8 @@ def measure_activation_peak(runner, num_tokens: int) -> int:
     lens = [per_req] * (num_tokens // per_req) + ([num_tokens % per_req] if num_tokens % per_req else [])
     torch.cuda.synchronize(dev)
     torch.cuda.reset_peak_memory_stats(dev)
-    kv = KVCache(num_tokens, cfg.num_hidden_layers, runner.num_kv_heads, runner.head_dim, runner.dtype, dev)
+    kv = KVCache(num_tokens, runner.num_layers, runner.num_kv_heads, runner.head_dim, runner.dtype, dev,
+                 runner.start_layer)
     slots = torch.arange(1, num_tokens + 1, device=dev)
     table = torch.zeros(len(lens), per_req, dtype=torch.int32, device=dev)
     for i, part in enumerate(slots.split(lens)):
@@ -54,7 +56,11 @@ def measure_activation_peak(runner, num_tokens: int) -> int:
         out_cache_loc=slots, seq_lens_cpu=lens, extend_seq_lens_cpu=lens)
     fb.req_to_token, fb.kv_cache, fb.attn_backend = table, kv, runner.attn_backend
     runner.attn_backend.init_forward_metadata(fb)
-    logits = runner.model(fb.input_ids, fb.positions, fb)
+    intermediate = None
+    if not runner.pp.is_first:  # a later pipeline stage starts from the previous stage's hidden states
+        hidden = torch.zeros(num_tokens, runner.hidden_size, dtype=runner.dtype, device=dev)
+        intermediate = IntermediateTensors(hidden, hidden.clone())
+    logits = runner.model(fb.input_ids, fb.positions, fb, intermediate)
     torch.cuda.synchronize(dev)
     peak = torch.cuda.max_memory_allocated(dev) - base
     del logits, fb, kv, table, slots

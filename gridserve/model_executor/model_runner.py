@@ -8,7 +8,8 @@ import torch
 
 from gridserve.attention.base import AttentionBackend
 from gridserve.attention.torch_backend import TorchAttentionBackend
-from gridserve.distributed.parallel_state import get_tp_group
+from gridserve.distributed.parallel_state import get_pp_group, get_tp_group, get_world_group
+from gridserve.distributed.pipeline import IntermediateTensors
 from gridserve.mem_cache.memory_pool import KVCache, ReqToTokenPool, TokenToKVPoolAllocator
 from gridserve.model_executor.cuda_graph_runner import CudaGraphRunner
 from gridserve.model_executor.forward_batch import ForwardBatch
@@ -56,19 +57,24 @@ class ModelRunner:
         start = time.perf_counter()
         self.model = load_model(model_path, cfg, self.dtype, self.device, args.load_format, args.show_progress)
         logger.info("weights loaded (%s) in %.1f s", args.load_format, time.perf_counter() - start)
-        attn = self.model.model.layers[0].self_attn
+        decoder = self.model.model
+        self.start_layer, self.num_layers = decoder.start_layer, decoder.end_layer - decoder.start_layer
+        attn = decoder.layers[self.start_layer].self_attn
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        self.tp = get_tp_group()
+        self.hidden_size = cfg.hidden_size
+        self.tp, self.pp = get_tp_group(), get_pp_group()
+        self._sends: list = []  # this stage's sends to the next one still in flight
         self.attn_backend = make_attention_backend(args.attention_backend, self.device)
         self.sampler = Sampler()
-        # every TP rank holds the same tokens, so the pool is as large as the smallest rank allows
-        self.max_total_num_tokens = self.tp.all_reduce_min(self._kv_capacity())
+        # every rank holds the same tokens (for its heads and layers), so the pool is as large as the smallest
+        # rank allows
+        self.max_total_num_tokens = get_world_group().all_reduce_min(self._kv_capacity())
         self.max_running_requests = args.max_running_requests or max(
             1, min(self.max_total_num_tokens // 2, 2048 if self.device.type == "cuda" else 256))
         self.req_to_token_pool = ReqToTokenPool(self.max_running_requests, self.context_len + 1, self.device)
         self.allocator = TokenToKVPoolAllocator(self.max_total_num_tokens, self.device)
-        self.kv_cache = KVCache(self.max_total_num_tokens, cfg.num_hidden_layers, self.num_kv_heads,
-                                self.head_dim, self.dtype, self.device)
+        self.kv_cache = KVCache(self.max_total_num_tokens, self.num_layers, self.num_kv_heads, self.head_dim,
+                                self.dtype, self.device, self.start_layer)
         logger.info("KV cache: %d tokens, max running requests %d, context length %d",
                     self.max_total_num_tokens, self.max_running_requests, self.context_len)
         self.graph_runner = self._init_cuda_graphs()
@@ -80,14 +86,14 @@ class ModelRunner:
     def _prefill_graph_tokens(self) -> int:
         """The largest prefill replayed from piecewise graphs; 0 when prefill runs eagerly."""
         a = self.args
-        if self.device.type != "cuda" or a.disable_cuda_graph or a.disable_piecewise_cuda_graph:
+        if self.device.type != "cuda" or a.disable_cuda_graph or a.disable_piecewise_cuda_graph or self.pp.size > 1:
             return 0
         if not self.attn_backend.supports_cuda_graph:
             return 0
         return min(a.piecewise_cuda_graph_max_tokens, a.prefill_token_budget)
 
     def _kv_capacity(self) -> int:
-        per_token = KVCache.bytes_per_token(self.model_config.num_hidden_layers, self.num_kv_heads,
+        per_token = KVCache.bytes_per_token(self.num_layers, self.num_kv_heads,
                                             self.head_dim, self.dtype)
         if self.args.max_total_tokens:
             return self.args.max_total_tokens
@@ -104,6 +110,9 @@ class ModelRunner:
 
     def _init_cuda_graphs(self) -> CudaGraphRunner | None:
         if self.device.type != "cuda" or self.args.disable_cuda_graph:
+            return None
+        if self.pp.size > 1:
+            logger.warning("CUDA graphs do not cover pipeline stages yet: this stage runs eagerly")
             return None
         if not self.attn_backend.supports_cuda_graph:
             logger.warning("the %s attention backend cannot run in CUDA graphs: decode runs eagerly",
@@ -132,18 +141,43 @@ class ModelRunner:
         fb.kv_cache = self.kv_cache
         fb.attn_backend = self.attn_backend
 
-    def forward_eager(self, fb: ForwardBatch) -> torch.Tensor:
+    def forward_eager(self, fb: ForwardBatch, intermediate: IntermediateTensors | None = None):
         self._attach(fb)
         self.attn_backend.init_forward_metadata(fb)
-        return self.model(fb.input_ids, fb.positions, fb)
+        return self.model(fb.input_ids, fb.positions, fb, intermediate)
 
-    def forward(self, fb: ForwardBatch) -> torch.Tensor:
+    def forward(self, fb: ForwardBatch, intermediate: IntermediateTensors | None = None):
+        """Logits, or with pipeline parallelism on a stage before the last, what the next stage needs."""
+        if self.pp.size > 1:
+            return self.forward_eager(fb, intermediate)
         if self.graph_runner is not None and self.graph_runner.can_run(fb):
             return self.graph_runner.run(fb)
         if self.prefill_graphs is not None and self.prefill_graphs.can_run(fb):
             self._attach(fb)
             return self.model.compute_logits(self.prefill_graphs.run(fb), fb)
         return self.forward_eager(fb)
+
+    def forward_stage(self, fb: ForwardBatch) -> torch.Tensor | None:
+        """This pipeline stage's share of a forward: receives the previous stage's hidden states and residual,
+        runs this stage's layers and sends the result on without waiting. The last stage returns the logits,
+        the others None."""
+        intermediate = None
+        if not self.pp.is_first:
+            n = fb.input_ids.shape[0]
+            bufs = [torch.empty(n, self.hidden_size, dtype=self.dtype, device=self.device) for _ in range(2)]
+            intermediate = IntermediateTensors(*self.pp.recv(bufs, self.pp.rank - 1))
+        out = self.forward(fb, intermediate)
+        if not isinstance(out, IntermediateTensors):
+            return out
+        self.wait_sends()  # the previous send's buffers may be reused only once it completed
+        self._sends = self.pp.send([out.hidden, out.residual], self.pp.rank + 1)
+        return None
+
+    def wait_sends(self) -> None:
+        """Waits until the next stage has what this stage sent (before reusing its buffers, or shutting down)."""
+        for req in self._sends:
+            req.wait()
+        self._sends = []
 
     def sample(self, logits: torch.Tensor, info: SamplingBatchInfo, return_logprob: bool,
                top_logprobs_num: int) -> SampleOutput:

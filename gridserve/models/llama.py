@@ -6,7 +6,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from gridserve.distributed.parallel_state import get_tp_group
+from gridserve.distributed.parallel_state import get_pp_group, get_tp_group, pp_layer_range
+from gridserve.distributed.pipeline import IntermediateTensors, PPMissingLayer
 from gridserve.layers.activation import SiluAndMul
 from gridserve.layers.attention import Attention
 from gridserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -80,16 +81,31 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
+    """The decoder stack. With pipeline parallelism it holds only this stage's layers (the others are
+    placeholders, so names stay global); the first stage embeds, the last applies the final norm."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        pp = get_pp_group()
+        self.is_first, self.is_last = pp.is_first, pp.is_last
+        self.start_layer, self.end_layer = pp_layer_range(cfg.num_hidden_layers)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size) if self.is_first \
+            else PPMissingLayer()
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i) if self.start_layer <= i < self.end_layer else PPMissingLayer()
+            for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.is_last else PPMissingLayer()
 
-    def forward(self, input_ids, positions, fb: ForwardBatch) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+    def forward(self, input_ids, positions, fb: ForwardBatch, intermediate: IntermediateTensors | None = None):
+        """The final hidden states on the last stage, else what the next stage needs."""
+        if self.is_first:
+            x, residual = self.embed_tokens(input_ids), None
+        else:
+            x, residual = intermediate.hidden, intermediate.residual
+        for layer in self.layers[self.start_layer : self.end_layer]:
             x, residual = layer(positions, x, residual, fb)
+        if not self.is_last:
+            return IntermediateTensors(x, residual)
         x, _ = self.norm(x, residual)
         return x
 
@@ -112,16 +128,20 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.tp = get_tp_group()
         self.model = DecoderModel(cfg)
-        if cfg.tie_word_embeddings:
-            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
-            self.lm_head.weight = self.model.embed_tokens.weight
+        if not self.model.is_last:
+            self.lm_head = PPMissingLayer()
         else:
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+            if cfg.tie_word_embeddings and self.model.is_first:
+                self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        """Returns float32 logits: one row per request (its last token), or every row if asked."""
-        return self.compute_logits(self.model(input_ids, positions, fb), fb)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch,
+                intermediate: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        """float32 logits (one row per request, its last token, or every row if asked) on the last pipeline
+        stage; on the others, what the next stage needs."""
+        out = self.model(input_ids, positions, fb, intermediate)
+        return out if isinstance(out, IntermediateTensors) else self.compute_logits(out, fb)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
@@ -134,19 +154,39 @@ class LlamaForCausalLM(nn.Module):
         """Copies checkpoint tensors into the (sharded) parameters; returns the parameter names loaded."""
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded = set()
+        tied_last_stage = self.config.tie_word_embeddings and self.model.is_last and not self.model.is_first
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
+            if name == "model.embed_tokens.weight" and tied_last_stage:  # the tied head's only copy
+                self._load(params["lm_head.weight"], tensor, None)
+                loaded.add("lm_head.weight")
             target, shard = _fused_name(name)
+            if self._on_other_stage(target):
+                continue
             if target not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no matching parameter in {type(self).__name__}")
-            param = params[target]
-            loader = getattr(param, "weight_loader", None)
-            if loader is None:
-                param.data.copy_(materialize(tensor))
-            else:
-                loader(param, tensor, shard)
+            self._load(params[target], tensor, shard)
             loaded.add(target)
         return loaded
+
+    @staticmethod
+    def _load(param: nn.Parameter, tensor, shard) -> None:
+        loader = getattr(param, "weight_loader", None)
+        if loader is None:
+            param.data.copy_(materialize(tensor))
+        else:
+            loader(param, tensor, shard)
+
+    def _on_other_stage(self, name: str) -> bool:
+        """Whether a checkpoint tensor belongs to a module another pipeline stage holds."""
+        m = self.model
+        if name.startswith("model.layers."):
+            return not m.start_layer <= int(name.split(".")[2]) < m.end_layer
+        if name.startswith("model.embed_tokens."):
+            return not m.is_first
+        if name.startswith(("model.norm.", "lm_head.")):
+            return not m.is_last
+        return False

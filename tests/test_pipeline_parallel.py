@@ -1,0 +1,48 @@
+"""Pipeline parallelism on CPU (gloo, float32): each stage holds only its layers (and their KV cache), hands its
+hidden states and residual to the next, and the last stage's logits equal one process's, alone and combined with
+tensor parallelism; the layer partition and its errors."""
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gridserve.distributed.pipeline import partition_layers
+from gridserve.server_args import ServerArgs
+from tests.logits_script import make_runner, run_script
+from tests.server_utils import free_port
+from tests.tiny_models import make_tiny_model
+from tests.tp_worker import logits_worker
+
+
+def test_partition_puts_the_remainder_on_the_last_stages():
+    assert partition_layers(30, 4) == [(0, 7), (7, 14), (14, 22), (22, 30)]
+    assert partition_layers(3, 2) == [(0, 1), (1, 3)]
+    assert partition_layers(4, 1) == [(0, 4)]
+    assert partition_layers(3, 2, [2, 1]) == [(0, 2), (2, 3)]
+    with pytest.raises(ValueError, match="larger than the model's 3 layers"):
+        partition_layers(3, 4)
+    with pytest.raises(ValueError, match="sum to the model's 3 layers"):
+        partition_layers(3, 2, [1, 1])
+    with pytest.raises(ValueError, match="must be 2 positive layer counts"):
+        ServerArgs(pp_size=2, pp_layer_partition="3")
+    assert ServerArgs(pp_size=2, pp_layer_partition="2,1").pp_partition == [2, 1]
+
+
+@pytest.mark.parametrize("kind, tp, pp, partition, load_format", [
+    ("llama", 1, 2, None, "auto"),  # 3 layers: 1 + 2
+    ("qwen3", 1, 2, [2, 1], "auto"),
+    ("qwen2", 1, 3, None, "auto"),  # tied embeddings: the last stage loads the head from the embedding
+    ("llama3-rope", 2, 2, None, "auto"),  # 4 processes, one KV head replicated over tp
+    ("qwen2", 1, 2, None, "dummy"),
+])
+def test_pp_logits_equal_one_process(kind, tp, pp, partition, load_format, tmp_path):
+    make_tiny_model(kind, tmp_path / "model")
+    want = run_script(make_runner(str(tmp_path / "model"), 1, load_format))
+    result = tmp_path / "pp.pt"
+    mp.start_processes(logits_worker, args=(tp, f"tcp://127.0.0.1:{free_port()}", str(tmp_path / "model"),
+                                            str(result), load_format, pp, partition),
+                       nprocs=tp * pp, start_method="spawn")
+    got = torch.load(result)
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
