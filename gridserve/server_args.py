@@ -57,6 +57,8 @@ class ServerArgs:
     random_seed: int = _opt(0, "seed for requests that do not give one")
     tp_size: int = _opt(1, "tensor-parallel size")
     pp_size: int = _opt(1, "pipeline-parallel size")
+    pp_max_micro_batch_size: int | None = _opt(None, "most requests in one pipeline micro-batch (default: "
+                                                     "max running requests / pp size)")
     pp_layer_partition: str | None = _opt(None, "layers per pipeline stage, e.g. 15,15,15,16 (default: even, the "
                                                 "remainder on the last stages)")
     dp_size: int = _opt(1, "data-parallel size")
@@ -82,7 +84,7 @@ class ServerArgs:
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(self, name)!r}")
         positive = ["context_length", "max_total_tokens", "max_running_requests", "max_prefill_tokens",
-                    "cuda_graph_max_bs", "piecewise_cuda_graph_max_tokens"]
+                    "cuda_graph_max_bs", "piecewise_cuda_graph_max_tokens", "pp_max_micro_batch_size"]
         for name in positive:
             v = getattr(self, name)
             if v is not None and v <= 0:

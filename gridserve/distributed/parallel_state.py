@@ -5,6 +5,7 @@ has size 1 and every collective is an identity, so the single-GPU path has no di
 """
 
 import datetime
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -72,13 +73,19 @@ class GroupCoordinator:
             dist.recv(t, self.ranks[src], group=self.device_group)
         return tensors
 
-    def send_object(self, obj, dst: int) -> None:
-        dist.send_object_list([obj], self.ranks[dst], group=self.cpu_group)
+    def send_object_async(self, obj, dst: int) -> list[tuple]:
+        """Sends a picklable object to group rank dst over the CPU group without waiting; returns
+        (request, buffer) pairs that must stay alive until the requests complete."""
+        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        size = torch.tensor([payload.numel()], dtype=torch.int64)
+        return [(dist.isend(t, self.ranks[dst], group=self.cpu_group), t) for t in (size, payload)]
 
     def recv_object(self, src: int):
-        box = [None]
-        dist.recv_object_list(box, self.ranks[src], group=self.cpu_group)
-        return box[0]
+        size = torch.empty(1, dtype=torch.int64)
+        dist.recv(size, self.ranks[src], group=self.cpu_group)
+        payload = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.recv(payload, self.ranks[src], group=self.cpu_group)
+        return pickle.loads(payload.numpy().tobytes())
 
     def all_reduce_min(self, value: int) -> int:
         if self.size == 1:

