@@ -34,8 +34,11 @@ def test_partition_puts_the_remainder_on_the_last_stages():
     ("qwen2", 1, 3, None, "auto"),  # tied embeddings: the last stage loads the head from the embedding
     ("llama3-rope", 2, 2, None, "auto"),  # 4 processes, one KV head replicated over tp
     ("qwen2", 1, 2, None, "dummy"),
+    # the layouts of the 4- and 8-GPU runs (issue 8): tp 8, tp 4 x pp 2, pp 4, tp 2 x pp 2
+    ("llama-8h", 8, 1, None, "auto"), ("llama-8h", 4, 2, None, "auto"), ("llama-8h", 1, 4, None, "auto"),
+    ("llama-8h", 2, 2, [3, 1], "auto"),
 ])
-def test_pp_logits_equal_one_process(kind, tp, pp, partition, load_format, tmp_path):
+def test_parallel_logits_equal_one_process(kind, tp, pp, partition, load_format, tmp_path):
     make_tiny_model(kind, tmp_path / "model")
     want = run_script(make_runner(str(tmp_path / "model"), 1, load_format))
     result = tmp_path / "pp.pt"

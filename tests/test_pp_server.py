@@ -92,3 +92,13 @@ def test_a_killed_stage_ends_the_deployment():
         assert health(s.url) == 0
     finally:
         s.stop()
+
+
+def test_pp4_equals_one_process(embedded):
+    one, _ = embedded
+    four = ServerProcess("--pp", "4")  # 30 layers: 7, 7, 8, 8
+    try:
+        assert _complete_all(four, PROMPTS, temperature=0) == _complete_all(one, PROMPTS, temperature=0)
+        assert _pp_state(four)["pp_max_in_flight"] >= 2
+    finally:
+        four.stop()

@@ -17,6 +17,9 @@ CONFIGS = {
                                        rope_theta=500000.0),
     "qwen2": lambda: Qwen2Config(**_COMMON, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen3": lambda: Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False),
+    # 8 heads over 4 layers: splits 8 ways (tp) and 4 ways (pp)
+    "llama-8h": lambda: LlamaConfig(**{**_COMMON, "num_hidden_layers": 4, "num_attention_heads": 8},
+                                    num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0),
     "qwen3-yarn": lambda: Qwen3Config(**_COMMON, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
                                       rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                     "original_max_position_embeddings": 128}),
