@@ -45,7 +45,23 @@ def test_parallel_logits_equal_one_process(kind, tp, pp, partition, load_format,
     mp.start_processes(logits_worker, args=(tp, f"tcp://127.0.0.1:{free_port()}", str(tmp_path / "model"),
                                             str(result), load_format, pp, partition),
                        nprocs=tp * pp, start_method="spawn")
-    got = torch.load(result)
+    _assert_same(torch.load(result), want)
+
+
+def _assert_same(got, want):
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tp, pp", [(1, 2), (2, 2)])
+def test_stages_decode_through_the_graph_runner_buffers(tp, pp, tmp_path):
+    """Each stage's decode goes through the CUDA-graph runner (static inputs, the previous stage's hidden
+    states and residual in static buffers, batch 3 padded to 4), run eagerly on CPU."""
+    make_tiny_model("llama-8h", tmp_path / "model")
+    want = run_script(make_runner(str(tmp_path / "model"), 1))
+    result = tmp_path / "pp.pt"
+    mp.start_processes(logits_worker, args=(tp, f"tcp://127.0.0.1:{free_port()}", str(tmp_path / "model"),
+                                            str(result), "auto", pp, None, True),
+                       nprocs=tp * pp, start_method="spawn")
+    _assert_same(torch.load(result), want)

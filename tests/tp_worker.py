@@ -1,18 +1,29 @@
 """A model-parallel rank for tests: joins a gloo group (tp x pp), runs the logits script, and the rank that holds
 the logits (tp 0 of the last stage) saves them."""
 
+import os
+
 import torch
 
 from gridserve.distributed.parallel_state import destroy_model_parallel, get_pp_group, init_model_parallel
 
 
 def logits_worker(rank: int, tp: int, init_method: str, model_path: str, result_path: str,
-                  load_format: str = "auto", pp: int = 1, partition: list[int] | None = None) -> None:
+                  load_format: str = "auto", pp: int = 1, partition: list[int] | None = None,
+                  graphs: bool = False) -> None:
+    """graphs: decode through the CUDA-graph runner's static buffers and padding, run eagerly on CPU (Triton
+    attention under the interpreter)."""
     torch.set_num_threads(1)
+    if graphs:
+        os.environ["TRITON_INTERPRET"] = "1"
     init_model_parallel(tp * pp, rank, tp, pp, init_method, torch.device("cpu"), pp_layer_partition=partition)
     from tests.logits_script import make_runner, run_script
 
-    runner = make_runner(model_path, tp, load_format)
+    runner = make_runner(model_path, tp, load_format, attention_backend="triton" if graphs else "torch")
+    if graphs:
+        from gridserve.model_executor.cuda_graph_runner import CudaGraphRunner
+
+        runner.graph_runner = CudaGraphRunner(runner, 4, capture=False)
     if pp > 1:  # this stage holds only its layers and their KV cache
         assert runner.num_layers < len(runner.model.model.layers) == runner.model_config.num_hidden_layers
         assert len(runner.kv_cache.k_buffers) == runner.num_layers

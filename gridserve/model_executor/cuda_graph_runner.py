@@ -2,7 +2,8 @@
 
 A decode step of a small model is hundreds of kernel launches that each take the GPU microseconds: the host
 cannot issue them as fast as the GPU runs them. Capturing the whole decode forward (layers, LM head) once per
-batch size and replaying it costs one launch. Inputs live in static buffers that each step copies into; a
+batch size and replaying it costs one launch. A pipeline stage captures its own layers, with the previous
+stage's hidden states and residual in static buffers too. Inputs live in static buffers that each step copies into; a
 batch is padded up to the next captured size with rows that read no KV (seq_len 0) and write their K/V to the
 padding slot 0, so they cannot disturb real rows. Prefill runs eagerly: its shapes vary too much.
 """
@@ -15,6 +16,7 @@ import time
 
 import torch
 
+from gridserve.distributed.pipeline import IntermediateTensors
 from gridserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 logger = logging.getLogger(__name__)
@@ -38,9 +40,14 @@ class CudaGraphRunner:
         self.req_pool_indices = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.out_cache_loc = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        # a pipeline stage after the first starts from the previous stage's hidden states and residual
+        self.hidden_in = self.residual_in = None
+        if not runner.pp.is_first:
+            self.hidden_in = torch.zeros(max_bs, runner.hidden_size, dtype=runner.dtype, device=dev)
+            self.residual_in = torch.zeros_like(self.hidden_in)
         runner.attn_backend.init_cuda_graph_state(max_bs, runner.num_heads, runner.head_dim, dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor | IntermediateTensors] = {}
         if capture:
             self._capture_all()
 
@@ -52,6 +59,9 @@ class CudaGraphRunner:
             seq_lens_cpu=[0] * bs,  # not read by graph-capable backends: replays cannot see host values
         )
 
+    def _static_intermediate(self, bs: int) -> IntermediateTensors | None:
+        return None if self.hidden_in is None else IntermediateTensors(self.hidden_in[:bs], self.residual_in[:bs])
+
     def _capture_all(self) -> None:
         start = time.perf_counter()
         pool = None
@@ -61,11 +71,11 @@ class CudaGraphRunner:
             fb = self._static_batch(bs)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                self.runner.forward_eager(fb)  # compile Triton kernels, create cuBLAS handles, outside the graph
+                self.runner.forward_eager(fb, self._static_intermediate(bs))  # compile kernels, outside the graph
                 stream.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    out = self.runner.forward_eager(fb)
+                    out = self.runner.forward_eager(fb, self._static_intermediate(bs))
             torch.cuda.current_stream().wait_stream(stream)
             pool = graph.pool()
             self.graphs[bs], self.outputs[bs] = graph, out
@@ -80,9 +90,11 @@ class CudaGraphRunner:
     def can_run(self, fb: ForwardBatch) -> bool:
         return fb.forward_mode.is_decode() and fb.batch_size <= self.max_bs and not fb.return_all_logits
 
-    def run(self, fb: ForwardBatch) -> torch.Tensor:
-        """Logits of the batch's rows. On CUDA they are a view of the graph's output buffer, valid until the
-        next replay (stream order makes any kernel queued before it see these values)."""
+    def run(self, fb: ForwardBatch, intermediate: IntermediateTensors | None = None
+            ) -> torch.Tensor | IntermediateTensors:
+        """Logits of the batch's rows (or, on a pipeline stage before the last, its hidden states and residual).
+        On CUDA they are views of the graph's output buffers, valid until the next replay (stream order makes any
+        kernel queued before it see these values)."""
         bs = fb.batch_size
         padded = self.sizes[bisect.bisect_left(self.sizes, bs)]
         self.input_ids[:bs].copy_(fb.input_ids)
@@ -90,11 +102,18 @@ class CudaGraphRunner:
         self.req_pool_indices[:bs].copy_(fb.req_pool_indices)
         self.seq_lens[:bs].copy_(fb.seq_lens)
         self.out_cache_loc[:bs].copy_(fb.out_cache_loc)
+        if intermediate is not None:
+            self.hidden_in[:bs].copy_(intermediate.hidden)
+            self.residual_in[:bs].copy_(intermediate.residual)
         if padded > bs:  # stale ids and rows of earlier batches are valid indices; lengths and slots are not
             self.seq_lens[bs:padded].zero_()
             self.out_cache_loc[bs:padded].zero_()
         graph = self.graphs.get(padded)
         if graph is None:
-            return self.runner.forward_eager(self._static_batch(padded))[:bs]
-        graph.replay()
-        return self.outputs[padded][:bs]
+            out = self.runner.forward_eager(self._static_batch(padded), self._static_intermediate(padded))
+        else:
+            graph.replay()
+            out = self.outputs[padded]
+        if isinstance(out, IntermediateTensors):
+            return IntermediateTensors(out.hidden[:bs], out.residual[:bs])
+        return out[:bs]

@@ -86,7 +86,9 @@ class ModelRunner:
     def _prefill_graph_tokens(self) -> int:
         """The largest prefill replayed from piecewise graphs; 0 when prefill runs eagerly."""
         a = self.args
-        if self.device.type != "cuda" or a.disable_cuda_graph or a.disable_piecewise_cuda_graph or self.pp.size > 1:
+        if self.device.type != "cuda" or a.disable_cuda_graph or a.disable_piecewise_cuda_graph:
+            return 0
+        if self.pp.size > 1:  # the pieces do not take a previous stage's hidden states yet: prefill runs eagerly
             return 0
         if not self.attn_backend.supports_cuda_graph:
             return 0
@@ -110,9 +112,6 @@ class ModelRunner:
 
     def _init_cuda_graphs(self) -> CudaGraphRunner | None:
         if self.device.type != "cuda" or self.args.disable_cuda_graph:
-            return None
-        if self.pp.size > 1:
-            logger.warning("CUDA graphs do not cover pipeline stages yet: this stage runs eagerly")
             return None
         if not self.attn_backend.supports_cuda_graph:
             logger.warning("the %s attention backend cannot run in CUDA graphs: decode runs eagerly",
@@ -148,19 +147,19 @@ class ModelRunner:
 
     def forward(self, fb: ForwardBatch, intermediate: IntermediateTensors | None = None):
         """Logits, or with pipeline parallelism on a stage before the last, what the next stage needs."""
-        if self.pp.size > 1:
-            return self.forward_eager(fb, intermediate)
         if self.graph_runner is not None and self.graph_runner.can_run(fb):
-            return self.graph_runner.run(fb)
+            return self.graph_runner.run(fb, intermediate)
         if self.prefill_graphs is not None and self.prefill_graphs.can_run(fb):
             self._attach(fb)
             return self.model.compute_logits(self.prefill_graphs.run(fb), fb)
-        return self.forward_eager(fb)
+        return self.forward_eager(fb, intermediate)
 
     def forward_stage(self, fb: ForwardBatch) -> torch.Tensor | None:
         """This pipeline stage's share of a forward: receives the previous stage's hidden states and residual,
         runs this stage's layers and sends the result on without waiting. The last stage returns the logits,
         the others None."""
+        # A graph replay rewrites the buffers the previous send may still be reading: let it finish first.
+        self.wait_sends()
         intermediate = None
         if not self.pp.is_first:
             n = fb.input_ids.shape[0]
@@ -169,7 +168,6 @@ class ModelRunner:
         out = self.forward(fb, intermediate)
         if not isinstance(out, IntermediateTensors):
             return out
-        self.wait_sends()  # the previous send's buffers may be reused only once it completed
         self._sends = self.pp.send([out.hidden, out.residual], self.pp.rank + 1)
         return None
 
