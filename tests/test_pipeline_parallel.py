@@ -55,9 +55,10 @@ def _assert_same(got, want):
 
 
 @pytest.mark.parametrize("tp, pp", [(1, 2), (2, 2)])
-def test_stages_decode_through_the_graph_runner_buffers(tp, pp, tmp_path):
+def test_stages_run_through_the_graph_runners_buffers(tp, pp, tmp_path):
     """Each stage's decode goes through the CUDA-graph runner (static inputs, the previous stage's hidden
-    states and residual in static buffers, batch 3 padded to 4), run eagerly on CPU."""
+    states and residual in static buffers, batch 3 padded to 4) and its prefill through the piecewise runner
+    (39 and 23 tokens padded to 64 and 32, cut at each attention), run eagerly on CPU."""
     make_tiny_model("llama-8h", tmp_path / "model")
     want = run_script(make_runner(str(tmp_path / "model"), 1))
     result = tmp_path / "pp.pt"

@@ -22,8 +22,10 @@ def logits_worker(rank: int, tp: int, init_method: str, model_path: str, result_
     runner = make_runner(model_path, tp, load_format, attention_backend="triton" if graphs else "torch")
     if graphs:
         from gridserve.model_executor.cuda_graph_runner import CudaGraphRunner
+        from gridserve.model_executor.piecewise_graph_runner import PiecewiseGraphRunner
 
         runner.graph_runner = CudaGraphRunner(runner, 4, capture=False)
+        runner.prefill_graphs = PiecewiseGraphRunner(runner, 64, capture=False)
     if pp > 1:  # this stage holds only its layers and their KV cache
         assert runner.num_layers < len(runner.model.model.layers) == runner.model_config.num_hidden_layers
         assert len(runner.kv_cache.k_buffers) == runner.num_layers

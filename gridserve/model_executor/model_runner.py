@@ -88,8 +88,6 @@ class ModelRunner:
         a = self.args
         if self.device.type != "cuda" or a.disable_cuda_graph or a.disable_piecewise_cuda_graph:
             return 0
-        if self.pp.size > 1:  # the pieces do not take a previous stage's hidden states yet: prefill runs eagerly
-            return 0
         if not self.attn_backend.supports_cuda_graph:
             return 0
         return min(a.piecewise_cuda_graph_max_tokens, a.prefill_token_budget)
@@ -151,7 +149,8 @@ class ModelRunner:
             return self.graph_runner.run(fb, intermediate)
         if self.prefill_graphs is not None and self.prefill_graphs.can_run(fb):
             self._attach(fb)
-            return self.model.compute_logits(self.prefill_graphs.run(fb), fb)
+            out = self.prefill_graphs.run(fb, intermediate)
+            return out if isinstance(out, IntermediateTensors) else self.model.compute_logits(out, fb)
         return self.forward_eager(fb, intermediate)
 
     def forward_stage(self, fb: ForwardBatch) -> torch.Tensor | None:

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from gridserve.distributed.pipeline import IntermediateTensors
 from gridserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 logger = logging.getLogger(__name__)
@@ -66,8 +67,14 @@ class PiecewiseGraphRunner:
         self.out_cache_loc = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
         self.q = torch.zeros(max_tokens, q_width, dtype=runner.dtype, device=dev)
         self.out = torch.zeros(max_tokens, q_width, dtype=runner.dtype, device=dev)
+        # a pipeline stage after the first starts from the previous stage's hidden states and residual
+        self.hidden_in = self.residual_in = None
+        if not runner.pp.is_first:
+            self.hidden_in = torch.zeros(max_tokens, runner.hidden_size, dtype=runner.dtype, device=dev)
+            self.residual_in = torch.zeros_like(self.hidden_in)
         self.pieces: dict[int, list[torch.cuda.CUDAGraph]] = {}
-        self.hidden: dict[int, torch.Tensor] = {}  # each count's final hidden states (the last piece's output)
+        # each count's output (the last piece's): final hidden states, or what the next pipeline stage needs
+        self.hidden: dict[int, torch.Tensor | IntermediateTensors] = {}
         self.layers: list = []
         self._real: ForwardBatch | None = None  # the batch being run without capture
         self._graph: torch.cuda.CUDAGraph | None = None  # the piece being captured
@@ -85,12 +92,15 @@ class PiecewiseGraphRunner:
         fb.kv_cache = self.runner.kv_cache
         return fb
 
-    def _forward(self, n: int) -> torch.Tensor:
+    def _forward(self, n: int) -> torch.Tensor | IntermediateTensors:
         fb = self._static_batch(n)
         cutter = _CutAtAttention(self)
         fb.attn_backend = cutter
+        intermediate = None
+        if self.hidden_in is not None:
+            intermediate = IntermediateTensors(self.hidden_in[:n], self.residual_in[:n])
         with torch.inference_mode():
-            hidden = self.runner.model.model(fb.input_ids, fb.positions, fb)
+            hidden = self.runner.model.model(fb.input_ids, fb.positions, fb, intermediate)
         self.layers = cutter.layers
         return hidden
 
@@ -139,20 +149,25 @@ class PiecewiseGraphRunner:
     def can_run(self, fb: ForwardBatch) -> bool:
         return fb.forward_mode.is_extend() and 0 < fb.input_ids.shape[0] <= self.max_tokens
 
-    def run(self, fb: ForwardBatch) -> torch.Tensor:
-        """The final hidden states of the batch's new tokens (a view of a static buffer on CUDA, valid until
-        the next replay). fb must carry req_to_token and kv_cache, as for an eager forward."""
+    def run(self, fb: ForwardBatch, intermediate: IntermediateTensors | None = None
+            ) -> torch.Tensor | IntermediateTensors:
+        """The final hidden states of the batch's new tokens (on a pipeline stage before the last, its hidden
+        states and residual): views of static buffers on CUDA, valid until the next replay. fb must carry
+        req_to_token and kv_cache, as for an eager forward."""
         n = fb.input_ids.shape[0]
         padded = self.counts[bisect.bisect_left(self.counts, n)]
         self.input_ids[:n].copy_(fb.input_ids)
         self.positions[:n].copy_(fb.positions)
         self.out_cache_loc[:n].copy_(fb.out_cache_loc)
         self.out_cache_loc[n:padded].zero_()  # padded rows must not overwrite a real slot
+        if intermediate is not None:
+            self.hidden_in[:n].copy_(intermediate.hidden)
+            self.residual_in[:n].copy_(intermediate.residual)
         self.backend.init_forward_metadata(fb)
         if not self.capture:
             self._real = fb
             try:
-                return self._forward(padded)[:n]
+                return _rows(self._forward(padded), n)
             finally:
                 self._real = None
         pieces = self.pieces[padded]
@@ -160,4 +175,10 @@ class PiecewiseGraphRunner:
             piece.replay()
             self._attend(layer, fb)
         pieces[-1].replay()
-        return self.hidden[padded][:n]
+        return _rows(self.hidden[padded], n)
+
+
+def _rows(out: torch.Tensor | IntermediateTensors, n: int) -> torch.Tensor | IntermediateTensors:
+    if isinstance(out, IntermediateTensors):
+        return IntermediateTensors(out.hidden[:n], out.residual[:n])
+    return out[:n]
