@@ -117,3 +117,17 @@ def health(url: str) -> int:
         return httpx.get(f"{url}/health", timeout=2).status_code
     except httpx.HTTPError:
         return 0
+
+
+def assert_killing_ends_deployment(server: "ServerProcess", role: str, within: float = 10.0) -> None:
+    """SIGKILLs the child process titled `gridserve::{role}` and checks the whole deployment is gone within
+    `within` seconds: the server exits non-zero naming that role, and no process of its tree is left."""
+    tree = server.descendants()
+    victim = server.child_pid(f"gridserve::{role}")
+    start = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    server.proc.wait(within)
+    assert server.proc.returncode != 0
+    assert role in server.output()
+    assert wait_gone(tree, max(0.1, within - (time.monotonic() - start))) == []
+    assert health(server.url) == 0

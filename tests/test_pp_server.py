@@ -4,15 +4,13 @@ counters in /server_info show it), and a killed stage ends the deployment."""
 
 import importlib.util
 import os
-import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 
-from tests.server_utils import ServerProcess, health, wait_gone
+from tests.server_utils import ServerProcess, assert_killing_ends_deployment
 from tests.tiny_models import make_tiny_model
 
 PROMPTS = ["The capital of France is", "Once upon a time", "List three colors:", "def fib(n):", "The moon is",
@@ -82,14 +80,6 @@ def test_pp4_equals_one_process_and_a_killed_stage_ends_the_deployment(embedded)
     try:
         assert _complete_all(four, PROMPTS, temperature=0) == _complete_all(one, PROMPTS, temperature=0)
         assert _pp_state(four)["pp_max_in_flight"] >= 2
-        tree = four.descendants()
-        victim = four.child_pid("gridserve::scheduler dp0 pp2 tp0")
-        start = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-        four.proc.wait(10)
-        assert four.proc.returncode != 0
-        assert "scheduler dp0 pp2 tp0" in four.output()
-        assert wait_gone(tree, max(0.1, 10 - (time.monotonic() - start))) == []
-        assert health(four.url) == 0
+        assert_killing_ends_deployment(four, "scheduler dp0 pp2 tp0")
     finally:
         four.stop()

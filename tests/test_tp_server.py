@@ -2,10 +2,7 @@
 it splits over 3 ranks (not 2): `--tp 3` must equal `--tp 1` token for token, and `--tp 2` must fail at start
 with the numbers."""
 
-import os
-import signal
 import subprocess
-import time
 
 import grpc
 import openai
@@ -14,7 +11,7 @@ import pytest
 from gridserve.entrypoints.engine import Engine
 from gridserve.entrypoints.grpc import gridserve_pb2 as pb
 from gridserve.entrypoints.grpc import gridserve_pb2_grpc as pb_grpc
-from tests.server_utils import GRIDSERVE, ServerProcess, health, wait_gone
+from tests.server_utils import GRIDSERVE, ServerProcess, assert_killing_ends_deployment
 
 MESSAGES = [{"role": "user", "content": "Give me two facts about the moon."}]
 
@@ -61,15 +58,7 @@ def test_tp3_grpc_then_a_killed_rank_ends_the_deployment(servers):
             req = pb.GenerateRequest(text="The capital of France is", stream=True,
                                      sampling_params=pb.SamplingParams(temperature=0, max_new_tokens=12))
             assert "".join(r.text for r in stub.Generate(req, timeout=60)) == want.choices[0].text
-        tree = g.descendants()
-        victim = g.child_pid("gridserve::scheduler dp0 pp0 tp1")
-        start = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-        g.proc.wait(10)
-        assert g.proc.returncode != 0
-        assert "scheduler dp0 pp0 tp1" in g.output()
-        assert wait_gone(tree, max(0.1, 10 - (time.monotonic() - start))) == []
-        assert health(g.url) == 0
+        assert_killing_ends_deployment(g, "scheduler dp0 pp0 tp1")
     finally:
         g.stop()
 
