@@ -42,3 +42,10 @@ class IntermediateTensors:
 
     hidden: torch.Tensor
     residual: torch.Tensor
+
+
+def first_rows(out: torch.Tensor | IntermediateTensors, n: int) -> torch.Tensor | IntermediateTensors:
+    """The first n rows of a (padded) forward output: logits or hidden states, or a stage's intermediate."""
+    if isinstance(out, IntermediateTensors):
+        return IntermediateTensors(out.hidden[:n], out.residual[:n])
+    return out[:n]

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from gridserve.distributed.pipeline import IntermediateTensors
+from gridserve.distributed.pipeline import IntermediateTensors, first_rows
 from gridserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 logger = logging.getLogger(__name__)
@@ -114,6 +114,4 @@ class CudaGraphRunner:
         else:
             graph.replay()
             out = self.outputs[padded]
-        if isinstance(out, IntermediateTensors):
-            return IntermediateTensors(out.hidden[:bs], out.residual[:bs])
-        return out[:bs]
+        return first_rows(out, bs)

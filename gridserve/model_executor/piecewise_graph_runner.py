@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from gridserve.distributed.pipeline import IntermediateTensors
+from gridserve.distributed.pipeline import IntermediateTensors, first_rows
 from gridserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class PiecewiseGraphRunner:
         if not self.capture:
             self._real = fb
             try:
-                return _rows(self._forward(padded), n)
+                return first_rows(self._forward(padded), n)
             finally:
                 self._real = None
         pieces = self.pieces[padded]
@@ -175,10 +175,5 @@ class PiecewiseGraphRunner:
             piece.replay()
             self._attend(layer, fb)
         pieces[-1].replay()
-        return _rows(self.hidden[padded], n)
+        return first_rows(self.hidden[padded], n)
 
-
-def _rows(out: torch.Tensor | IntermediateTensors, n: int) -> torch.Tensor | IntermediateTensors:
-    if isinstance(out, IntermediateTensors):
-        return IntermediateTensors(out.hidden[:n], out.residual[:n])
-    return out[:n]

@@ -9,17 +9,14 @@ loop iteration ("slot"). In slot s a stage:
 3. schedules micro-batch s from requests that are not in flight, and runs its layers of it: it receives the
    previous stage's hidden states and sends its own on; the last stage samples and sends the tokens to every
    other stage.
-Sends never wait (their handles are kept until reuse), and each receive waits only on work that an earlier slot
-or an earlier stage produces, so up to pp micro-batches are in flight, one on each stage.
+Object sends never wait (their handles are kept until they complete); a stage waits for its previous hidden-state
+send only before its next forward. Each receive waits only on work that an earlier slot or an earlier stage
+produces, so up to pp micro-batches are in flight, one on each stage.
 """
 
 from __future__ import annotations
 
-import logging
-
 from gridserve.scheduler.schedule_batch import ScheduleBatch
-
-logger = logging.getLogger(__name__)
 
 
 class ReadyResult:
