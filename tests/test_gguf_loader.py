@@ -1,4 +1,5 @@
-"""GGUF loader: SmolLM2 (Q4_1) vs transformers' own GGUF loading, tiny F32 round trips, tokenizer cache."""
+"""GGUF loader: SmolLM2 (Q4_1) vs transformers' own GGUF loading, tiny F32 round trips, the fast header reader
+against gguf's own, tokenizer cache."""
 
 import os
 import time
@@ -11,6 +12,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 from gridserve.model_loader import gguf_loader, paths  # noqa: E402
+from gridserve.model_loader.gguf_file import GGUFFile  # noqa: E402
 from gridserve.model_loader.gguf_loader import (  # noqa: E402
     GGUFCheckpoint,
     load_gguf_tokenizer,
@@ -306,6 +308,28 @@ def test_unsupported_architecture(tmp_path):
     w.close()
     with pytest.raises(ValueError, match="mamba"):
         GGUFCheckpoint(str(tmp_path / "x.gguf"))
+
+
+def _assert_same_as_gguf_reader(path: str) -> None:
+    from gguf.quants import dequantize
+
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    assert ours.fields == {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert (a.name, a.tensor_type, a.dims) == (b.name, b.tensor_type, tuple(b.shape.tolist()))
+        assert np.array_equal(dequantize(a.data, b.tensor_type), dequantize(b.data, b.tensor_type)), a.name
+
+
+def test_fast_reader_agrees_with_gguf_reader(tiny, smollm2_path):
+    _assert_same_as_gguf_reader(tiny[1])  # F32, strings, string arrays, int arrays, floats
+    if tiny[0] == "llama":
+        _assert_same_as_gguf_reader(smollm2_path)  # Q4_1 and Q8_0 blocks, a 49k-token vocabulary
+
+
+def test_fast_reader_rejects_other_files(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04" + bytes(60))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        GGUFFile(str(tmp_path / "x.gguf"))
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer

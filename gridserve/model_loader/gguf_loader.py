@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gridserve.model_loader.gguf_file import GGUFFile
 from gridserve.model_loader.paths import tokenizer_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -96,11 +97,9 @@ class GGUFCheckpoint:
     """A GGUF file seen as a Hugging Face checkpoint: `config` dict + `tensors()` in HF names/layouts."""
 
     def __init__(self, path: str):
-        import gguf  # deferred: only GGUF users pay for importing it
-
         self.path = os.path.abspath(path)
-        # GGUFReader memory-maps the file; tensor data is only touched when dequantized.
-        self.reader = gguf.GGUFReader(self.path)
+        # The file is memory-mapped; tensor data is only touched when dequantized.
+        self.file = GGUFFile(self.path)
         self.arch = self._field("general.architecture")
         if self.arch not in _ARCHITECTURES:
             raise ValueError(
@@ -108,16 +107,16 @@ class GGUFCheckpoint:
                 f"(supported: {', '.join(_ARCHITECTURES)})"
             )
         # Map every name up front so an unsupported tensor fails at open time, not mid-load.
-        self._names = [gguf_to_hf_name(t.name) for t in self.reader.tensors]
+        self._names = [gguf_to_hf_name(t.name) for t in self.file.tensors]
         self.config = self._build_config()
 
     def _field(self, key: str, default: Any = _REQUIRED) -> Any:
-        field = self.reader.fields.get(key)
-        if field is None:
+        value = self.file.fields.get(key)
+        if value is None:
             if default is _REQUIRED:
                 raise KeyError(f"{self.path}: GGUF metadata key {key!r} is missing")
             return default
-        return field.contents()
+        return value
 
     def _arch_field(self, key: str, default: Any = _REQUIRED) -> Any:
         return self._field(f"{self.arch}.{key}", default)
@@ -125,13 +124,12 @@ class GGUFCheckpoint:
     def _vocab_size(self) -> int:
         if (n := self._arch_field("vocab_size", None)) is not None:
             return int(n)
-        # Most converters don't write vocab_size; the token list length is authoritative. len(data) counts
-        # entries without decoding 100k+ strings.
-        if (tokens := self.reader.fields.get("tokenizer.ggml.tokens")) is not None:
-            return len(tokens.data)
-        for t in self.reader.tensors:
+        # Most converters don't write vocab_size; the token list length is authoritative.
+        if (tokens := self.file.fields.get("tokenizer.ggml.tokens")) is not None:
+            return len(tokens)
+        for t in self.file.tensors:
             if t.name == "token_embd.weight":
-                return int(t.shape[-1])  # GGUF shapes are (in, out): ne[1] is the vocab
+                return int(t.dims[-1])  # GGUF dims are (in, out): ne[1] is the vocab
         raise KeyError(f"{self.path}: cannot determine vocab_size")
 
     def _rope_scaling(self) -> dict[str, Any] | None:
@@ -157,7 +155,7 @@ class GGUFCheckpoint:
         # so rope.dimension_count is the head size too.
         head_dim = self._arch_field("attention.key_length", None)
         head_dim = head_dim or self._arch_field("rope.dimension_count", None) or hidden // heads
-        tensor_names = {t.name for t in self.reader.tensors}
+        tensor_names = {t.name for t in self.file.tensors}
         config: dict[str, Any] = {
             "model_type": self.arch,
             "architectures": [_ARCHITECTURES[self.arch]],
@@ -192,13 +190,14 @@ class GGUFCheckpoint:
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (HF name, float32 tensor in HF layout), dequantizing one tensor at a time."""
+        from gguf.constants import GGMLQuantizationType
         from gguf.quants import dequantize
 
         n_head = self.config["num_attention_heads"]
         n_kv_head = self.config["num_key_value_heads"]
-        for t, name in zip(self.reader.tensors, self._names, strict=True):
+        for t, name in zip(self.file.tensors, self._names, strict=True):
             # numpy shape is already HF's (out_features, in_features): GGUF stores dims reversed.
-            w = dequantize(t.data, t.tensor_type)
+            w = dequantize(t.data, GGMLQuantizationType(t.tensor_type))
             # F32 data is a read-only view of the mmap; copy (only then) so torch owns writable memory.
             w = torch.from_numpy(np.require(w, dtype=np.float32, requirements=["C", "W"]))
             if self.arch == "llama":
