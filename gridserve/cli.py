@@ -9,6 +9,7 @@ from gridserve.server_args import ServerArgs
 def _generate(args: argparse.Namespace) -> int:
     from gridserve.entrypoints.engine import Engine
     from gridserve.errors import InvalidParamError
+    from gridserve.launch import ChildFailedError
     from gridserve.sampling.sampling_params import SamplingParams
 
     params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
@@ -19,7 +20,11 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine = Engine(**vars(server_args))
+    try:
+        engine = Engine(**vars(server_args))
+    except (ChildFailedError, ValueError) as e:  # ValueError: a model that cannot be split as asked
+        print(f"error: start-up failed: {e}", file=sys.stderr)
+        return 1
     try:
         prompt = args.prompt
         if args.chat:

@@ -82,8 +82,10 @@ class Deployment:
         from gridserve.model_loader.loader import load_model_config
         from gridserve.tokenizer import get_tokenizer
 
+        cfg = load_model_config(model_path)  # a bad split fails here, before the children have imported torch
+        cfg.check_parallel(args.tp_size, args.pp_size, args.pp_partition)
         tokenizer = get_tokenizer(model_path, args.tokenizer_path)
-        vocab_size = load_model_config(model_path).vocab_size
+        vocab_size = cfg.vocab_size
         infos = self._wait_ready(readers)
         self._check_same_limits(infos[:-1] if args.node_rank == 0 else infos)
         self.scheduler_info = infos[0]

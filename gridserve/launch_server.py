@@ -104,7 +104,7 @@ def run(args: ServerArgs) -> int:
         raise RuntimeError("launch_server must run in the main thread (it owns the signal handlers)")
     try:
         return serve_grpc(args) if args.grpc_mode else launch_server(args)
-    except ChildFailedError as e:
+    except (ChildFailedError, ValueError) as e:  # ValueError: a model that cannot be split as asked
         logger.error("start-up failed: %s", e)
         return 1
 

@@ -28,17 +28,34 @@ def test_generate_bad_values_fail_with_a_message():
     assert p.returncode == 2 and "unrecognized arguments" in p.stderr
 
 
-def test_serve_rejects_bad_flags_at_once():
+def test_serve_rejects_bad_flags_at_once(monkeypatch, capsys):
+    import gridserve.launch_server
+    from gridserve.cli import main
+
+    def must_not_start(args):
+        raise AssertionError(f"started with bad flags: {args}")
+
+    monkeypatch.setattr(gridserve.launch_server, "run", must_not_start)
     for args, message in [
-        (["--bogus"], "unrecognized arguments"),
         (["--nnodes", "2"], "--dist-init-addr"),
         (["--node-rank", "1"], "--node-rank must be in [0, --nnodes=1)"),
         (["--port", "70000"], "--port must be in 1..65535"),
         (["--tp-size", "0"], "--tp-size must be >= 1"),
         (["--dtype", "int3"], "invalid choice"),
     ]:
-        p = run("serve", *args)
-        assert p.returncode == 2 and message in p.stderr, (args, p.stderr)
+        try:
+            code = main(["serve", *args])
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+        assert code == 2 and message in capsys.readouterr().err, args
+    p = run("serve", "--bogus")  # and the real command, as a process
+    assert p.returncode == 2 and "unrecognized arguments" in p.stderr, p.stderr
+
+
+def test_a_model_that_cannot_be_split_fails_before_the_ranks_load():
+    p = run("generate", "Hi", "--tp", "2", "--no-show-progress")  # 9 attention heads
+    assert p.returncode == 1 and "--tp-size 2 does not divide num_attention_heads 9" in p.stderr
+    assert "Traceback" not in p.stderr
 
 
 def test_launch_server_module_accepts_sglang_flags():

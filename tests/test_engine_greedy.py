@@ -1,6 +1,6 @@
 """Greedy output of the embedded SmolLM2 equals transformers' generate, token for token: prompts alone and
 batched, with and without the radix cache, with chunked prefill, and with a KV pool so small that requests
-are retracted and recomputed."""
+are retracted and recomputed (also with two pipeline stages)."""
 
 import pytest
 
@@ -41,20 +41,20 @@ def test_alone_and_batched_match_transformers(prompts_and_reference):
 
 
 @pytest.mark.parametrize("server_args", [
-    {"disable_radix_cache": True},
     {"chunked_prefill_size": 16, "schedule_policy": "lpm"},
     # 7 requests need ~500 slots; optimistic admission (little room kept for future tokens) makes decode retract
     {"max_total_tokens": 200, "schedule_conservativeness": 0.05},
     {"max_total_tokens": 200, "schedule_conservativeness": 0.05, "disable_radix_cache": True,
      "chunked_prefill_size": 32},
     # the overlap loop (the default on CUDA) runs one step ahead of the host: same tokens, same retractions
-    {"enable_overlap_schedule": True},
     {"enable_overlap_schedule": True, "chunked_prefill_size": 16, "schedule_policy": "lpm"},
     {"enable_overlap_schedule": True, "max_total_tokens": 200, "schedule_conservativeness": 0.05},
     {"enable_overlap_schedule": True, "max_total_tokens": 200, "schedule_conservativeness": 0.05,
      "disable_radix_cache": True, "chunked_prefill_size": 32},
-], ids=["no-radix", "chunked-lpm", "tiny-pool", "tiny-pool-no-radix-chunked", "overlap", "overlap-chunked-lpm",
-        "overlap-tiny-pool", "overlap-tiny-pool-no-radix-chunked"])
+    # two pipeline stages: requests are retracted while other micro-batches are in flight
+    {"pp_size": 2, "max_total_tokens": 200, "schedule_conservativeness": 0.05},
+], ids=["chunked-lpm", "tiny-pool", "tiny-pool-no-radix-chunked", "overlap-chunked-lpm", "overlap-tiny-pool",
+        "overlap-tiny-pool-no-radix-chunked", "pp2-tiny-pool"])
 def test_engine_configs_match_transformers(prompts_and_reference, server_args):
     _, ids, ref = prompts_and_reference
     args = {"max_total_tokens": 2048, **server_args}

@@ -22,11 +22,15 @@ def _qwen_tokenizer_dir() -> str:
     return os.path.join(os.path.dirname(spec.origin), "tokenizer_files")
 
 
-def _complete_all(server: ServerProcess, prompts: list, **kwargs) -> list[str]:
+def _complete_all(server: ServerProcess, prompts: list, **kwargs) -> list:
+    """Each prompt's text, or with logprobs its (text, token logprobs, top logprobs) from the last stage."""
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
 
     def one(p):
-        return client.completions.create(model="default", prompt=p, max_tokens=20, **kwargs).choices[0].text
+        choice = client.completions.create(model="default", prompt=p, max_tokens=20, **kwargs).choices[0]
+        if choice.logprobs is None:
+            return choice.text
+        return choice.text, choice.logprobs.token_logprobs, choice.logprobs.top_logprobs
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         return list(pool.map(one, prompts))
@@ -49,6 +53,11 @@ def test_pp2_equals_one_process_with_micro_batches_in_flight(embedded):
     assert _complete_all(two, PROMPTS, temperature=0) == _complete_all(one, PROMPTS, temperature=0)
     seeded = dict(temperature=0.9, top_p=0.95, seed=11)
     assert _complete_all(two, PROMPTS[:4], **seeded) == _complete_all(one, PROMPTS[:4], **seeded)
+    # logprobs travel back from the last stage with the tokens
+    got, want = (_complete_all(s, PROMPTS[4:], temperature=0, logprobs=2) for s in (two, one))
+    for (text, lp, top), (want_text, want_lp, want_top) in zip(got, want, strict=True):
+        assert text == want_text and lp == pytest.approx(want_lp, abs=1e-4)
+        assert [sorted(t) for t in top] == [sorted(t) for t in want_top]
     state = _pp_state(two)
     assert state["pp_max_in_flight"] == 2 and state["pp_micro_batches"] > 20
     assert "pp_max_in_flight" not in _pp_state(one)

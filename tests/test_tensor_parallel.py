@@ -34,8 +34,8 @@ def test_bad_split_is_reported_with_numbers(tmp_path):
 
     cfg = load_model_config(str(tmp_path))
     with pytest.raises(ValueError, match="--tp-size 3 does not divide num_attention_heads 4"):
-        cfg.check_tensor_parallel(3)
+        cfg.check_parallel(3)
     cfg.num_attention_heads = 6
     with pytest.raises(ValueError, match="larger than num_key_value_heads 2 but not a multiple"):
-        cfg.check_tensor_parallel(3)
-    cfg.check_tensor_parallel(2)
+        cfg.check_parallel(3)
+    cfg.check_parallel(2)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gridserve.distributed.pipeline import partition_layers
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float": torch.float32, "half": torch.float16, "bf16": torch.bfloat16, "fp16": torch.float16,
            "fp32": torch.float32}
@@ -43,8 +45,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     hf_config: dict = field(default_factory=dict, repr=False)
 
-    def check_tensor_parallel(self, tp: int) -> None:
-        """Raises ValueError, with the numbers, when the model cannot be split over `tp` ranks."""
+    def check_parallel(self, tp: int, pp: int = 1, pp_partition: list[int] | None = None) -> None:
+        """Raises ValueError, with the numbers, when the model cannot be split over `tp` ranks and `pp` stages."""
+        partition_layers(self.num_hidden_layers, pp, pp_partition)
         heads, kv = self.num_attention_heads, self.num_key_value_heads
         if heads % tp:
             raise ValueError(f"--tp-size {tp} does not divide num_attention_heads {heads}")

@@ -28,7 +28,7 @@ def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo,
     try:
         path = resolve_model_path(args.model_path)
         cfg = load_model_config(path)
-        cfg.check_tensor_parallel(args.tp_size)
+        cfg.check_parallel(args.tp_size, args.pp_size, args.pp_partition)
         device = resolve_device(args.device, rank.gpu_id)
         world = args.tp_size * args.pp_size
         if device.type == "cpu":  # share the cores between the ranks instead of oversubscribing them
