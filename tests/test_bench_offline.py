@@ -53,6 +53,7 @@ def test_offline_with_transformers(tiny_llama, tmp_path, capsys):
     assert floor["output_tokens"] == want.output_tokens and floor["output_tok_s"] > 0
     assert floor["decode_steps"] == max(want.output_lens) - 1  # 4 prompts fit the CPU default of 256 running
     assert set(floor["achieved_fraction"]) == set(report["results"])
+    assert report["pp_stage0_idle_fraction"] is None  # one stage: no pipeline
     assert 0 < floor["achieved_fraction"]["gridserve"] <= 1  # nothing beats its floor
     printed = capsys.readouterr().out
     assert "transformers_padded" in printed and "output tok/s" in printed
@@ -60,10 +61,11 @@ def test_offline_with_transformers(tiny_llama, tmp_path, capsys):
     assert "floor " in printed and "output tok/s, " in printed and "total tok/s" in printed
 
 
-def test_offline_random_weights_with_padded_transformers(tiny_llama, tmp_path):
-    # --load-format dummy: both systems get random weights (their own), so only throughput is compared
+def test_offline_random_weights_with_padded_transformers_and_two_stages(tiny_llama, tmp_path, capsys):
+    # --load-format dummy: both systems get random weights (their own), so only throughput is compared;
+    # gridserve runs as two pipeline stages and reports the first stage's idle time
     out = tmp_path / "offline.json"
-    argv = ["bench", "offline", "--model", tiny_llama, "--load-format", "dummy", "--num-prompts", "3",
+    argv = ["bench", "offline", "--model", tiny_llama, "--load-format", "dummy", "--pp", "2", "--num-prompts", "3",
             "--min-input-len", "4", "--max-input-len", "6", "--min-output-len", "2", "--max-output-len", "4",
             "--max-total-tokens", "512", "--no-show-progress", "--log-level", "warning", "--no-floor",
             "--compare-transformers", "padded", "--output-json", str(out)]
@@ -72,6 +74,8 @@ def test_offline_random_weights_with_padded_transformers(tiny_llama, tmp_path):
     assert set(report["results"]) == {"gridserve", "transformers_padded"}
     want = make_workload(3, (4, 6), (2, 4), 211, 0).output_tokens
     assert all(r["output_tokens"] == want and r["output_tok_s"] > 0 for r in report["results"].values())
+    assert 0 <= report["pp_stage0_idle_fraction"] < 1
+    assert "pipeline stage 0 idle: " in capsys.readouterr().out
 
 
 def test_workload_is_reproducible():

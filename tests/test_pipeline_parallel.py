@@ -1,12 +1,14 @@
 """Pipeline parallelism on CPU (gloo, float32): each stage holds only its layers (and their KV cache), hands its
 hidden states and residual to the next, and the last stage's logits equal one process's, alone and combined with
-tensor parallelism; the layer partition and its errors."""
+tensor parallelism; the layer partition and its errors; the clock of a stage's busy time."""
+
+import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from gridserve.distributed.pipeline import partition_layers
+from gridserve.distributed.pipeline import BusyClock, partition_layers
 from gridserve.server_args import ServerArgs
 from tests.logits_script import make_runner, run_script
 from tests.server_utils import free_port
@@ -66,3 +68,29 @@ def test_stages_run_through_the_graph_runners_buffers(tp, pp, tmp_path):
                                             str(result), "auto", pp, None, True),
                        nprocs=tp * pp, start_method="spawn")
     _assert_same(torch.load(result), want)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA events"))])
+def test_busy_clock_counts_device_work_only(device):
+    clock, x = BusyClock(torch.device(device)), torch.randn(256, 256, device=device)
+
+    def work():
+        clock.start()
+        y = x
+        for _ in range(50):
+            y = torch.tanh(y @ x)
+        clock.stop()
+
+    work()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    busy = clock.busy_s()
+    assert busy > 0
+    time.sleep(0.1)  # idle time between forwards is not busy time
+    assert clock.busy_s() == busy
+    t0 = time.perf_counter()
+    work()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    assert 0 < clock.busy_s() - busy <= time.perf_counter() - t0

@@ -60,6 +60,9 @@ def test_pp2_equals_one_process_with_micro_batches_in_flight(embedded):
         assert [sorted(t) for t in top] == [sorted(t) for t in want_top]
     state = _pp_state(two)
     assert state["pp_max_in_flight"] == 2 and state["pp_micro_batches"] > 20
+    # stage 0 ran its layers for part of the time it had work in flight, and idled the rest
+    assert 0 < state["pp_busy_s"] < state["pp_active_s"]
+    assert state["pp_idle_fraction"] == pytest.approx(1 - state["pp_busy_s"] / state["pp_active_s"], abs=0.05)
     assert "pp_max_in_flight" not in _pp_state(one)
 
 

@@ -299,6 +299,20 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _pipeline_clock(engine) -> tuple[float, float] | None:
+    """Stage 0's busy and active seconds so far, with pipeline parallelism (else None)."""
+    state = engine.get_server_info()["internal_states"][0]
+    return (state["pp_busy_s"], state["pp_active_s"]) if "pp_busy_s" in state else None
+
+
+def _pipeline_idle(engine, before: tuple[float, float] | None) -> float | None:
+    """Stage 0's idle fraction since `before`: the pipeline's bubble as the first stage sees it."""
+    after = _pipeline_clock(engine)
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return max(0.0, 1.0 - (after[0] - before[0]) / (after[1] - before[1]))
+
+
 def run(args: argparse.Namespace) -> int:
     from gridserve.entrypoints.engine import Engine
     from gridserve.model_executor.model_runner import resolve_device
@@ -314,7 +328,9 @@ def run(args: argparse.Namespace) -> int:
     workload = make_workload(args.num_prompts, (args.min_input_len, args.max_input_len),
                              (args.min_output_len, args.max_output_len), cfg.vocab_size, args.seed)
     try:
+        clock = _pipeline_clock(engine)
         results = [run_gridserve(engine, workload, args.temperature)]
+        pp_idle = _pipeline_idle(engine, clock)
     finally:
         engine.shutdown()
     del engine  # frees the KV cache before transformers loads its copy of the weights
@@ -337,7 +353,10 @@ def run(args: argparse.Namespace) -> int:
         print_floor(floor, rates, max_running, results)
         floor_report = {"rates": asdict(rates), "max_running_requests": max_running, **floor.as_dict(),
                         "achieved_fraction": {r.system: floor.fraction(r.wall_s) for r in results}}
+    if pp_idle is not None:
+        print(f"pipeline stage 0 idle: {pp_idle:.1%} of the time it had work in flight")
     report = build_report(args, workload, path, dtype, device, results, floor_report)
+    report["pp_stage0_idle_fraction"] = pp_idle
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(report, f, indent=2)

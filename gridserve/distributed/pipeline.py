@@ -1,8 +1,10 @@
 """Pipeline-parallel pieces shared by the models and the model runner: which layers a stage holds, the
-placeholder for the modules it does not hold, and what one stage hands to the next."""
+placeholder for the modules it does not hold, what one stage hands to the next, and how busy a stage is."""
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -49,3 +51,36 @@ def first_rows(out: torch.Tensor | IntermediateTensors, n: int) -> torch.Tensor 
     if isinstance(out, IntermediateTensors):
         return IntermediateTensors(out.hidden[:n], out.residual[:n])
     return out[:n]
+
+
+class BusyClock:
+    """Device time a stage spends running its layers, for the pipeline's idle fraction. On CUDA it records
+    events on the stage's stream and reads them once they have completed, so it never waits; on CPU the
+    forward is synchronous and the host clock is the device clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._busy_s = 0.0
+        self._start: torch.cuda.Event | float | None = None
+        self._pending: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
+
+    def start(self) -> None:
+        self._start = torch.cuda.Event(enable_timing=True) if self.cuda else time.perf_counter()
+        if self.cuda:
+            self._start.record()
+
+    def stop(self) -> None:
+        if not self.cuda:
+            self._busy_s += time.perf_counter() - self._start
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._pending.append((self._start, end))
+        self.busy_s()  # keeps the queue short
+
+    def busy_s(self) -> float:
+        """Seconds of device work so far (work still running on the device is counted once it completes)."""
+        while self._pending and self._pending[0][1].query():
+            start, end = self._pending.popleft()
+            self._busy_s += start.elapsed_time(end) / 1e3
+        return self._busy_s

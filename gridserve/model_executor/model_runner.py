@@ -9,7 +9,7 @@ import torch
 from gridserve.attention.base import AttentionBackend
 from gridserve.attention.torch_backend import TorchAttentionBackend
 from gridserve.distributed.parallel_state import get_pp_group, get_tp_group, get_world_group
-from gridserve.distributed.pipeline import IntermediateTensors
+from gridserve.distributed.pipeline import BusyClock, IntermediateTensors
 from gridserve.mem_cache.memory_pool import KVCache, ReqToTokenPool, TokenToKVPoolAllocator
 from gridserve.model_executor.cuda_graph_runner import CudaGraphRunner
 from gridserve.model_executor.forward_batch import ForwardBatch
@@ -64,6 +64,7 @@ class ModelRunner:
         self.hidden_size = cfg.hidden_size
         self.tp, self.pp = get_tp_group(), get_pp_group()
         self._sends: list = []  # this stage's sends to the next one still in flight
+        self.busy = BusyClock(self.device)  # this stage's time running its layers (pipeline parallelism)
         self.attn_backend = make_attention_backend(args.attention_backend, self.device)
         self.sampler = Sampler()
         # every rank holds the same tokens (for its heads and layers), so the pool is as large as the smallest
@@ -164,7 +165,9 @@ class ModelRunner:
             n = fb.input_ids.shape[0]
             bufs = [torch.empty(n, self.hidden_size, dtype=self.dtype, device=self.device) for _ in range(2)]
             intermediate = IntermediateTensors(*self.pp.recv(bufs, self.pp.rank - 1))
+        self.busy.start()  # after the receive: waiting for the previous stage is idle time
         out = self.forward(fb, intermediate)
+        self.busy.stop()
         if not isinstance(out, IntermediateTensors):
             return out
         self._sends = self.pp.send([out.hidden, out.residual], self.pp.rank + 1)

@@ -16,6 +16,8 @@ produces, so up to pp micro-batches are in flight, one on each stage.
 
 from __future__ import annotations
 
+import time
+
 from gridserve.scheduler.schedule_batch import ScheduleBatch
 
 
@@ -37,10 +39,12 @@ class PipelineLoop:
         self.sends: list[tuple] = []  # (request, buffer) of object sends still in flight
         self.max_in_flight = 0  # the most micro-batches in flight at once, for /server_info
         self.micro_batches = 0
+        self.active_s = 0.0  # wall time with work in flight: against the stage's busy time, its idle fraction
 
     def run(self) -> None:
         s, slot = self.sched, 0
         while not s.stopped:
+            t0, active = time.perf_counter(), any(b is not None for b in self.inflight)
             i = slot % self.pp.size
             if self.inflight[i] is not None:
                 self.finish(self.inflight[i])
@@ -54,6 +58,12 @@ class PipelineLoop:
             self.max_in_flight = max(self.max_in_flight, sum(b is not None for b in self.inflight))
             self._reap_sends()
             slot += 1
+            if active or batch is not None:
+                self.active_s += time.perf_counter() - t0
+
+    def idle_fraction(self) -> float:
+        """The share of the time with work in flight that this stage's device was not running its layers."""
+        return max(0.0, 1.0 - self.sched.runner.busy.busy_s() / self.active_s) if self.active_s else 0.0
 
     def inputs(self) -> list:
         pp, s = self.pp, self.sched

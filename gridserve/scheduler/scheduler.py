@@ -181,9 +181,10 @@ class Scheduler:
         state = {**vars(s), "token_usage": s.token_usage, "cache_hit_rate": s.cache_hit_rate,
                  "new_token_ratio": self.new_token_ratio, "available_tokens": self.kv.allocator.available_size(),
                  "free_req_slots": self.kv.req_pool.available_size()}
-        if self.pp_loop is not None:
+        if self.pp_loop is not None:  # stage 0's view (the IO rank answers)
             state.update(pp_micro_batches=self.pp_loop.micro_batches, pp_max_in_flight=self.pp_loop.max_in_flight,
-                         pp_micro_batch_cap=self.micro_batch_cap)
+                         pp_micro_batch_cap=self.micro_batch_cap, pp_busy_s=self.runner.busy.busy_s(),
+                         pp_active_s=self.pp_loop.active_s, pp_idle_fraction=self.pp_loop.idle_fraction())
         return state
 
     def flush_cache(self) -> bool:
@@ -259,8 +260,9 @@ class Scheduler:
             self.decode_log_start = (t0, tokens)
             return
         now = time.perf_counter()
-        logger.info("decode batch: %d running, token usage %.2f, gen throughput %.1f tok/s", batch_size,
-                    self.stats().token_usage, tokens / max(now - t0, 1e-9))
+        idle = "" if self.pp_loop is None else f", stage idle {self.pp_loop.idle_fraction():.1%}"
+        logger.info("decode batch: %d running, token usage %.2f, gen throughput %.1f tok/s%s", batch_size,
+                    self.stats().token_usage, tokens / max(now - t0, 1e-9), idle)
         self.decode_log_start = (now, 0)
 
     def retract_until_decode_fits(self) -> None:
