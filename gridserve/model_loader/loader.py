@@ -20,7 +20,7 @@ from gridserve.models.registry import get_model_class
 
 @functools.lru_cache(maxsize=2)
 def open_gguf(path: str):
-    """Opening a GGUF parses its whole metadata (seconds for a large vocabulary): do it once per process."""
+    """Opening a GGUF parses its whole metadata (its vocabulary included): do it once per process."""
     from gridserve.model_loader.gguf_loader import GGUFCheckpoint
 
     return GGUFCheckpoint(path)
