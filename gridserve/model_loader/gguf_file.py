@@ -37,13 +37,13 @@ class GGUFFile:
 
         with open(path, "rb") as f:
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        buf, self._pos = self._map, 0
+        buf = self._map
         if buf[:4] != _MAGIC:
             raise ValueError(f"{path}: not a GGUF file (magic {bytes(buf[:4])!r})")
         version, n_tensors, n_fields = struct.unpack_from("<IQQ", buf, 4)
         if version not in (2, 3):
             raise ValueError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
-        self._pos = 24
+        self._pos = 24  # after magic, version and the two counts
         self.fields: dict[str, Any] = {}
         for _ in range(n_fields):
             key = self._string()

@@ -27,8 +27,7 @@ def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo,
     logger.info("scheduler process up (imports done)")  # its timestamp shows the import cost at start-up
     try:
         path = resolve_model_path(args.model_path)
-        cfg = load_model_config(path)
-        cfg.check_parallel(args.tp_size, args.pp_size, args.pp_partition)
+        cfg = load_model_config(path)  # the launcher has checked that it splits into this tp x pp grid
         device = resolve_device(args.device, rank.gpu_id)
         world = args.tp_size * args.pp_size
         if device.type == "cpu":  # share the cores between the ranks instead of oversubscribing them
