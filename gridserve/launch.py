@@ -1,8 +1,9 @@
 """launch_subprocesses: start every child process of a deployment and wire them together.
 
-Node 0 runs, in order: one scheduler per local rank (each reports its scheduler_info through a one-way
-pipe once its model and KV cache are ready), the detokenizer, and in this process the TokenizerManager
-with a ZMQ receiver thread and a watchdog that notices any child's death within a second.
+The launch plan says what this node runs. Node 0 runs, in order: one scheduler per local rank (each reports its
+scheduler_info through a one-way pipe once its model and KV cache are ready), the detokenizer, the DP controller
+when dp > 1, and in this process the TokenizerManager with a ZMQ receiver thread and a watchdog that notices any
+child's death within a second.
 """
 
 import atexit
@@ -11,16 +12,17 @@ import multiprocessing as mp
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 import zmq
 
-from gridserve.distributed.ranks import node_ranks
+from gridserve.distributed.ranks import Layout, RankInfo
 from gridserve.ipc import PortArgs, zmq_socket
+from gridserve.managers.tokenizer_manager import TokenizerManager
 from gridserve.model_loader.paths import resolve_model_path
 from gridserve.process_utils import describe_exit, spawn_without_main, terminate_processes
 from gridserve.server_args import ServerArgs
-from gridserve.tokenizer_manager import TokenizerManager
 
 logger = logging.getLogger(__name__)
 # scheduler_info keys that every rank must agree on
@@ -29,6 +31,31 @@ _SHARED_LIMITS = ("max_total_num_tokens", "max_running_requests", "context_len",
 
 class ChildFailedError(RuntimeError):
     pass
+
+
+@dataclass
+class LaunchPlan:
+    """What this node starts, by role: its ranks' schedulers; on node 0 also the detokenizer, the DP controller
+    (dp > 1) and, in the launching process itself, the TokenizerManager."""
+
+    layout: Layout
+    ranks: list[RankInfo]
+    detokenizer: bool
+    dp_controller: bool
+    tokenizer_manager: bool
+
+    @classmethod
+    def from_args(cls, args: ServerArgs) -> "LaunchPlan":
+        layout = Layout(args.tp_size, args.pp_size, args.dp_size, args.nnodes)
+        front = args.node_rank == 0
+        return cls(layout, layout.node_ranks(args.node_rank, args.base_gpu_id, args.gpu_id_step), front,
+                   front and layout.dp > 1, front)
+
+    def describe(self) -> str:
+        ranks = ", ".join(f"{r.name} (GPU {r.gpu_id})" for r in self.ranks)
+        roles = [name for name, on in (("detokenizer", self.detokenizer), ("dp_controller", self.dp_controller),
+                                       ("TokenizerManager", self.tokenizer_manager)) if on]
+        return f"ranks {ranks}; {', '.join(roles) or 'no front-end processes'}"
 
 
 # The children's entry points import the model stack (torch, triton, the models) themselves, so this module
@@ -41,9 +68,15 @@ def _scheduler_main(*args) -> None:
 
 
 def _detokenizer_main(*args) -> None:
-    from gridserve.detokenizer import run_detokenizer_process
+    from gridserve.managers.detokenizer import run_detokenizer_process
 
     run_detokenizer_process(*args)
+
+
+def _dp_controller_main(*args) -> None:
+    from gridserve.managers.data_parallel_controller import run_data_parallel_controller_process
+
+    run_data_parallel_controller_process(*args)
 
 
 class Deployment:
@@ -52,7 +85,8 @@ class Deployment:
     def __init__(self, args: ServerArgs, on_child_death: Callable[[str], None] | None = None):
         self.args = args
         self.on_child_death = on_child_death
-        self.port_args = PortArgs.create(args.dist_init_addr)
+        self.plan = LaunchPlan.from_args(args)
+        self.port_args = PortArgs.create(args.dp_size, args.dist_init_addr)
         self.procs: list[tuple[str, mp.Process]] = []
         self.stopping = threading.Event()
         self.tm: TokenizerManager | None = None
@@ -68,16 +102,15 @@ class Deployment:
 
     # ---- start-up -------------------------------------------------------------------------------
     def _start(self) -> None:
-        args, ctx = self.args, mp.get_context("spawn")
+        args, plan, ports, ctx = self.args, self.plan, self.port_args, mp.get_context("spawn")
+        logger.info("this node starts %s", plan.describe())
         model_path = resolve_model_path(args.model_path)
-        readers = []
-        for rank in node_ranks(args.tp_size, args.pp_size, args.dp_size, args.nnodes, args.node_rank,
-                               args.base_gpu_id, args.gpu_id_step):
-            readers.append(self._spawn(ctx, f"scheduler {rank.name}", _scheduler_main,
-                                       (args, self.port_args, rank)))
-        if args.node_rank == 0:
-            readers.append(self._spawn(ctx, "detokenizer", _detokenizer_main,
-                                       (args, self.port_args, model_path)))
+        readers = {f"scheduler {rank.name}": self._spawn(ctx, f"scheduler {rank.name}", _scheduler_main,
+                                                         (args, ports, rank)) for rank in plan.ranks}
+        if plan.detokenizer:
+            readers["detokenizer"] = self._spawn(ctx, "detokenizer", _detokenizer_main, (args, ports, model_path))
+        if plan.dp_controller:
+            readers["dp_controller"] = self._spawn(ctx, "dp_controller", _dp_controller_main, (args, ports))
         # while the children load the model
         from gridserve.model_loader.loader import load_model_config
         from gridserve.tokenizer import get_tokenizer
@@ -85,14 +118,14 @@ class Deployment:
         cfg = load_model_config(model_path)  # a bad split fails here, before the children have imported torch
         cfg.check_parallel(args.tp_size, args.pp_size, args.pp_partition)
         tokenizer = get_tokenizer(model_path, args.tokenizer_path)
-        vocab_size = cfg.vocab_size
         infos = self._wait_ready(readers)
-        self._check_same_limits(infos[:-1] if args.node_rank == 0 else infos)
-        self.scheduler_info = infos[0]
-        push = zmq_socket(self._zmq, zmq.PUSH, self.port_args.scheduler_input)
-        self.tm = TokenizerManager(tokenizer, self.scheduler_info, vocab_size, push.send_pyobj,
-                                   args.model_name, args.random_seed)
-        self._pull = zmq_socket(self._zmq, zmq.PULL, self.port_args.tokenizer_input)
+        scheduler_infos = [infos[f"scheduler {rank.name}"] for rank in plan.ranks]
+        self._check_same_limits(scheduler_infos)
+        self.scheduler_info = scheduler_infos[0]
+        push = zmq_socket(self._zmq, zmq.PUSH, ports.request_input)
+        self.tm = TokenizerManager(tokenizer, self.scheduler_info, cfg.vocab_size, push.send_pyobj,
+                                   args.model_name, args.random_seed, args.dp_size)
+        self._pull = zmq_socket(self._zmq, zmq.PULL, ports.tokenizer_input)
         self._threads = [threading.Thread(target=self._receive_loop, name="gridserve-tm-recv", daemon=True),
                          threading.Thread(target=self._watchdog, name="gridserve-watchdog", daemon=True)]
         for t in self._threads:
@@ -107,14 +140,15 @@ class Deployment:
         self.procs.append((name, proc))
         return reader
 
-    def _wait_ready(self, readers: list) -> list[dict]:
-        """Waits for every child's report, checking every second that none has died."""
-        infos: dict[int, dict] = {}
-        pending = dict(enumerate(readers))
+    def _wait_ready(self, readers: dict[str, object]) -> dict[str, dict]:
+        """Waits for every child's report (by role name), checking every second that none has died."""
+        procs = dict(self.procs)
+        infos: dict[str, dict] = {}
+        pending = dict(readers)
         while pending:
             for reader in wait(list(pending.values()), timeout=1.0):
-                i = next(k for k, r in pending.items() if r is reader)
-                name, proc = self.procs[i]
+                name = next(k for k, r in pending.items() if r is reader)
+                proc = procs[name]
                 try:
                     info = reader.recv()
                 except EOFError:
@@ -123,14 +157,14 @@ class Deployment:
                                            "before it was ready") from None
                 if info.get("status") == "error":
                     raise ChildFailedError(f"{name} failed to start:\n{info['message']}")
-                infos[i] = info
-                del pending[i]
-            for i in list(pending):
-                name, proc = self.procs[i]
+                infos[name] = info
+                del pending[name]
+            for name in list(pending):
+                proc = procs[name]
                 if not proc.is_alive():
                     raise ChildFailedError(f"{name} (pid {proc.pid}) {describe_exit(proc.exitcode)} "
                                            "before it was ready")
-        return [infos[i] for i in range(len(readers))]
+        return infos
 
     @staticmethod
     def _check_same_limits(infos: list[dict]) -> None:

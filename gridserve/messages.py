@@ -1,9 +1,14 @@
-"""Every message that crosses a process boundary: TokenizerManager -> scheduler -> detokenizer ->
-TokenizerManager. Plain dataclasses of Python values (pickled over ZMQ); tensors never travel here."""
+"""Every message that crosses a process boundary: TokenizerManager -> (DP controller ->) a replica's IO rank ->
+detokenizer -> TokenizerManager, and with dp > 1 each replica's load reports (SchedulerStats) to the DP
+controller. Plain dataclasses of Python values (pickled over ZMQ); tensors never travel here."""
 
 from dataclasses import dataclass, field
 
 from gridserve.sampling.sampling_params import SamplingParams
+
+# Prompt tokens the detokenizer decodes before a request's first output tokens (see DetokInit), so tokenizers
+# that treat the first token of a string specially give the same text as a full decode.
+CONTEXT_TOKENS = 5
 
 
 @dataclass
@@ -14,6 +19,7 @@ class TokenizedGenerateReq:
     seed: int  # always set: the tokenizer side draws one when the user gave none
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    routed_dp_rank: int | None = None  # the DP replica the client asked for; None = the load balancer picks
 
 
 @dataclass
@@ -33,17 +39,22 @@ class GetInternalStateReq:
 
 @dataclass
 class RpcOutput:
-    """The scheduler's answer to FlushCacheReq / GetInternalStateReq, matched by rid."""
+    """A replica's answer to FlushCacheReq / GetInternalStateReq, matched by rid (one per replica)."""
 
     rid: str
     success: bool
     data: dict = field(default_factory=dict)
+    dp_rank: int = 0
 
 
 @dataclass
 class SchedulerStats:
-    """Load and cache figures after a scheduler step (for /metrics, /server_info and the DP controller)."""
+    """Load and cache figures of one replica after a scheduler step (for /metrics, /server_info and the DP
+    controller's load reports)."""
 
+    dp_rank: int = 0
+    num_received: int = 0  # generate requests this replica has taken in since start (the DP controller's clock)
+    tokens_in_flight: int = 0  # prompt + generated tokens of the running and waiting requests
     num_running: int = 0
     num_waiting: int = 0
     max_total_num_tokens: int = 0
@@ -73,19 +84,37 @@ class DetokInit:
 
 
 @dataclass
-class BatchTokenIDOutput:
-    """One scheduler step's new tokens, per request. finished_reasons[i] is None while request i runs,
-    else {"type": "stop" | "length" | "abort", "matched": token id or stop string, "message": ...}."""
+class ReqOutputs:
+    """The per-request fields of one scheduler step, one list per field, entry i for request rids[i] (columns
+    pickle several times faster than one object per request). The one definition of these fields: the
+    detokenizer passes them on untouched and the TokenizerManager reads them by index, so a new field is one
+    line here plus where the scheduler fills it and the TokenizerManager reads it.
 
-    rids: list[str]
-    new_token_ids: list[list[int]]
-    finished_reasons: list[dict | None]
-    prompt_tokens: list[int]
-    completion_tokens: list[int]
-    cached_tokens: list[int]
+    finished_reasons[i] is None while request i runs, else {"type": "stop" | "length" | "abort", "matched": token
+    id or stop string, "message": ...}."""
+
+    rids: list[str] = field(default_factory=list)
+    new_token_ids: list[list[int]] = field(default_factory=list)
+    finished_reasons: list[dict | None] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+    completion_tokens: list[int] = field(default_factory=list)
+    cached_tokens: list[int] = field(default_factory=list)
     # per new token: its logprob, and the top-k alternatives as (logprob, token id)
     new_token_logprobs: list[list[float]] = field(default_factory=list)
     new_top_logprobs: list[list[list[tuple[float, int]]]] = field(default_factory=list)
+
+    @classmethod
+    def aborted(cls, rid: str, message: str, prompt_tokens: int, completion_tokens: int) -> "ReqOutputs":
+        """One request that ends with an error and no new tokens (the front end's own, when a process died)."""
+        return cls([rid], [[]], [{"type": "abort", "message": message}], [prompt_tokens], [completion_tokens], [0],
+                   [[]], [[]])
+
+
+@dataclass
+class BatchTokenIDOutput:
+    """One scheduler step's new tokens, per request; detok_init[i] is set on request i's first output."""
+
+    reqs: ReqOutputs
     detok_init: list[DetokInit | None] = field(default_factory=list)
     stats: SchedulerStats | None = None
 
@@ -94,13 +123,6 @@ class BatchTokenIDOutput:
 class BatchStrOutput:
     """BatchTokenIDOutput after detokenization: `text_deltas[i]` is the new visible text of request i."""
 
-    rids: list[str]
+    reqs: ReqOutputs
     text_deltas: list[str]
-    new_token_ids: list[list[int]]
-    finished_reasons: list[dict | None]
-    prompt_tokens: list[int]
-    completion_tokens: list[int]
-    cached_tokens: list[int]
-    new_token_logprobs: list[list[float]]
-    new_top_logprobs: list[list[list[tuple[float, int]]]]
     stats: SchedulerStats | None = None

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the front end, named `gridserve:*` after SGLang's `sglang:*`."""
+"""Prometheus metrics of the front end, named `gridserve:*` after SGLang's `sglang:*`. The schedulers' gauges
+carry a `dp_rank` label (one series per DP replica); the front end's counters and histograms are whole."""
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -11,14 +12,13 @@ _TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.07
 
 
 class Metrics:
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, dp_size: int = 1):
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         r, self.labels = self.registry, {"model_name": model_name}
 
-        def gauge(name, doc):
-            return Gauge(f"gridserve:{name}", doc, labels, registry=r, multiprocess_mode="mostrecent").labels(
-                **self.labels)
+        def gauge(name, doc):  # a scheduler's figure: one series per DP replica
+            return Gauge(f"gridserve:{name}", doc, [*labels, "dp_rank"], registry=r, multiprocess_mode="mostrecent")
 
         def counter(name, doc):
             return Counter(f"gridserve:{name}", doc, labels, registry=r).labels(**self.labels)
@@ -31,6 +31,8 @@ class Metrics:
         self.token_usage = gauge("token_usage", "Fraction of KV cache slots held by requests.")
         self.cache_hit_rate = gauge("cache_hit_rate", "Prompt tokens served from the prefix cache / all prompt tokens.")
         self.num_retracted_reqs = gauge("num_retracted_reqs", "Requests retracted because the KV cache was full.")
+        for dp_rank in range(dp_size):  # every replica's series exists (at 0) before its first report
+            self.on_scheduler_stats(SchedulerStats(dp_rank=dp_rank))
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.cached_tokens = counter("cached_tokens", "Prompt tokens served from the prefix cache.")
@@ -44,11 +46,12 @@ class Metrics:
                              _LATENCY_BUCKETS)
 
     def on_scheduler_stats(self, s: SchedulerStats) -> None:
-        self.num_running_reqs.set(s.num_running)
-        self.num_queue_reqs.set(s.num_waiting)
-        self.token_usage.set(s.token_usage)
-        self.cache_hit_rate.set(s.cache_hit_rate)
-        self.num_retracted_reqs.set(s.num_retracted)
+        replica = {**self.labels, "dp_rank": str(s.dp_rank)}
+        self.num_running_reqs.labels(**replica).set(s.num_running)
+        self.num_queue_reqs.labels(**replica).set(s.num_waiting)
+        self.token_usage.labels(**replica).set(s.token_usage)
+        self.cache_hit_rate.labels(**replica).set(s.cache_hit_rate)
+        self.num_retracted_reqs.labels(**replica).set(s.num_retracted)
 
     def on_finished(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int, ttft: float | None,
                     e2e: float, aborted: bool) -> None:

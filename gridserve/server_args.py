@@ -13,7 +13,11 @@ _CHOICES = {
     "attention_backend": ["auto", "torch", "triton"],
     "load_format": ["auto", "dummy"],
     "schedule_policy": ["fcfs", "lpm"],
+    "load_balance_method": ["cache_aware", "round_robin", "total_requests", "shortest_queue", "total_tokens",
+                            "minimum_tokens"],
 }
+# SGLang's older names of two load-balance methods
+_LOAD_BALANCE_ALIASES = {"shortest_queue": "total_requests", "minimum_tokens": "total_tokens"}
 _ALIASES = {"model_path": ["--model"], "tp_size": ["--tp"], "pp_size": ["--pp"], "dp_size": ["--dp"]}
 
 
@@ -61,12 +65,16 @@ class ServerArgs:
                                                      "max running requests / pp size)")
     pp_layer_partition: str | None = _opt(None, "layers per pipeline stage, e.g. 15,15,15,16 (default: even, the "
                                                 "remainder on the last stages)")
-    dp_size: int = _opt(1, "data-parallel size")
+    dp_size: int = _opt(1, "data-parallel size: replicas of the tp x pp model behind one endpoint")
+    load_balance_method: str = _opt("cache_aware", "how the DP controller picks a replica (dp > 1): cache_aware "
+                                                   "(longest cached prefix unless that replica is overloaded), "
+                                                   "round_robin, total_requests or total_tokens (the least loaded)")
     base_gpu_id: int = _opt(0, "first GPU this node uses")
     gpu_id_step: int = _opt(1, "GPU id distance between consecutive ranks")
     nnodes: int = _opt(1, "number of nodes")
     node_rank: int = _opt(0, "this node's index")
-    dist_init_addr: str | None = _opt(None, "host:port of the ranks' rendezvous (default: a free local port)")
+    dist_init_addr: str | None = _opt(None, "host:port of the ranks' rendezvous; DP replica r uses port + r "
+                                            "(default: a free local port per replica)")
     dist_timeout: float | None = _opt(None, "seconds any collective may wait before the deployment fails")
     host: str = _opt("127.0.0.1", "HTTP/gRPC listen address")
     port: int = _opt(30000, "HTTP/gRPC listen port")
@@ -100,8 +108,7 @@ class ServerArgs:
         for name in ("tp_size", "pp_size", "dp_size", "nnodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-            if name == "dp_size" and getattr(self, name) != 1:
-                raise ValueError(f"--{name.replace('_', '-')} > 1 is not supported yet")
+        self.load_balance_method = _LOAD_BALANCE_ALIASES.get(self.load_balance_method, self.load_balance_method)
         if self.pp_layer_partition is not None:
             parts = self.pp_layer_partition.split(",")
             if not all(p.strip().isdigit() and int(p) > 0 for p in parts) or len(parts) != self.pp_size:

@@ -25,7 +25,9 @@ class ServerProcess:
         self.log = open(self.log_path, "w")
         cmd = [GRIDSERVE, "serve", "--port", str(self.port), "--no-show-progress", "--max-total-tokens", "4096",
                *(["--grpc-mode"] if grpc else []), *args]
+        self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.ready_wall_s = 0.0  # seconds from exec to the "ready in" line, as seen from here
         self.url = f"http://127.0.0.1:{self.port}"
         self._wait_ready(timeout)
 
@@ -35,6 +37,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             if "ready in" in self.output():
+                self.ready_wall_s = time.monotonic() - self.started
                 return
             time.sleep(0.2)
         self.stop()

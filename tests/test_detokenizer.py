@@ -2,7 +2,7 @@
 
 import pytest
 
-from gridserve.detokenizer import IncrementalDetokenizer
+from gridserve.managers.detokenizer import IncrementalDetokenizer
 from gridserve.model_loader.paths import default_model_path
 from gridserve.tokenizer import get_tokenizer
 

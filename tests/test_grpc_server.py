@@ -75,7 +75,7 @@ def _check_like_engine(responses: list, ref: dict) -> None:
 
 
 def _used_tokens(engine) -> int:
-    return asyncio.run(engine.tokenizer_manager.get_internal_state())["used_tokens"]
+    return asyncio.run(engine.tokenizer_manager.get_internal_state())[0]["used_tokens"]
 
 
 def _wait_idle(engine, timeout: float = 10.0) -> None:

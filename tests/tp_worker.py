@@ -6,6 +6,7 @@ import os
 import torch
 
 from gridserve.distributed.parallel_state import destroy_model_parallel, get_pp_group, init_model_parallel
+from gridserve.distributed.ranks import Layout
 
 
 def logits_worker(rank: int, tp: int, init_method: str, model_path: str, result_path: str,
@@ -16,7 +17,7 @@ def logits_worker(rank: int, tp: int, init_method: str, model_path: str, result_
     torch.set_num_threads(1)
     if graphs:
         os.environ["TRITON_INTERPRET"] = "1"
-    init_model_parallel(tp * pp, rank, tp, pp, init_method, torch.device("cpu"), pp_layer_partition=partition)
+    init_model_parallel(Layout(tp, pp).rank(rank), init_method, torch.device("cpu"), pp_layer_partition=partition)
     from tests.logits_script import make_runner, run_script
 
     runner = make_runner(model_path, tp, load_format, attention_backend="triton" if graphs else "torch")

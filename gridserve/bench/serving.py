@@ -246,6 +246,9 @@ def format_result(m: dict, backend: str, rate: float, max_concurrency: int | Non
                        ("Output token throughput (tok/s):", "output_throughput"),
                        ("Total token throughput (tok/s):", "total_throughput"), ("Concurrency:", "concurrency")):
         row(label, f"{m[key]:.2f}")
+    if "cache_hit_rate" in m:
+        row("Prefix cache hit rate:", f"{m['cache_hit_rate']:.3f}")
+        row("Requests per DP replica:", " ".join(map(str, m["requests_per_replica"])))
     for title, label, key, stats in SECTIONS:
         lines.append(f"{title:-^50}")
         for stat in stats:
@@ -291,6 +294,27 @@ async def warm_up(client: httpx.AsyncClient, args: argparse.Namespace, model: st
                                                                                           WARMUP_MAX_TOKENS)), r)
                                   for r in warm))
     return outs[0].error if outs and not any(o.success for o in outs) else None
+
+
+# Counters of every replica in /server_info whose growth over a run gives its cache hit rate and request spread.
+_REPLICA_COUNTERS = ("num_received", "prompt_tokens_total", "cached_prompt_tokens_total")
+
+
+async def replica_counters(client: httpx.AsyncClient, base_url: str) -> list[dict] | None:
+    """Each replica's cumulative counters from a gridserve server's /server_info; None from other servers."""
+    try:
+        states = (await client.get(f"{base_url}/server_info", timeout=10)).json()["internal_states"]
+        return [{k: s[k] for k in _REPLICA_COUNTERS} for s in states]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+
+
+def replica_metrics(before: list[dict], after: list[dict]) -> dict:
+    """The run's prefix-cache hit rate over all replicas, and how many requests each replica took in."""
+    grew = [{k: a[k] - b[k] for k in _REPLICA_COUNTERS} for b, a in zip(before, after, strict=True)]
+    prompt = sum(g["prompt_tokens_total"] for g in grew)
+    return {"cache_hit_rate": sum(g["cached_prompt_tokens_total"] for g in grew) / max(1, prompt),
+            "requests_per_replica": [g["num_received"] for g in grew]}
 
 
 async def flush_cache(client: httpx.AsyncClient, base_url: str) -> None:
@@ -358,8 +382,12 @@ async def _main(args: argparse.Namespace, count_tokens, requests: list[BenchRequ
         for rate in rates:
             if args.backend in ("gridserve", "sglang") and not args.disable_flush_cache:
                 await flush_cache(client, args.base_url)
+            before = await replica_counters(client, args.base_url)
             outputs, duration = await benchmark(client, args, model, requests, rate, count_tokens)
             m = compute_metrics(outputs, duration, count_tokens)
+            after = await replica_counters(client, args.base_url) if before else None
+            if before and after and len(before) == len(after):
+                m.update(replica_metrics(before, after))
             print(format_result(m, args.backend, rate, args.max_concurrency), flush=True)
             if m["failed"]:
                 print(f"gridserve bench serving: warning: {m['failed']} requests failed, e.g. {m['errors'][0]}",

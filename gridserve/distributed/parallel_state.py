@@ -1,7 +1,8 @@
 """The one place that knows this process's parallel ranks and groups.
 
-Layers and the scheduler call only what is here. With tp = pp = 1 (no init_model_parallel call) every group
-has size 1 and every collective is an identity, so the single-GPU path has no distributed code in it.
+Layers and the scheduler call only what is here. In a replica of one rank (tp = pp = 1) init_model_parallel
+returns at once: every group has size 1 and every collective is an identity, so the single-GPU path has no
+distributed code in it. Each DP replica is a world of its own: these groups never span two replicas.
 """
 
 import datetime
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from gridserve.distributed.ranks import RankInfo
 
 
 @dataclass
@@ -129,36 +132,32 @@ def tp_size() -> int:
     return _TP.size
 
 
-def init_model_parallel(world_size: int, rank: int, tp_size: int, pp_size: int, init_method: str,
-                        device: torch.device, timeout_s: float | None = None,
+def init_model_parallel(rank: RankInfo, init_method: str, device: torch.device, timeout_s: float | None = None,
                         pp_layer_partition: list[int] | None = None) -> None:
-    """Joins the world of one model replica (tp * pp ranks) and builds its TP and PP groups.
-    Global rank = pp_rank * tp_size + tp_rank."""
+    """Joins the world of `rank`'s model replica (tp * pp ranks, its own rendezvous at init_method) and builds
+    its TP and PP groups."""
     global _TP, _PP, _WORLD, _PP_PARTITION
-    assert world_size == tp_size * pp_size
+    layout = rank.layout
     _PP_PARTITION = pp_layer_partition
-    if world_size == 1:
+    if layout.replica_size == 1:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
-    dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank,
+    dist.init_process_group(backend, init_method=init_method, world_size=layout.replica_size, rank=rank.replica_rank,
                             timeout=timeout, device_id=device if device.type == "cuda" else None)
-    pp_rank, tp_rank_ = divmod(rank, tp_size)
     # every rank must create every group, in the same order
-    for p in range(pp_size):
-        ranks = tuple(p * tp_size + t for t in range(tp_size))
+    for ranks in layout.tp_groups():
         dev, cpu = _new_groups(ranks, backend, timeout)
-        if p == pp_rank:
-            _TP = GroupCoordinator(tp_rank_, tp_size, ranks, dev, cpu)
-    for t in range(tp_size):
-        ranks = tuple(p * tp_size + t for p in range(pp_size))
+        if rank.replica_rank in ranks:
+            _TP = GroupCoordinator(rank.tp_rank, layout.tp, ranks, dev, cpu)
+    for ranks in layout.pp_groups():
         dev, cpu = _new_groups(ranks, backend, timeout)
-        if t == tp_rank_:
-            _PP = GroupCoordinator(pp_rank, pp_size, ranks, dev, cpu)
-    world = tuple(range(world_size))
+        if rank.replica_rank in ranks:
+            _PP = GroupCoordinator(rank.pp_rank, layout.pp, ranks, dev, cpu)
+    world = tuple(range(layout.replica_size))
     cpu_world = dist.group.WORLD if backend == "gloo" else dist.new_group(list(world), backend="gloo",
                                                                           timeout=timeout)
-    _WORLD = GroupCoordinator(rank, world_size, world, dist.group.WORLD, cpu_world)
+    _WORLD = GroupCoordinator(rank.replica_rank, layout.replica_size, world, dist.group.WORLD, cpu_world)
 
 
 def _new_groups(ranks: tuple[int, ...], backend: str, timeout):

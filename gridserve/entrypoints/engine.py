@@ -34,7 +34,7 @@ class Engine:
         self.scheduler_info = self.deployment.scheduler_info
 
     # ---- public API -----------------------------------------------------------------------------
-    def _requests(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num):
+    def _requests(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, routed_dp_rank):
         """Normalizes SGLang-style arguments into (is_batch, list of scheduler requests)."""
         if (prompt is None) == (input_ids is None):
             raise InvalidParamError("prompt", "give exactly one of prompt or input_ids")
@@ -53,27 +53,29 @@ class Engine:
         tm = self.tokenizer_manager
         reqs = []
         for (p, ids), sp in zip(items, params, strict=True):
-            reqs += tm.make_requests(tm.tokenize(p, ids), sp, return_logprob, top_logprobs_num)
+            reqs += tm.make_requests(tm.tokenize(p, ids), sp, return_logprob, top_logprobs_num, routed_dp_rank)
         return is_batch, reqs
 
     def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
                  input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
-                 top_logprobs_num: int = 0, stream: bool = False):
+                 top_logprobs_num: int = 0, stream: bool = False, routed_dp_rank: int | None = None):
         """One result dict per prompt (per choice when n > 1); a dict for a single prompt. With stream=True,
-        an iterator of cumulative results of a single prompt."""
+        an iterator of cumulative results of a single prompt. routed_dp_rank pins the requests to one data-parallel
+        replica (else the load balancer picks)."""
         if stream:
             return self._sync_stream(self.async_generate(prompt, sampling_params, input_ids, return_logprob,
-                                                         top_logprobs_num, stream=True))
+                                                         top_logprobs_num, stream=True, routed_dp_rank=routed_dp_rank))
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             return asyncio.run(self.async_generate(prompt, sampling_params, input_ids, return_logprob,
-                                                   top_logprobs_num))
+                                                   top_logprobs_num, routed_dp_rank=routed_dp_rank))
         raise RuntimeError("Engine.generate was called inside an event loop; use `await engine.async_generate`")
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False,
-                             top_logprobs_num=0, stream: bool = False):
-        is_batch, reqs = self._requests(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
+                             top_logprobs_num=0, stream: bool = False, routed_dp_rank: int | None = None):
+        is_batch, reqs = self._requests(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
+                                        routed_dp_rank)
         if stream:
             if len(reqs) != 1:
                 raise InvalidParamError("stream", "streaming takes a single prompt with n=1")
@@ -110,9 +112,9 @@ class Engine:
         return asyncio.run(self.tokenizer_manager.flush_cache())
 
     def get_server_info(self) -> dict:
-        """Server arguments, scheduler limits and the scheduler's live internal state."""
-        state = asyncio.run(self.tokenizer_manager.get_internal_state())
-        return {**dataclasses.asdict(self.server_args), **self.scheduler_info, "internal_states": [state]}
+        """Server arguments, scheduler limits and each replica's live internal state (`internal_states`)."""
+        states = asyncio.run(self.tokenizer_manager.get_internal_state())
+        return {**dataclasses.asdict(self.server_args), **self.scheduler_info, "internal_states": states}
 
     def shutdown(self) -> None:
         self.deployment.shutdown()

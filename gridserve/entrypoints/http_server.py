@@ -4,8 +4,8 @@
     app = create_app(tokenizer_manager, server_args, api_key=...)
     run_http_server(app, host, port)
 
-The app only talks to the TokenizerManager, so it does not care whether the scheduler runs in a thread of
-this process (tests, gridserve.Engine) or in other processes over ZMQ (`gridserve serve`)."""
+The app only talks to the TokenizerManager, so it does not care how many replicas, ranks or nodes serve the
+model behind it."""
 
 import asyncio
 import contextlib
@@ -49,10 +49,10 @@ from gridserve.entrypoints.openai.utils import (
     tokenize,
 )
 from gridserve.errors import InvalidParamError
+from gridserve.managers.tokenizer_manager import SchedulerDeadError
 from gridserve.messages import TokenizedGenerateReq
 from gridserve.sampling.sampling_params import SamplingParams
 from gridserve.server_args import ServerArgs
-from gridserve.tokenizer_manager import SchedulerDeadError
 
 # /health_generate: a generation that takes longer than this means the pipeline is stuck.
 HEALTH_GENERATE_TIMEOUT_S = 20.0
@@ -186,11 +186,11 @@ def _add_native_routes(router: APIRouter, tm, server_args: ServerArgs) -> None:
     @router.get("/server_info")
     @router.get("/get_server_info")  # SGLang's older name
     async def server_info() -> dict:
-        state = await tm.get_internal_state()
+        states = await tm.get_internal_state()
         args = dataclasses.asdict(server_args)
         if args.get("api_key"):  # whoever may read this already has the key, but it does not belong in logs
             args["api_key"] = "<hidden>"
-        return {**args, **tm.info, "internal_states": [state], "version": gridserve.__version__}
+        return {**args, **tm.info, "internal_states": states, "version": gridserve.__version__}
 
     @router.get("/get_model_info")
     async def model_info() -> dict:
@@ -256,7 +256,7 @@ def _native_requests(tm, body: GenerateRequest) -> tuple[list[TokenizedGenerateR
         top = (body.top_logprobs_num or 0) if body.return_logprob else 0
         reqs += prepare_requests(tm, [prompt], sp, sp.max_new_tokens, return_logprob=bool(body.return_logprob),
                                  top_logprobs_num=top, prompt_param="text" if body.text is not None else "input_ids",
-                                 max_tokens_param="max_new_tokens")
+                                 max_tokens_param="max_new_tokens", routed_dp_rank=body.routed_dp_rank)
         ids += [rid if rid is None or sp.n == 1 else f"{rid}-{j}" for j in range(sp.n)]
     return reqs, ids, batch
 

@@ -5,7 +5,7 @@ cannot issue them as fast as the GPU runs them. Capturing the whole decode forwa
 batch size and replaying it costs one launch. A pipeline stage captures its own layers, with the previous
 stage's hidden states and residual in static buffers too. Inputs live in static buffers that each step copies into; a
 batch is padded up to the next captured size with rows that read no KV (seq_len 0) and write their K/V to the
-padding slot 0, so they cannot disturb real rows. Prefill runs eagerly: its shapes vary too much.
+padding slot 0, so they cannot disturb real rows. Prefill has its own runner (piecewise_graph_runner.py).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import traceback
 import torch
 import zmq
 
-from gridserve.distributed.parallel_state import get_pp_group, get_tp_group, init_model_parallel
+from gridserve.distributed.parallel_state import get_tp_group, init_model_parallel
 from gridserve.distributed.ranks import RankInfo
 from gridserve.ipc import PortArgs, recv_all, zmq_socket
 from gridserve.model_executor.model_runner import resolve_device
@@ -29,14 +29,14 @@ def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo,
         path = resolve_model_path(args.model_path)
         cfg = load_model_config(path)  # the launcher has checked that it splits into this tp x pp grid
         device = resolve_device(args.device, rank.gpu_id)
-        world = args.tp_size * args.pp_size
-        if device.type == "cpu":  # share the cores between the ranks instead of oversubscribing them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        init_model_parallel(world, rank.global_rank % world, args.tp_size, args.pp_size,
-                            port_args.dist_init_method, device, args.dist_timeout, args.pp_partition)
-        recv, send = _scheduler_io(port_args, parent)
+        if device.type == "cpu":  # share the cores between this node's ranks instead of oversubscribing them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // rank.layout.ranks_per_node))
+        replica = port_args.replicas[rank.dp_rank]
+        init_model_parallel(rank, replica.dist_init_method, device, args.dist_timeout, args.pp_partition)
+        recv, send, report = _scheduler_io(port_args, rank, parent)
         tokenizer = get_decoder(path, args.tokenizer_path)  # to find stop strings in the output
-        scheduler = Scheduler(args, path, cfg, tokenizer, recv, send, gpu_id=rank.gpu_id)
+        scheduler = Scheduler(args, path, cfg, tokenizer, recv, send, gpu_id=rank.gpu_id, dp_rank=rank.dp_rank,
+                              report_load=report)
     except ValueError as e:  # a configuration the user can fix: the message says how
         pipe_writer.send({"status": "error", "message": str(e)})
         sys.exit(1)
@@ -49,15 +49,19 @@ def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo,
         scheduler.event_loop()
 
 
-def _scheduler_io(port_args: PortArgs, parent: int):
-    """The IO rank (tp 0 of stage 0) reads requests from ZMQ and broadcasts them, possibly none, to the other
-    TP ranks every iteration, so every rank forms the same batches; only it sends outputs on."""
+def _scheduler_io(port_args: PortArgs, rank: RankInfo, parent: int):
+    """(recv, send, report_load). The IO rank (tp 0 of stage 0) reads its replica's requests from ZMQ and
+    broadcasts them, possibly none, to the other TP ranks every iteration, so every rank forms the same batches;
+    only it sends outputs on, and with dp > 1 it reports its replica's load to the DP controller."""
     tp = get_tp_group()
-    if not (tp.is_first and get_pp_group().is_first):
-        return (lambda block: tp.broadcast_object()), (lambda msg: None)
+    if not rank.is_io_rank:
+        return (lambda block: tp.broadcast_object()), (lambda msg: None), None
     ctx = zmq.Context()
-    recv_sock = zmq_socket(ctx, zmq.PULL, port_args.scheduler_input)
+    recv_sock = zmq_socket(ctx, zmq.PULL, port_args.replicas[rank.dp_rank].scheduler_input)
     send_sock = zmq_socket(ctx, zmq.PUSH, port_args.detokenizer_input)
+    report = None
+    if rank.layout.dp > 1:
+        report = zmq_socket(ctx, zmq.PUSH, port_args.controller_input).send_pyobj
 
     def recv(block: bool) -> list:
         if not parent_alive(parent):
@@ -65,4 +69,4 @@ def _scheduler_io(port_args: PortArgs, parent: int):
             sys.exit(1)
         return tp.broadcast_object(recv_all(recv_sock, IDLE_POLL_MS if block else 0))
 
-    return recv, send_sock.send_pyobj
+    return recv, send_sock.send_pyobj, report

@@ -1,6 +1,6 @@
 """The scheduler of one rank: admits requests, forms batches, runs the model, checks stop conditions and
-sends new tokens out. Its IO is two callables, so the same class serves an in-process thread today and a
-ZMQ-connected process later."""
+sends new tokens out. Its IO is callables (recv, send, report_load) that run_scheduler_process wires to ZMQ, so
+the class itself knows nothing of sockets (scripts/profile_scheduler.py drives it in-process)."""
 
 import logging
 import time
@@ -8,13 +8,14 @@ from collections.abc import Callable
 
 import torch
 
-from gridserve.detokenizer import CONTEXT_TOKENS
 from gridserve.messages import (
+    CONTEXT_TOKENS,
     AbortReq,
     BatchTokenIDOutput,
     DetokInit,
     FlushCacheReq,
     GetInternalStateReq,
+    ReqOutputs,
     RpcOutput,
     SchedulerStats,
     TokenizedGenerateReq,
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 INIT_NEW_TOKEN_RATIO, MIN_NEW_TOKEN_RATIO, NEW_TOKEN_RATIO_DECAY = 0.7, 0.1, 0.001
 DECODE_LOG_INTERVAL = 40  # decode steps between two throughput log lines (SGLang's default)
+LOAD_REPORT_INTERVAL_S = 0.05  # a busy replica's token count drifts with every step: report it this often
 
 # recv(block) returns the messages that arrived (waiting a little when block is True); send(msg) emits
 # a BatchTokenIDOutput or an RpcOutput towards the detokenizer.
@@ -41,9 +43,13 @@ SendFn = Callable[[object], None]
 
 class Scheduler:
     def __init__(self, args: ServerArgs, model_path: str, cfg: ModelConfig, tokenizer, recv: RecvFn, send: SendFn,
-                 gpu_id: int = 0):
+                 gpu_id: int = 0, dp_rank: int = 0, report_load: SendFn | None = None):
         self.args = args
         self.recv, self.send = recv, send
+        self.dp_rank = dp_rank
+        self.report_load = report_load  # to the DP controller (the IO rank of a replica, dp > 1), else None
+        self.num_received = 0
+        self.last_report: tuple = (0.0, None)  # (time, what changed) of the latest load report
         self.tokenizer = tokenizer
         self.runner = ModelRunner(args, model_path, cfg, gpu_id)
         self.kv = KVManager(self.runner.req_to_token_pool, self.runner.allocator, not args.disable_radix_cache)
@@ -91,6 +97,7 @@ class Scheduler:
         while not self.stopped:
             self.process_input_requests(self.recv(self.is_idle()))
             self.run_step()
+            self.maybe_report_load()
 
     def run_step(self) -> None:
         """Schedules and launches the next batch, then reads the results of one launched batch.
@@ -118,13 +125,14 @@ class Scheduler:
             elif isinstance(msg, AbortReq):
                 self.abort_request(msg.rid)
             elif isinstance(msg, FlushCacheReq):
-                self.send(RpcOutput(msg.rid, self.flush_cache()))
+                self.send(RpcOutput(msg.rid, self.flush_cache(), dp_rank=self.dp_rank))
             elif isinstance(msg, GetInternalStateReq):
-                self.send(RpcOutput(msg.rid, True, self.get_internal_state()))
+                self.send(RpcOutput(msg.rid, True, self.get_internal_state(), self.dp_rank))
             else:
                 logger.error("scheduler got an unknown message %r", type(msg).__name__)
 
     def add_request(self, msg: TokenizedGenerateReq) -> None:
+        self.num_received += 1
         req = Req(msg.rid, list(msg.input_ids), msg.sampling_params, msg.seed, msg.return_logprob,
                   msg.top_logprobs_num)
         error = self._validate(req)
@@ -166,18 +174,38 @@ class Scheduler:
                 self._send([req])
                 return
 
-    def stats(self) -> SchedulerStats:
+    def stats(self, with_tokens: bool = False) -> SchedulerStats:
+        """with_tokens: also count tokens_in_flight (a pass over every request, so not on every step)."""
         kv = self.kv
         cached = kv.tree.total_size() if kv.tree else 0
         total = self.runner.max_total_num_tokens
         return SchedulerStats(
+            dp_rank=self.dp_rank, num_received=self.num_received,
             num_running=len(self.running) + (self.chunked_req is not None), num_waiting=len(self.waiting),
             max_total_num_tokens=total, used_tokens=total - kv.allocator.available_size() - cached,
             cached_tokens=cached, num_retracted=self.num_retracted, num_evicted_tokens=kv.num_evicted_tokens,
-            prompt_tokens_total=self.prompt_tokens_total, cached_prompt_tokens_total=self.cached_prompt_tokens_total)
+            prompt_tokens_total=self.prompt_tokens_total, cached_prompt_tokens_total=self.cached_prompt_tokens_total,
+            tokens_in_flight=sum(r.num_tokens for r in self.in_flight()) if with_tokens else 0)
+
+    def in_flight(self) -> list[Req]:
+        """Every request this replica holds: running, waiting, and the one being prefilled in chunks."""
+        return self.running + self.waiting + ([self.chunked_req] if self.chunked_req else [])
+
+    def maybe_report_load(self) -> None:
+        """Tells the DP controller this replica's load when its requests changed (taken in, admitted, finished),
+        and every LOAD_REPORT_INTERVAL_S while tokens are being generated. A no-op without a controller."""
+        if self.report_load is None:
+            return
+        now = time.monotonic()
+        key = (self.num_received, len(self.running), len(self.waiting), self.chunked_req is not None)
+        last_time, last_key = self.last_report
+        if key == last_key and (self.is_idle() or now - last_time < LOAD_REPORT_INTERVAL_S):
+            return
+        self.last_report = (now, key)
+        self.report_load(self.stats(with_tokens=True))
 
     def get_internal_state(self) -> dict:
-        s = self.stats()
+        s = self.stats(with_tokens=True)
         state = {**vars(s), "token_usage": s.token_usage, "cache_hit_rate": s.cache_hit_rate,
                  "new_token_ratio": self.new_token_ratio, "available_tokens": self.kv.allocator.available_size(),
                  "free_req_slots": self.kv.req_pool.available_size()}
@@ -347,9 +375,11 @@ class Scheduler:
             if req in self.waiting:  # retracted while its last token was on the device
                 self.waiting.remove(req)
             self.kv.release(req)
-        self._send(batch.reqs)
-        if done:
+        if done:  # before the send: the stats it carries must not count finished requests as running
             self.running = [r for r in self.running if not r.finished]
+            # and the DP controller hears of the freed room before the client can send its next request
+            self.maybe_report_load()
+        self._send(batch.reqs)
 
     def check_finished(self, req: Req) -> None:
         p, tok = req.params, req.output_ids[-1]
@@ -367,24 +397,25 @@ class Scheduler:
                     break
 
     def _send(self, reqs: list[Req]) -> None:
-        out = BatchTokenIDOutput([], [], [], [], [], [])
+        out = BatchTokenIDOutput(ReqOutputs())
+        o = out.reqs
         for r in reqs:
             if r.finish_sent or (r.sent_len == len(r.output_ids) and not r.finished):
                 continue
-            out.rids.append(r.rid)
-            out.new_token_ids.append(r.output_ids[r.sent_len :])
-            out.new_token_logprobs.append(r.logprobs[r.sent_len :])
-            out.new_top_logprobs.append(r.top_logprobs[r.sent_len :])
-            out.finished_reasons.append(r.finished_reason)
-            out.prompt_tokens.append(len(r.origin_input_ids))
-            out.completion_tokens.append(len(r.output_ids))
-            out.cached_tokens.append(r.cached_tokens)
+            o.rids.append(r.rid)
+            o.new_token_ids.append(r.output_ids[r.sent_len :])
+            o.new_token_logprobs.append(r.logprobs[r.sent_len :])
+            o.new_top_logprobs.append(r.top_logprobs[r.sent_len :])
+            o.finished_reasons.append(r.finished_reason)
+            o.prompt_tokens.append(len(r.origin_input_ids))
+            o.completion_tokens.append(len(r.output_ids))
+            o.cached_tokens.append(r.cached_tokens)
             first = not r.detok_started
             out.detok_init.append(DetokInit(r.origin_input_ids[-CONTEXT_TOKENS:], r.params.stop,
                                             r.params.skip_special_tokens) if first else None)
             r.detok_started = True
             r.sent_len = len(r.output_ids)
             r.finish_sent = r.finished
-        if out.rids:
+        if o.rids:
             out.stats = self.stats()
             self.send(out)

@@ -16,10 +16,10 @@ import grpc
 from gridserve.entrypoints.grpc import gridserve_pb2 as pb
 from gridserve.entrypoints.grpc import gridserve_pb2_grpc as pb_grpc
 from gridserve.errors import InvalidParamError
+from gridserve.managers.tokenizer_manager import SchedulerDeadError, TokenizerManager
 from gridserve.messages import TokenizedGenerateReq
 from gridserve.sampling.sampling_params import SamplingParams
 from gridserve.server_args import ServerArgs
-from gridserve.tokenizer_manager import SchedulerDeadError, TokenizerManager
 
 logger = logging.getLogger(__name__)
 

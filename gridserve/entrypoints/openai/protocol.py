@@ -49,6 +49,7 @@ class SamplingFields(RequestModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    routed_dp_rank: int | None = None  # SGLang's: pin the request to this data-parallel replica
 
     def sampling_dict(self) -> dict:
         return {k: getattr(self, k) for k in SAMPLING_FIELDS if getattr(self, k) is not None}
@@ -100,6 +101,7 @@ class GenerateRequest(RequestModel):
     return_logprob: bool | None = False
     top_logprobs_num: int | None = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
     rid: str | list[str] | None = None
+    routed_dp_rank: int | None = None
 
 
 REQUEST_FIELDS = {name for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions,

@@ -50,7 +50,8 @@ class OpenAIServingCompletion:
         _reject_unsupported(body)
         params = sampling_params(body.sampling_dict())
         reqs = prepare_requests(tm, self._prompts(body.prompt), params, body.max_tokens,
-                                return_logprob=body.logprobs is not None, top_logprobs_num=body.logprobs or 0)
+                                return_logprob=body.logprobs is not None, top_logprobs_num=body.logprobs or 0,
+                                routed_dp_rank=body.routed_dp_rank)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             return SSEResponse(sse_stream(self._chunks(rid, body, reqs, params.n)))

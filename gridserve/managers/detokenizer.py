@@ -1,12 +1,8 @@
 """Incremental detokenization of one request's output: text deltas that never split a multi-byte character
 and never show a stop string (or the start of one that may still complete)."""
 
-from gridserve.messages import BatchStrOutput, BatchTokenIDOutput
+from gridserve.messages import CONTEXT_TOKENS, BatchStrOutput, BatchTokenIDOutput
 from gridserve.tokenizer import decode_batch
-
-# Tokens before the new ones that are decoded with them, so that tokenizers which treat the first token
-# of a string specially (a leading space, a byte-fallback piece) give the same text as a full decode.
-CONTEXT_TOKENS = 5
 
 
 class IncrementalDetokenizer:
@@ -78,27 +74,26 @@ class DetokenizerManager:
         self.states: dict[str, IncrementalDetokenizer] = {}
 
     def handle(self, out: BatchTokenIDOutput) -> BatchStrOutput:
-        deltas = [""] * len(out.rids)
+        reqs = out.reqs
+        deltas = [""] * len(reqs.rids)
         work: list[tuple[int, IncrementalDetokenizer, bool]] = []
-        for i, rid in enumerate(out.rids):
+        for i, rid in enumerate(reqs.rids):
             init = out.detok_init[i] if out.detok_init else None
             if init is not None:
                 self.states[rid] = IncrementalDetokenizer(self.tokenizer, init.prompt_tail, init.stop,
                                                           init.skip_special_tokens)
-            finished = out.finished_reasons[i] is not None
+            finished = reqs.finished_reasons[i] is not None
             state = self.states.pop(rid, None) if finished else self.states.get(rid)
             if state is not None:
                 work.append((i, state, finished))
         # One batched decode per skip_special_tokens setting for the whole step.
         for skip in {state.skip for _, state, _ in work}:
             group = [w for w in work if w[1].skip == skip]
-            windows = [state.windows(out.new_token_ids[i]) for i, state, _ in group]
+            windows = [state.windows(reqs.new_token_ids[i]) for i, state, _ in group]
             texts = decode_batch(self.tokenizer, [f for f, _ in windows] + [p for _, p in windows], skip)
             for j, (i, state, finished) in enumerate(group):
                 deltas[i] = state.apply(texts[j], texts[len(group) + j], finished)
-        return BatchStrOutput(out.rids, deltas, out.new_token_ids, out.finished_reasons, out.prompt_tokens,
-                              out.completion_tokens, out.cached_tokens, out.new_token_logprobs,
-                              out.new_top_logprobs, out.stats)
+        return BatchStrOutput(reqs, deltas, out.stats)
 
 
 def run_detokenizer_process(args, port_args, model_path: str, pipe_writer) -> None:

@@ -1,7 +1,7 @@
 """TokenizerManager: the front end's view of requests. Tokenizes and validates, sends TokenizedGenerateReq
 to the scheduler, and turns the detokenizer's outputs back into per-request results and streams.
 
-Outputs arrive on whatever thread receives them (a ZMQ receiver thread, or the scheduler thread in tests).
+Outputs arrive on the deployment's ZMQ receiver thread.
 That thread only appends each step to its request's deque and wakes the request's event loop once per batch;
 the request's own coroutine folds the steps it finds into its cumulative result. A consumer that falls
 behind therefore gets several steps in one result instead of a backlog, and the receiving thread's cost per
@@ -26,8 +26,8 @@ from gridserve.messages import (
     BatchStrOutput,
     FlushCacheReq,
     GetInternalStateReq,
+    ReqOutputs,
     RpcOutput,
-    SchedulerStats,
     TokenizedGenerateReq,
 )
 from gridserve.metrics import Metrics
@@ -41,16 +41,11 @@ class SchedulerDeadError(RuntimeError):
 
 
 class StepOut(NamedTuple):
-    """One request's share of one detokenized step."""
+    """One request's share of one detokenized step: entry i of the step's per-request fields."""
 
     delta: str
-    new_ids: list[int]
-    logprobs: list[float]
-    top_logprobs: list
-    finish_reason: dict | None
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
+    reqs: ReqOutputs
+    i: int
     time: float
 
 
@@ -73,37 +68,46 @@ class ReqState:
     top_logprobs: list = field(default_factory=list)
     last: StepOut | None = None
 
+    @property
+    def finish_reason(self) -> dict | None:
+        return None if self.last is None else self.last.reqs.finished_reasons[self.last.i]
+
     def take_steps(self) -> bool:
         """Folds the steps that arrived into the result; False when there were none."""
         got = False
         while self.steps:
             step = self.steps.popleft()  # deque ops are atomic: safe against the appending thread
             got = True
+            reqs, i = step.reqs, step.i
+            new_ids = reqs.new_token_ids[i]
             self.text += step.delta
-            self.output_ids += step.new_ids
-            self.logprobs += list(zip(step.logprobs, step.new_ids, strict=False))
-            self.top_logprobs += step.top_logprobs
+            self.output_ids += new_ids
+            self.logprobs += list(zip(reqs.new_token_logprobs[i], new_ids, strict=False))
+            self.top_logprobs += reqs.new_top_logprobs[i]
             self.last = step
         return got
+
+    def ttft(self) -> float | None:
+        return self.first_token_time - self.created if self.first_token_time else None
 
     def result(self, rid: str) -> dict:
         """The cumulative result; "delta" is the text since the previous result."""
         last = self.last
+        reqs, i = last.reqs, last.i
         delta, self.yielded_chars = self.text[self.yielded_chars :], len(self.text)
-        ttft = self.first_token_time - self.created if self.first_token_time else None
         return {
             "text": self.text,
             "delta": delta,
             "output_ids": list(self.output_ids),
             "meta_info": {
                 "id": rid,
-                "prompt_tokens": last.prompt_tokens,
-                "completion_tokens": last.completion_tokens,
-                "cached_tokens": last.cached_tokens,
-                "finish_reason": last.finish_reason,
+                "prompt_tokens": reqs.prompt_tokens[i],
+                "completion_tokens": reqs.completion_tokens[i],
+                "cached_tokens": reqs.cached_tokens[i],
+                "finish_reason": reqs.finished_reasons[i],
                 "output_token_logprobs": list(self.logprobs),
                 "output_top_logprobs": list(self.top_logprobs),
-                "ttft": ttft,
+                "ttft": self.ttft(),
                 "e2e_latency": last.time - self.created,
             },
         }
@@ -116,18 +120,18 @@ def _set_events(states: list[ReqState]) -> None:
 
 class TokenizerManager:
     def __init__(self, tokenizer, scheduler_info: dict, vocab_size: int, send: Callable[[object], None],
-                 served_model_name: str = "default", random_seed: int = 0):
+                 served_model_name: str = "default", random_seed: int = 0, dp_size: int = 1):
         self.tokenizer = tokenizer
         self.info = scheduler_info
         self.vocab_size = vocab_size
-        self._send = send
+        self.dp_size = dp_size
+        self._send = send  # to the DP controller, or with dp = 1 to the replica's IO rank
         self._send_lock = threading.Lock()  # ZMQ sockets are not thread-safe
         self.served_model_name = served_model_name
         self.rid_to_state: dict[str, ReqState] = {}
-        self.rpc_waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self.rpc_waiters: dict[str, _RpcWaiter] = {}
         self.seed_rng = random.Random(random_seed)  # seeds for requests that give none
-        self.last_stats = SchedulerStats(max_total_num_tokens=scheduler_info.get("max_total_num_tokens", 0))
-        self.metrics = Metrics(served_model_name)
+        self.metrics = Metrics(served_model_name, dp_size)
         self.dead_reason: str | None = None
 
     def send(self, msg: object) -> None:
@@ -168,15 +172,23 @@ class TokenizerManager:
                 raise RequestTooLargeError("max_new_tokens", f"prompt ({n_prompt} tokens) + max_new_tokens "
                                            f"({params.max_new_tokens}) = {total} exceeds {what} ({limit} tokens)")
 
+    def validate_dp_rank(self, routed_dp_rank: int | None) -> None:
+        if routed_dp_rank is None:
+            return
+        if type(routed_dp_rank) is not int or not 0 <= routed_dp_rank < self.dp_size:
+            raise InvalidParamError("routed_dp_rank", f"must be an int in [0, {self.dp_size}) (the server runs "
+                                    f"{self.dp_size} data-parallel replicas), got {routed_dp_rank!r}")
+
     def make_requests(self, input_ids: list[int], params: SamplingParams, return_logprob: bool = False,
-                      top_logprobs_num: int = 0) -> list[TokenizedGenerateReq]:
+                      top_logprobs_num: int = 0, routed_dp_rank: int | None = None) -> list[TokenizedGenerateReq]:
         """One scheduler request per choice (n); each choice gets its own seed, so they differ."""
         self.validate_length(len(input_ids), params)
+        self.validate_dp_rank(routed_dp_rank)
         if type(top_logprobs_num) is not int or top_logprobs_num < 0:
             raise InvalidParamError("top_logprobs_num", f"must be an int >= 0, got {top_logprobs_num!r}")
         base = params.seed if params.seed is not None else self.seed_rng.getrandbits(63)
         return [TokenizedGenerateReq(uuid.uuid4().hex, input_ids, params, base + i, return_logprob,
-                                     top_logprobs_num) for i in range(params.n)]
+                                     top_logprobs_num, routed_dp_rank) for i in range(params.n)]
 
     # ---- streaming results ----------------------------------------------------------------------
     async def generate(self, req: TokenizedGenerateReq, stream: bool = True) -> AsyncIterator[dict]:
@@ -194,39 +206,41 @@ class TokenizerManager:
                 state.woken = False  # before draining: a step appended from here on schedules a new wake-up
                 if not state.take_steps():
                     continue
-                done = state.last.finish_reason is not None
+                done = state.finish_reason is not None
                 if stream or done:
                     yield state.result(req.rid)
                 if done:
                     return
         finally:
+            self.rid_to_state.pop(req.rid, None)
             if not state.finished and not self.dead_reason:  # the consumer left: free the request's KV
                 self.send(AbortReq(req.rid))
-            self.rid_to_state.pop(req.rid, None)
+                # counted here: the replica's answer to the abort finds no state left to count it
+                self.metrics.on_finished(state.prompt_tokens, len(state.output_ids), 0, state.ttft(),
+                                         time.perf_counter() - state.created, aborted=True)
 
     def handle_output(self, msg: object) -> None:
         """Entry point for everything the detokenizer sends back. Thread-safe."""
         if isinstance(msg, BatchStrOutput):
             self._handle_batch(msg)
         elif isinstance(msg, RpcOutput):
-            waiter = self.rpc_waiters.pop(msg.rid, None)
+            waiter = self.rpc_waiters.get(msg.rid)
             if waiter is not None:
-                loop, fut = waiter
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(msg))
+                waiter.add(msg)
         else:
             logger.error("tokenizer manager got an unknown message %r", type(msg).__name__)
 
     def _handle_batch(self, out: BatchStrOutput) -> None:
         if out.stats is not None:
-            self.last_stats = out.stats
             self.metrics.on_scheduler_stats(out.stats)
         now = time.perf_counter()
         to_wake = []
-        for i, rid in enumerate(out.rids):
+        reqs = out.reqs
+        for i, rid in enumerate(reqs.rids):
             state = self.rid_to_state.get(rid)
             if state is None:
                 continue  # aborted and already gone
-            reason, new = out.finished_reasons[i], out.new_token_ids[i]
+            reason, new = reqs.finished_reasons[i], reqs.new_token_ids[i]
             if new:
                 if state.first_token_time is None:
                     state.first_token_time = now
@@ -234,14 +248,11 @@ class TokenizerManager:
                 elif state.last_token_time is not None:
                     self.metrics.itl.observe((now - state.last_token_time) / len(new))
                 state.last_token_time = now
-            state.steps.append(StepOut(out.text_deltas[i], new, out.new_token_logprobs[i], out.new_top_logprobs[i],
-                                       reason, out.prompt_tokens[i], out.completion_tokens[i], out.cached_tokens[i],
-                                       now))
+            state.steps.append(StepOut(out.text_deltas[i], reqs, i, now))
             if reason is not None:
                 state.finished = True
-                ttft = state.first_token_time - state.created if state.first_token_time else None
-                self.metrics.on_finished(out.prompt_tokens[i], out.completion_tokens[i], out.cached_tokens[i],
-                                         ttft, now - state.created, reason["type"] == "abort")
+                self.metrics.on_finished(reqs.prompt_tokens[i], reqs.completion_tokens[i], reqs.cached_tokens[i],
+                                         state.ttft(), now - state.created, reason["type"] == "abort")
             to_wake.append(state)
         self._wake(to_wake)
 
@@ -260,35 +271,56 @@ class TokenizerManager:
                 pass
 
     # ---- control --------------------------------------------------------------------------------
-    async def _rpc(self, msg, timeout: float = 30.0) -> RpcOutput:
+    async def _rpc(self, msg, timeout: float = 30.0) -> list[RpcOutput]:
+        """Sends a control request to every replica (through the DP controller when dp > 1) and gathers their
+        answers, ordered by dp_rank."""
         if self.dead_reason:
             raise SchedulerDeadError(self.dead_reason)
         msg.rid = uuid.uuid4().hex
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self.rpc_waiters[msg.rid] = (loop, fut)
+        waiter = _RpcWaiter(asyncio.get_running_loop(), self.dp_size)
+        self.rpc_waiters[msg.rid] = waiter
         self.send(msg)
         try:
-            return await asyncio.wait_for(fut, timeout)
+            return await asyncio.wait_for(waiter.future, timeout)
         finally:
             self.rpc_waiters.pop(msg.rid, None)
 
     async def flush_cache(self) -> bool:
-        """Empties the prefix cache; False when requests are in flight (then nothing is flushed)."""
-        return (await self._rpc(FlushCacheReq())).success
+        """Empties every replica's prefix cache; False when requests are in flight on one of them (then that
+        one flushes nothing)."""
+        return all(r.success for r in await self._rpc(FlushCacheReq()))
 
-    async def get_internal_state(self) -> dict:
-        return (await self._rpc(GetInternalStateReq())).data
+    async def get_internal_state(self) -> list[dict]:
+        """Each replica's live state, with its dp_rank, in dp_rank order."""
+        return [{"dp_rank": r.dp_rank, **r.data} for r in await self._rpc(GetInternalStateReq())]
 
     def fail_all(self, message: str) -> None:
         """A scheduler is gone: every waiting request ends with an error instead of hanging."""
         self.dead_reason = self.dead_reason or message
         now = time.perf_counter()
-        states = list(self.rid_to_state.values())
-        for state in states:
+        states = list(self.rid_to_state.items())
+        for rid, state in states:
             state.finished = True
-            state.steps.append(StepOut("", [], [], [], {"type": "abort", "message": message}, state.prompt_tokens,
-                                       len(state.output_ids), 0, now))
-        self._wake(states)
-        for loop, fut in list(self.rpc_waiters.values()):
-            loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_exception(SchedulerDeadError(message)))
+            aborted = ReqOutputs.aborted(rid, message, state.prompt_tokens, len(state.output_ids))
+            state.steps.append(StepOut("", aborted, 0, now))
+        self._wake([state for _, state in states])
+        for waiter in list(self.rpc_waiters.values()):
+            waiter.fail(SchedulerDeadError(message))
+
+
+class _RpcWaiter:
+    """Gathers the answers of every replica to one control request (added from the receiving thread)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, expected: int):
+        self.loop, self.expected = loop, expected
+        self.future = loop.create_future()
+        self.replies: list[RpcOutput] = []
+
+    def add(self, reply: RpcOutput) -> None:
+        self.replies.append(reply)
+        if len(self.replies) == self.expected:
+            replies = sorted(self.replies, key=lambda r: r.dp_rank)
+            self.loop.call_soon_threadsafe(lambda: self.future.done() or self.future.set_result(replies))
+
+    def fail(self, error: Exception) -> None:
+        self.loop.call_soon_threadsafe(lambda: self.future.done() or self.future.set_exception(error))

@@ -1,0 +1,66 @@
+"""The DP controller process (dp > 1): the TokenizerManager sends it every request; it picks a replica with the
+load balancer and forwards the request to that replica's IO rank. Replicas send their outputs straight to the
+one detokenizer, and their load reports here.
+
+Control messages go to every replica. An abort reaches the replica that holds the request (the others do not
+know the id and ignore it); for a flush or an internal-state request the TokenizerManager gathers one answer
+per replica.
+"""
+
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+
+from gridserve.managers.load_balancer import LoadBalancer
+from gridserve.messages import SchedulerStats, TokenizedGenerateReq
+
+logger = logging.getLogger(__name__)
+
+
+class DataParallelController:
+    def __init__(self, balancer: LoadBalancer, replicas: list[Callable[[object], None]]):
+        self.balancer = balancer
+        self.replicas = replicas  # replica r's send function
+
+    def handle(self, msg: object) -> None:
+        if isinstance(msg, TokenizedGenerateReq):
+            self.route(msg)
+        elif isinstance(msg, SchedulerStats):
+            self.balancer.on_report(msg)
+        else:  # AbortReq, FlushCacheReq, GetInternalStateReq
+            for send in self.replicas:
+                send(msg)
+
+    def route(self, req: TokenizedGenerateReq) -> None:
+        if req.routed_dp_rank is None:
+            dp_rank = self.balancer.choose(req.input_ids)
+        else:  # the TokenizerManager checked that it is in range
+            dp_rank = req.routed_dp_rank
+            self.balancer.dispatch(dp_rank, req.input_ids)
+        self.replicas[dp_rank](req)
+
+
+def run_data_parallel_controller_process(args, port_args, pipe_writer) -> None:
+    """The process body: requests and load reports in on one socket, requests out to the replicas."""
+    import zmq
+
+    from gridserve.ipc import recv_all, zmq_socket
+    from gridserve.process_utils import init_child_process, parent_alive
+
+    parent = init_child_process("dp_controller", args.log_level)
+    try:
+        ctx = zmq.Context()
+        pull = zmq_socket(ctx, zmq.PULL, port_args.controller_input)
+        pushes = [zmq_socket(ctx, zmq.PUSH, replica.scheduler_input) for replica in port_args.replicas]
+        controller = DataParallelController(LoadBalancer(args.load_balance_method, args.dp_size),
+                                            [push.send_pyobj for push in pushes])
+    except Exception:
+        pipe_writer.send({"status": "error", "message": traceback.format_exc()})
+        sys.exit(1)
+    logger.info("routing requests over %d replicas (%s)", args.dp_size, args.load_balance_method)
+    pipe_writer.send({"status": "ready"})
+    pipe_writer.close()
+    while parent_alive(parent):
+        for msg in recv_all(pull, 100):
+            controller.handle(msg)
