@@ -97,6 +97,13 @@ def test_32_concurrent_streams_are_well_formed_sse(server):
     assert results == ["ok"] * 32
 
 
+def test_idle_server_reports_no_running_requests(server, client):
+    for prompt in ("One", "Two"):  # requests that finish normally: the last stats must not count them
+        client.completions.create(model="default", prompt=prompt, max_tokens=4, temperature=0)
+    metrics = _metrics(server)
+    assert metrics["gridserve:num_running_reqs"] == 0 and metrics["gridserve:num_queue_reqs"] == 0
+
+
 def test_disconnected_client_frees_kv_and_counts_as_aborted(server):
     aborted_before = _metrics(server)["gridserve:num_aborted_requests_total"]
     body = {"prompt": "Tell me a long story.", "max_tokens": 1000, "ignore_eos": True, "stream": True}
