@@ -61,11 +61,13 @@ def test_offline_with_transformers(tiny_llama, tmp_path, capsys):
     assert "floor " in printed and "output tok/s, " in printed and "total tok/s" in printed
 
 
-def test_offline_random_weights_with_padded_transformers_and_two_stages(tiny_llama, tmp_path, capsys):
+def test_offline_random_weights_with_padded_transformers_and_two_replicas_of_two_stages(tiny_llama, tmp_path,
+                                                                                        capsys):
     # --load-format dummy: both systems get random weights (their own), so only throughput is compared;
-    # gridserve runs as two pipeline stages and reports the first stage's idle time
+    # gridserve runs as two DP replicas of two pipeline stages and reports the first stage's idle time
     out = tmp_path / "offline.json"
-    argv = ["bench", "offline", "--model", tiny_llama, "--load-format", "dummy", "--pp", "2", "--num-prompts", "3",
+    argv = ["bench", "offline", "--model", tiny_llama, "--load-format", "dummy", "--dp", "2", "--pp", "2",
+            "--load-balance-method", "round_robin", "--num-prompts", "3",
             "--min-input-len", "4", "--max-input-len", "6", "--min-output-len", "2", "--max-output-len", "4",
             "--max-total-tokens", "512", "--no-show-progress", "--log-level", "warning", "--no-floor",
             "--compare-transformers", "padded", "--output-json", str(out)]
@@ -75,7 +77,9 @@ def test_offline_random_weights_with_padded_transformers_and_two_stages(tiny_lla
     want = make_workload(3, (4, 6), (2, 4), 211, 0).output_tokens
     assert all(r["output_tokens"] == want and r["output_tok_s"] > 0 for r in report["results"].values())
     assert 0 <= report["pp_stage0_idle_fraction"] < 1
-    assert "pipeline stage 0 idle: " in capsys.readouterr().out
+    assert report["requests_per_replica"] == [2, 1]
+    printed = capsys.readouterr().out
+    assert "pipeline stage 0 idle: " in printed and "requests per DP replica: [2, 1]" in printed
 
 
 def test_workload_is_reproducible():

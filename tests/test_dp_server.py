@@ -1,7 +1,7 @@
-"""Data parallelism end to end: `--dp 2` (the embedded model), and dp 2 x tp 2 and dp 2 x pp 2 (a tiny Qwen3 of 4
-heads and 3 layers) give the tokens of one replica for concurrent requests; each load-balance method spreads requests as it should, seen from
-the replicas' own counters in /server_info; a disconnected client's request is freed on its replica; killing a
-rank of either replica ends the deployment."""
+"""Data parallelism end to end: `--dp 2` (the embedded model), and dp 2 x tp 2 and dp 2 x pp 2 (a tiny Qwen3 of
+4 heads and 3 layers) give the tokens of one replica for concurrent requests; each load-balance method spreads
+requests as it should, seen from the replicas' own counters in /server_info; a disconnected client's request is
+freed on its replica; killing a rank of either replica ends the deployment."""
 
 import json
 import subprocess

@@ -331,12 +331,15 @@ def run(args: argparse.Namespace) -> int:
         clock = _pipeline_clock(engine)
         results = [run_gridserve(engine, workload, args.temperature)]
         pp_idle = _pipeline_idle(engine, clock)
+        per_replica = [s["num_received"] for s in engine.get_server_info()["internal_states"]]
     finally:
         engine.shutdown()
     del engine  # frees the KV cache before transformers loads its copy of the weights
     gc.collect()
     floor = floor_report = None
-    if args.floor:  # measured now: the engine's processes are gone and transformers is not loaded yet
+    if args.floor and server_args.dp_size > 1:
+        print("floor: not modelled for --dp > 1 (it models one replica); run with --dp 1 for it")
+    elif args.floor:  # measured now: the engine's processes are gone and transformers is not loaded yet
         cost, rates = measure_for(cfg, dtype, device, server_args.tp_size)
         floor = offline_floor(cost, [len(p) for p in workload.prompts], workload.output_lens, rates, max_running,
                               server_args.prefill_token_budget)
@@ -355,8 +358,11 @@ def run(args: argparse.Namespace) -> int:
                         "achieved_fraction": {r.system: floor.fraction(r.wall_s) for r in results}}
     if pp_idle is not None:
         print(f"pipeline stage 0 idle: {pp_idle:.1%} of the time it had work in flight")
+    if len(per_replica) > 1:
+        print(f"requests per DP replica: {per_replica}")
     report = build_report(args, workload, path, dtype, device, results, floor_report)
     report["pp_stage0_idle_fraction"] = pp_idle
+    report["requests_per_replica"] = per_replica
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(report, f, indent=2)
