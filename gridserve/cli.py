@@ -63,19 +63,30 @@ def _add_generate(sub) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gridserve.launch_server import run
+    from gridserve.launch_plan import dry_run_report
 
     try:
         server_args = ServerArgs.from_cli_args(args)
+        if args.dry_run:  # before anything heavy is imported: no torch, no processes
+            print(dry_run_report(server_args))
+            return 0
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from gridserve.launch_server import run
+
     return run(server_args)
+
+
+def add_dry_run_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every node's ranks (dp, pp, tp, global rank), GPUs and processes, then exit")
 
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (or gRPC with --grpc-mode)")
     ServerArgs.add_cli_args(p)
+    add_dry_run_flag(p)
     p.set_defaults(func=_serve)
 
 
@@ -84,9 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_generate(sub)
-    from gridserve.bench.cli import add_bench_parser
+    # listed for --help; `gridserve bench ...` itself goes to bench_main before parsing (see below)
+    sub.add_parser("bench", help="benchmarks: offline, latency, serving (gridserve bench --help)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser, built only then: the benchmarks import torch
+        from gridserve.bench.cli import bench_main
 
-    add_bench_parser(sub)
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 

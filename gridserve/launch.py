@@ -12,13 +12,12 @@ import multiprocessing as mp
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 import zmq
 
-from gridserve.distributed.ranks import Layout, RankInfo
 from gridserve.ipc import PortArgs, zmq_socket
+from gridserve.launch_plan import LaunchPlan
 from gridserve.managers.tokenizer_manager import TokenizerManager
 from gridserve.model_loader.paths import resolve_model_path
 from gridserve.process_utils import describe_exit, spawn_without_main, terminate_processes
@@ -31,31 +30,6 @@ _SHARED_LIMITS = ("max_total_num_tokens", "max_running_requests", "context_len",
 
 class ChildFailedError(RuntimeError):
     pass
-
-
-@dataclass
-class LaunchPlan:
-    """What this node starts, by role: its ranks' schedulers; on node 0 also the detokenizer, the DP controller
-    (dp > 1) and, in the launching process itself, the TokenizerManager."""
-
-    layout: Layout
-    ranks: list[RankInfo]
-    detokenizer: bool
-    dp_controller: bool
-    tokenizer_manager: bool
-
-    @classmethod
-    def from_args(cls, args: ServerArgs) -> "LaunchPlan":
-        layout = Layout(args.tp_size, args.pp_size, args.dp_size, args.nnodes)
-        front = args.node_rank == 0
-        return cls(layout, layout.node_ranks(args.node_rank, args.base_gpu_id, args.gpu_id_step), front,
-                   front and layout.dp > 1, front)
-
-    def describe(self) -> str:
-        ranks = ", ".join(f"{r.name} (GPU {r.gpu_id})" for r in self.ranks)
-        roles = [name for name, on in (("detokenizer", self.detokenizer), ("dp_controller", self.dp_controller),
-                                       ("TokenizerManager", self.tokenizer_manager)) if on]
-        return f"ranks {ranks}; {', '.join(roles) or 'no front-end processes'}"
 
 
 # The children's entry points import the model stack (torch, triton, the models) themselves, so this module
@@ -85,7 +59,7 @@ class Deployment:
     def __init__(self, args: ServerArgs, on_child_death: Callable[[str], None] | None = None):
         self.args = args
         self.on_child_death = on_child_death
-        self.plan = LaunchPlan.from_args(args)
+        self.plan = LaunchPlan.for_node(args)
         self.port_args = PortArgs.create(args.dp_size, args.dist_init_addr)
         self.procs: list[tuple[str, mp.Process]] = []
         self.stopping = threading.Event()
@@ -103,6 +77,8 @@ class Deployment:
     # ---- start-up -------------------------------------------------------------------------------
     def _start(self) -> None:
         args, plan, ports, ctx = self.args, self.plan, self.port_args, mp.get_context("spawn")
+        if args.nnodes > 1:  # `gridserve serve --dry-run` prints multi-node plans already
+            raise ValueError("--nnodes > 1 is not supported yet")
         logger.info("this node starts %s", plan.describe())
         model_path = resolve_model_path(args.model_path)
         readers = {f"scheduler {rank.name}": self._spawn(ctx, f"scheduler {rank.name}", _scheduler_main,

@@ -110,11 +110,18 @@ def run(args: ServerArgs) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gridserve.cli import add_dry_run_flag
+    from gridserve.launch_plan import dry_run_report
+
     parser = argparse.ArgumentParser(prog="python -m gridserve.launch_server")
     ServerArgs.add_cli_args(parser)
+    add_dry_run_flag(parser)
     ns = parser.parse_args(argv)
     try:
         args = ServerArgs.from_cli_args(ns)
+        if ns.dry_run:
+            print(dry_run_report(args))
+            return 0
     except ValueError as e:
         parser.error(str(e))
     return run(args)

@@ -126,8 +126,6 @@ class ServerArgs:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
         if self.base_gpu_id < 0 or self.gpu_id_step < 1:
             raise ValueError("--base-gpu-id must be >= 0 and --gpu-id-step >= 1")
-        if self.nnodes > 1:
-            raise ValueError("--nnodes > 1 is not supported yet")
 
     @property
     def prefill_token_budget(self) -> int:

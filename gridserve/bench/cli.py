@@ -23,11 +23,12 @@ def _checked(name: str, validate, run, server_args: bool = True):
     return command
 
 
-def add_bench_parser(subparsers) -> None:
-    """Registers `bench` and its sub-commands on the top-level `gridserve` sub-parsers."""
+def bench_main(argv: list[str]) -> int:
+    """`gridserve bench ARGV...`. Its parser is built only when a benchmark runs: the benchmarks import torch,
+    which `gridserve serve --dry-run` must not."""
     from gridserve.bench import latency, offline, serving
 
-    bench = subparsers.add_parser("bench", help="benchmarks")
+    bench = argparse.ArgumentParser(prog="gridserve bench", description="benchmarks")
     commands = bench.add_subparsers(dest="bench_command", required=True)
     p = commands.add_parser("offline", help="throughput of the Engine on a random workload",
                             description="Throughput of the Engine on nano-vllm's random workload.")
@@ -40,3 +41,5 @@ def add_bench_parser(subparsers) -> None:
                             description="Online serving benchmark, like SGLang's bench_serving.")
     serving.add_serving_args(p)
     p.set_defaults(func=_checked("serving", serving.validate_serving_args, serving.run, server_args=False))
+    args = bench.parse_args(argv)
+    return args.func(args)
