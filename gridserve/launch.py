@@ -11,13 +11,15 @@ import logging
 import multiprocessing as mp
 import os
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
 
 import zmq
 
-from gridserve.ipc import PortArgs, zmq_socket
+from gridserve.ipc import Channel, PortArgs, local_address_towards
 from gridserve.launch_plan import LaunchPlan
+from gridserve.managers.node_link import HEARTBEAT_S, NodeAgent, NodeHub
 from gridserve.managers.tokenizer_manager import TokenizerManager
 from gridserve.model_loader.paths import resolve_model_path
 from gridserve.process_utils import describe_exit, spawn_without_main, terminate_processes
@@ -54,16 +56,22 @@ def _dp_controller_main(*args) -> None:
 
 
 class Deployment:
-    """The running processes of this node and the TokenizerManager that talks to them."""
+    """The running processes of this node, the TokenizerManager that talks to them (node 0), and the node link
+    to the other nodes (several nodes)."""
 
     def __init__(self, args: ServerArgs, on_child_death: Callable[[str], None] | None = None):
         self.args = args
         self.on_child_death = on_child_death
         self.plan = LaunchPlan.for_node(args)
-        self.port_args = PortArgs.create(args.dp_size, args.dist_init_addr)
+        layout = self.plan.layout
+        io_nodes = [layout.rank(r * layout.replica_size).node_rank for r in range(layout.dp)]
+        self.node_addr = node_address(args)
+        self.port_args = PortArgs.create(args.dp_size, args.dist_init_addr, args.nnodes, io_nodes, self.node_addr)
         self.procs: list[tuple[str, mp.Process]] = []
         self.stopping = threading.Event()
         self.tm: TokenizerManager | None = None
+        self.hub: NodeHub | None = None  # node 0 of several
+        self.agent: NodeAgent | None = None  # every other node
         self.scheduler_info: dict = {}
         self._zmq = zmq.Context()
         self._threads: list[threading.Thread] = []
@@ -77,9 +85,9 @@ class Deployment:
     # ---- start-up -------------------------------------------------------------------------------
     def _start(self) -> None:
         args, plan, ports, ctx = self.args, self.plan, self.port_args, mp.get_context("spawn")
-        if args.nnodes > 1:  # `gridserve serve --dry-run` prints multi-node plans already
-            raise ValueError("--nnodes > 1 is not supported yet")
-        logger.info("this node starts %s", plan.describe())
+        self._started = time.monotonic()
+        logger.info("node %d (%s) starts %s", args.node_rank, self.node_addr, plan.describe())
+        self._open_node_link()
         model_path = resolve_model_path(args.model_path)
         readers = {f"scheduler {rank.name}": self._spawn(ctx, f"scheduler {rank.name}", _scheduler_main,
                                                          (args, ports, rank)) for rank in plan.ranks}
@@ -87,25 +95,40 @@ class Deployment:
             readers["detokenizer"] = self._spawn(ctx, "detokenizer", _detokenizer_main, (args, ports, model_path))
         if plan.dp_controller:
             readers["dp_controller"] = self._spawn(ctx, "dp_controller", _dp_controller_main, (args, ports))
-        # while the children load the model
-        from gridserve.model_loader.loader import load_model_config
-        from gridserve.tokenizer import get_tokenizer
+        if plan.tokenizer_manager:  # while the children load the model
+            from gridserve.model_loader.loader import load_model_config
+            from gridserve.tokenizer import get_tokenizer
 
-        cfg = load_model_config(model_path)  # a bad split fails here, before the children have imported torch
-        cfg.check_parallel(args.tp_size, args.pp_size, args.pp_partition)
-        tokenizer = get_tokenizer(model_path, args.tokenizer_path)
+            cfg = load_model_config(model_path)  # a bad split fails here, before the children have imported torch
+            cfg.check_parallel(args.tp_size, args.pp_size, args.pp_partition)
+            tokenizer = get_tokenizer(model_path, args.tokenizer_path)
         infos = self._wait_ready(readers)
         scheduler_infos = [infos[f"scheduler {rank.name}"] for rank in plan.ranks]
+        if self.agent is not None:
+            self.agent.ready([rank.name for rank in plan.ranks], scheduler_infos)
+        if self.hub is not None:  # every rank of every node must agree
+            scheduler_infos += [info for n in sorted(self.hub.ready) for info in self.hub.ready[n].infos]
         self._check_same_limits(scheduler_infos)
         self.scheduler_info = scheduler_infos[0]
-        push = zmq_socket(self._zmq, zmq.PUSH, ports.request_input)
-        self.tm = TokenizerManager(tokenizer, self.scheduler_info, cfg.vocab_size, push.send_pyobj,
-                                   args.model_name, args.random_seed, args.dp_size)
-        self._pull = zmq_socket(self._zmq, zmq.PULL, ports.tokenizer_input)
-        self._threads = [threading.Thread(target=self._receive_loop, name="gridserve-tm-recv", daemon=True),
-                         threading.Thread(target=self._watchdog, name="gridserve-watchdog", daemon=True)]
+        if plan.tokenizer_manager:
+            push = Channel(self._zmq, zmq.PUSH, ports.request_input, ports.typed)
+            self.tm = TokenizerManager(tokenizer, self.scheduler_info, cfg.vocab_size, push.send,
+                                       args.model_name, args.random_seed, args.dp_size)
+            self._pull = Channel(self._zmq, zmq.PULL, ports.tokenizer_input, ports.typed)
+            self._threads.append(threading.Thread(target=self._receive_loop, name="gridserve-tm-recv", daemon=True))
+        self._threads.append(threading.Thread(target=self._watchdog, name="gridserve-watchdog", daemon=True))
         for t in self._threads:
             t.start()
+
+    def _open_node_link(self) -> None:
+        args, timeout = self.args, self.args.effective_dist_timeout
+        if args.nnodes == 1:
+            return
+        if args.node_rank == 0:
+            expected = {n: [r.name for r in LaunchPlan.for_node(args, n).ranks] for n in range(1, args.nnodes)}
+            self.hub = NodeHub(self.port_args.node_link, expected, timeout)
+        else:
+            self.agent = NodeAgent(self.port_args.node_link, args.node_rank, self.node_addr, timeout)
 
     def _spawn(self, ctx, name: str, target, args: tuple):
         reader, writer = ctx.Pipe(duplex=False)
@@ -117,11 +140,12 @@ class Deployment:
         return reader
 
     def _wait_ready(self, readers: dict[str, object]) -> dict[str, dict]:
-        """Waits for every child's report (by role name), checking every second that none has died."""
+        """Waits for every child's report (by role name) and, on node 0 of several, every node's; checks every
+        second that no child has died and that the other nodes came (within --dist-timeout) and stay."""
         procs = dict(self.procs)
         infos: dict[str, dict] = {}
         pending = dict(readers)
-        while pending:
+        while pending or (self.hub is not None and self.hub.missing()):
             for reader in wait(list(pending.values()), timeout=1.0):
                 name = next(k for k, r in pending.items() if r is reader)
                 proc = procs[name]
@@ -129,18 +153,65 @@ class Deployment:
                     info = reader.recv()
                 except EOFError:
                     proc.join(5)
-                    raise ChildFailedError(f"{name} (pid {proc.pid}) {describe_exit(proc.exitcode)} "
-                                           "before it was ready") from None
+                    raise ChildFailedError(self._explain(f"{name} (pid {proc.pid}) {describe_exit(proc.exitcode)} "
+                                                         "before it was ready")) from None
                 if info.get("status") == "error":
-                    raise ChildFailedError(f"{name} failed to start:\n{info['message']}")
+                    raise ChildFailedError(self._explain(f"{name} failed to start:\n{info['message']}"))
                 infos[name] = info
                 del pending[name]
             for name in list(pending):
                 proc = procs[name]
                 if not proc.is_alive():
-                    raise ChildFailedError(f"{name} (pid {proc.pid}) {describe_exit(proc.exitcode)} "
-                                           "before it was ready")
+                    raise ChildFailedError(self._explain(f"{name} (pid {proc.pid}) {describe_exit(proc.exitcode)} "
+                                                         "before it was ready"))
+            self._check_nodes()
         return infos
+
+    def _never_joined(self) -> str | None:
+        """Node 0, once --dist-timeout has passed: the nodes never heard from, as a message."""
+        timeout = self.args.effective_dist_timeout
+        never = [n for n in self.hub.missing() if n not in self.hub.last_seen]
+        if not never or time.monotonic() - self._started < timeout - 0.5:
+            return None
+        return (f"{', '.join(self.hub.describe(n) for n in never)} did not join within {timeout:g} s: start the "
+                f"same command there with its --node-rank; it must reach {self.args.dist_init_addr}")
+
+    def _check_nodes(self) -> None:
+        """Raises when another node never came, was lost, or (on node k) node 0 never answered."""
+        if self.hub is not None:
+            reason = self.hub.lost or self._never_joined()
+            if reason:
+                raise ChildFailedError(reason)
+        if self.agent is not None:
+            reason = self._node0_failure()
+            if reason:
+                raise ChildFailedError(reason)
+
+    def _node0_failure(self) -> str | None:
+        agent, timeout, addr = self.agent, self.args.effective_dist_timeout, self.args.dist_init_addr
+        if agent.silence_s() <= timeout:
+            return None
+        if not agent.heard:
+            return f"node 0 at {addr} did not answer within {timeout:g} s: is it running, and reachable from here?"
+        return f"node 0 at {addr} lost: no heartbeat for {agent.silence_s():.0f} s"
+
+    def _explain(self, local: str) -> str:
+        """A local process failed: with several nodes a lost node is the likelier cause, so name it first (give
+        the node link a moment to notice a node whose processes were killed)."""
+        if self.hub is None:
+            return local
+        never = self._never_joined()  # a rank's rendezvous times out as the launcher's wait does
+        if never:
+            return f"{never}; then {local}"
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and not (self.hub.lost or self.hub.stale()):
+            time.sleep(0.1)
+        if self.hub.lost:
+            return f"{self.hub.lost}; then {local}"
+        stale = self.hub.stale()
+        if stale:
+            return f"{', '.join(self.hub.describe(n) for n in stale)} stopped answering; then {local}"
+        return local
 
     @staticmethod
     def _check_same_limits(infos: list[dict]) -> None:
@@ -154,37 +225,82 @@ class Deployment:
         while not self.stopping.is_set():
             try:
                 if self._pull.poll(100):
-                    self.tm.handle_output(self._pull.recv_pyobj())
+                    self.tm.handle_output(self._pull.recv())
             except zmq.ZMQError:
                 return  # the context is being closed
 
     def _watchdog(self) -> None:
+        """Ends this node's deployment when a child dies, another node is lost, or node 0 says stop."""
         sentinels = {proc.sentinel: (name, proc) for name, proc in self.procs}
         while not self.stopping.is_set():
             ready = wait(list(sentinels), timeout=0.5)
-            if not ready or self.stopping.is_set():
+            if self.stopping.is_set():
+                return
+            if ready and not self._stopped_by_node0():
+                name, proc = sentinels[ready[0]]
+                proc.join(1)
+                reason = self._explain(f"{name} (pid {proc.pid}) {describe_exit(proc.exitcode)}")
+                if self.agent is not None:
+                    self.agent.failed(reason)
+            elif self.hub is not None and self.hub.lost:
+                reason = self.hub.lost
+            elif self.agent is not None and (self.agent.stopped or self._node0_failure()):
+                reason = "node 0 stopped the deployment" if self.agent.stopped else self._node0_failure()
+            else:
                 continue
-            name, proc = sentinels[ready[0]]
-            proc.join(1)
-            reason = f"{name} (pid {proc.pid}) {describe_exit(proc.exitcode)}"
             logger.error("%s; shutting the deployment down", reason)
-            self.tm.fail_all(reason)
+            if self.tm is not None:
+                self.tm.fail_all(reason)
             terminate_processes([p for _, p in self.procs])
             if self.on_child_death is not None:
                 self.on_child_death(reason)
             return
+
+    def _stopped_by_node0(self, grace_s: float = 1.0) -> bool:
+        """A rank of node k that dies while node 0 shuts down is no failure: node 0's stop may trail by a moment."""
+        if self.agent is None:
+            return False
+        deadline = time.monotonic() + grace_s
+        while not self.agent.stopped and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.agent.stopped
+
+    def healthy(self) -> str | None:
+        """None while every local process is alive and (node k) node 0 answers; else why not."""
+        dead = [name for name, proc in self.procs if not proc.is_alive()]
+        if dead:
+            return f"{', '.join(dead)} not running"
+        if self.agent is not None:
+            if self.agent.silence_s() > 2.5 * HEARTBEAT_S:
+                return f"no heartbeat from node 0 at {self.args.dist_init_addr} for {self.agent.silence_s():.0f} s"
+            if self.agent.stopped:
+                return "node 0 stopped the deployment"
+        return None
 
     def shutdown(self) -> None:
         if self.stopping.is_set():
             return
         self.stopping.set()
         atexit.unregister(self.shutdown)
+        if self.hub is not None:  # first: the other nodes then stop on purpose, not on their ranks' errors
+            self.hub.close(stop_nodes=True)
         terminate_processes([p for _, p in self.procs])
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(2)
+        if self.agent is not None:
+            self.agent.close()
         self._zmq.destroy(linger=0)
         self.port_args.cleanup()
+
+
+def node_address(args: ServerArgs) -> str:
+    """This node's own address: --dist-init-addr's host on node 0 (127.0.0.1 on a single node), and on another
+    node the address of its interface towards node 0."""
+    if not args.dist_init_addr:
+        return "127.0.0.1"
+    host, port = args.dist_init_addr.rsplit(":", 1)
+    return host if args.node_rank == 0 else local_address_towards(host, int(port))
 
 
 def launch_subprocesses(args: ServerArgs, on_child_death: Callable[[str], None] | None = None) -> Deployment:

@@ -98,11 +98,36 @@ def serve_grpc(args: ServerArgs) -> int:
     return _exit_code(failed)
 
 
+def serve_node(args: ServerArgs) -> int:
+    """A node other than node 0: its ranks only and a /health on --host:--port, until node 0 stops the
+    deployment (exit 0) or something fails (non-zero, with the reason logged)."""
+    from gridserve.entrypoints.node_health import start_health_server
+
+    started = time.perf_counter()
+    done, failed = threading.Event(), []
+    deployment = launch_subprocesses(args, lambda reason: (failed.append(reason), done.set()))
+    health = start_health_server(args.host, args.port, deployment.healthy)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    logger.info("node %d ready in %.1f s: /health on %s:%d", args.node_rank, time.perf_counter() - started,
+                args.host, args.port)
+    try:
+        while not done.wait(0.5):
+            pass
+    finally:
+        health.shutdown()
+        deployment.shutdown()
+    stopped = deployment.agent is not None and deployment.agent.stopped
+    return 0 if stopped else _exit_code(failed)
+
+
 def run(args: ServerArgs) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     if not in_main_thread():
         raise RuntimeError("launch_server must run in the main thread (it owns the signal handlers)")
     try:
+        if args.node_rank > 0:
+            return serve_node(args)
         return serve_grpc(args) if args.grpc_mode else launch_server(args)
     except (ChildFailedError, ValueError) as e:  # ValueError: a model that cannot be split as asked
         logger.error("start-up failed: %s", e)

@@ -126,3 +126,17 @@ class BatchStrOutput:
     reqs: ReqOutputs
     text_deltas: list[str]
     stats: SchedulerStats | None = None
+
+
+@dataclass
+class NodeMessage:
+    """Between node 0's launcher and another node's (the node link). kind: "ready" (the node's ranks are up:
+    their names and scheduler_info), "heartbeat" (both ways), "failed" (a process of the node died: reason),
+    "stop" (node 0 is shutting the deployment down)."""
+
+    kind: str
+    node_rank: int
+    address: str = ""
+    ranks: list[str] = field(default_factory=list)
+    infos: list[dict] = field(default_factory=list)
+    reason: str = ""

@@ -75,7 +75,11 @@ class ServerArgs:
     node_rank: int = _opt(0, "this node's index")
     dist_init_addr: str | None = _opt(None, "host:port of the ranks' rendezvous; DP replica r uses port + r "
                                             "(default: a free local port per replica)")
-    dist_timeout: float | None = _opt(None, "seconds any collective may wait before the deployment fails")
+    dist_timeout: float | None = _opt(None, "seconds the start-up rendezvous, any collective and (with several "
+                                            "nodes) the node heartbeats may wait before the deployment fails "
+                                            "(default: 120 with several nodes, torch's default on one)")
+    dist_ifname: str | None = _opt(None, "network interface for gloo/NCCL sockets (default: the one holding this "
+                                         "node's address; lo on one node)")
     host: str = _opt("127.0.0.1", "HTTP/gRPC listen address")
     port: int = _opt(30000, "HTTP/gRPC listen port")
     api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY' on the API")
@@ -133,6 +137,10 @@ class ServerArgs:
         if self.chunked_prefill_size > 0:
             return min(self.max_prefill_tokens, self.chunked_prefill_size)
         return self.max_prefill_tokens
+
+    @property
+    def effective_dist_timeout(self) -> float | None:
+        return self.dist_timeout if self.dist_timeout is not None or self.nnodes == 1 else 120.0
 
     @property
     def pp_partition(self) -> list[int] | None:

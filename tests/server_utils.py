@@ -19,17 +19,24 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, grpc: bool = False, timeout: float = 240):
-        self.port = free_port()
-        self.log_path = f"/tmp/gridserve-test-{self.port}.log"
+    """`gridserve serve ARGS` on a free local port, or in network namespace `netns` on host:port (a node of a
+    multi-node deployment); returns once its log says it is ready (wait=False: at once)."""
+
+    def __init__(self, *args: str, grpc: bool = False, timeout: float = 240, netns: str | None = None,
+                 host: str = "127.0.0.1", port: int | None = None, wait: bool = True):
+        self.port = port or free_port()
+        self.log_path = f"/tmp/gridserve-test-{host}-{self.port}-{os.getpid()}-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "w")
-        cmd = [GRIDSERVE, "serve", "--port", str(self.port), "--no-show-progress", "--max-total-tokens", "4096",
-               *(["--grpc-mode"] if grpc else []), *args]
+        cmd = [GRIDSERVE, "serve", "--host", host, "--port", str(self.port), "--no-show-progress",
+               "--max-total-tokens", "4096", *(["--grpc-mode"] if grpc else []), *args]
+        if netns:
+            cmd = ["ip", "netns", "exec", netns, *cmd]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.ready_wall_s = 0.0  # seconds from exec to the "ready in" line, as seen from here
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._wait_ready(timeout)
+        self.url = f"http://{host}:{self.port}"
+        if wait:
+            self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -44,7 +44,7 @@ def test_parallel_logits_equal_one_process(kind, tp, pp, partition, load_format,
     make_tiny_model(kind, tmp_path / "model")
     want = run_script(make_runner(str(tmp_path / "model"), 1, load_format))
     result = tmp_path / "pp.pt"
-    mp.start_processes(logits_worker, args=(tp, f"tcp://127.0.0.1:{free_port()}", str(tmp_path / "model"),
+    mp.start_processes(logits_worker, args=(tp, f"127.0.0.1:{free_port()}", str(tmp_path / "model"),
                                             str(result), load_format, pp, partition),
                        nprocs=tp * pp, start_method="spawn")
     _assert_same(torch.load(result), want)
@@ -64,7 +64,7 @@ def test_stages_run_through_the_graph_runners_buffers(tp, pp, tmp_path):
     make_tiny_model("llama-8h", tmp_path / "model")
     want = run_script(make_runner(str(tmp_path / "model"), 1))
     result = tmp_path / "pp.pt"
-    mp.start_processes(logits_worker, args=(tp, f"tcp://127.0.0.1:{free_port()}", str(tmp_path / "model"),
+    mp.start_processes(logits_worker, args=(tp, f"127.0.0.1:{free_port()}", str(tmp_path / "model"),
                                             str(result), "auto", pp, None, True),
                        nprocs=tp * pp, start_method="spawn")
     _assert_same(torch.load(result), want)

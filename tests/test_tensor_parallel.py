@@ -20,7 +20,7 @@ def test_tp_logits_equal_tp1(kind, tp, load_format, tmp_path):
     make_tiny_model(kind, tmp_path / "model")
     want = run_script(make_runner(str(tmp_path / "model"), 1, load_format))
     result = tmp_path / "tp.pt"
-    mp.start_processes(logits_worker, args=(tp, f"tcp://127.0.0.1:{free_port()}", str(tmp_path / "model"),
+    mp.start_processes(logits_worker, args=(tp, f"127.0.0.1:{free_port()}", str(tmp_path / "model"),
                                             str(result), load_format), nprocs=tp, start_method="spawn")
     got = torch.load(result)
     assert len(got) == len(want)

@@ -9,7 +9,7 @@ from gridserve.distributed.parallel_state import destroy_model_parallel, get_pp_
 from gridserve.distributed.ranks import Layout
 
 
-def logits_worker(rank: int, tp: int, init_method: str, model_path: str, result_path: str,
+def logits_worker(rank: int, tp: int, store_addr: str, model_path: str, result_path: str,
                   load_format: str = "auto", pp: int = 1, partition: list[int] | None = None,
                   graphs: bool = False) -> None:
     """graphs: decode through the CUDA-graph runner's static buffers and padding, run eagerly on CPU (Triton
@@ -17,7 +17,7 @@ def logits_worker(rank: int, tp: int, init_method: str, model_path: str, result_
     torch.set_num_threads(1)
     if graphs:
         os.environ["TRITON_INTERPRET"] = "1"
-    init_model_parallel(Layout(tp, pp).rank(rank), init_method, torch.device("cpu"), pp_layer_partition=partition)
+    init_model_parallel(Layout(tp, pp).rank(rank), store_addr, torch.device("cpu"), pp_layer_partition=partition)
     from tests.logits_script import make_runner, run_script
 
     runner = make_runner(model_path, tp, load_format, attention_backend="triton" if graphs else "torch")

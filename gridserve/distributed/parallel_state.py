@@ -7,6 +7,7 @@ distributed code in it. Each DP replica is a world of its own: these groups neve
 
 import datetime
 import pickle
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,7 @@ _TP = GroupCoordinator()
 _PP = GroupCoordinator()
 _WORLD = GroupCoordinator()
 _PP_PARTITION: list[int] | None = None  # --pp-layer-partition, when given
+_LISTENERS: list[socket.socket] = []
 
 
 def get_tp_group() -> GroupCoordinator:
@@ -132,10 +134,11 @@ def tp_size() -> int:
     return _TP.size
 
 
-def init_model_parallel(rank: RankInfo, init_method: str, device: torch.device, timeout_s: float | None = None,
+def init_model_parallel(rank: RankInfo, store_addr: str, device: torch.device, timeout_s: float | None = None,
                         pp_layer_partition: list[int] | None = None) -> None:
-    """Joins the world of `rank`'s model replica (tp * pp ranks, its own rendezvous at init_method) and builds
-    its TP and PP groups."""
+    """Joins the world of `rank`'s model replica (tp * pp ranks) and builds its TP and PP groups. Every replica
+    meets in one TCP store at store_addr ("host:port"), served by global rank 0 on that address only, each
+    under its own prefix: a replica never joins another's world."""
     global _TP, _PP, _WORLD, _PP_PARTITION
     layout = rank.layout
     _PP_PARTITION = pp_layer_partition
@@ -143,7 +146,8 @@ def init_model_parallel(rank: RankInfo, init_method: str, device: torch.device, 
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
-    dist.init_process_group(backend, init_method=init_method, world_size=layout.replica_size, rank=rank.replica_rank,
+    store = dist.PrefixStore(f"dp{rank.dp_rank}/", _tcp_store(store_addr, rank.global_rank == 0, timeout))
+    dist.init_process_group(backend, store=store, world_size=layout.replica_size, rank=rank.replica_rank,
                             timeout=timeout, device_id=device if device.type == "cuda" else None)
     # every rank must create every group, in the same order
     for ranks in layout.tp_groups():
@@ -158,6 +162,18 @@ def init_model_parallel(rank: RankInfo, init_method: str, device: torch.device, 
     cpu_world = dist.group.WORLD if backend == "gloo" else dist.new_group(list(world), backend="gloo",
                                                                           timeout=timeout)
     _WORLD = GroupCoordinator(rank.replica_rank, layout.replica_size, world, dist.group.WORLD, cpu_world)
+
+
+def _tcp_store(addr: str, serve: bool, timeout: datetime.timedelta | None) -> dist.TCPStore:
+    """The rendezvous store; the server listens on addr's host alone (torch's own binds every interface)."""
+    host, port = addr.rsplit(":", 1)
+    wait = timeout or datetime.timedelta(seconds=300)
+    if not serve:
+        return dist.TCPStore(host, int(port), is_master=False, timeout=wait)
+    listener = socket.create_server((host, int(port)), backlog=1024)
+    _LISTENERS.append(listener)  # the store serves on this socket for the life of the process
+    return dist.TCPStore(host, int(port), is_master=True, timeout=wait, wait_for_workers=False,
+                         master_listen_fd=listener.fileno())
 
 
 def _new_groups(ranks: tuple[int, ...], backend: str, timeout):

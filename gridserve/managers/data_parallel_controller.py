@@ -45,16 +45,18 @@ def run_data_parallel_controller_process(args, port_args, pipe_writer) -> None:
     """The process body: requests and load reports in on one socket, requests out to the replicas."""
     import zmq
 
-    from gridserve.ipc import recv_all, zmq_socket
+    from gridserve.ipc import Channel
     from gridserve.process_utils import init_child_process, parent_alive
 
     parent = init_child_process("dp_controller", args.log_level)
     try:
         ctx = zmq.Context()
-        pull = zmq_socket(ctx, zmq.PULL, port_args.controller_input)
-        pushes = [zmq_socket(ctx, zmq.PUSH, replica.scheduler_input) for replica in port_args.replicas]
+        typed = port_args.typed
+        pull = Channel(ctx, zmq.PULL, [port_args.controller_input, port_args.remote_controller_input], typed)
+        # a replica on another node connects to the endpoint bound here (node 0 binds every tcp endpoint)
+        pushes = [Channel(ctx, zmq.PUSH, r.scheduler_input, typed, bind=r.remote) for r in port_args.replicas]
         controller = DataParallelController(LoadBalancer(args.load_balance_method, args.dp_size),
-                                            [push.send_pyobj for push in pushes])
+                                            [push.send for push in pushes])
     except Exception:
         pipe_writer.send({"status": "error", "message": traceback.format_exc()})
         sys.exit(1)
@@ -62,5 +64,5 @@ def run_data_parallel_controller_process(args, port_args, pipe_writer) -> None:
     pipe_writer.send({"status": "ready"})
     pipe_writer.close()
     while parent_alive(parent):
-        for msg in recv_all(pull, 100):
+        for msg in pull.recv_all(100):
             controller.handle(msg)

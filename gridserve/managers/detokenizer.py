@@ -103,15 +103,16 @@ def run_detokenizer_process(args, port_args, model_path: str, pipe_writer) -> No
 
     import zmq
 
-    from gridserve.ipc import recv_all, zmq_socket
+    from gridserve.ipc import Channel
     from gridserve.process_utils import init_child_process, parent_alive
     from gridserve.tokenizer import get_decoder
 
     parent = init_child_process("detokenizer", args.log_level)
     try:
         ctx = zmq.Context()
-        pull = zmq_socket(ctx, zmq.PULL, port_args.detokenizer_input)
-        push = zmq_socket(ctx, zmq.PUSH, port_args.tokenizer_input)
+        typed = port_args.typed
+        pull = Channel(ctx, zmq.PULL, [port_args.detokenizer_input, port_args.remote_detokenizer_input], typed)
+        push = Channel(ctx, zmq.PUSH, port_args.tokenizer_input, typed)
         manager = DetokenizerManager(get_decoder(model_path, args.tokenizer_path))
     except Exception:
         pipe_writer.send({"status": "error", "message": traceback.format_exc()})
@@ -119,5 +120,5 @@ def run_detokenizer_process(args, port_args, model_path: str, pipe_writer) -> No
     pipe_writer.send({"status": "ready"})
     pipe_writer.close()
     while parent_alive(parent):
-        for msg in recv_all(pull, 100):
-            push.send_pyobj(manager.handle(msg) if isinstance(msg, BatchTokenIDOutput) else msg)
+        for msg in pull.recv_all(100):
+            push.send(manager.handle(msg) if isinstance(msg, BatchTokenIDOutput) else msg)

@@ -10,7 +10,7 @@ import zmq
 
 from gridserve.distributed.parallel_state import get_tp_group, init_model_parallel
 from gridserve.distributed.ranks import RankInfo
-from gridserve.ipc import PortArgs, recv_all, zmq_socket
+from gridserve.ipc import Channel, PortArgs, interface_of
 from gridserve.model_executor.model_runner import resolve_device
 from gridserve.model_loader.loader import load_model_config, resolve_model_path
 from gridserve.process_utils import init_child_process, parent_alive
@@ -31,8 +31,8 @@ def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo,
         device = resolve_device(args.device, rank.gpu_id)
         if device.type == "cpu":  # share the cores between this node's ranks instead of oversubscribing them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // rank.layout.ranks_per_node))
-        replica = port_args.replicas[rank.dp_rank]
-        init_model_parallel(rank, replica.dist_init_method, device, args.dist_timeout, args.pp_partition)
+        _choose_interface(args.dist_ifname, port_args.node_addr)
+        init_model_parallel(rank, port_args.dist_store, device, args.effective_dist_timeout, args.pp_partition)
         recv, send, report = _scheduler_io(port_args, rank, parent)
         tokenizer = get_decoder(path, args.tokenizer_path)  # to find stop strings in the output
         scheduler = Scheduler(args, path, cfg, tokenizer, recv, send, gpu_id=rank.gpu_id, dp_rank=rank.dp_rank,
@@ -56,17 +56,26 @@ def _scheduler_io(port_args: PortArgs, rank: RankInfo, parent: int):
     tp = get_tp_group()
     if not rank.is_io_rank:
         return (lambda block: tp.broadcast_object()), (lambda msg: None), None
-    ctx = zmq.Context()
-    recv_sock = zmq_socket(ctx, zmq.PULL, port_args.replicas[rank.dp_rank].scheduler_input)
-    send_sock = zmq_socket(ctx, zmq.PUSH, port_args.detokenizer_input)
-    report = None
-    if rank.layout.dp > 1:
-        report = zmq_socket(ctx, zmq.PUSH, port_args.controller_input).send_pyobj
+    ctx, typed = zmq.Context(), port_args.typed
+    replica = port_args.replicas[rank.dp_rank]
+    requests = Channel(ctx, zmq.PULL, replica.scheduler_input, typed, bind=replica.io_rank_binds)
+    detokenizer, controller = port_args.outputs_for(rank.node_rank)
+    outputs = Channel(ctx, zmq.PUSH, detokenizer, typed)
+    report = Channel(ctx, zmq.PUSH, controller, typed).send if rank.layout.dp > 1 else None
 
     def recv(block: bool) -> list:
         if not parent_alive(parent):
             logger.error("parent process is gone; exiting")
             sys.exit(1)
-        return tp.broadcast_object(recv_all(recv_sock, IDLE_POLL_MS if block else 0))
+        return tp.broadcast_object(requests.recv_all(IDLE_POLL_MS if block else 0))
 
-    return recv, send_sock.send_pyobj, report
+    return recv, outputs.send, report
+
+
+def _choose_interface(override: str | None, node_addr: str) -> None:
+    """gloo and NCCL open their sockets on the interface of this node's own address (lo on one node), so
+    nothing of the deployment listens on other interfaces."""
+    name = override or interface_of(node_addr)
+    if name:
+        os.environ["GLOO_SOCKET_IFNAME"] = name
+        os.environ["NCCL_SOCKET_IFNAME"] = name

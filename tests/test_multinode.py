@@ -1,0 +1,190 @@
+"""Multi-node deployments, one node per network namespace (tests/netns_utils.py): pp 2, dp 2, tp 2 and dp 2 x tp 2
+across two nodes give the tokens of one node through node 0's HTTP API; nothing listens beyond each node's own
+address; node 1 serves only /health, which fails once node 0 is gone; a lost node (killed, or its link down) and a
+node that never comes end the deployment with the node named, leaving no process behind."""
+
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.netns_utils import ADDRS, NamespaceClient, can_make_namespaces, link_down, namespace_pair
+from tests.server_utils import ServerProcess, descendants, wait_gone
+from tests.test_dp_server import PROMPTS
+from tests.test_pp_server import _qwen_tokenizer_dir
+from tests.tiny_models import make_tiny_model
+
+pytestmark = pytest.mark.skipif(can_make_namespaces() is not None, reason=str(can_make_namespaces()))
+TIMEOUT = 8  # --dist-timeout: the start-up rendezvous, collectives and heartbeats
+
+
+@pytest.fixture(scope="module")
+def tiny_args(tmp_path_factory) -> tuple[str, ...]:
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    make_tiny_model("qwen3", path)
+    return ("--model", str(path), "--tokenizer-path", _qwen_tokenizer_dir(), "--dtype", "float32")
+
+
+class TwoNodes:
+    """Node 0 and node 1 of one deployment, each in its namespace, with HTTP clients inside them."""
+
+    def __init__(self, namespaces: tuple[str, str], *args: str, start: tuple[int, ...] = (0, 1)):
+        common = ("--nnodes", "2", "--dist-init-addr", f"{ADDRS[0]}:5000", "--dist-timeout", str(TIMEOUT), *args)
+        self.nodes = [ServerProcess(*common, "--node-rank", str(i), netns=namespaces[i], host=ADDRS[i], port=30000,
+                                    wait=False) for i in start]
+        self.clients = [NamespaceClient(ns) for ns in namespaces]
+        self.url = f"http://{ADDRS[0]}:30000"
+
+    def wait_ready(self) -> None:
+        for node in self.nodes:
+            node._wait_ready(180)
+
+    def complete_all(self, prompts: list, **kwargs) -> list[str]:
+        def one(p):
+            r = self.clients[0].request("POST", f"{self.url}/v1/completions", json={
+                "model": "default", "prompt": p, "max_tokens": 12, "temperature": 0, **kwargs})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        with ThreadPoolExecutor(4) as pool:
+            return list(pool.map(one, prompts))
+
+    def listeners(self, i: int) -> list[str]:
+        """Local addresses of the TCP sockets listening in node i's namespace."""
+        out = subprocess.run(["ip", "netns", "exec", self.nodes[i].proc.args[3], "ss", "-ltnH"], capture_output=True,
+                             text=True, timeout=10).stdout
+        return [line.split()[3] for line in out.splitlines()]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        for c in self.clients:
+            c.close()
+
+
+def _complete_all_one_node(server: ServerProcess, prompts: list) -> list[str]:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(lambda p: client.completions.create(model="default", prompt=p, max_tokens=12,
+                                                                  temperature=0).choices[0].text, prompts))
+
+
+def _kill_tree(server: ServerProcess) -> list[int]:
+    """SIGKILLs a node's main process and its children; returns the pids that were killed."""
+    pids = [server.proc.pid, *descendants(server.proc.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def _ends_naming_node1(node0: ServerProcess, within: float) -> None:
+    tree = [node0.proc.pid, *descendants(node0.proc.pid)]
+    node0.proc.wait(within)
+    assert node0.proc.returncode != 0
+    out = node0.output()
+    assert "node 1 at 192.0.2.2" in out, out[-3000:]
+    assert wait_gone(tree, 10) == []
+
+
+def test_pp2_across_two_nodes_then_node0_is_killed():
+    want = None
+    one = ServerProcess()
+    try:
+        want = _complete_all_one_node(one, PROMPTS)
+    finally:
+        one.stop()
+    with namespace_pair() as ns:
+        pair = TwoNodes(ns, "--pp", "2")
+        try:
+            pair.wait_ready()
+            assert pair.complete_all(PROMPTS) == want
+            assert "node 1 joined from 192.0.2.2: ranks dp0 pp1 tp0" in pair.nodes[0].output()
+            health1 = f"http://{ADDRS[1]}:30000/health"
+            assert pair.clients[1].status(health1) == 200
+            assert pair.clients[1].status(f"http://{ADDRS[1]}:30000/v1/models") == 404  # no front end there
+            for i in (0, 1):  # every listening socket is on the node's own address
+                assert {addr.rsplit(":", 1)[0] for addr in pair.listeners(i)} == {ADDRS[i]}, pair.listeners(i)
+            node1_tree = [pair.nodes[1].proc.pid, *descendants(pair.nodes[1].proc.pid)]
+            killed = time.monotonic()
+            _kill_tree(pair.nodes[0])
+            deadline = killed + 5
+            while pair.clients[1].status(health1) == 200 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert pair.clients[1].status(health1) in (503, 0)  # 503 while it goes down, then nothing
+            pair.nodes[1].proc.wait(TIMEOUT + 5)
+            assert pair.nodes[1].proc.returncode != 0
+            assert wait_gone(node1_tree, 10) == []
+        finally:
+            pair.stop()
+
+
+def test_dp2_across_two_nodes_then_node1_is_killed():
+    one = ServerProcess()
+    try:
+        want = _complete_all_one_node(one, PROMPTS)
+    finally:
+        one.stop()
+    with namespace_pair() as ns:
+        pair = TwoNodes(ns, "--dp", "2", "--load-balance-method", "round_robin")
+        try:
+            pair.wait_ready()
+            assert pair.complete_all(PROMPTS) == want
+            states = pair.clients[0].request("GET", f"{pair.url}/server_info").json()["internal_states"]
+            assert [s["num_received"] for s in states] == [4, 4]  # replica 1 lives on node 1
+            start = time.monotonic()
+            _kill_tree(pair.nodes[1])
+            _ends_naming_node1(pair.nodes[0], TIMEOUT + 5)
+            assert time.monotonic() - start < TIMEOUT + 5
+        finally:
+            pair.stop()
+
+
+def test_tp2_and_dp2_tp2_across_two_nodes_then_a_link_goes_down(tiny_args):
+    one = ServerProcess(*tiny_args)
+    try:
+        want = _complete_all_one_node(one, PROMPTS)
+    finally:
+        one.stop()
+    with namespace_pair() as ns:
+        pair = TwoNodes(ns, *tiny_args, "--dp", "2", "--tp", "2", "--load-balance-method", "round_robin")
+        try:
+            pair.wait_ready()
+            assert pair.complete_all(PROMPTS) == want
+        finally:
+            pair.stop()
+        pair = TwoNodes(ns, *tiny_args, "--tp", "2")  # one TP group across the two nodes
+        try:
+            pair.wait_ready()
+            assert pair.complete_all(PROMPTS) == want
+            start = time.monotonic()
+            link_down(ns[1])
+            _ends_naming_node1(pair.nodes[0], TIMEOUT + 8)
+            assert time.monotonic() - start < TIMEOUT + 8
+        finally:
+            pair.stop()
+
+
+def test_node0_alone_fails_naming_the_missing_node(tiny_args):
+    with namespace_pair() as ns:
+        pair = TwoNodes(ns, *tiny_args, "--pp", "2", start=(0,))
+        try:
+            start = time.monotonic()
+            _ends_naming_node1_never_joined(pair.nodes[0], TIMEOUT + 15)
+            assert time.monotonic() - start < TIMEOUT + 15
+        finally:
+            pair.stop()
+
+
+def _ends_naming_node1_never_joined(node0: ServerProcess, within: float) -> None:
+    node0.proc.wait(within)
+    assert node0.proc.returncode != 0
+    out = node0.output()
+    assert "node 1 (ranks dp0 pp1 tp0) did not join within 8 s" in out, out[-3000:]
