@@ -10,6 +10,7 @@ requests of DP replica r when its IO rank lives on another node.
 
 import os
 import pickle
+import random
 import shutil
 import socket
 import tempfile
@@ -60,7 +61,7 @@ class PortArgs:
             host, port = dist_init_addr.rsplit(":", 1)
             base = int(port)
         else:
-            host, base = "127.0.0.1", _free_port()
+            host, base = "127.0.0.1", free_port()
         nodes = io_rank_nodes or [0] * dp_size
         replicas = [ReplicaPorts(f"tcp://{host}:{base + REPLICA_PORT + r}", True) if nodes[r] else
                     ReplicaPorts(f"ipc://{d}/scheduler-dp{r}") for r in range(dp_size)]
@@ -95,10 +96,24 @@ class PortArgs:
         return os.path.isdir(self.ipc_dir)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free TCP port below the kernel's ephemeral range: the ports gloo and the OS hand out on their own live in
+    that range, so one chosen here is not taken by them between now and its bind."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first_ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 32768
+    low = max(1024, min(20000, first_ephemeral - 2000))
+    for _ in range(200):
+        port = random.randrange(low, first_ephemeral)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port in [{low}, {first_ephemeral}) on {host}")
 
 
 class Channel:
@@ -106,15 +121,16 @@ class Channel:
     connect, unless `bind` says otherwise; LINGER 0, so no message holds up an exit."""
 
     def __init__(self, ctx: zmq.Context, kind: int, endpoints: str | list[str | None], typed: bool = False,
-                 bind: bool | None = None):
+                 bind: bool | None = None, block: bool = True):
         self.sock = ctx.socket(kind)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.typed = typed
+        self.flags = 0 if block else zmq.NOBLOCK  # NOBLOCK: send raises zmq.Again when no peer can take it
         for endpoint in [endpoints] if isinstance(endpoints, str) else [e for e in endpoints if e]:
             self.sock.bind(endpoint) if (kind == zmq.PULL if bind is None else bind) else self.sock.connect(endpoint)
 
     def send(self, obj: object) -> None:
-        self.sock.send(wire.encode(obj) if self.typed else pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
+        self.sock.send(wire.encode(obj) if self.typed else pickle.dumps(obj, pickle.HIGHEST_PROTOCOL), self.flags)
 
     def recv(self) -> object:
         data = self.sock.recv()

@@ -73,12 +73,16 @@ class Deployment:
         self.hub: NodeHub | None = None  # node 0 of several
         self.agent: NodeAgent | None = None  # every other node
         self.scheduler_info: dict = {}
+        self.failure: str | None = None  # why the deployment ended, when it did not end on purpose
         self._zmq = zmq.Context()
         self._threads: list[threading.Thread] = []
         atexit.register(self.shutdown)  # an Engine the caller never shut down still ends quietly
         try:
             self._start()
-        except BaseException:
+        except BaseException as e:
+            self.failure = str(e) or type(e).__name__
+            if self.agent is not None:  # node 0 learns the real error instead of waiting out the timeout
+                self.agent.failed(f"start-up failed: {self.failure}")
             self.shutdown()
             raise
 
@@ -187,8 +191,9 @@ class Deployment:
             if reason:
                 raise ChildFailedError(reason)
 
-    def _node0_failure(self) -> str | None:
-        agent, timeout, addr = self.agent, self.args.effective_dist_timeout, self.args.dist_init_addr
+    def _node0_failure(self, timeout: float | None = None) -> str | None:
+        agent, addr = self.agent, self.args.dist_init_addr
+        timeout = self.args.effective_dist_timeout if timeout is None else timeout
         if agent.silence_s() <= timeout:
             return None
         if not agent.heard:
@@ -198,6 +203,9 @@ class Deployment:
     def _explain(self, local: str) -> str:
         """A local process failed: with several nodes a lost node is the likelier cause, so name it first (give
         the node link a moment to notice a node whose processes were killed)."""
+        if self.agent is not None:  # node k: a rank that fails because node 0 went away
+            gone = self._node0_failure(2.5 * HEARTBEAT_S)
+            return f"{gone}; then {local}" if gone else local
         if self.hub is None:
             return local
         never = self._never_joined()  # a rank's rendezvous times out as the launcher's wait does
@@ -245,9 +253,12 @@ class Deployment:
             elif self.hub is not None and self.hub.lost:
                 reason = self.hub.lost
             elif self.agent is not None and (self.agent.stopped or self._node0_failure()):
-                reason = "node 0 stopped the deployment" if self.agent.stopped else self._node0_failure()
+                reason = self._node0_failure() or (f"node 0 stopped the deployment: {self.agent.stop_reason}"
+                                                   if self.agent.stop_reason else "node 0 stopped the deployment")
             else:
                 continue
+            if not (self.agent is not None and self.agent.stopped and not self.agent.stop_reason):
+                self.failure = reason
             logger.error("%s; shutting the deployment down", reason)
             if self.tm is not None:
                 self.tm.fail_all(reason)
@@ -283,7 +294,7 @@ class Deployment:
         self.stopping.set()
         atexit.unregister(self.shutdown)
         if self.hub is not None:  # first: the other nodes then stop on purpose, not on their ranks' errors
-            self.hub.close(stop_nodes=True)
+            self.hub.close(self.failure or "")
         terminate_processes([p for _, p in self.procs])
         for t in self._threads:
             if t is not threading.current_thread():

@@ -107,8 +107,13 @@ def serve_node(args: ServerArgs) -> int:
     done, failed = threading.Event(), []
     deployment = launch_subprocesses(args, lambda reason: (failed.append(reason), done.set()))
     health = start_health_server(args.host, args.port, deployment.healthy)
+    def on_signal(signum, _frame) -> None:  # node 0 cannot go on without this node: tell it at once
+        if deployment.agent is not None:
+            deployment.agent.failed(f"node {args.node_rank} was stopped by {signal.Signals(signum).name}")
+        done.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+        signal.signal(sig, on_signal)
     logger.info("node %d ready in %.1f s: /health on %s:%d", args.node_rank, time.perf_counter() - started,
                 args.host, args.port)
     try:
@@ -117,8 +122,10 @@ def serve_node(args: ServerArgs) -> int:
     finally:
         health.shutdown()
         deployment.shutdown()
-    stopped = deployment.agent is not None and deployment.agent.stopped
-    return 0 if stopped else _exit_code(failed)
+    agent = deployment.agent
+    if agent is not None and agent.stopped and not agent.stop_reason:  # node 0 ended the deployment on purpose
+        return 0
+    return _exit_code(failed)
 
 
 def run(args: ServerArgs) -> int:

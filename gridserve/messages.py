@@ -1,6 +1,7 @@
 """Every message that crosses a process boundary: TokenizerManager -> (DP controller ->) a replica's IO rank ->
 detokenizer -> TokenizerManager, and with dp > 1 each replica's load reports (SchedulerStats) to the DP
-controller. Plain dataclasses of Python values (pickled over ZMQ); tensors never travel here."""
+controller. Plain dataclasses of Python values: pickled over ZMQ on one node, typed msgpack (wire.py) with several
+nodes and between the ranks of a replica; tensors never travel here."""
 
 from dataclasses import dataclass, field
 

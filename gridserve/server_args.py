@@ -73,8 +73,8 @@ class ServerArgs:
     gpu_id_step: int = _opt(1, "GPU id distance between consecutive ranks")
     nnodes: int = _opt(1, "number of nodes")
     node_rank: int = _opt(0, "this node's index")
-    dist_init_addr: str | None = _opt(None, "host:port of the ranks' rendezvous; DP replica r uses port + r "
-                                            "(default: a free local port per replica)")
+    dist_init_addr: str | None = _opt(None, "node 0's host:port: the ranks' rendezvous store there, and with "
+                                            "several nodes the ports after it (default: 127.0.0.1, a free port)")
     dist_timeout: float | None = _opt(None, "seconds the start-up rendezvous, any collective and (with several "
                                             "nodes) the node heartbeats may wait before the deployment fails "
                                             "(default: 120 with several nodes, torch's default on one)")

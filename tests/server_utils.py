@@ -2,20 +2,19 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 
+from gridserve.ipc import free_port as gridserve_free_port
+
 GRIDSERVE = os.path.join(os.path.dirname(sys.executable), "gridserve")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return gridserve_free_port()
 
 
 class ServerProcess:
@@ -141,3 +140,10 @@ def assert_killing_ends_deployment(server: "ServerProcess", role: str, within: f
     assert role in server.output()
     assert wait_gone(tree, max(0.1, within - (time.monotonic() - start))) == []
     assert health(server.url) == 0
+
+
+def listening_addresses(pids: list[int]) -> set[str]:
+    """The local addresses (without ports) on which any of `pids` has a listening TCP socket (`ss`)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=10).stdout
+    wanted = {f"pid={p}," for p in pids}
+    return {line.split()[3].rsplit(":", 1)[0] for line in out.splitlines() if any(w in line for w in wanted)}

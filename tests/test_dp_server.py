@@ -17,7 +17,7 @@ import pytest
 from gridserve.entrypoints.engine import Engine
 from gridserve.entrypoints.grpc import gridserve_pb2 as pb
 from gridserve.entrypoints.grpc import gridserve_pb2_grpc as pb_grpc
-from tests.server_utils import GRIDSERVE, ServerProcess, assert_killing_ends_deployment
+from tests.server_utils import GRIDSERVE, ServerProcess, assert_killing_ends_deployment, listening_addresses
 from tests.test_pp_server import _qwen_tokenizer_dir
 from tests.tiny_models import make_tiny_model
 
@@ -202,7 +202,8 @@ def test_total_requests_avoids_a_busy_replica_and_a_disconnect_frees_it(dp2_pp2)
             _complete(dp2_pp2, p, max_tokens=2)
         grown = [a - b for a, b in zip(_received(dp2_pp2), before, strict=True)]
         assert grown[idle] == 4 and grown[busy] == 1
-        _complete_all(dp2_pp2, PROMPTS, max_tokens=2)  # a burst of 8 between two load reports
+        # a burst of 8 that stays in flight while it arrives (a finished request would free room on its replica)
+        _complete_all(dp2_pp2, PROMPTS, max_tokens=24, extra_body={"ignore_eos": True})
         burst = [a - b - g for a, b, g in zip(_received(dp2_pp2), before, grown, strict=True)]
         assert sum(burst) == 8 and max(burst) <= 5, burst
         assert _states(dp2_pp2)[busy]["num_running"] == 1  # still generating
@@ -220,6 +221,8 @@ def test_dp2_tp2_equals_one_replica_then_killing_ranks_ends_the_deployments(one,
     try:
         assert _complete_all(grid, PROMPTS, temperature=0) == _complete_all(one, PROMPTS, temperature=0)
         assert len(_states(grid)) == 2
+        # the store, gloo, ZMQ and HTTP of the whole deployment listen on 127.0.0.1 only
+        assert listening_addresses([grid.proc.pid, *grid.descendants()]) == {"127.0.0.1"}
         assert_killing_ends_deployment(grid, "scheduler dp0 pp0 tp1")
     finally:
         grid.stop()

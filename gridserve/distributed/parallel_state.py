@@ -6,13 +6,13 @@ distributed code in it. Each DP replica is a world of its own: these groups neve
 """
 
 import datetime
-import pickle
 import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from gridserve import wire
 from gridserve.distributed.ranks import RankInfo
 
 
@@ -55,12 +55,20 @@ class GroupCoordinator:
         return x
 
     def broadcast_object(self, obj=None):
-        """A picklable object from the group's first rank to all (over the CPU group)."""
+        """A message object from the group's first rank to all (over the CPU group), as typed msgpack: the ranks
+        of a replica may sit on different nodes, and nothing that crosses a network is pickled."""
         if self.size == 1:
             return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=self.first_rank, group=self.cpu_group)
-        return box[0]
+        if self.is_first:
+            payload = _to_bytes_tensor(obj)
+            size = torch.tensor([payload.numel()], dtype=torch.int64)
+        else:
+            size = torch.empty(1, dtype=torch.int64)
+        dist.broadcast(size, src=self.first_rank, group=self.cpu_group)
+        if not self.is_first:
+            payload = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.broadcast(payload, src=self.first_rank, group=self.cpu_group)
+        return obj if self.is_first else wire.decode(payload.numpy().tobytes())
 
     @property
     def is_last(self) -> bool:
@@ -78,9 +86,9 @@ class GroupCoordinator:
         return tensors
 
     def send_object_async(self, obj, dst: int) -> list[tuple]:
-        """Sends a picklable object to group rank dst over the CPU group without waiting; returns
+        """Sends a message object (typed msgpack) to group rank dst over the CPU group without waiting; returns
         (request, buffer) pairs that must stay alive until the requests complete."""
-        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        payload = _to_bytes_tensor(obj)
         size = torch.tensor([payload.numel()], dtype=torch.int64)
         return [(dist.isend(t, self.ranks[dst], group=self.cpu_group), t) for t in (size, payload)]
 
@@ -89,7 +97,7 @@ class GroupCoordinator:
         dist.recv(size, self.ranks[src], group=self.cpu_group)
         payload = torch.empty(int(size.item()), dtype=torch.uint8)
         dist.recv(payload, self.ranks[src], group=self.cpu_group)
-        return pickle.loads(payload.numpy().tobytes())
+        return wire.decode(payload.numpy().tobytes())
 
     def all_reduce_min(self, value: int) -> int:
         if self.size == 1:
@@ -97,6 +105,10 @@ class GroupCoordinator:
         t = torch.tensor([value], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
         return int(t.item())
+
+
+def _to_bytes_tensor(obj) -> torch.Tensor:
+    return torch.frombuffer(bytearray(wire.encode(obj)), dtype=torch.uint8)
 
 
 _TP = GroupCoordinator()

@@ -26,6 +26,9 @@ class Engine:
         if "model" in kwargs:
             model_path = kwargs.pop("model")
         self.server_args = ServerArgs(model_path=model_path, **kwargs)
+        if self.server_args.node_rank != 0:
+            raise ValueError("the Engine runs node 0 of a deployment; start every other node with "
+                             "`gridserve serve ... --node-rank N`")
         logging.basicConfig(level=self.server_args.log_level.upper(),
                             format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
         self.deployment = launch_subprocesses(self.server_args)

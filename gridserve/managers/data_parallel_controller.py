@@ -12,6 +12,8 @@ import sys
 import traceback
 from collections.abc import Callable
 
+import zmq
+
 from gridserve.managers.load_balancer import LoadBalancer
 from gridserve.messages import SchedulerStats, TokenizedGenerateReq
 
@@ -29,8 +31,14 @@ class DataParallelController:
         elif isinstance(msg, SchedulerStats):
             self.balancer.on_report(msg)
         else:  # AbortReq, FlushCacheReq, GetInternalStateReq
-            for send in self.replicas:
-                send(msg)
+            for dp_rank in range(len(self.replicas)):
+                self._send(dp_rank, msg)
+
+    def _send(self, dp_rank: int, msg: object) -> None:
+        try:
+            self.replicas[dp_rank](msg)
+        except zmq.Again:  # its node is gone; the node link will end the deployment and fail the request
+            logger.error("replica %d is unreachable; %s dropped", dp_rank, type(msg).__name__)
 
     def route(self, req: TokenizedGenerateReq) -> None:
         if req.routed_dp_rank is None:
@@ -38,13 +46,11 @@ class DataParallelController:
         else:  # the TokenizerManager checked that it is in range
             dp_rank = req.routed_dp_rank
             self.balancer.dispatch(dp_rank, req.input_ids)
-        self.replicas[dp_rank](req)
+        self._send(dp_rank, req)
 
 
 def run_data_parallel_controller_process(args, port_args, pipe_writer) -> None:
     """The process body: requests and load reports in on one socket, requests out to the replicas."""
-    import zmq
-
     from gridserve.ipc import Channel
     from gridserve.process_utils import init_child_process, parent_alive
 
@@ -53,8 +59,10 @@ def run_data_parallel_controller_process(args, port_args, pipe_writer) -> None:
         ctx = zmq.Context()
         typed = port_args.typed
         pull = Channel(ctx, zmq.PULL, [port_args.controller_input, port_args.remote_controller_input], typed)
-        # a replica on another node connects to the endpoint bound here (node 0 binds every tcp endpoint)
-        pushes = [Channel(ctx, zmq.PUSH, r.scheduler_input, typed, bind=r.remote) for r in port_args.replicas]
+        # A replica on another node connects to the endpoint bound here (node 0 binds every tcp endpoint). Its
+        # sends never block: while a lost node goes unnoticed, the other replicas keep being served.
+        pushes = [Channel(ctx, zmq.PUSH, r.scheduler_input, typed, bind=r.remote, block=not r.remote)
+                  for r in port_args.replicas]
         controller = DataParallelController(LoadBalancer(args.load_balance_method, args.dp_size),
                                             [push.send for push in pushes])
     except Exception:

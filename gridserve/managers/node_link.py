@@ -3,8 +3,8 @@ node that never comes, or is lost later, ends the deployment on every node with 
 
 Node 0 runs a NodeHub (a ROUTER bound to its own address); node k runs a NodeAgent (a DEALER). Node k sends
 "ready" once its ranks are up (with their scheduler_info), then a heartbeat every HEARTBEAT_S; node 0 answers
-each heartbeat. A silence longer than the timeout (--dist-timeout), a dropped connection or a "failed"
-message marks the node lost. Messages are typed (wire.py), never pickle.
+each heartbeat. A silence longer than the timeout (--dist-timeout) or a "failed" message marks the node lost; a
+"stop" from node 0 carries the reason when the deployment ends on a failure. Messages are typed (wire.py).
 """
 
 import logging
@@ -91,12 +91,12 @@ class NodeHub:
         now = time.monotonic()
         return [n for n, seen in self.last_seen.items() if now - seen > older_than_s]
 
-    def close(self, stop_nodes: bool = True) -> None:
+    def close(self, reason: str = "") -> None:
+        """Tells every node to stop (with the failure that ends the deployment, if any) and closes the link."""
         self._stop.set()
         self._thread.join(2)
-        if stop_nodes:  # the thread is gone: this thread may use the socket now
-            for node in list(self._ids):
-                self._send(node, NodeMessage("stop", 0))
+        for node in list(self._ids):  # the thread is gone: this thread may use the socket now
+            self._send(node, NodeMessage("stop", 0, reason=reason))
         self._ctx.destroy(linger=500)
 
 
@@ -108,6 +108,7 @@ class NodeAgent:
         self.last_seen = time.monotonic()  # node 0 counts as seen at start: the timeout bounds the first answer
         self.heard = False
         self.stopped = False  # node 0 said stop
+        self.stop_reason = ""  # the failure that made node 0 stop, if any
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 500)  # a "failed" sent on the way out still gets through
@@ -146,7 +147,8 @@ class NodeAgent:
                     continue
                 if isinstance(msg, NodeMessage):
                     self.last_seen, self.heard = time.monotonic(), True
-                    self.stopped = self.stopped or msg.kind == "stop"
+                    if msg.kind == "stop":
+                        self.stopped, self.stop_reason = True, msg.reason
 
     def close(self) -> None:
         self._stop.set()
