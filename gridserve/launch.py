@@ -90,7 +90,8 @@ class Deployment:
     def _start(self) -> None:
         args, plan, ports, ctx = self.args, self.plan, self.port_args, mp.get_context("spawn")
         self._started = time.monotonic()
-        logger.info("node %d (%s) starts %s", args.node_rank, self.node_addr, plan.describe())
+        logger.info("node %d (%s) starts %s; IPC directory %s", args.node_rank, self.node_addr, plan.describe(),
+                    ports.ipc_dir)
         self._open_node_link()
         model_path = resolve_model_path(args.model_path)
         readers = {f"scheduler {rank.name}": self._spawn(ctx, f"scheduler {rank.name}", _scheduler_main,

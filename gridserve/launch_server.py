@@ -7,6 +7,7 @@ process dies, after a short grace period in which /health (or the Health RPC) re
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import logging
 import signal
@@ -57,15 +58,34 @@ def launch_server(args: ServerArgs) -> int:
 
     from gridserve.entrypoints.http_server import create_app
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:  # SIGTERM / SIGINT: open streams end with an error event
+            deployment.tm.fail_all(f"the server is shutting down ({signal.Signals(sig).name})")
+            super().handle_exit(sig, frame)
+
     try:
         app = create_app(deployment.tm, args, args.api_key)
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop",
-                                               log_level=args.log_level.lower(), timeout_graceful_shutdown=3))
+        server = Server(uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop",
+                                       log_level=args.log_level.lower(), timeout_graceful_shutdown=3))
         _announce_ready(started, lambda: server.started)
-        server.run()
+        with _signals_survived():
+            server.run()
     finally:
         deployment.shutdown()
     return _exit_code(failed)
+
+
+@contextlib.contextmanager
+def _signals_survived():
+    """uvicorn handles SIGTERM/SIGINT, then raises the signal again once it has stopped, to end the process with
+    it; with these no-op handlers in place that second signal lands here instead, and the caller's clean-up
+    (children stopped, IPC directory removed) still runs, ending with status 0."""
+    saved = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def serve_grpc(args: ServerArgs) -> int:
@@ -78,8 +98,13 @@ def serve_grpc(args: ServerArgs) -> int:
     async def run() -> None:
         loop = asyncio.get_running_loop()
         task = asyncio.create_task(serve_grpc_forever(deployment.tm, args, args.host, args.port))
+
+        def stop(sig: signal.Signals) -> None:  # streams end with an error, then the server stops
+            deployment.tm.fail_all(f"the server is shutting down ({sig.name})")
+            loop.call_later(0.2, task.cancel)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop, sig)
         logger.info("gRPC server ready in %.1f s", time.perf_counter() - started)
         while not task.done():
             await asyncio.sleep(0.2)

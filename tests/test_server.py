@@ -192,13 +192,33 @@ def test_grpc_streams_the_same_tokens_as_http_and_sigterm_cleans_up(server):
         g.stop()
 
 
-def test_sigterm_stops_everything(server):
+def test_sigterm_is_a_clean_shutdown(server):
+    """Open streams end with an error event, every child stops, the IPC directory goes, and the status is 0."""
     tree = server.descendants()
     assert len(tree) >= 2  # a scheduler and the detokenizer at least
+    ipc_dir = server.output().split("IPC directory ")[1].split()[0]
+    assert os.path.isdir(ipc_dir)
+    events, streaming = [], threading.Event()
+
+    def stream() -> None:
+        body = {"prompt": "Tell me a long story.", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line:
+                    events.append(line)
+                    streaming.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert streaming.wait(30)
     start = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     server.proc.wait(10)
+    t.join(10)
+    assert server.proc.returncode == 0, server.output()[-2000:]
     assert wait_gone(tree, max(0.1, 10 - (time.monotonic() - start))) == []
+    assert not os.path.exists(ipc_dir)
+    assert events[-1] == "data: [DONE]" and "shutting down (SIGTERM)" in events[-2], events[-3:]
 
 
 def test_children_die_with_a_killed_main_process():
