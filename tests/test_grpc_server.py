@@ -4,6 +4,7 @@ ModelInfo; bad requests are INVALID_ARGUMENT naming the field; a cancelled or ab
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import threading
 import time
@@ -196,3 +197,39 @@ def test_abort_ends_the_stream_with_aborted(served):
         list(call)
     assert err.value.code() == grpc.StatusCode.ABORTED
     _wait_idle(engine)
+
+
+def test_api_key_is_checked_on_every_rpc_but_health(served, ref):
+    """--grpc-mode --api-key: Generate and ModelInfo need `authorization: Bearer <key>`; Health does not."""
+    engine, _ = served
+    tm, port, stop = engine.tokenizer_manager, _free_port(), threading.Event()
+    args = dataclasses.replace(engine.server_args, api_key="s3cret")
+
+    async def main() -> None:
+        task = asyncio.create_task(serve_grpc_forever(tm, args, "127.0.0.1", port, grace=1))
+        while not stop.is_set() and not task.done():
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            stub = pb_grpc.GenerationStub(channel)
+            assert stub.Health(pb.HealthRequest(), timeout=10).ok
+            for metadata in (None, [("authorization", "Bearer wrong")], [("authorization", "s3cret")]):
+                with pytest.raises(grpc.RpcError) as e:
+                    list(stub.Generate(_request(text=PROMPT), timeout=10, metadata=metadata))
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "API key" in e.value.details()
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.ModelInfo(pb.ModelInfoRequest(), timeout=10, metadata=metadata)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            ok = [("authorization", "Bearer s3cret")]
+            _check_like_engine(list(stub.Generate(_request(text=PROMPT), timeout=60, metadata=ok)), ref)
+            assert stub.ModelInfo(pb.ModelInfoRequest(), timeout=10, metadata=ok).vocab_size == tm.vocab_size
+    finally:
+        stop.set()
+        thread.join(30)

@@ -10,6 +10,7 @@ cancels closes its TokenizerManager stream, which aborts the request and frees i
 
 import contextlib
 import logging
+import secrets
 
 import grpc
 
@@ -129,10 +130,48 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             eos_token_ids=[eos] if isinstance(eos, int) else [])
 
 
-def create_grpc_server(tm: TokenizerManager, host: str = "0.0.0.0", port: int = 30000) -> tuple[grpc.aio.Server, int]:
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """--api-key for gRPC: every RPC but Health needs the metadata `authorization: Bearer <key>`, else it ends
+    with UNAUTHENTICATED before the servicer runs."""
+
+    def __init__(self, api_key: str):
+        self.expected = api_key.encode()
+
+    def _allowed(self, details: grpc.HandlerCallDetails) -> bool:
+        if details.method.endswith("/Health"):  # load balancers probe it without credentials, as /health
+            return True
+        value = dict(details.invocation_metadata or ()).get("authorization", "")
+        scheme, _, token = value.partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.expected)
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or self._allowed(details):
+            return handler
+        message = "invalid or missing API key: send the metadata `authorization: Bearer <key>`"
+
+        async def deny(request, context: grpc.aio.ServicerContext):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        async def deny_stream(request, context: grpc.aio.ServicerContext):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            yield  # a generator, as a streaming handler must be
+
+        codec = dict(request_deserializer=handler.request_deserializer,
+                     response_serializer=handler.response_serializer)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny_stream, **codec)
+        return grpc.unary_unary_rpc_method_handler(deny, **codec)
+
+
+def create_grpc_server(tm: TokenizerManager, host: str = "0.0.0.0", port: int = 30000,
+                       api_key: str | None = None) -> tuple[grpc.aio.Server, int]:
     """A bound, not yet started server and the port it bound (port 0 = any free port). Call it inside the event
-    loop that will run the server; the TokenizerManager may be used from any loop."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # a taken port is an error, not a shared port
+    loop that will run the server; the TokenizerManager may be used from any loop. With api_key, every RPC but
+    Health needs it."""
+    interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
+    # a taken port is an error, not a shared port
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_GenerationServicer_to_server(GenerationServicer(tm), server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
@@ -145,7 +184,7 @@ def create_grpc_server(tm: TokenizerManager, host: str = "0.0.0.0", port: int = 
 async def serve_grpc_forever(tm: TokenizerManager, server_args: ServerArgs | None = None, host: str = "0.0.0.0",
                              port: int = 30000, grace: float = 5.0) -> None:
     """Serves until cancelled (or the server is stopped); then stops, giving open streams `grace` seconds."""
-    server, bound = create_grpc_server(tm, host, port)
+    server, bound = create_grpc_server(tm, host, port, server_args.api_key if server_args is not None else None)
     await server.start()
     model = server_args.model_path if server_args is not None else None
     logger.info("gRPC server (model %s) listening on %s:%d", model or "default", host, bound)
