@@ -315,22 +315,46 @@ BAD_INPUTS = [
     ("/generate", {"input_ids": [-1]}, 400, "input_ids"),
     ("/generate", {"text": "x", "stream": "yes"}, 400, "stream"),
     ("/nope", {}, 404, None),
+    # lone UTF-16 surrogates in every kind of text field
+    ("/v1/completions", {"prompt": "a\ud800b"}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["ok", "a\udfffb"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "stop": ["\ud800"]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "x", "model": "m\ud800"}, 400, "model"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]}, 400, "messages[0].content"),
+    ("/generate", {"text": "a\ud800b"}, 400, "text"),
+    ("/generate", {"text": "x", "rid": "r\ud800"}, 400, "rid"),
+    ("/generate", {"text": "x", "sampling_params": {"stop": "\ud800"}}, 400, "stop"),
+    # fan-out and stop-list caps: one request must not cost everyone else
+    ("/generate", {"text": "x", "sampling_params": {"n": 20000, "max_new_tokens": 1}}, 400, "n"),
+    ("/generate", {"text": ["x"] * 600, "sampling_params": {"n": 2}}, 400, "text"),
+    ("/v1/completions", {"prompt": ["x"] * 20000, "max_tokens": 1}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "stop": ["s"] * 5000}, 400, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": "s" * 1000}, 400, "stop"),
 ]
 
 
 @pytest.mark.parametrize(("path", "body", "status", "param"), BAD_INPUTS,
                          ids=[f"{i}-{b[0]}-{b[3]}" for i, b in enumerate(BAD_INPUTS)])
 def test_bad_inputs(http, path, body, status, param):
-    if isinstance(body, bytes):
-        r = http.post(path, content=body, headers={"content-type": "application/json"})
-    else:
-        r = http.post(path, json=body)
+    # json.dumps escapes non-ASCII (and lone surrogates) as \\uXXXX, as many clients do
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = http.post(path, content=raw, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["param"] == param, error
     assert isinstance(error["message"], str) and error["message"] and error["type"]
     if status == 404 and param == "model":
         assert error["code"] == "model_not_found"
+
+
+def test_errors_do_not_echo_huge_inputs(http):
+    name = "m" * 1_000_000
+    r = http.post("/v1/completions", json={"prompt": "x", "model": name})
+    assert r.status_code == 404 and len(r.content) < 1000, len(r.content)
+    r = http.get(f"/v1/models/{'m' * 60_000}")
+    assert r.status_code == 404 and len(r.content) < 1000
+    r = http.post("/v1/completions", json={"prompt": "x", "stop": ["s" * 10_000] * 40})
+    assert r.status_code == 400 and len(r.content) < 1000
 
 
 def test_errors_then_server_still_serves(client, http):

@@ -40,11 +40,13 @@ from gridserve.entrypoints.openai.utils import (
     as_openai_error,
     cancel_on_disconnect,
     check_alive,
+    check_batch_size,
     collect_finals,
     error_response,
     generate_all,
     prepare_requests,
     sampling_params,
+    short_repr,
     sse_stream,
     tokenize,
 )
@@ -168,7 +170,8 @@ def _add_openai_routes(router: APIRouter, tm) -> None:
     @router.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> dict:
         if model_id != tm.served_model_name:
-            raise OpenAIError(404, f"The model `{model_id}` does not exist", param="model", code="model_not_found")
+            raise OpenAIError(404, f"The model {short_repr(model_id)} does not exist", param="model",
+                              code="model_not_found")
         return card().model_dump()
 
 
@@ -239,20 +242,24 @@ def _native_requests(tm, body: GenerateRequest) -> tuple[list[TokenizedGenerateR
     batch. A client's rid only names its results: scheduler ids stay unique whatever clients send."""
     if (body.text is None) == (body.input_ids is None):
         raise OpenAIError(400, "give exactly one of text or input_ids", param="text")
+    param = "text" if body.text is not None else "input_ids"
     if body.text is not None:
         batch = isinstance(body.text, list)
-        prompts = [tokenize(tm, t, param="text") for t in (body.text if batch else [body.text])]
+        items = body.text if batch else [body.text]
     else:
         batch = bool(body.input_ids) and isinstance(body.input_ids[0], list)
         items = body.input_ids if batch else [body.input_ids]
+    if not items:
+        raise OpenAIError(400, "the batch is empty", param=param)
+    params = [sampling_params(p) for p in _per_prompt(body.sampling_params, len(items), "sampling_params")]
+    check_batch_size(len(items), max(sp.n for sp in params), param)  # before any tokenizing
+    rids = _per_prompt(body.rid, len(items), "rid")
+    if body.text is not None:
+        prompts = [tokenize(tm, t, param="text") for t in items]
+    else:
         prompts = [tokenize(tm, input_ids=i, param="input_ids") for i in items]
-    if not prompts:
-        raise OpenAIError(400, "the batch is empty", param="text" if body.text is not None else "input_ids")
-    params = _per_prompt(body.sampling_params, len(prompts), "sampling_params")
-    rids = _per_prompt(body.rid, len(prompts), "rid")
     reqs, ids = [], []
-    for prompt, p, rid in zip(prompts, params, rids, strict=True):
-        sp = sampling_params(p)
+    for prompt, sp, rid in zip(prompts, params, rids, strict=True):
         top = (body.top_logprobs_num or 0) if body.return_logprob else 0
         reqs += prepare_requests(tm, [prompt], sp, sp.max_new_tokens, return_logprob=bool(body.return_logprob),
                                  top_logprobs_num=top, prompt_param="text" if body.text is not None else "input_ids",

@@ -32,6 +32,28 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# Bounds that keep one request from costing everyone else: choices per prompt (OpenAI allows 128), and stop
+# strings, whose partial-match check runs on every new token of the request.
+MAX_N = 128
+MAX_STOP_STRINGS = 32
+MAX_STOP_LEN = 512
+
+
+def is_encodable(text: str) -> bool:
+    """False for text the tokenizer and JSON cannot take (lone UTF-16 surrogates such as "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: an error message never echoes a huge input back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
@@ -98,7 +120,7 @@ class SamplingParams:
 
         def check(name: str, ok: bool, allowed: str) -> None:
             if not ok:
-                raise InvalidParamError(name, f"must be {allowed}, got {getattr(self, name)!r}")
+                raise InvalidParamError(name, f"must be {allowed}, got {short_repr(getattr(self, name))}")
 
         check("max_new_tokens", self.max_new_tokens >= 0, ">= 0")
         check("temperature", self.temperature >= 0.0, ">= 0")
@@ -108,7 +130,7 @@ class SamplingParams:
         check("repetition_penalty", self.repetition_penalty > 0.0, "> 0")
         check("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]")
         check("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]")
-        check("n", self.n >= 1, ">= 1")
+        check("n", 1 <= self.n <= MAX_N, f"in [1, {MAX_N}]")
         check(
             "seed",
             self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
@@ -119,6 +141,9 @@ class SamplingParams:
             isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
             "a non-empty string or a list of non-empty strings",
         )
+        check("stop", len(self.stop) <= MAX_STOP_STRINGS and all(len(s) <= MAX_STOP_LEN for s in self.stop),
+              f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LEN} characters")
+        check("stop", all(is_encodable(s) for s in self.stop), "valid Unicode (no lone surrogates)")
         check(
             "stop_token_ids",
             isinstance(self.stop_token_ids, list) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),

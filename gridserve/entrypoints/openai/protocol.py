@@ -6,11 +6,21 @@ unknown fields are ignored (clients such as the OpenAI SDK or LangChain add thei
 sampling fields are checked by SamplingParams, so the rules live in one place."""
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from gridserve.entrypoints.openai.utils import MAX_N, MAX_TOP_LOGPROBS
+from gridserve.entrypoints.openai.utils import MAX_N, MAX_TOP_LOGPROBS, is_encodable
+
+
+def _encodable(text: str) -> str:
+    if not is_encodable(text):
+        raise ValueError("not valid Unicode (a lone UTF-16 surrogate such as \\ud800)")
+    return text
+
+
+# Every text field of a request: JSON may carry lone surrogates ("\ud800") that no tokenizer or encoder takes.
+Text = Annotated[str, AfterValidator(_encodable)]
 
 # vLLM's and OpenAI's default for /v1/completions; chat gets the whole remaining context instead.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -31,7 +41,7 @@ class StreamOptions(RequestModel):
 class SamplingFields(RequestModel):
     """The sampling knobs shared by completions and chat, with SGLang/vLLM's extras."""
 
-    model: str | None = None
+    model: Text | None = None
     n: int | None = Field(1, ge=1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None
@@ -40,14 +50,14 @@ class SamplingFields(RequestModel):
     repetition_penalty: float | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     logit_bias: dict[str, float] | None = None
     routed_dp_rank: int | None = None  # SGLang's: pin the request to this data-parallel replica
 
@@ -60,23 +70,23 @@ class SamplingFields(RequestModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(DEFAULT_COMPLETION_MAX_TOKENS, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = False
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = None
 
 
 class TextPart(RequestModel):
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
 
 
 class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -94,13 +104,13 @@ class ChatCompletionRequest(SamplingFields):
 class GenerateRequest(RequestModel):
     """SGLang's native /generate: one prompt or a batch, as text or token ids."""
 
-    text: str | list[str] | None = None
+    text: Text | list[Text] | None = None
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
     stream: bool | None = False
     return_logprob: bool | None = False
     top_logprobs_num: int | None = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
-    rid: str | list[str] | None = None
+    rid: Text | list[Text] | None = None
     routed_dp_rank: int | None = None
 
 

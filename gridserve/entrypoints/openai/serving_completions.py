@@ -23,6 +23,7 @@ from gridserve.entrypoints.openai.utils import (
     TokenStrings,
     cancel_on_disconnect,
     check_alive,
+    check_batch_size,
     check_model,
     clamp_logprob,
     collect_finals,
@@ -49,6 +50,8 @@ class OpenAIServingCompletion:
         check_alive(tm)
         _reject_unsupported(body)
         params = sampling_params(body.sampling_dict())
+        single = isinstance(body.prompt, str) or bool(body.prompt) and isinstance(body.prompt[0], int)
+        check_batch_size(1 if single else len(body.prompt), params.n)  # before any tokenizing
         reqs = prepare_requests(tm, self._prompts(body.prompt), params, body.max_tokens,
                                 return_logprob=body.logprobs is not None, top_logprobs_num=body.logprobs or 0,
                                 routed_dp_rank=body.routed_dp_rank)

@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 from gridserve.errors import InvalidParamError
 from gridserve.managers.tokenizer_manager import SchedulerDeadError
 from gridserve.messages import TokenizedGenerateReq
-from gridserve.sampling.sampling_params import SamplingParams
+from gridserve.sampling.sampling_params import MAX_N, SamplingParams, is_encodable, short_repr  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ T = TypeVar("T")
 # Most alternatives per token a client may ask for (OpenAI's own limit for chat's top_logprobs).
 MAX_TOP_LOGPROBS = 20
 # Most choices per prompt: each one is a scheduler request, so an unbounded n is a denial of service.
-MAX_N = 128
+MAX_PROMPTS = 1024  # prompts x n in one HTTP request: each is a scheduler request sent from the event loop
 # JSON has no -inf; a token the model rules out gets this instead (vLLM's convention).
 MIN_LOGPROB = -9999.0
 
@@ -88,8 +88,15 @@ def check_alive(tm) -> None:
 def check_model(requested: str | None, served: str) -> None:
     """Clients often send a placeholder model name; the server has exactly one model."""
     if requested not in (None, "", "default", served):
-        raise OpenAIError(404, f"The model `{requested}` does not exist; this server serves `{served}`.",
+        raise OpenAIError(404, f"The model {short_repr(requested)} does not exist; this server serves `{served}`.",
                           param="model", code="model_not_found")
+
+
+def check_batch_size(prompts: int, n: int, param: str = "prompt") -> None:
+    """One HTTP request may fan out into at most MAX_PROMPTS scheduler requests (prompts x n)."""
+    if prompts * n > MAX_PROMPTS:
+        raise OpenAIError(400, f"{param}: {prompts} prompts x n={n} = {prompts * n} generations, more than the "
+                          f"{MAX_PROMPTS} one request may ask for; split it", param=param)
 
 
 # ---- responses ------------------------------------------------------------------------------------------
