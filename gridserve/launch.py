@@ -94,8 +94,10 @@ class Deployment:
                     ports.ipc_dir)
         self._open_node_link()
         model_path = resolve_model_path(args.model_path)
-        readers = {f"scheduler {rank.name}": self._spawn(ctx, f"scheduler {rank.name}", _scheduler_main,
-                                                         (args, ports, rank)) for rank in plan.ranks}
+        # one shared counter per rank, advanced by its event loop: the watchdog's view of its progress
+        self.progress = {f"scheduler {rank.name}": ctx.Value("Q", 0, lock=False) for rank in plan.ranks}
+        readers = {name: self._spawn(ctx, name, _scheduler_main, (args, ports, rank, self.progress[name]))
+                   for rank, name in zip(plan.ranks, self.progress, strict=True)}
         if plan.detokenizer:
             readers["detokenizer"] = self._spawn(ctx, "detokenizer", _detokenizer_main, (args, ports, model_path))
         if plan.dp_controller:
@@ -241,11 +243,17 @@ class Deployment:
     def _watchdog(self) -> None:
         """Ends this node's deployment when a child dies, another node is lost, or node 0 says stop."""
         sentinels = {proc.sentinel: (name, proc) for name, proc in self.procs}
+        stall = _StallClock(self.progress, self.args.watchdog_timeout)
         while not self.stopping.is_set():
             ready = wait(list(sentinels), timeout=0.5)
             if self.stopping.is_set():
                 return
-            if ready and not self._stopped_by_node0():
+            hung = stall.hung()
+            if hung:
+                reason = hung
+                if self.agent is not None:
+                    self.agent.failed(reason)
+            elif ready and not self._stopped_by_node0():
                 name, proc = sentinels[ready[0]]
                 proc.join(1)
                 reason = self._explain(f"{name} (pid {proc.pid}) {describe_exit(proc.exitcode)}")
@@ -304,6 +312,29 @@ class Deployment:
             self.agent.close()
         self._zmq.destroy(linger=0)
         self.port_args.cleanup()
+
+
+class _StallClock:
+    """When each rank's progress counter last moved; a rank whose counter stands still longer than the timeout is
+    hung (stuck in a kernel or a collective, or stopped with SIGSTOP)."""
+
+    def __init__(self, counters: dict, timeout_s: float):
+        self.counters, self.timeout_s = counters, timeout_s
+        now = time.monotonic()
+        self.seen = {name: (c.value, now) for name, c in counters.items()}
+
+    def hung(self) -> str | None:
+        now, stalled = time.monotonic(), []
+        for name, counter in self.counters.items():
+            value, since = self.seen[name]
+            if counter.value != value:
+                self.seen[name] = (counter.value, now)
+            elif now - since > self.timeout_s:
+                stalled.append(name)
+        if not stalled:
+            return None
+        return (f"{', '.join(stalled)} made no progress for over {self.timeout_s:g} s (--watchdog-timeout): hung, "
+                "or stopped")
 
 
 def node_address(args: ServerArgs) -> str:

@@ -80,6 +80,8 @@ class ServerArgs:
                                             "(default: 120 with several nodes, torch's default on one)")
     dist_ifname: str | None = _opt(None, "network interface for gloo/NCCL sockets (default: the one holding this "
                                          "node's address; lo on one node)")
+    watchdog_timeout: float = _opt(300.0, "seconds a scheduler may make no progress before the deployment fails "
+                                          "(a hung or stopped rank)")
     host: str = _opt("127.0.0.1", "HTTP/gRPC listen address")
     port: int = _opt(30000, "HTTP/gRPC listen port")
     api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY' on the API")
@@ -124,6 +126,8 @@ class ServerArgs:
             raise ValueError("--nnodes > 1 needs --dist-init-addr host:port (node 0's address)")
         if self.dist_init_addr and ":" not in self.dist_init_addr:
             raise ValueError(f"--dist-init-addr must be host:port, got {self.dist_init_addr!r}")
+        if self.watchdog_timeout <= 0:
+            raise ValueError(f"--watchdog-timeout must be > 0 seconds, got {self.watchdog_timeout}")
         if self.dist_timeout is not None and self.dist_timeout <= 0:
             raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if not 0 < self.port < 65536:

@@ -231,3 +231,49 @@ def test_children_die_with_a_killed_main_process():
         assert wait_gone(tree, 10) == []
     finally:
         s.stop()
+
+
+def test_watchdog_ends_a_deployment_whose_rank_is_stopped():
+    """SIGSTOP of a scheduler: within --watchdog-timeout /health turns 503 naming the rank, the request in
+    flight ends with an error, and the deployment exits non-zero with no process left."""
+    s = ServerProcess("--watchdog-timeout", "3")
+    victim = s.child_pid("gridserve::scheduler dp0 pp0 tp0")
+    try:
+        tree = s.descendants()
+        result: dict = {}
+
+        def request() -> None:
+            try:
+                r = httpx.post(f"{s.url}/v1/completions", timeout=30, json={"prompt": "Hi", "max_tokens": 50})
+                result["status"] = r.status_code
+                result["body"] = r.text
+            except httpx.HTTPError as e:
+                result["status"] = repr(e)
+
+        os.kill(victim, signal.SIGSTOP)
+        stopped = time.monotonic()
+        t = threading.Thread(target=request)
+        t.start()
+        body = ""
+        while time.monotonic() - stopped < 8:
+            try:
+                r = httpx.get(f"{s.url}/health", timeout=2)
+            except httpx.HTTPError:
+                break
+            if r.status_code == 503:
+                body = r.text
+                break
+            time.sleep(0.1)
+        assert "scheduler dp0 pp0 tp0 made no progress" in body, body
+        assert 3 <= time.monotonic() - stopped < 8
+        t.join(30)
+        assert result["status"] != 200, result
+        s.proc.wait(15)
+        assert s.proc.returncode != 0 and "--watchdog-timeout" in s.output()
+        assert wait_gone(tree, 10) == []
+    finally:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        s.stop()

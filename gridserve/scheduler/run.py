@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 50  # how long an idle scheduler waits for a request before checking on its parent again
 
 
-def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo, pipe_writer) -> None:
+def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo, progress, pipe_writer) -> None:
+    """progress: a shared counter (multiprocessing.Value) that the event loop advances for the watchdog."""
     parent = init_child_process(f"scheduler {rank.name}", args.log_level)
     logger.info("scheduler process up (imports done)")  # its timestamp shows the import cost at start-up
     try:
@@ -43,6 +44,7 @@ def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo,
     except Exception:
         pipe_writer.send({"status": "error", "message": traceback.format_exc()})
         sys.exit(1)
+    scheduler.progress = progress
     pipe_writer.send(scheduler.scheduler_info)
     pipe_writer.close()
     with torch.inference_mode():

@@ -81,6 +81,7 @@ class Scheduler:
             self.micro_batch_cap = args.pp_max_micro_batch_size or max(
                 1, self.runner.max_running_requests // self.runner.pp.size)
         self.decode_steps = 0
+        self.progress = None  # a shared counter the launcher's watchdog reads (--watchdog-timeout), when set
         self.decode_log_start = (time.perf_counter(), 0)  # (time, tokens decoded) at the last decode log line
 
     @property
@@ -98,6 +99,13 @@ class Scheduler:
             self.process_input_requests(self.recv(self.is_idle()))
             self.run_step()
             self.maybe_report_load()
+            self.tick()
+
+    def tick(self) -> None:
+        """One more loop iteration, for the launcher's watchdog: a rank whose count stands still for
+        --watchdog-timeout is hung (an idle loop still turns every IDLE_POLL_MS)."""
+        if self.progress is not None:
+            self.progress.value += 1
 
     def run_step(self) -> None:
         """Schedules and launches the next batch, then reads the results of one launched batch.
