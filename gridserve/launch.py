@@ -302,6 +302,8 @@ class Deployment:
             return
         self.stopping.set()
         atexit.unregister(self.shutdown)
+        if self.tm is not None:
+            self.tm.close()
         if self.hub is not None:  # first: the other nodes then stop on purpose, not on their ranks' errors
             self.hub.close(self.failure or "")
         terminate_processes([p for _, p in self.procs])

@@ -51,7 +51,7 @@ from gridserve.entrypoints.openai.utils import (
     tokenize,
 )
 from gridserve.errors import InvalidParamError
-from gridserve.managers.tokenizer_manager import SchedulerDeadError
+from gridserve.managers.tokenizer_manager import SchedulerDeadError, ServerBusyError
 from gridserve.messages import TokenizedGenerateReq
 from gridserve.sampling.sampling_params import SamplingParams
 from gridserve.server_args import ServerArgs
@@ -104,7 +104,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(ClientDisconnected, disconnected)
     # Expected failures get their own handlers: the catch-all `Exception` one also logs a traceback.
-    for expected in (OpenAIError, InvalidParamError, SchedulerDeadError, TimeoutError):
+    for expected in (OpenAIError, InvalidParamError, SchedulerDeadError, ServerBusyError, TimeoutError):
         app.add_exception_handler(expected, openai_error)
     app.add_exception_handler(Exception, openai_error)
 

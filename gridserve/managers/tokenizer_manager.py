@@ -11,6 +11,7 @@ can wait on requests at once."""
 
 import asyncio
 import logging
+import queue
 import random
 import threading
 import time
@@ -36,8 +37,15 @@ from gridserve.sampling.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+OUTBOX_SIZE = 100_000  # messages queued for the schedulers before new requests get 503
+
+
 class SchedulerDeadError(RuntimeError):
     """A scheduler (or the detokenizer) is gone; the deployment is going down."""
+
+
+class ServerBusyError(RuntimeError):
+    """The schedulers' inbound queue is full."""
 
 
 class StepOut(NamedTuple):
@@ -125,8 +133,10 @@ class TokenizerManager:
         self.info = scheduler_info
         self.vocab_size = vocab_size
         self.dp_size = dp_size
-        self._send = send  # to the DP controller, or with dp = 1 to the replica's IO rank
-        self._send_lock = threading.Lock()  # ZMQ sockets are not thread-safe
+        # To the DP controller, or with dp = 1 to the replica's IO rank: a queue that a sender thread drains, so no
+        # event loop ever waits on a socket (ZMQ sockets are not thread-safe either: one thread owns it).
+        self._outbox: queue.Queue = queue.Queue(OUTBOX_SIZE)
+        threading.Thread(target=self._sender, args=(send,), name="gridserve-tm-send", daemon=True).start()
         self.served_model_name = served_model_name
         self.rid_to_state: dict[str, ReqState] = {}
         self.rpc_waiters: dict[str, _RpcWaiter] = {}
@@ -135,8 +145,25 @@ class TokenizerManager:
         self.dead_reason: str | None = None
 
     def send(self, msg: object) -> None:
-        with self._send_lock:
-            self._send(msg)
+        """Queues a message for the schedulers; never blocks (a full queue is a 503 for the request)."""
+        try:
+            self._outbox.put_nowait(msg)
+        except queue.Full:
+            raise ServerBusyError(f"{OUTBOX_SIZE} messages are waiting for the schedulers; retry shortly") from None
+
+    def _sender(self, send: Callable[[object], None]) -> None:
+        while True:
+            msg = self._outbox.get()
+            if msg is None:
+                return
+            try:
+                send(msg)
+            except Exception:  # a closed socket at shutdown; never let the thread die silently mid-run
+                logger.exception("sending %s to the schedulers failed", type(msg).__name__)
+
+    def close(self) -> None:
+        """Stops the sender thread (after what is queued)."""
+        self._outbox.put(None)
 
     # ---- inputs ---------------------------------------------------------------------------------
     def tokenize(self, prompt: str | None, input_ids: list[int] | None) -> list[int]:

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gridserve.errors import InvalidParamError
-from gridserve.managers.tokenizer_manager import SchedulerDeadError
+from gridserve.managers.tokenizer_manager import SchedulerDeadError, ServerBusyError
 from gridserve.messages import TokenizedGenerateReq
 from gridserve.sampling.sampling_params import MAX_N, SamplingParams, is_encodable, short_repr  # noqa: F401
 
@@ -76,6 +76,8 @@ def as_openai_error(e: Exception) -> OpenAIError:
         return OpenAIError(503, f"the server is shutting down: {e}", code="service_unavailable")
     if isinstance(e, TimeoutError):
         return OpenAIError(503, "the scheduler did not answer in time", code="service_unavailable")
+    if isinstance(e, ServerBusyError):
+        return OpenAIError(503, f"the server is busy: {e}", code="service_unavailable")
     logger.error("request failed", exc_info=e)
     return OpenAIError(500, f"internal error: {e!r}")
 
