@@ -85,6 +85,8 @@ class ServerArgs:
     host: str = _opt("127.0.0.1", "HTTP/gRPC listen address")
     port: int = _opt(30000, "HTTP/gRPC listen port")
     api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY' on the API")
+    max_request_bytes: int = _opt(32 * 1024 * 1024, "largest HTTP request body; larger ones get 413 before they "
+                                                    "are read")
     served_model_name: str | None = _opt(None, "model name in the API (default: the model path's name)")
     grpc_mode: bool = _opt(False, "serve gRPC instead of HTTP")
     log_level: str = _opt("info", "logging level")
@@ -97,8 +99,9 @@ class ServerArgs:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(self, name)!r}")
-        positive = ["context_length", "max_total_tokens", "max_running_requests", "max_prefill_tokens",
-                    "cuda_graph_max_bs", "piecewise_cuda_graph_max_tokens", "pp_max_micro_batch_size"]
+        positive = ["max_request_bytes", "context_length", "max_total_tokens", "max_running_requests",
+                    "max_prefill_tokens", "cuda_graph_max_bs", "piecewise_cuda_graph_max_tokens",
+                    "pp_max_micro_batch_size"]
         for name in positive:
             v = getattr(self, name)
             if v is not None and v <= 0:

@@ -442,3 +442,27 @@ def test_api_key(engine):
         assert API_KEY not in json.dumps(info)
         client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0)
         assert complete(client, prompt="Hi", max_tokens=1).usage.completion_tokens == 1
+
+
+def test_request_body_limit(engine):
+    """--max-request-bytes: a larger body is a 413 before it is read (Content-Length or chunked), and the server
+    goes on serving."""
+    args = dataclasses.replace(engine.server_args, max_request_bytes=100_000)
+    with serve(create_app(engine.tokenizer_manager, args)) as base_url, \
+            httpx.Client(base_url=base_url, timeout=60) as http:
+        big = json.dumps({"prompt": "hello " * 50_000}).encode()
+        start = time.monotonic()
+        r = http.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert "--max-request-bytes (100000 bytes)" in r.json()["error"]["message"]
+        assert time.monotonic() - start < 5
+
+        def chunks():  # no Content-Length: the count of what arrives decides
+            for i in range(0, len(big), 16_384):
+                yield big[i:i + 16_384]
+
+        r = http.post("/generate", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert http.get("/health").status_code == 200
+        ok = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 1

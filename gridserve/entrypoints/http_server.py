@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import PlainTextResponse, Response
 
 import gridserve
+from gridserve.entrypoints.body_limit import BodyLimit
 from gridserve.entrypoints.openai.protocol import (
     REQUEST_FIELDS,
     ChatCompletionRequest,
@@ -73,6 +74,7 @@ def create_app(tm, server_args: ServerArgs, api_key: str | None = None) -> FastA
     _add_native_routes(protected, tm, server_args)
     app.include_router(protected)
     app.include_router(_public_routes(tm))
+    app.add_middleware(BodyLimit, max_bytes=server_args.max_request_bytes)
     return app
 
 
