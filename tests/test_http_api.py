@@ -466,3 +466,11 @@ def test_request_body_limit(engine):
         assert http.get("/health").status_code == 200
         ok = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 1
+
+
+def test_405_has_allow_and_the_schema_says_400(http):
+    r = http.get("/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["code"] == "405"
+    schema = http.get("/openapi.json").json()
+    responses = schema["paths"]["/v1/completions"]["post"]["responses"]
+    assert "400" in responses and "422" not in json.dumps(schema["paths"])

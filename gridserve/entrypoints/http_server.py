@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import PlainTextResponse, Response
@@ -75,7 +76,30 @@ def create_app(tm, server_args: ServerArgs, api_key: str | None = None) -> FastA
     app.include_router(protected)
     app.include_router(_public_routes(tm))
     app.add_middleware(BodyLimit, max_bytes=server_args.max_request_bytes)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+_ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "object", "properties": {
+    "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+    "code": {"type": ["string", "null"]}}, "required": ["message", "type"]}}, "required": ["error"]}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, saying what the server really sends for a bad body: 400 with an OpenAI-style error (the
+    validation handler turns FastAPI's 422 into it)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for operations in schema.get("paths", {}).values():
+            for op in operations.values():
+                responses = op.get("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses["400"] = {"description": "Bad request: an OpenAI-style error naming the field",
+                                        "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+        schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+        schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def run_http_server(app: FastAPI, host: str, port: int) -> None:
@@ -96,8 +120,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(_validation_to_openai(exc))
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        return error_response(OpenAIError(exc.status_code, message, code=str(exc.status_code)))
+        message = f"{request.method} {short_repr(request.url.path)}: {exc.detail}"
+        # exc.headers: e.g. the Allow header of a 405
+        return error_response(OpenAIError(exc.status_code, message, code=str(exc.status_code)), exc.headers)
 
     async def disconnected(_: Request, __: ClientDisconnected) -> Response:
         return Response(status_code=499)  # nobody reads it: the client is gone (nginx's "client closed")
@@ -202,7 +227,8 @@ def _add_native_routes(router: APIRouter, tm, server_args: ServerArgs) -> None:
         return {"model_path": server_args.model_path, "tokenizer_path": server_args.tokenizer_path,
                 "served_model_name": tm.served_model_name, "is_generation": True}
 
-    @router.api_route("/flush_cache", methods=["GET", "POST"])
+    @router.post("/flush_cache")
+    @router.get("/flush_cache")
     async def flush_cache() -> Response:
         if not await tm.flush_cache():
             raise OpenAIError(400, "cache not flushed: requests are in flight; retry when the server is idle")

@@ -112,8 +112,8 @@ class ORJSONResponse(JSONResponse):
         return dumps(content)
 
 
-def error_response(err: OpenAIError) -> ORJSONResponse:
-    return ORJSONResponse(err.body(), status_code=err.status)
+def error_response(err: OpenAIError, headers: dict[str, str] | None = None) -> ORJSONResponse:
+    return ORJSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
 def sse(obj: Any) -> bytes:
