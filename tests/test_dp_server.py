@@ -140,6 +140,7 @@ def test_cache_aware_keeps_prefixes_warm_where_round_robin_does_not(round_robin,
     cache_aware = ServerProcess("--dp", "2")  # the default method with dp > 1
     try:
         aware = _shared_prefix_run(cache_aware, tmp_path, "cache_aware")
+        assert_killing_ends_deployment(cache_aware, "dp_controller")  # the controller is no single point of hang
     finally:
         cache_aware.stop()
     rr = _shared_prefix_run(round_robin, tmp_path, "round_robin")

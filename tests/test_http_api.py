@@ -474,3 +474,29 @@ def test_405_has_allow_and_the_schema_says_400(http):
     schema = http.get("/openapi.json").json()
     responses = schema["paths"]["/v1/completions"]["post"]["responses"]
     assert "400" in responses and "422" not in json.dumps(schema["paths"])
+
+
+def test_a_huge_prompt_does_not_stall_other_requests(url):
+    """A multi-megabyte prompt is tokenized off the event loop: /health keeps answering at once meanwhile, and
+    the prompt is then refused as longer than the server accepts."""
+    body = json.dumps({"prompt": "hello world " * 400_000, "max_tokens": 1}).encode()  # 4.8 MB, ~800k tokens
+    result: dict = {}
+
+    def big() -> None:
+        start = time.monotonic()
+        r = httpx.post(f"{url}/v1/completions", content=body, headers={"content-type": "application/json"},
+                       timeout=120)
+        result["status"], result["seconds"] = r.status_code, time.monotonic() - start
+
+    t = threading.Thread(target=big)
+    t.start()
+    worst = 0.0
+    while t.is_alive():
+        start = time.monotonic()
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        worst = max(worst, time.monotonic() - start)
+        time.sleep(0.05)
+    t.join()
+    assert result["status"] == 400
+    assert result["seconds"] > 0.5  # the tokenizing took a while: the probes above ran during it
+    assert worst < 0.5, worst

@@ -46,10 +46,12 @@ from gridserve.entrypoints.openai.utils import (
     collect_finals,
     error_response,
     generate_all,
+    off_loop_if_large,
     prepare_requests,
     sampling_params,
     short_repr,
     sse_stream,
+    text_size,
     tokenize,
 )
 from gridserve.errors import InvalidParamError
@@ -206,7 +208,7 @@ def _add_native_routes(router: APIRouter, tm, server_args: ServerArgs) -> None:
     @router.post("/generate")
     async def generate(body: GenerateRequest, request: Request) -> Response:
         check_alive(tm)
-        reqs, ids, batch = _native_requests(tm, body)
+        reqs, ids, batch = await _native_requests(tm, body)
         if body.stream:
             return SSEResponse(sse_stream(_native_stream(tm, body, reqs, ids)))
         finals = await cancel_on_disconnect(request, collect_finals(tm, reqs))
@@ -265,7 +267,7 @@ def _public_routes(tm) -> APIRouter:
 
 
 # ---- /generate --------------------------------------------------------------------------------------------
-def _native_requests(tm, body: GenerateRequest) -> tuple[list[TokenizedGenerateReq], list[str | None], bool]:
+async def _native_requests(tm, body: GenerateRequest) -> tuple[list[TokenizedGenerateReq], list[str | None], bool]:
     """Scheduler requests (n per prompt, in order), the id each result reports, and whether the input was a
     batch. A client's rid only names its results: scheduler ids stay unique whatever clients send."""
     if (body.text is None) == (body.input_ids is None):
@@ -283,7 +285,7 @@ def _native_requests(tm, body: GenerateRequest) -> tuple[list[TokenizedGenerateR
     check_batch_size(len(items), max(sp.n for sp in params), param)  # before any tokenizing
     rids = _per_prompt(body.rid, len(items), "rid")
     if body.text is not None:
-        prompts = [tokenize(tm, t, param="text") for t in items]
+        prompts = await off_loop_if_large(text_size(items), lambda: [tokenize(tm, t, param="text") for t in items])
     else:
         prompts = [tokenize(tm, input_ids=i, param="input_ids") for i in items]
     reqs, ids = [], []

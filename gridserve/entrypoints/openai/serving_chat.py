@@ -36,6 +36,7 @@ from gridserve.entrypoints.openai.utils import (
     finish_reason,
     generate_all,
     new_logprobs,
+    off_loop_if_large,
     prepare_requests,
     sampling_params,
     sse_stream,
@@ -62,12 +63,16 @@ class OpenAIServingChat:
         max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = sampling_params(body.sampling_dict())
-        try:
-            prompt = tm.apply_chat_template([_template_message(i, m) for i, m in enumerate(body.messages)],
-                                            add_generation_prompt=body.add_generation_prompt is not False)
-        except InvalidParamError as e:
-            raise bad_request(e) from e
-        ids = tokenize(tm, prompt, param="messages")
+        messages = [_template_message(i, m) for i, m in enumerate(body.messages)]
+
+        def template_and_tokenize() -> list[int]:
+            try:
+                prompt = tm.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt is not False)
+            except InvalidParamError as e:
+                raise bad_request(e) from e
+            return tokenize(tm, prompt, param="messages")
+
+        ids = await off_loop_if_large(sum(len(str(m.get("content") or "")) for m in messages), template_and_tokenize)
         # max_tokens=None: the whole room left after the prompt (vLLM's default for chat)
         reqs = prepare_requests(tm, [ids], params, max_tokens, return_logprob=bool(body.logprobs),
                                 top_logprobs_num=body.top_logprobs or 0, prompt_param="messages",

@@ -30,9 +30,11 @@ from gridserve.entrypoints.openai.utils import (
     finish_reason,
     generate_all,
     new_logprobs,
+    off_loop_if_large,
     prepare_requests,
     sampling_params,
     sse_stream,
+    text_size,
     tokenize,
     usage,
 )
@@ -52,7 +54,9 @@ class OpenAIServingCompletion:
         params = sampling_params(body.sampling_dict())
         single = isinstance(body.prompt, str) or bool(body.prompt) and isinstance(body.prompt[0], int)
         check_batch_size(1 if single else len(body.prompt), params.n)  # before any tokenizing
-        reqs = prepare_requests(tm, self._prompts(body.prompt), params, body.max_tokens,
+        prompts = await off_loop_if_large(text_size([body.prompt] if single else body.prompt),
+                                          lambda: self._prompts(body.prompt))
+        reqs = prepare_requests(tm, prompts, params, body.max_tokens,
                                 return_logprob=body.logprobs is not None, top_logprobs_num=body.logprobs or 0,
                                 routed_dp_rank=body.routed_dp_rank)
         rid = f"cmpl-{uuid.uuid4().hex}"

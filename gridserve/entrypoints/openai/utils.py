@@ -7,7 +7,8 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import orjson
@@ -255,6 +256,24 @@ def prepare_requests(tm, prompts: list[list[int]], params: SamplingParams, max_t
         except InvalidParamError as e:
             raise bad_request(e, {"max_new_tokens": max_tokens_param}) from e
     return reqs
+
+
+# Text beyond this many characters is tokenized on a worker thread: a multi-megabyte prompt takes seconds, and the
+# event loop (every other request, /health) must not wait for it. Shorter text is faster inline than a thread hop.
+OFF_LOOP_CHARS = 20_000
+_TOKENIZE_POOL = ThreadPoolExecutor(1, thread_name_prefix="gridserve-tokenize")
+
+
+async def off_loop_if_large(chars: int, fn: Callable[[], Any]) -> Any:
+    """fn() inline, or on the tokenizing thread when it handles more than OFF_LOOP_CHARS characters of text."""
+    if chars <= OFF_LOOP_CHARS:
+        return fn()
+    return await asyncio.get_running_loop().run_in_executor(_TOKENIZE_POOL, fn)
+
+
+def text_size(items: list) -> int:
+    """Characters of text in prompts (token-id prompts count 0: they need no tokenizing)."""
+    return sum(len(x) for x in items if isinstance(x, str))
 
 
 def tokenize(tm, prompt: str | None = None, input_ids: list[int] | None = None, param: str = "prompt") -> list[int]:
