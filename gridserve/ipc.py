@@ -133,7 +133,9 @@ class Channel:
         self.sock.send(wire.encode(obj) if self.typed else pickle.dumps(obj, pickle.HIGHEST_PROTOCOL), self.flags)
 
     def recv(self) -> object:
-        data = self.sock.recv()
+        return self._decode(self.sock.recv())
+
+    def _decode(self, data: bytes) -> object:
         return wire.decode(data) if self.typed else pickle.loads(data)
 
     def recv_all(self, timeout_ms: int = 0) -> list:
@@ -146,7 +148,7 @@ class Channel:
                 data = self.sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return msgs
-            msgs.append(wire.decode(data) if self.typed else pickle.loads(data))
+            msgs.append(self._decode(data))
 
     def poll(self, timeout_ms: int) -> bool:
         return bool(self.sock.poll(timeout_ms))

@@ -63,10 +63,9 @@ class Deployment:
         self.args = args
         self.on_child_death = on_child_death
         self.plan = LaunchPlan.for_node(args)
-        layout = self.plan.layout
-        io_nodes = [layout.rank(r * layout.replica_size).node_rank for r in range(layout.dp)]
         self.node_addr = node_address(args)
-        self.port_args = PortArgs.create(args.dp_size, args.dist_init_addr, args.nnodes, io_nodes, self.node_addr)
+        self.port_args = PortArgs.create(args.dp_size, args.dist_init_addr, args.nnodes,
+                                         self.plan.layout.io_rank_nodes(), self.node_addr)
         self.procs: list[tuple[str, mp.Process]] = []
         self.stopping = threading.Event()
         self.tm: TokenizerManager | None = None

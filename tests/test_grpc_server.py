@@ -5,7 +5,6 @@ ModelInfo; bad requests are INVALID_ARGUMENT naming the field; a cancelled or ab
 import asyncio
 import contextlib
 import dataclasses
-import socket
 import threading
 import time
 
@@ -17,26 +16,21 @@ from gridserve.entrypoints.grpc import gridserve_pb2 as pb
 from gridserve.entrypoints.grpc import gridserve_pb2_grpc as pb_grpc
 from gridserve.entrypoints.grpc.grpc_server import serve_grpc_forever
 from gridserve.messages import AbortReq
+from tests.server_utils import free_port
 
 PROMPT = "The history of the printing press"
 MAX_NEW = 8
 GREEDY = {"temperature": 0, "max_new_tokens": MAX_NEW}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served():
-    """(engine, stub): serve_grpc_forever runs on its own event loop in a thread, as it would in the server."""
-    engine = Engine(model_path=None, max_total_tokens=4096, show_progress=False, log_level="warning")
-    tm, port, stop = engine.tokenizer_manager, _free_port(), threading.Event()
+@contextlib.contextmanager
+def grpc_server_thread(tm, server_args):
+    """serve_grpc_forever on its own event loop in a thread, as it would run in the server; yields a ready
+    channel to it."""
+    port, stop = free_port(), threading.Event()
 
     async def main() -> None:
-        task = asyncio.create_task(serve_grpc_forever(tm, engine.server_args, "127.0.0.1", port, grace=1))
+        task = asyncio.create_task(serve_grpc_forever(tm, server_args, "127.0.0.1", port, grace=1))
         while not stop.is_set() and not task.done():
             await asyncio.sleep(0.05)
         task.cancel()
@@ -45,12 +39,21 @@ def served():
 
     thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
     thread.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    grpc.channel_ready_future(channel).result(timeout=30)
-    yield engine, pb_grpc.GenerationStub(channel)
-    channel.close()
-    stop.set()
-    thread.join(timeout=30)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            yield channel
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served():
+    """(engine, stub) over a gRPC server in a thread of this process."""
+    engine = Engine(model_path=None, max_total_tokens=4096, show_progress=False, log_level="warning")
+    with grpc_server_thread(engine.tokenizer_manager, engine.server_args) as channel:
+        yield engine, pb_grpc.GenerationStub(channel)
     engine.shutdown()
 
 
@@ -202,34 +205,18 @@ def test_abort_ends_the_stream_with_aborted(served):
 def test_api_key_is_checked_on_every_rpc_but_health(served, ref):
     """--grpc-mode --api-key: Generate and ModelInfo need `authorization: Bearer <key>`; Health does not."""
     engine, _ = served
-    tm, port, stop = engine.tokenizer_manager, _free_port(), threading.Event()
+    tm = engine.tokenizer_manager
     args = dataclasses.replace(engine.server_args, api_key="s3cret")
-
-    async def main() -> None:
-        task = asyncio.create_task(serve_grpc_forever(tm, args, "127.0.0.1", port, grace=1))
-        while not stop.is_set() and not task.done():
-            await asyncio.sleep(0.05)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
-    thread.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            grpc.channel_ready_future(channel).result(timeout=30)
-            stub = pb_grpc.GenerationStub(channel)
-            assert stub.Health(pb.HealthRequest(), timeout=10).ok
-            for metadata in (None, [("authorization", "Bearer wrong")], [("authorization", "s3cret")]):
-                with pytest.raises(grpc.RpcError) as e:
-                    list(stub.Generate(_request(text=PROMPT), timeout=10, metadata=metadata))
-                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "API key" in e.value.details()
-                with pytest.raises(grpc.RpcError) as e:
-                    stub.ModelInfo(pb.ModelInfoRequest(), timeout=10, metadata=metadata)
-                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            ok = [("authorization", "Bearer s3cret")]
-            _check_like_engine(list(stub.Generate(_request(text=PROMPT), timeout=60, metadata=ok)), ref)
-            assert stub.ModelInfo(pb.ModelInfoRequest(), timeout=10, metadata=ok).vocab_size == tm.vocab_size
-    finally:
-        stop.set()
-        thread.join(30)
+    with grpc_server_thread(tm, args) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        assert stub.Health(pb.HealthRequest(), timeout=10).ok
+        for metadata in (None, [("authorization", "Bearer wrong")], [("authorization", "s3cret")]):
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(_request(text=PROMPT), timeout=10, metadata=metadata))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "API key" in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelInfo(pb.ModelInfoRequest(), timeout=10, metadata=metadata)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = [("authorization", "Bearer s3cret")]
+        _check_like_engine(list(stub.Generate(_request(text=PROMPT), timeout=60, metadata=ok)), ref)
+        assert stub.ModelInfo(pb.ModelInfoRequest(), timeout=10, metadata=ok).vocab_size == tm.vocab_size

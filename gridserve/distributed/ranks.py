@@ -51,6 +51,10 @@ class Layout:
         return RankInfo(self, dp_rank, pp_rank, tp_rank, global_rank, node_rank, local_rank,
                         base_gpu_id + local_rank * gpu_id_step)
 
+    def io_rank_nodes(self) -> list[int]:
+        """The node of each replica's IO rank (its replica rank 0), by dp rank."""
+        return [self.rank(r * self.replica_size).node_rank for r in range(self.dp)]
+
     def node_ranks(self, node_rank: int = 0, base_gpu_id: int = 0, gpu_id_step: int = 1) -> list["RankInfo"]:
         """The ranks that run on node `node_rank`, in global-rank order."""
         first = node_rank * self.ranks_per_node

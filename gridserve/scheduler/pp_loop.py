@@ -57,8 +57,7 @@ class PipelineLoop:
                 self.micro_batches += 1
             self.max_in_flight = max(self.max_in_flight, sum(b is not None for b in self.inflight))
             self._reap_sends()
-            s.maybe_report_load()
-            s.tick()
+            s.end_iteration()
             slot += 1
             if active or batch is not None:
                 self.active_s += time.perf_counter() - t0

@@ -98,12 +98,13 @@ class Scheduler:
         while not self.stopped:
             self.process_input_requests(self.recv(self.is_idle()))
             self.run_step()
-            self.maybe_report_load()
-            self.tick()
+            self.end_iteration()
 
-    def tick(self) -> None:
-        """One more loop iteration, for the launcher's watchdog: a rank whose count stands still for
-        --watchdog-timeout is hung (an idle loop still turns every IDLE_POLL_MS)."""
+    def end_iteration(self) -> None:
+        """The bookkeeping every event loop does once per iteration: the load report to the DP controller, and one
+        more tick for the launcher's watchdog (a rank whose count stands still for --watchdog-timeout is hung;
+        an idle loop still turns every IDLE_POLL_MS)."""
+        self.maybe_report_load()
         if self.progress is not None:
             self.progress.value += 1
 
