@@ -16,7 +16,7 @@ import uvicorn
 
 from gridserve.entrypoints.engine import Engine
 from gridserve.entrypoints.http_server import create_app
-from gridserve.entrypoints.openai.utils import prepare_requests
+from gridserve.entrypoints.request_flow import prepare_requests
 from gridserve.sampling.sampling_params import SamplingParams
 
 MAX_TOTAL_TOKENS = 4096

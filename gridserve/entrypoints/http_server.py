@@ -23,6 +23,14 @@ from starlette.responses import PlainTextResponse, Response
 
 import gridserve
 from gridserve.entrypoints.body_limit import BodyLimit
+from gridserve.entrypoints.http_errors import (
+    ClientDisconnected,
+    OpenAIError,
+    as_openai_error,
+    check_alive,
+    check_batch_size,
+)
+from gridserve.entrypoints.openai.output import TokenStrings
 from gridserve.entrypoints.openai.protocol import (
     REQUEST_FIELDS,
     ChatCompletionRequest,
@@ -33,31 +41,26 @@ from gridserve.entrypoints.openai.protocol import (
 )
 from gridserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from gridserve.entrypoints.openai.serving_completions import OpenAIServingCompletion
-from gridserve.entrypoints.openai.utils import (
-    ClientDisconnected,
-    OpenAIError,
-    ORJSONResponse,
-    SSEResponse,
-    TokenStrings,
-    as_openai_error,
-    cancel_on_disconnect,
-    check_alive,
-    check_batch_size,
+from gridserve.entrypoints.request_flow import (
     collect_finals,
-    error_response,
     generate_all,
     off_loop_if_large,
     prepare_requests,
     sampling_params,
-    short_repr,
-    sse_stream,
     text_size,
     tokenize,
+)
+from gridserve.entrypoints.responses import (
+    ORJSONResponse,
+    SSEResponse,
+    cancel_on_disconnect,
+    error_response,
+    sse_stream,
 )
 from gridserve.errors import InvalidParamError
 from gridserve.managers.tokenizer_manager import SchedulerDeadError, ServerBusyError
 from gridserve.messages import TokenizedGenerateReq
-from gridserve.sampling.sampling_params import SamplingParams
+from gridserve.sampling.sampling_params import SamplingParams, short_repr
 from gridserve.server_args import ServerArgs
 
 # /health_generate: a generation that takes longer than this means the pipeline is stuck.

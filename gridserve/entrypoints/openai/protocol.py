@@ -10,7 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from gridserve.entrypoints.openai.utils import MAX_N, MAX_TOP_LOGPROBS, is_encodable
+from gridserve.entrypoints.openai.output import MAX_TOP_LOGPROBS
+from gridserve.sampling.sampling_params import MAX_N, is_encodable
 
 
 def _encodable(text: str) -> str:

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from starlette.responses import Response
 
+from gridserve.entrypoints.http_errors import OpenAIError, bad_request, check_alive, check_model
+from gridserve.entrypoints.openai.output import TokenStrings, clamp_logprob, finish_reason, new_logprobs, usage
 from gridserve.entrypoints.openai.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -22,27 +24,15 @@ from gridserve.entrypoints.openai.protocol import (
     TopLogprob,
     Usage,
 )
-from gridserve.entrypoints.openai.utils import (
-    OpenAIError,
-    ORJSONResponse,
-    SSEResponse,
-    TokenStrings,
-    bad_request,
-    cancel_on_disconnect,
-    check_alive,
-    check_model,
-    clamp_logprob,
+from gridserve.entrypoints.request_flow import (
     collect_finals,
-    finish_reason,
     generate_all,
-    new_logprobs,
     off_loop_if_large,
     prepare_requests,
     sampling_params,
-    sse_stream,
     tokenize,
-    usage,
 )
+from gridserve.entrypoints.responses import ORJSONResponse, SSEResponse, cancel_on_disconnect, sse_stream
 from gridserve.errors import InvalidParamError
 from gridserve.messages import TokenizedGenerateReq
 

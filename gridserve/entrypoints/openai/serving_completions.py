@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from starlette.responses import Response
 
+from gridserve.entrypoints.http_errors import OpenAIError, check_alive, check_batch_size, check_model
+from gridserve.entrypoints.openai.output import TokenStrings, clamp_logprob, finish_reason, new_logprobs, usage
 from gridserve.entrypoints.openai.protocol import (
     CompletionChoice,
     CompletionChunk,
@@ -16,28 +18,16 @@ from gridserve.entrypoints.openai.protocol import (
     CompletionResponse,
     Usage,
 )
-from gridserve.entrypoints.openai.utils import (
-    OpenAIError,
-    ORJSONResponse,
-    SSEResponse,
-    TokenStrings,
-    cancel_on_disconnect,
-    check_alive,
-    check_batch_size,
-    check_model,
-    clamp_logprob,
+from gridserve.entrypoints.request_flow import (
     collect_finals,
-    finish_reason,
     generate_all,
-    new_logprobs,
     off_loop_if_large,
     prepare_requests,
     sampling_params,
-    sse_stream,
     text_size,
     tokenize,
-    usage,
 )
+from gridserve.entrypoints.responses import ORJSONResponse, SSEResponse, cancel_on_disconnect, sse_stream
 from gridserve.messages import TokenizedGenerateReq
 
 

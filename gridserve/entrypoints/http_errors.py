@@ -1,0 +1,81 @@
+"""The errors a request can end with, as the OpenAI-style `{"error": {...}}` body and HTTP status every route
+sends, and the checks that raise them before any work starts."""
+
+import logging
+
+from gridserve.errors import InvalidParamError
+from gridserve.managers.tokenizer_manager import SchedulerDeadError, ServerBusyError
+from gridserve.sampling.sampling_params import short_repr
+
+logger = logging.getLogger(__name__)
+
+# Most generations (prompts x n) one HTTP request may ask for: each is a scheduler request.
+MAX_PROMPTS = 1024
+
+
+class OpenAIError(Exception):
+    """Ends a request with `{"error": {...}}` and an HTTP status, from anywhere in a handler."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 err_type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.err_type = err_type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.err_type, "param": self.param, "code": self.code}}
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its non-streaming response was ready."""
+
+
+def bad_request(e: InvalidParamError, renames: dict[str, str] | None = None) -> OpenAIError:
+    """A 400 naming the field as the client spelt it (e.g. SamplingParams' max_new_tokens is max_tokens)."""
+    param = (renames or {}).get(e.param, e.param)
+    return OpenAIError(400, f"{param}: {e.message}", param=param)
+
+
+def abort_error(reason: dict, completion_tokens: int, dead_reason: str | None) -> OpenAIError:
+    """An "abort" finish means the scheduler failed or refused the request: say which, with a fitting status."""
+    message = reason.get("message") or "the request was aborted"
+    if dead_reason:
+        return OpenAIError(503, f"the server is shutting down: {dead_reason}", code="service_unavailable")
+    if completion_tokens == 0:  # refused at admission: the scheduler found the request itself invalid
+        return OpenAIError(400, message)
+    return OpenAIError(500, f"generation failed: {message}")
+
+
+def as_openai_error(e: Exception) -> OpenAIError:
+    """Any failure as the error a client should see; unexpected ones are logged with their traceback."""
+    if isinstance(e, OpenAIError):
+        return e
+    if isinstance(e, InvalidParamError):
+        return bad_request(e)
+    if isinstance(e, SchedulerDeadError):
+        return OpenAIError(503, f"the server is shutting down: {e}", code="service_unavailable")
+    if isinstance(e, TimeoutError):
+        return OpenAIError(503, "the scheduler did not answer in time", code="service_unavailable")
+    if isinstance(e, ServerBusyError):
+        return OpenAIError(503, f"the server is busy: {e}", code="service_unavailable")
+    logger.error("request failed", exc_info=e)
+    return OpenAIError(500, f"internal error: {e!r}")
+
+
+def check_alive(tm) -> None:
+    if tm.dead_reason:
+        raise OpenAIError(503, f"the server is shutting down: {tm.dead_reason}", code="service_unavailable")
+
+
+def check_model(requested: str | None, served: str) -> None:
+    """Clients often send a placeholder model name; the server has exactly one model."""
+    if requested not in (None, "", "default", served):
+        raise OpenAIError(404, f"The model {short_repr(requested)} does not exist; this server serves `{served}`.",
+                          param="model", code="model_not_found")
+
+
+def check_batch_size(prompts: int, n: int, param: str = "prompt") -> None:
+    """One HTTP request may fan out into at most MAX_PROMPTS scheduler requests (prompts x n)."""
+    if prompts * n > MAX_PROMPTS:
+        raise OpenAIError(400, f"{param}: {prompts} prompts x n={n} = {prompts * n} generations, more than the "
+                          f"{MAX_PROMPTS} one request may ask for; split it", param=param)
