@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint clean
+.PHONY: install serve test reliability lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check gridserve tests scripts
 	$(BIN)/python -m pytest -q tests
+
+# The long versions of the reliability suite (fuzzing, load with disconnects, faults): see docs/reliability.md.
+reliability: $(STAMP)
+	$(BIN)/python -m pytest -q --long tests/test_fuzz_api.py tests/test_load.py tests/test_faults.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check gridserve tests scripts
