@@ -1,9 +1,11 @@
 """Start a real `gridserve serve` process and inspect its process tree."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -147,3 +149,67 @@ def listening_addresses(pids: list[int]) -> set[str]:
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=10).stdout
     wanted = {f"pid={p}," for p in pids}
     return {line.split()[3].rsplit(":", 1)[0] for line in out.splitlines() if any(w in line for w in wanted)}
+
+
+def metrics(url: str) -> dict[str, float]:
+    """The first sample of every /metrics series by name (with dp 1, the only one)."""
+    out: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            out.setdefault(line.split("{")[0], float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+def ipc_dir(server: "ServerProcess") -> str:
+    """The deployment's IPC directory, from its start-up log line."""
+    return server.output().split("IPC directory ")[1].split()[0]
+
+
+class InFlight:
+    """One streaming completion, read in a thread: the request in flight at the moment of a fault. `outcome()`
+    says how it ended: "done" (finished normally), "error: <message>" (an error event, or a non-200 status), or
+    "connection: <exception>" (the connection dropped)."""
+
+    def __init__(self, url: str, prompt: list[int], max_tokens: int, **extra):
+        self.events: list[str] = []
+        self.status: int | None = None
+        self.exc: str | None = None
+        self.streaming = threading.Event()
+        body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+                "temperature": 0, "stream": True, **extra}
+        self._thread = threading.Thread(target=self._run, args=(url, body), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, body: dict) -> None:
+        try:
+            # the read timeout only guards against a hang of the test itself: each fault's bound is checked apart
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+                self.status = r.status_code
+                for line in r.iter_lines():
+                    if line:
+                        self.events.append(line)
+                        self.streaming.set()
+        except httpx.HTTPError as e:
+            self.exc = repr(e)
+        finally:
+            self.streaming.set()
+
+    def wait_streaming(self, timeout: float) -> None:
+        """Returns once the first token arrived (the request runs), or raises."""
+        if not self.streaming.wait(timeout) or not self.events:
+            raise AssertionError(f"no token within {timeout} s: status {self.status}, {self.exc}, {self.events[-2:]}")
+
+    def join(self, timeout: float) -> bool:
+        """True once the stream has ended, within `timeout` seconds."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def outcome(self) -> str:
+        if self.exc is not None:
+            return f"connection: {self.exc}"
+        if self.status != 200:
+            return f"error: status {self.status}"
+        errors = [e for e in self.events if e.startswith("data: {") and '"error"' in e[:20]]
+        if errors:
+            return f"error: {json.loads(errors[-1][len('data: '):])['error']['message']}"
+        return "done" if self.events and self.events[-1] == "data: [DONE]" else f"cut: {self.events[-1:]}"

