@@ -1,8 +1,10 @@
 """The `gridserve` command: serve, generate, bench."""
 
 import argparse
+import difflib
 import sys
 
+import gridserve
 from gridserve.server_args import ServerArgs
 
 
@@ -47,19 +49,22 @@ def _generate(args: argparse.Namespace) -> int:
         engine.shutdown()
 
 
-def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="complete one prompt, streaming the text")
-    p.add_argument("prompt")
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
-                   help="wrap the prompt in the model's chat template (default on)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    ServerArgs.add_cli_args(p)
+def _add_generate(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("generate", help="complete one prompt, streaming the text",
+                       usage="gridserve generate PROMPT [options]")
+    p.add_argument("prompt", help="the text to complete")
+    g = p.add_argument_group("generation options")
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap the prompt in the model's chat template (default: on)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    g.add_argument("--top-k", type=int, default=-1, help="sample from the k likeliest tokens; -1 = all (default)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: the server's --random-seed)")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    ServerArgs.add_cli_args(p, skip_groups=("server",))
     p.set_defaults(func=_generate)
+    return p
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -83,18 +88,30 @@ def add_dry_run_flag(p: argparse.ArgumentParser) -> None:
                    help="print every node's ranks (dp, pp, tp, global rank), GPUs and processes, then exit")
 
 
-def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (or gRPC with --grpc-mode)")
+def _add_serve(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (or gRPC with --grpc-mode)",
+                       usage="gridserve serve [options]")
     ServerArgs.add_cli_args(p)
     add_dry_run_flag(p)
     p.set_defaults(func=_serve)
+    return p
+
+
+def _reject_unknown(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """Exits with the sub-command's usage and the nearest flag for each unknown one (`--modle`: `--model`)."""
+    flags = [s for a in parser._actions for s in a.option_strings]
+    hints = []
+    for arg in unknown:
+        close = difflib.get_close_matches(arg.split("=")[0], flags, n=1, cutoff=0.75) if arg.startswith("-") else []
+        hints.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+    parser.error(f"unrecognized arguments: {', '.join(hints)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gridserve", description="LLM serving engine")
+    parser.add_argument("--version", action="version", version=f"gridserve {gridserve.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_serve(sub)
-    _add_generate(sub)
+    commands = {"serve": _add_serve(sub), "generate": _add_generate(sub)}
     # listed for --help; `gridserve bench ...` itself goes to bench_main before parsing (see below)
     sub.add_parser("bench", help="benchmarks: offline, latency, serving (gridserve bench --help)")
     argv = sys.argv[1:] if argv is None else argv
@@ -102,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         from gridserve.bench.cli import bench_main
 
         return bench_main(argv[1:])
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _reject_unknown(commands[args.command], unknown)
     return args.func(args)
 
 

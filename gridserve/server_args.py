@@ -13,12 +13,29 @@ _CHOICES = {
     "attention_backend": ["auto", "torch", "triton"],
     "load_format": ["auto", "dummy"],
     "schedule_policy": ["fcfs", "lpm"],
+    "log_level": ["debug", "info", "warning", "error", "critical"],
     "load_balance_method": ["cache_aware", "round_robin", "total_requests", "shortest_queue", "total_tokens",
                             "minimum_tokens"],
 }
 # SGLang's older names of two load-balance methods
 _LOAD_BALANCE_ALIASES = {"shortest_queue": "total_requests", "minimum_tokens": "total_tokens"}
 _ALIASES = {"model_path": ["--model"], "tp_size": ["--tp"], "pp_size": ["--pp"], "dp_size": ["--dp"]}
+# --help's sections, in order; every field is in exactly one (tests check). `gridserve generate` runs no server,
+# so it leaves out "server".
+GROUPS = {
+    "model": ["model_path", "tokenizer_path", "dtype", "device", "load_format", "context_length", "random_seed",
+              "served_model_name"],
+    "memory": ["max_total_tokens", "mem_fraction_static"],
+    "scheduling": ["max_running_requests", "max_prefill_tokens", "chunked_prefill_size", "schedule_policy",
+                   "schedule_conservativeness", "disable_radix_cache", "watchdog_timeout"],
+    "GPU speed": ["attention_backend", "cuda_graph_max_bs", "disable_cuda_graph", "piecewise_cuda_graph_max_tokens",
+                  "disable_piecewise_cuda_graph", "disable_overlap_schedule", "enable_overlap_schedule"],
+    "parallelism": ["tp_size", "pp_size", "pp_max_micro_batch_size", "pp_layer_partition", "dp_size",
+                    "load_balance_method", "base_gpu_id", "gpu_id_step"],
+    "several nodes": ["nnodes", "node_rank", "dist_init_addr", "dist_timeout", "dist_ifname"],
+    "server": ["host", "port", "api_key", "max_request_bytes", "grpc_mode"],
+    "logging": ["log_level", "show_progress"],
+}
 
 
 def _scalar_type(t) -> type:
@@ -164,18 +181,35 @@ class ServerArgs:
         return os.path.basename(os.path.normpath(self.model_path)).removesuffix(".gguf")
 
     @classmethod
-    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
-        for f in dataclasses.fields(cls):
-            flags = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
-            help = f.metadata.get("help", "")
-            kind = _scalar_type(f.type)
-            if kind is bool:
-                parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
-                                    default=f.default, help=help)
-            else:
-                parser.add_argument(*flags, dest=f.name, type=kind, default=f.default,
-                                    choices=_CHOICES.get(f.name), help=help)
+    def add_cli_args(cls, parser: argparse.ArgumentParser, skip_groups: tuple[str, ...] = ()) -> None:
+        """Every field as a flag, in GROUPS' sections, with its default in the help (except skip_groups').
+        Skipped fields keep their defaults in the parsed namespace, so from_cli_args still finds them."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for title, names in GROUPS.items():
+            if title in skip_groups:
+                parser.set_defaults(**{n: fields[n].default for n in names})
+                continue
+            group = parser.add_argument_group(f"{title} options")
+            for name in names:
+                _add_flag(group, fields[name])
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _shown(value) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+
+def _add_flag(group, f: dataclasses.Field) -> None:
+    flags = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
+    help = f.metadata.get("help", "")
+    kind = _scalar_type(f.type)
+    if f.default is not None and "default" not in help:
+        help += f" (default: {_shown(f.default)})"
+    if kind is bool:
+        group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help)
+    else:
+        group.add_argument(*flags, dest=f.name, type=kind, default=f.default, choices=_CHOICES.get(f.name),
+                           help=help)

@@ -67,3 +67,44 @@ def test_launch_server_module_accepts_sglang_flags():
                  "--chunked-prefill-size", "--max-running-requests", "--disable-radix-cache", "--grpc-mode",
                  "--api-key"):
         assert flag in p.stdout, flag
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from gridserve.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's --help, --version and errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_is_grouped_shows_defaults_and_fits_the_command(capsys):
+    import dataclasses
+
+    from gridserve.server_args import GROUPS, ServerArgs
+
+    grouped = [n for names in GROUPS.values() for n in names]
+    assert sorted(grouped) == sorted(f.name for f in dataclasses.fields(ServerArgs))  # each flag in one section
+    code, out, _ = _cli(capsys, "serve", "--help")
+    assert code == 0 and out.startswith("usage: gridserve serve [options]")
+    for title in GROUPS:
+        assert f"{title} options:" in out
+    assert "(default: 30000)" in out and "(default: cache_aware)" in out and "(default: off)" in out
+    code, out, _ = _cli(capsys, "generate", "--help")
+    assert code == 0 and "--max-new-tokens" in out and "most tokens to generate (default: 256)" in out
+    for server_flag in ("--port", "--api-key", "--grpc-mode", "--host"):  # generate runs no server
+        assert server_flag not in out
+
+
+def test_version_and_a_typo_gets_the_subcommands_usage_and_a_suggestion(capsys):
+    import gridserve
+
+    code, out, _ = _cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"gridserve {gridserve.__version__}"
+    code, _, err = _cli(capsys, "serve", "--modle", "x")
+    assert code == 2 and err.startswith("usage: gridserve serve")
+    assert "--modle (did you mean --model?)" in err
+    code, _, err = _cli(capsys, "generate", "hi", "--max-new-tokns", "3")
+    assert code == 2 and "did you mean --max-new-tokens?" in err
