@@ -1,5 +1,6 @@
 """`gridserve bench offline` end to end on a tiny random Llama, and its workload-flag checks."""
 
+import argparse
 import json
 
 import pytest
@@ -99,3 +100,16 @@ def test_bad_workload_flags(flags, message, capsys):
     assert main(["bench", "offline", *flags]) == 2
     err = capsys.readouterr().err
     assert "error" in err and message in err
+
+
+def test_short_runs_need_only_the_maximum_lengths():
+    from gridserve.bench.offline import validate_workload_args
+
+    args = argparse.Namespace(num_prompts=8, min_input_len=None, max_input_len=64, min_output_len=None,
+                              max_output_len=32, temperature=0.6, plot=None)
+    validate_workload_args(args)  # the issue's `--num-prompts 8 --max-input-len 64 --max-output-len 32`
+    assert (args.min_input_len, args.min_output_len) == (64, 32)
+    args = argparse.Namespace(num_prompts=8, min_input_len=None, max_input_len=1024, min_output_len=3,
+                              max_output_len=1024, temperature=0.6, plot=None)
+    validate_workload_args(args)
+    assert (args.min_input_len, args.min_output_len) == (100, 3)  # nano-vllm's workload by default

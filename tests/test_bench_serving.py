@@ -21,16 +21,21 @@ LABELS = ("Serving Benchmark Result", "Backend:", "Traffic request rate:", "Max 
           "P99 TPOT (ms):", "Mean ITL (ms):", "Median ITL (ms):", "P99 ITL (ms):")
 
 
+KEY = "bench-key"
+
+
 @pytest.fixture(scope="module")
 def server():
-    s = ServerProcess()
+    s = ServerProcess("--api-key", KEY)  # bench serving must send it (tests below check both ways)
     yield s
     s.stop()
 
 
-def bench(server, tmp_path, *flags: str) -> tuple[int, list[dict]]:
+def bench(server, tmp_path, *flags: str, key: str | None = KEY) -> tuple[int, list[dict]]:
     out = tmp_path / "results.jsonl"
-    rc = main(["bench", "serving", "--base-url", server.url, "--disable-tqdm", "--output-file", str(out), *flags])
+    auth = ["--api-key", key] if key else []
+    rc = main(["bench", "serving", "--base-url", server.url, "--disable-tqdm", "--output-file", str(out), *auth,
+               *flags])
     return rc, [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
 
 
@@ -70,7 +75,7 @@ def test_shared_prefix_chat_at_a_request_rate(server, tmp_path):
     assert r["total_input_tokens"] > 4 * (48 + 8)  # words are >= 1 token each, plus the chat template
 
 
-def test_sweep_of_two_rates_plots(server, tmp_path):
+def test_sweep_of_two_rates_plots(server, tmp_path, capsys):
     plot = tmp_path / "sweep.png"
     try:
         import matplotlib  # noqa: F401
@@ -87,6 +92,19 @@ def test_sweep_of_two_rates_plots(server, tmp_path):
         assert_sane(r, 4, 4)
     if flags:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plot written to {plot}" in capsys.readouterr().out
+
+
+def test_api_key_from_the_flag_or_the_environment_and_a_clear_401(server, tmp_path, capsys, monkeypatch):
+    flags = ("--num-prompts", "1", "--random-input-len", "8", "--random-output-len", "2", "--warmup-requests", "0")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    rc, _ = bench(server, tmp_path, *flags, key=None)
+    err = capsys.readouterr().err
+    assert rc == 1 and "401 Unauthorized" in err and "--api-key" in err, err
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    rc, results = bench(server, tmp_path, *flags, key=None)
+    assert rc == 0 and results[-1]["completed"] == 1
+    assert KEY not in json.dumps(results)  # the key never lands in the results file
 
 
 @pytest.mark.parametrize("flags, message", [

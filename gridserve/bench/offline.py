@@ -34,6 +34,7 @@ from gridserve.server_args import ServerArgs
 # Prompt ids are drawn from [0, min(vocab_size, MAX_TOKEN_ID)): the low ids of every supported tokenizer are
 # ordinary tokens, and the range stays inside tiny test vocabularies.
 MAX_TOKEN_ID = 10000
+DEFAULT_MIN_LEN = 100  # nano-vllm's workload: lengths uniform in [100, 1024]
 # The untimed warm-up request: shares no prefix with the random prompts (beyond chance), so the radix cache
 # gives the timed requests nothing.
 WARMUP_IDS = list(range(16))
@@ -75,11 +76,11 @@ class Result:
 
 def add_offline_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("workload")
-    g.add_argument("--num-prompts", type=int, default=256)
-    g.add_argument("--min-input-len", type=int, default=100)
-    g.add_argument("--max-input-len", type=int, default=1024)
-    g.add_argument("--min-output-len", type=int, default=100)
-    g.add_argument("--max-output-len", type=int, default=1024)
+    g.add_argument("--num-prompts", type=int, default=256, help="(default: 256)")
+    g.add_argument("--min-input-len", type=int, help="(default: 100, or --max-input-len if that is less)")
+    g.add_argument("--max-input-len", type=int, default=1024, help="(default: 1024)")
+    g.add_argument("--min-output-len", type=int, help="(default: 100, or --max-output-len if that is less)")
+    g.add_argument("--max-output-len", type=int, default=1024, help="(default: 1024)")
     g.add_argument("--seed", type=int, default=0, help="seed of the workload (and of transformers' sampling)")
     g.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     g = parser.add_argument_group("report")
@@ -95,7 +96,11 @@ def add_offline_args(parser: argparse.ArgumentParser) -> None:
 
 
 def validate_workload_args(args: argparse.Namespace) -> None:
-    """Raises ValueError naming the first bad workload flag."""
+    """Raises ValueError naming the first bad workload flag. An unset minimum length becomes
+    DEFAULT_MIN_LEN, or the maximum where that is smaller (so a short run needs only the --max-* flags)."""
+    for kind in ("input", "output"):
+        if getattr(args, f"min_{kind}_len") is None:
+            setattr(args, f"min_{kind}_len", min(DEFAULT_MIN_LEN, getattr(args, f"max_{kind}_len")))
     for name in ("num_prompts", "min_input_len", "min_output_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -288,10 +293,11 @@ def plot(report: dict, path: str) -> None:
     ax.bar_label(bars, fmt="%.1f")
     if "floor" in report:
         top = report["floor"]["output_tok_s"]
-        ax.axhline(top, color="tab:red", linestyle="--", label=f"floor {top:.1f}")
+        if top <= 20 * max(values):
+            ax.axhline(top, color="tab:red", linestyle="--", label=f"floor {top:.1f}")
+        else:  # a line far above the bars would squash them: name the floor instead
+            ax.plot([], [], color="tab:red", linestyle="--", label=f"floor {top:.1f} (off the chart)")
         ax.legend(loc="upper right")
-        if top > 20 * max(values):  # keep the bars readable when they are far below the floor
-            ax.set_yscale("log")
     ax.set_ylabel("output tokens / s")
     ax.set_title(f"offline, {report['workload']['num_prompts']} prompts, {report['device']}")
     fig.tight_layout()
@@ -368,4 +374,5 @@ def run(args: argparse.Namespace) -> int:
             json.dump(report, f, indent=2)
     if args.plot:
         plot(report, args.plot)
+        print(f"plot written to {args.plot}")
     return 0

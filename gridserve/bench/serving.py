@@ -46,6 +46,8 @@ def add_serving_args(p: argparse.ArgumentParser) -> None:
                    help="all speak the OpenAI API; 'openai' sends only standard fields (no ignore_eos)")
     p.add_argument("--endpoint", choices=tuple(ENDPOINTS), default="completions")
     p.add_argument("--model", help="model name sent in requests (default: the first id of GET /v1/models)")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)")
     p.add_argument("--tokenizer", help="tokenizer folder or .gguf, for text prompts and counting tokens when the "
                                        "server reports no usage (default: the server's usage counts)")
     add_dataset_args(p)
@@ -360,11 +362,16 @@ def plot_sweep(results: list[dict], path: str) -> None:
 
 
 async def _main(args: argparse.Namespace, count_tokens, requests: list[BenchRequest]) -> int:
-    headers = {"Authorization": f"Bearer {os.environ['OPENAI_API_KEY']}"} if os.environ.get("OPENAI_API_KEY") else {}
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)  # httpx's default caps at 100
     async with httpx.AsyncClient(timeout=httpx.Timeout(6 * 3600, connect=10), limits=limits, headers=headers) as client:
         try:
             r = await client.get(f"{args.base_url}/v1/models", timeout=10)
+            if r.status_code == 401:
+                print(f"gridserve bench serving: error: {args.base_url} answered 401 Unauthorized: it wants an API key"
+                      f"{' other than the one given' if args.api_key else ''} (--api-key, or $OPENAI_API_KEY)",
+                      file=sys.stderr)
+                return 1
             model = args.model or r.json()["data"][0]["id"]
         except httpx.HTTPError as e:
             print(f"gridserve bench serving: error: cannot reach {args.base_url}: {str(e) or repr(e)}", file=sys.stderr)
@@ -396,13 +403,14 @@ async def _main(args: argparse.Namespace, count_tokens, requests: list[BenchRequ
             result = {"backend": args.backend, "model": model, "dataset_name": args.dataset_name,
                       "request_rate": _jsonable(rate), "max_concurrency": args.max_concurrency, **m,
                       "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                      "args": {k: _jsonable(v) for k, v in vars(args).items() if k != "func"}}
+                      "args": {k: _jsonable(v) for k, v in vars(args).items() if k not in ("func", "api_key")}}
             results.append(result)
             if args.output_file:
                 with open(args.output_file, "a") as f:
                     f.write(json.dumps(result) + "\n")
     if args.plot:
         plot_sweep(results, args.plot)
+        print(f"plot written to {args.plot}")
     return status
 
 
