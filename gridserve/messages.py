@@ -65,6 +65,8 @@ class SchedulerStats:
     num_evicted_tokens: int = 0
     prompt_tokens_total: int = 0
     cached_prompt_tokens_total: int = 0
+    gen_throughput: float = 0.0  # decode tokens/s over the last log interval (SGLang's gen_throughput)
+    queue_times: list[float] = field(default_factory=list)  # seconds waited by requests admitted since the last send
 
     @property
     def token_usage(self) -> float:

@@ -123,6 +123,20 @@ def test_disconnected_client_frees_kv_and_counts_as_aborted(server):
     assert metrics["gridserve:num_aborted_requests_total"] == aborted_before + 1
 
 
+def test_metrics_users_chart(server, client):
+    before = _metrics(server)
+    for prompt in ("One", "Two", "Three"):
+        client.completions.create(model="default", prompt=prompt, max_tokens=4, temperature=0)
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert "_created" not in text  # no start-time series beside every counter and histogram
+    after = _metrics(server)
+    assert after["gridserve:queue_time_seconds_count"] - before.get("gridserve:queue_time_seconds_count", 0) == 3
+    assert 0 <= after["gridserve:queue_time_seconds_sum"] < 60
+    assert after["gridserve:max_total_num_tokens"] == 4096  # ServerProcess's --max-total-tokens
+    assert after["gridserve:num_used_tokens"] == 0  # idle: the cache holds tokens, no request does
+    assert "gridserve:gen_throughput" in after
+
+
 def _metrics(server: ServerProcess) -> dict[str, float]:
     """Every unlabelled-by-replica sample of /metrics by name (dp 1: one series each)."""
     out = {}

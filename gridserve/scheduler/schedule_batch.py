@@ -1,5 +1,7 @@
 """Request state on the scheduler side, and the batch that turns a list of requests into a ForwardBatch."""
 
+import time
+
 import torch
 
 from gridserve.model_executor.forward_batch import ForwardBatch, ForwardMode, start_offsets
@@ -27,6 +29,7 @@ class Req:
         self.extend_len = 0  # tokens computed in the current extend step
         self.cached_tokens = 0  # prefix-cache hit at first admission, reported to the user
         self.admitted = False
+        self.arrival_time = time.perf_counter()  # for the queue time, measured up to its first admission
         self.finished_reason: dict | None = None
         self.sent_len = 0  # output tokens already sent out
         self.detok_started = False  # the detokenizer has this request's DetokInit

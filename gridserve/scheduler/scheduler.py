@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 INIT_NEW_TOKEN_RATIO, MIN_NEW_TOKEN_RATIO, NEW_TOKEN_RATIO_DECAY = 0.7, 0.1, 0.001
 DECODE_LOG_INTERVAL = 40  # decode steps between two throughput log lines (SGLang's default)
+DECODE_IDLE_GAP_S = 1.0  # a pause between decode steps longer than this is idle time, not decoding
 LOAD_REPORT_INTERVAL_S = 0.05  # a busy replica's token count drifts with every step: report it this often
 
 # recv(block) returns the messages that arrived (waiting a little when block is True); send(msg) emits
@@ -82,7 +83,11 @@ class Scheduler:
                 1, self.runner.max_running_requests // self.runner.pp.size)
         self.decode_steps = 0
         self.progress = None  # a shared counter the launcher's watchdog reads (--watchdog-timeout), when set
-        self.decode_log_start = (time.perf_counter(), 0)  # (time, tokens decoded) at the last decode log line
+        # (time, tokens decoded) since the decode log window began; the window restarts after an idle gap
+        self.decode_log_start = (time.perf_counter(), 0)
+        self.last_decode_time = 0.0
+        self.gen_throughput = 0.0
+        self.queue_times: list[float] = []  # of requests admitted since the last output was sent
 
     @property
     def scheduler_info(self) -> dict:
@@ -194,6 +199,7 @@ class Scheduler:
             max_total_num_tokens=total, used_tokens=total - kv.allocator.available_size() - cached,
             cached_tokens=cached, num_retracted=self.num_retracted, num_evicted_tokens=kv.num_evicted_tokens,
             prompt_tokens_total=self.prompt_tokens_total, cached_prompt_tokens_total=self.cached_prompt_tokens_total,
+            gen_throughput=self.gen_throughput,
             tokens_in_flight=sum(r.num_tokens for r in self.in_flight()) if with_tokens else 0)
 
     def in_flight(self) -> list[Req]:
@@ -215,6 +221,7 @@ class Scheduler:
 
     def get_internal_state(self) -> dict:
         s = self.stats(with_tokens=True)
+        del s.queue_times  # the histogram's samples, not a state
         state = {**vars(s), "token_usage": s.token_usage, "cache_hit_rate": s.cache_hit_rate,
                  "new_token_ratio": self.new_token_ratio, "available_tokens": self.kv.allocator.available_size(),
                  "free_req_slots": self.kv.req_pool.available_size()}
@@ -275,6 +282,7 @@ class Scheduler:
             self.waiting.remove(req)
             if not req.admitted:
                 req.admitted, req.cached_tokens = True, req.kv_len
+                self.queue_times.append(time.perf_counter() - req.arrival_time)
                 self.prompt_tokens_total += len(req.origin_input_ids)
                 self.cached_prompt_tokens_total += req.kv_len
         self.chunked_req = adder.new_chunked
@@ -290,16 +298,22 @@ class Scheduler:
                     s.token_usage, len(self.running), len(self.waiting))
 
     def _log_decode(self, batch_size: int) -> None:
+        """Every DECODE_LOG_INTERVAL steps, logs (and sets the gen_throughput gauge to) the tokens decoded per
+        second since the last line. Time spent idle is not decoding: a step after a gap starts a new window."""
+        now = time.perf_counter()
         self.decode_steps += 1
         t0, n0 = self.decode_log_start
+        if now - self.last_decode_time > DECODE_IDLE_GAP_S:
+            t0, n0 = now, -batch_size  # this step's tokens were computed before `now`: they open the window
+        self.last_decode_time = now
         tokens = n0 + batch_size
         if self.decode_steps % DECODE_LOG_INTERVAL:
             self.decode_log_start = (t0, tokens)
             return
-        now = time.perf_counter()
+        self.gen_throughput = tokens / max(now - t0, 1e-9)
         idle = "" if self.pp_loop is None else f", stage idle {self.pp_loop.idle_fraction():.1%}"
         logger.info("decode batch: %d running, token usage %.2f, gen throughput %.1f tok/s%s", batch_size,
-                    self.stats().token_usage, tokens / max(now - t0, 1e-9), idle)
+                    self.stats().token_usage, self.gen_throughput, idle)
         self.decode_log_start = (now, 0)
 
     def retract_until_decode_fits(self) -> None:
@@ -427,4 +441,5 @@ class Scheduler:
             r.finish_sent = r.finished
         if o.rids:
             out.stats = self.stats()
+            out.stats.queue_times, self.queue_times = self.queue_times, []
             self.send(out)
