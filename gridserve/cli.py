@@ -62,7 +62,8 @@ def _add_generate(sub) -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=-1, help="sample from the k likeliest tokens; -1 = all (default)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (default: the server's --random-seed)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    ServerArgs.add_cli_args(p, skip_groups=("server",))
+    # quiet by default: the schedulers' log lines would interleave with the streamed answer
+    ServerArgs.add_cli_args(p, skip_groups=("server",), defaults={"log_level": "warning"})
     p.set_defaults(func=_generate)
     return p
 

@@ -181,17 +181,20 @@ class ServerArgs:
         return os.path.basename(os.path.normpath(self.model_path)).removesuffix(".gguf")
 
     @classmethod
-    def add_cli_args(cls, parser: argparse.ArgumentParser, skip_groups: tuple[str, ...] = ()) -> None:
+    def add_cli_args(cls, parser: argparse.ArgumentParser, skip_groups: tuple[str, ...] = (),
+                     defaults: dict | None = None) -> None:
         """Every field as a flag, in GROUPS' sections, with its default in the help (except skip_groups').
-        Skipped fields keep their defaults in the parsed namespace, so from_cli_args still finds them."""
+        Skipped fields keep their defaults in the parsed namespace, so from_cli_args still finds them.
+        `defaults` overrides fields' defaults for this command."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        default = {**{n: f.default for n, f in fields.items()}, **(defaults or {})}
         for title, names in GROUPS.items():
             if title in skip_groups:
-                parser.set_defaults(**{n: fields[n].default for n in names})
+                parser.set_defaults(**{n: default[n] for n in names})
                 continue
             group = parser.add_argument_group(f"{title} options")
             for name in names:
-                _add_flag(group, fields[name])
+                _add_flag(group, fields[name], default[name])
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
@@ -202,14 +205,14 @@ def _shown(value) -> str:
     return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
 
-def _add_flag(group, f: dataclasses.Field) -> None:
+def _add_flag(group, f: dataclasses.Field, default) -> None:
     flags = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
     help = f.metadata.get("help", "")
     kind = _scalar_type(f.type)
-    if f.default is not None and "default" not in help:
-        help += f" (default: {_shown(f.default)})"
+    if default is not None and "default" not in help:
+        help += f" (default: {_shown(default)})"
     if kind is bool:
-        group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help)
+        group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help)
     else:
-        group.add_argument(*flags, dest=f.name, type=kind, default=f.default, choices=_CHOICES.get(f.name),
+        group.add_argument(*flags, dest=f.name, type=kind, default=default, choices=_CHOICES.get(f.name),
                            help=help)

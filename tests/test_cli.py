@@ -16,6 +16,16 @@ def test_generate_prints_the_greedy_completion():
             "--max-total-tokens", "1024", "--no-show-progress")
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().startswith("Paris")
+    assert " INFO " not in p.stderr  # quiet by default: no scheduler lines between the user and the answer
+
+
+def test_the_cpu_kv_cache_default_is_sized_from_the_model_and_free_memory():
+    from gridserve.model_executor.memory import CPU_KV_BYTES, cpu_kv_capacity
+
+    per_token = 46080  # SmolLM2-135M: 30 layers x K and V x 3 KV heads x 64 x 4 bytes
+    tokens, why = cpu_kv_capacity(per_token)
+    assert 256 <= tokens and tokens * per_token <= CPU_KV_BYTES  # was 65,536 tokens: 3 GB and ~9 s to zero
+    assert "--max-total-tokens" in why and "GiB free" in why
 
 
 def test_generate_bad_values_fail_with_a_message():

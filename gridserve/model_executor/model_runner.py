@@ -99,7 +99,9 @@ class ModelRunner:
         if self.args.max_total_tokens:
             return self.args.max_total_tokens
         if self.device.type != "cuda":
-            return cpu_kv_capacity(per_token)
+            tokens, why = cpu_kv_capacity(per_token)
+            logger.info("KV cache of %d tokens: %s", tokens, why)
+            return tokens
         prefill_tokens = self.args.prefill_token_budget
         peak = measure_activation_peak(self, prefill_tokens)
         graph_bs = 0 if self.args.disable_cuda_graph else min(self.args.cuda_graph_max_bs,
