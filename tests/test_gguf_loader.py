@@ -2,6 +2,8 @@
 against gguf's own, tokenizer cache."""
 
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -376,7 +378,7 @@ def test_tokenizer_matches_transformers_and_caches(smollm2_path, tmp_path, monke
 
     assert len(calls) == 1  # the second call came from the cache
     cache_key = os.path.basename(paths.tokenizer_cache_dir(smollm2_path))
-    assert os.listdir(tmp_path / "gridserve" / "tokenizers") == [cache_key]
+    assert [n for n in os.listdir(tmp_path / "gridserve" / "tokenizers") if not n.endswith(".lock")] == [cache_key]
     assert t_cached < 3.0, t_cached  # a conversion takes ~5 s; a cache hit ~0.2 s
     chat_ref = ref.apply_chat_template(_MESSAGES, tokenize=False, add_generation_prompt=True)
     for tok in (cold, cached):
@@ -389,6 +391,19 @@ def test_tokenizer_matches_transformers_and_caches(smollm2_path, tmp_path, monke
         assert chat == chat_ref
         assert tok.encode(chat) == ref.encode(chat_ref)
         assert tok.decode(tok.encode(_PROBES[2])) == _PROBES[2]
+
+
+def test_processes_starting_together_convert_the_tokenizer_once(smollm2_path, tmp_path):
+    """A deployment's processes all load the tokenizer at start: one converts, the others wait for its cache."""
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout); "
+            "from gridserve.model_loader.gguf_loader import load_gguf_tokenizer; "
+            f"print('eos', load_gguf_tokenizer({smollm2_path!r}).eos_token_id)")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 and "eos 2" in out for p, out in zip(procs, outs, strict=True)), outs
+    assert sum(out.count("converted GGUF tokenizer") for out in outs) == 1, outs
 
 
 @pytest.fixture()

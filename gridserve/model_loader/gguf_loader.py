@@ -8,6 +8,8 @@ at roughly one dequantized tensor on top of the memory-mapped file.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -250,16 +252,37 @@ def load_gguf_tokenizer(path: str) -> Any:
 
     path = os.path.abspath(path)
     cache_dir = tokenizer_cache_dir(path)
-    if os.path.isdir(cache_dir):
-        try:
-            tok = AutoTokenizer.from_pretrained(cache_dir)
-            if tok.eos_token_id is not None:
-                return tok
-            logger.warning("cached tokenizer %s has no eos token; rebuilding", cache_dir)
-        except Exception as e:  # a corrupt cache must never block serving
-            logger.warning("cached tokenizer %s unreadable (%s); rebuilding", cache_dir, e)
-        shutil.rmtree(cache_dir, ignore_errors=True)
+    # The processes of a deployment start at once; the first converts, the others wait and read its cache.
+    with _exclusive(f"{cache_dir}.lock"):
+        if os.path.isdir(cache_dir):
+            try:
+                tok = AutoTokenizer.from_pretrained(cache_dir)
+                if tok.eos_token_id is not None:
+                    return tok
+                logger.warning("cached tokenizer %s has no eos token; rebuilding", cache_dir)
+            except Exception as e:  # a corrupt cache must never block serving
+                logger.warning("cached tokenizer %s unreadable (%s); rebuilding", cache_dir, e)
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        return _convert_and_cache(path, cache_dir)
 
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str) -> Iterator[None]:
+    """Holds an exclusive lock on lock_path (best-effort: where it cannot be created, no lock)."""
+    try:
+        os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _convert_and_cache(path: str, cache_dir: str) -> Any:
     t0 = time.perf_counter()
     tok = _convert_gguf_tokenizer(path)
     logger.info("converted GGUF tokenizer in %.1fs", time.perf_counter() - t0)
