@@ -34,6 +34,7 @@ GROUPS = {
                     "load_balance_method", "base_gpu_id", "gpu_id_step"],
     "several nodes": ["nnodes", "node_rank", "dist_init_addr", "dist_timeout", "dist_ifname"],
     "server": ["host", "port", "api_key", "max_request_bytes", "grpc_mode"],
+    "CPU": ["cpu_threads"],
     "logging": ["log_level", "show_progress"],
 }
 
@@ -106,6 +107,8 @@ class ServerArgs:
                                                     "are read")
     served_model_name: str | None = _opt(None, "model name in the API (default: the model path's name)")
     grpc_mode: bool = _opt(False, "serve gRPC instead of HTTP")
+    cpu_threads: int | None = _opt(None, "torch threads of each scheduler process on CPU (default: $OMP_NUM_THREADS "
+                                         "if set, else this machine's cores divided among this node's ranks)")
     log_level: str = _opt("info", "logging level")
     show_progress: bool = _opt(True, "progress bars while loading")
 
@@ -116,7 +119,7 @@ class ServerArgs:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(self, name)!r}")
-        positive = ["max_request_bytes", "context_length", "max_total_tokens", "max_running_requests",
+        positive = ["cpu_threads", "max_request_bytes", "context_length", "max_total_tokens", "max_running_requests",
                     "max_prefill_tokens", "cuda_graph_max_bs", "piecewise_cuda_graph_max_tokens",
                     "pp_max_micro_batch_size"]
         for name in positive:
@@ -161,6 +164,16 @@ class ServerArgs:
         if self.chunked_prefill_size > 0:
             return min(self.max_prefill_tokens, self.chunked_prefill_size)
         return self.max_prefill_tokens
+
+    def threads_per_rank(self, ranks_per_node: int) -> int:
+        """Torch threads of one CPU rank: --cpu-threads, else $OMP_NUM_THREADS (the user's cap on a shared
+        machine), else the cores shared between this node's ranks instead of oversubscribing them."""
+        if self.cpu_threads:
+            return self.cpu_threads
+        omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if omp.isdigit() and int(omp) > 0:
+            return int(omp)
+        return max(1, (os.cpu_count() or 1) // ranks_per_node)
 
     @property
     def effective_dist_timeout(self) -> float | None:

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 GRIDSERVE = os.path.join(os.path.dirname(sys.executable), "gridserve")
 
 
@@ -118,3 +120,17 @@ def test_version_and_a_typo_gets_the_subcommands_usage_and_a_suggestion(capsys):
     assert "--modle (did you mean --model?)" in err
     code, _, err = _cli(capsys, "generate", "hi", "--max-new-tokns", "3")
     assert code == 2 and "did you mean --max-new-tokens?" in err
+
+
+def test_cpu_threads_flag_then_omp_num_threads_then_the_cores(monkeypatch):
+    import os
+
+    from gridserve.server_args import ServerArgs
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert ServerArgs(cpu_threads=2).threads_per_rank(4) == 2  # the flag wins
+    assert ServerArgs().threads_per_rank(4) == 3  # then the user's OMP_NUM_THREADS, whatever the rank count
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert ServerArgs().threads_per_rank(2) == max(1, (os.cpu_count() or 1) // 2)
+    with pytest.raises(ValueError, match="--cpu-threads must be > 0"):
+        ServerArgs(cpu_threads=0)

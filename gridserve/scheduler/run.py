@@ -30,8 +30,10 @@ def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo,
         path = resolve_model_path(args.model_path)
         cfg = load_model_config(path)  # the launcher has checked that it splits into this tp x pp grid
         device = resolve_device(args.device, rank.gpu_id)
-        if device.type == "cpu":  # share the cores between this node's ranks instead of oversubscribing them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // rank.layout.ranks_per_node))
+        if device.type == "cpu":
+            torch.set_num_threads(args.threads_per_rank(rank.layout.ranks_per_node))
+            logger.info("%d torch threads (--cpu-threads, else $OMP_NUM_THREADS, else cores / ranks on this node)",
+                        torch.get_num_threads())
         _choose_interface(args.dist_ifname, port_args.node_addr)
         init_model_parallel(rank, port_args.dist_store, device, args.effective_dist_timeout, args.pp_partition)
         recv, send, report = _scheduler_io(port_args, rank, parent)
