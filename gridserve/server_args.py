@@ -7,10 +7,12 @@ import os
 import typing
 from dataclasses import dataclass, field
 
+from gridserve.attention.registry import ATTENTION_BACKENDS
+
 _CHOICES = {
     "dtype": ["auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32"],
     "device": ["auto", "cpu", "cuda"],
-    "attention_backend": ["auto", "torch", "triton"],
+    "attention_backend": ["auto", *ATTENTION_BACKENDS],
     "load_format": ["auto", "dummy"],
     "schedule_policy": ["fcfs", "lpm"],
     "log_level": ["debug", "info", "warning", "error", "critical"],

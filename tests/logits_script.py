@@ -3,7 +3,7 @@ run the same way at any tensor- or pipeline-parallel size, returning the logits 
 
 import torch
 
-from gridserve.model_executor.forward_batch import ForwardBatch, ForwardMode
+from gridserve.forward_batch import ForwardBatch, ForwardMode
 from gridserve.model_executor.model_runner import ModelRunner
 from gridserve.model_loader.loader import load_model_config
 from gridserve.server_args import ServerArgs

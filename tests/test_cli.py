@@ -134,3 +134,18 @@ def test_cpu_threads_flag_then_omp_num_threads_then_the_cores(monkeypatch):
     assert ServerArgs().threads_per_rank(2) == max(1, (os.cpu_count() or 1) // 2)
     with pytest.raises(ValueError, match="--cpu-threads must be > 0"):
         ServerArgs(cpu_threads=0)
+
+
+def test_attention_backends_come_from_one_registry():
+    import torch
+
+    from gridserve.attention.registry import ATTENTION_BACKENDS, make_attention_backend
+    from gridserve.attention.torch_backend import TorchAttentionBackend
+    from gridserve.server_args import ServerArgs
+
+    assert set(ATTENTION_BACKENDS) == {"torch", "triton"}
+    assert isinstance(make_attention_backend("auto", torch.device("cpu")), TorchAttentionBackend)
+    with pytest.raises(ValueError, match="--attention-backend must be one of auto, torch, triton; got 'flash'"):
+        make_attention_backend("flash", torch.device("cpu"))  # never silently the torch backend
+    with pytest.raises(ValueError, match="--attention-backend must be one of"):
+        ServerArgs(attention_backend="flash")

@@ -4,7 +4,7 @@ one full prefill, a prefill split into cached prefix + extend, and token-by-toke
 import pytest
 import torch
 
-from gridserve.model_executor.forward_batch import ForwardMode
+from gridserve.forward_batch import ForwardMode
 from gridserve.model_executor.model_runner import ModelRunner
 from gridserve.model_loader.loader import load_model_config
 from gridserve.server_args import ServerArgs

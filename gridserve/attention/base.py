@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from gridserve.model_executor.forward_batch import ForwardBatch
+from gridserve.forward_batch import ForwardBatch
 
 
 class AttentionBackend(ABC):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gridserve.attention.base import AttentionBackend
-from gridserve.model_executor.forward_batch import ForwardBatch
+from gridserve.forward_batch import ForwardBatch
 
 
 class TorchAttentionBackend(AttentionBackend):

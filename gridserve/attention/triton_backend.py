@@ -4,7 +4,7 @@ cached prefix, causal over the new tokens) and the fused KV store."""
 import torch
 
 from gridserve.attention.base import AttentionBackend
-from gridserve.model_executor.forward_batch import ForwardBatch
+from gridserve.forward_batch import ForwardBatch
 
 
 class TritonAttentionBackend(AttentionBackend):

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from gridserve.model_executor.forward_batch import ForwardBatch
+from gridserve.forward_batch import ForwardBatch
 
 
 class Attention(nn.Module):

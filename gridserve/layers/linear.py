@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gridserve.distributed.parallel_state import get_tp_group
-from gridserve.model_loader.weight_utils import materialize
+from gridserve.layers.weight_utils import materialize
 
 
 def _divide(n: int, d: int, what: str) -> int:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from gridserve.distributed.pipeline import IntermediateTensors
+from gridserve.forward_batch import ForwardBatch, ForwardMode
 from gridserve.mem_cache.memory_pool import KVCache
-from gridserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 GiB = 1 << 30
 # On CPU the KV cache takes at most CPU_KV_BYTES and a quarter of the memory free at start: CPU serving runs few

@@ -6,13 +6,12 @@ import time
 
 import torch
 
-from gridserve.attention.base import AttentionBackend
-from gridserve.attention.torch_backend import TorchAttentionBackend
+from gridserve.attention.registry import make_attention_backend
 from gridserve.distributed.parallel_state import get_pp_group, get_tp_group, get_world_group
 from gridserve.distributed.pipeline import BusyClock, IntermediateTensors
+from gridserve.forward_batch import ForwardBatch
 from gridserve.mem_cache.memory_pool import KVCache, ReqToTokenPool, TokenToKVPoolAllocator
 from gridserve.model_executor.cuda_graph_runner import CudaGraphRunner
-from gridserve.model_executor.forward_batch import ForwardBatch
 from gridserve.model_executor.memory import MemoryPlan, cpu_kv_capacity, measure_activation_peak
 from gridserve.model_executor.piecewise_graph_runner import PiecewiseGraphRunner
 from gridserve.model_loader.loader import load_model, resolve_dtype
@@ -27,16 +26,6 @@ def resolve_device(device: str, gpu_id: int = 0) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device, gpu_id) if device == "cuda" else torch.device(device)
-
-
-def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
-    if name == "triton":
-        from gridserve.attention.triton_backend import TritonAttentionBackend
-
-        return TritonAttentionBackend()
-    return TorchAttentionBackend()
 
 
 class ModelRunner:

@@ -22,7 +22,7 @@ import time
 import torch
 
 from gridserve.distributed.pipeline import IntermediateTensors, first_rows
-from gridserve.model_executor.forward_batch import ForwardBatch, ForwardMode
+from gridserve.forward_batch import ForwardBatch, ForwardMode
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from gridserve.layers.weight_utils import LazyTensor
 from gridserve.model_loader.dummy import dummy_weights
 from gridserve.model_loader.paths import is_gguf, resolve_model_path  # noqa: F401 (re-exported)
-from gridserve.model_loader.weight_utils import LazyTensor
 from gridserve.models.config import ModelConfig, parse_dtype
 from gridserve.models.registry import get_model_class
 

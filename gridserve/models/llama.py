@@ -8,14 +8,14 @@ from torch import nn
 
 from gridserve.distributed.parallel_state import get_pp_group, get_tp_group, pp_layer_range
 from gridserve.distributed.pipeline import IntermediateTensors, PPMissingLayer
+from gridserve.forward_batch import ForwardBatch
 from gridserve.layers.activation import SiluAndMul
 from gridserve.layers.attention import Attention
 from gridserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from gridserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from gridserve.layers.norm import RMSNorm
 from gridserve.layers.rotary import RotaryEmbedding
-from gridserve.model_executor.forward_batch import ForwardBatch
-from gridserve.model_loader.weight_utils import materialize
+from gridserve.layers.weight_utils import materialize
 from gridserve.models.config import ModelConfig
 
 

@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from gridserve.model_executor.forward_batch import ForwardBatch, ForwardMode, start_offsets
+from gridserve.forward_batch import ForwardBatch, ForwardMode, start_offsets
 from gridserve.sampling.sampler import SamplingBatchInfo
 from gridserve.sampling.sampling_params import SamplingParams
 from gridserve.tensor_utils import to_device

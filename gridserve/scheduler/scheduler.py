@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 
+from gridserve.forward_batch import ForwardBatch, ForwardMode
 from gridserve.messages import (
     CONTEXT_TOKENS,
     AbortReq,
@@ -20,7 +21,6 @@ from gridserve.messages import (
     SchedulerStats,
     TokenizedGenerateReq,
 )
-from gridserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 from gridserve.model_executor.model_runner import ModelRunner
 from gridserve.models.config import ModelConfig
 from gridserve.sampling.sampler import SampleOutput

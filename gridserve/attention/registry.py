@@ -1,0 +1,28 @@
+"""The attention backends by name: `--attention-backend` takes its choices from here. Torch-free (the CLI reads
+it); a backend's module is imported only when it is made."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from gridserve.attention.base import AttentionBackend
+
+# name -> "module:class"; "auto" picks triton on CUDA and torch elsewhere
+ATTENTION_BACKENDS = {
+    "torch": "gridserve.attention.torch_backend:TorchAttentionBackend",
+    "triton": "gridserve.attention.triton_backend:TritonAttentionBackend",
+}
+
+
+def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """The backend `name` (or auto's pick for `device`); an unknown name is a ValueError, never a fallback."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"--attention-backend must be one of auto, {', '.join(ATTENTION_BACKENDS)}; got {name!r}")
+    module, cls = ATTENTION_BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
