@@ -22,7 +22,7 @@ from gridserve.launch_plan import LaunchPlan
 from gridserve.managers.node_link import HEARTBEAT_S, NodeAgent, NodeHub
 from gridserve.managers.tokenizer_manager import TokenizerManager
 from gridserve.model_loader.paths import resolve_model_path
-from gridserve.process_utils import describe_exit, spawn_without_main, terminate_processes
+from gridserve.process_utils import describe_exit, process_state, spawn_without_main, terminate_processes
 from gridserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -242,19 +242,28 @@ class Deployment:
     def _watchdog(self) -> None:
         """Ends this node's deployment when a child dies, another node is lost, or node 0 says stop."""
         sentinels = {proc.sentinel: (name, proc) for name, proc in self.procs}
-        stall = _StallClock(self.progress, self.args.watchdog_timeout)
+        stall = _StallClock(self.progress, self.args.watchdog_timeout,
+                            {name: proc.pid for name, proc in self.procs if name in self.progress})
         while not self.stopping.is_set():
             ready = wait(list(sentinels), timeout=0.5)
             if self.stopping.is_set():
                 return
             hung = stall.hung()
+            if hung and not stall.stopped and self._stopped_by_node0(3.0):
+                hung = None  # this node's ranks waited on another node's hung rank: node 0's stop names it
             if hung:
-                reason = hung
+                # A stopped rank of this node is the cause itself; otherwise its ranks may wait on another node's
+                # hung rank, which that node reports: give its report a moment to come first (node 0).
+                reason = hung if stall.stopped else self._explain(hung)
                 if self.agent is not None:
                     self.agent.failed(reason)
             elif ready and not self._stopped_by_node0():
-                name, proc = sentinels[ready[0]]
-                proc.join(1)
+                dead = [sentinels[s] for s in ready]
+                for _, proc in dead:
+                    proc.join(1)
+                # A rank's peers fail in their next collective with it: when the watchdog wakes to several deaths,
+                # the one killed by a signal is the cause, the ones that exited with code 1 followed it.
+                name, proc = min(dead, key=lambda d: d[1].exitcode is None or d[1].exitcode >= 0)
                 reason = self._explain(f"{name} (pid {proc.pid}) {describe_exit(proc.exitcode)}")
                 if self.agent is not None:
                     self.agent.failed(reason)
@@ -319,10 +328,11 @@ class _StallClock:
     """When each rank's progress counter last moved; a rank whose counter stands still longer than the timeout is
     hung (stuck in a kernel or a collective, or stopped with SIGSTOP)."""
 
-    def __init__(self, counters: dict, timeout_s: float):
-        self.counters, self.timeout_s = counters, timeout_s
+    def __init__(self, counters: dict, timeout_s: float, pids: dict[str, int] | None = None):
+        self.counters, self.timeout_s, self.pids = counters, timeout_s, pids or {}
         now = time.monotonic()
         self.seen = {name: (c.value, now) for name, c in counters.items()}
+        self.stopped: list[str] = []  # of the ranks hung() last named, those the kernel shows stopped
 
     def hung(self) -> str | None:
         now, stalled = time.monotonic(), []
@@ -334,8 +344,15 @@ class _StallClock:
                 stalled.append(name)
         if not stalled:
             return None
-        return (f"{', '.join(stalled)} made no progress for over {self.timeout_s:g} s (--watchdog-timeout): hung, "
-                "or stopped")
+        what = f"made no progress for over {self.timeout_s:g} s (--watchdog-timeout)"
+        # The peers of a stopped rank stall in their next collective with it, and are named too: the process state
+        # tells which rank is the cause, so that the message names it first.
+        self.stopped = stopped = [n for n in stalled if process_state(self.pids.get(n, 0)) in ("T", "t")]
+        if not stopped:
+            return f"{', '.join(stalled)} {what}: hung, or stopped"
+        waiting = [n for n in stalled if n not in stopped]
+        also = f"; also stalled, likely waiting on {'it' if len(stopped) == 1 else 'them'}: {', '.join(waiting)}"
+        return f"{', '.join(stopped)} {what}: stopped (SIGSTOP, or a debugger){also if waiting else ''}"
 
 
 def node_address(args: ServerArgs) -> str:

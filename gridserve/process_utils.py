@@ -45,6 +45,8 @@ def terminate_processes(procs: list, timeout: float = 5.0) -> None:
     for p in procs:
         if p.is_alive():
             p.terminate()
+            with contextlib.suppress(OSError):  # a stopped process (SIGSTOP) acts on the SIGTERM only once resumed
+                os.kill(p.pid, signal.SIGCONT)
     deadline = time.monotonic() + timeout
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
@@ -52,6 +54,15 @@ def terminate_processes(procs: list, timeout: float = 5.0) -> None:
         if p.is_alive():
             p.kill()
             p.join(1.0)
+
+
+def process_state(pid: int) -> str:
+    """The kernel's one-letter state of a process (R, S, D, T stopped, t traced, Z...); "" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def in_main_thread() -> bool:

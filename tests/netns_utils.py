@@ -60,19 +60,21 @@ def link_down(ns: str) -> None:
             _ip("-n", ns, "link", "set", name, "down")
 
 
+def enter_namespace(ns: str) -> None:
+    """Moves the calling thread (only it) into network namespace `ns`."""
+    fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {ns}")
+    finally:
+        os.close(fd)
+
+
 class NamespaceClient:
     """HTTP from inside a namespace: one worker thread that has entered it (setns changes only that thread)."""
 
     def __init__(self, ns: str):
-        def enter() -> None:
-            fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
-            try:
-                if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns into {ns}")
-            finally:
-                os.close(fd)
-
-        self._pool = ThreadPoolExecutor(1, initializer=enter)
+        self._pool = ThreadPoolExecutor(1, initializer=enter_namespace, initargs=(ns,))
         self._lock = threading.Lock()
 
     def request(self, method: str, url: str, **kwargs) -> httpx.Response:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -130,6 +131,15 @@ def health(url: str) -> int:
         return 0
 
 
+def health_body(url: str) -> tuple[int, str]:
+    """/health's status and body; (0, "") when nothing answers."""
+    try:
+        r = httpx.get(f"{url}/health", timeout=2)
+    except httpx.HTTPError:
+        return 0, ""
+    return r.status_code, r.text
+
+
 def assert_killing_ends_deployment(server: "ServerProcess", role: str, within: float = 10.0) -> None:
     """SIGKILLs the child process titled `gridserve::{role}` and checks the whole deployment is gone within
     `within` seconds: the server exits non-zero naming that role, and no process of its tree is left."""
@@ -170,7 +180,10 @@ class InFlight:
     says how it ended: "done" (finished normally), "error: <message>" (an error event, or a non-200 status), or
     "connection: <exception>" (the connection dropped)."""
 
-    def __init__(self, url: str, prompt: list[int], max_tokens: int, **extra):
+    def __init__(self, url: str, prompt: list[int], max_tokens: int, setup: Callable[[], None] | None = None,
+                 **extra):
+        """setup: run first in the request's thread (to enter a network namespace, say)."""
+        self.setup = setup
         self.events: list[str] = []
         self.status: int | None = None
         self.exc: str | None = None
@@ -182,6 +195,8 @@ class InFlight:
 
     def _run(self, url: str, body: dict) -> None:
         try:
+            if self.setup is not None:
+                self.setup()
             # the read timeout only guards against a hang of the test itself: each fault's bound is checked apart
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
                 self.status = r.status_code
@@ -189,7 +204,7 @@ class InFlight:
                     if line:
                         self.events.append(line)
                         self.streaming.set()
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, OSError) as e:
             self.exc = repr(e)
         finally:
             self.streaming.set()

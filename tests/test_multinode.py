@@ -3,6 +3,7 @@ across two nodes give the tokens of one node through node 0's HTTP API; nothing 
 address; node 1 serves only /health, which fails once node 0 is gone; a lost node (killed, or its link down) and a
 node that never comes end the deployment with the node named, leaving no process behind."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,14 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.netns_utils import ADDRS, NamespaceClient, can_make_namespaces, link_down, namespace_pair
-from tests.server_utils import ServerProcess, descendants, wait_gone
+from tests.netns_utils import ADDRS, NamespaceClient, can_make_namespaces, enter_namespace, link_down, namespace_pair
+from tests.server_utils import InFlight, ServerProcess, descendants, wait_gone
 from tests.test_dp_server import PROMPTS
 from tests.test_pp_server import _qwen_tokenizer_dir
 from tests.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.skipif(can_make_namespaces() is not None, reason=str(can_make_namespaces()))
 TIMEOUT = 8  # --dist-timeout: the start-up rendezvous, collectives and heartbeats
+WATCHDOG_S = 3  # --watchdog-timeout where a test stops a rank
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +195,41 @@ def _ends_naming_node1_never_joined(node0: ServerProcess, within: float) -> None
     assert node0.proc.returncode != 0
     out = node0.output()
     assert "node 1 (ranks dp0 pp1 tp0) did not join within 8 s" in out, out[-3000:]
+
+
+def test_a_stopped_rank_on_node1_ends_both_nodes(tiny_args):
+    """SIGSTOP of node 1's rank of a pipeline across the nodes: node 1's watchdog names it and tells node 0, whose
+    own stalled rank (waiting on it) is named after it; /health on node 0 turns 503, the request in flight ends
+    with that error, both nodes exit non-zero and no process is left on either."""
+    with namespace_pair() as ns:
+        pair = TwoNodes(ns, *tiny_args, "--pp", "2", "--watchdog-timeout", str(WATCHDOG_S))
+        try:
+            pair.wait_ready()
+            trees = [[n.proc.pid, *descendants(n.proc.pid)] for n in pair.nodes]
+            request = InFlight(pair.url, PROMPTS[0], 400, setup=lambda: enter_namespace(ns[0]))
+            request.wait_streaming(60)
+            os.kill(pair.nodes[1].child_pid("gridserve::scheduler dp0 pp1 tp0"), signal.SIGSTOP)
+            start, body = time.monotonic(), ""
+            while pair.nodes[0].proc.poll() is None and time.monotonic() - start < WATCHDOG_S + 15:
+                r = pair.clients[0].request("GET", f"{pair.url}/health", timeout=3)
+                if r.status_code == 503:
+                    body = r.json()["error"]["message"]
+                    break
+                time.sleep(0.1)
+            unhealthy = time.monotonic() - start
+            cause = ("node 1 at 192.0.2.2 (ranks dp0 pp1 tp0) failed: scheduler dp0 pp1 tp0 made no progress for "
+                     f"over {WATCHDOG_S} s (--watchdog-timeout): stopped (SIGSTOP, or a debugger)")
+            assert body.startswith(f"the server is shutting down: {cause}"), body
+            assert request.join(15) and cause in request.outcome(), request.outcome()
+            for node in pair.nodes:
+                node.proc.wait(15)
+                assert node.proc.returncode == 1, node.output()[-3000:]
+            assert "scheduler dp0 pp1 tp0 made no progress" in pair.nodes[1].output()
+            assert wait_gone(trees[0] + trees[1], 10) == []
+            print(f"\n[fault matrix] two nodes, pp 2, SIGSTOP of node 1's rank: node 0 503 after {unhealthy:.1f} s, "
+                  f"both nodes gone in {time.monotonic() - start:.1f} s")
+        finally:
+            for pid in descendants(pair.nodes[1].proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            pair.stop()

@@ -3,10 +3,12 @@
 import logging
 import os
 import sys
+import threading
 import traceback
 
 import torch
 import zmq
+from tqdm import tqdm
 
 from gridserve.distributed.parallel_state import get_tp_group, init_model_parallel
 from gridserve.distributed.ranks import RankInfo
@@ -20,11 +22,15 @@ from gridserve.tokenizer import get_decoder
 
 logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 50  # how long an idle scheduler waits for a request before checking on its parent again
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo, progress, pipe_writer) -> None:
     """progress: a shared counter (multiprocessing.Value) that the event loop advances for the watchdog."""
     parent = init_child_process(f"scheduler {rank.name}", args.log_level)
+    # tqdm's default lock is a multiprocessing one, which a terminated rank never unregisters: the resource tracker
+    # then warns of "leaked semaphore objects" at every shutdown. One process needs only a thread lock.
+    tqdm.set_lock(threading.RLock())
     logger.info("scheduler process up (imports done)")  # its timestamp shows the import cost at start-up
     try:
         path = resolve_model_path(args.model_path)
@@ -49,8 +55,24 @@ def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo,
     scheduler.progress = progress
     pipe_writer.send(scheduler.scheduler_info)
     pipe_writer.close()
-    with torch.inference_mode():
-        scheduler.event_loop()
+    try:
+        with torch.inference_mode():
+            scheduler.event_loop()
+    except Exception as e:  # noqa: BLE001 - logged here, with this process's title, instead of a bare traceback
+        gone = _peer_gone(e)
+        if gone:  # the launcher names the rank that died; a traceback here would point at the wrong one
+            logger.error("a peer rank is gone (%s); exiting", gone)
+        else:
+            logger.exception("the event loop failed")
+        sys.exit(1)
+
+
+def _peer_gone(e: Exception) -> str | None:
+    """The short form of a collective's error when its peer went away (gloo's transport errors), else None."""
+    first = (str(e).splitlines() or [""])[0]
+    if not any(s in first for s in _PEER_GONE):
+        return None
+    return first.split("] ", 1)[-1].split(". This is", 1)[0]  # without gloo's source location and advice
 
 
 def _scheduler_io(port_args: PortArgs, rank: RankInfo, parent: int):
