@@ -106,7 +106,7 @@ class Deployment:
             from gridserve.tokenizer import get_tokenizer
 
             cfg = load_model_config(model_path)  # a bad split fails here, before the children have imported torch
-            cfg.check_parallel(args.tp_size, args.pp_size, args.pp_partition)
+            cfg.check_parallel(args.tp_size, args.pp_size, args.pp_partition, args.ep_size)
             tokenizer = get_tokenizer(model_path, args.tokenizer_path)
         infos = self._wait_ready(readers)
         scheduler_infos = [infos[f"scheduler {rank.name}"] for rank in plan.ranks]

@@ -21,7 +21,8 @@ _CHOICES = {
 }
 # SGLang's older names of two load-balance methods
 _LOAD_BALANCE_ALIASES = {"shortest_queue": "total_requests", "minimum_tokens": "total_tokens"}
-_ALIASES = {"model_path": ["--model"], "tp_size": ["--tp"], "pp_size": ["--pp"], "dp_size": ["--dp"]}
+_ALIASES = {"model_path": ["--model"], "tp_size": ["--tp"], "pp_size": ["--pp"], "dp_size": ["--dp"],
+            "ep_size": ["--ep"]}
 # --help's sections, in order; every field is in exactly one (tests check). `gridserve generate` runs no server,
 # so it leaves out "server".
 GROUPS = {
@@ -32,7 +33,7 @@ GROUPS = {
                    "schedule_conservativeness", "disable_radix_cache", "watchdog_timeout"],
     "GPU speed": ["attention_backend", "cuda_graph_max_bs", "disable_cuda_graph", "piecewise_cuda_graph_max_tokens",
                   "disable_piecewise_cuda_graph", "disable_overlap_schedule", "enable_overlap_schedule"],
-    "parallelism": ["tp_size", "pp_size", "pp_max_micro_batch_size", "pp_layer_partition", "dp_size",
+    "parallelism": ["tp_size", "ep_size", "pp_size", "pp_max_micro_batch_size", "pp_layer_partition", "dp_size",
                     "load_balance_method", "base_gpu_id", "gpu_id_step"],
     "several nodes": ["nnodes", "node_rank", "dist_init_addr", "dist_timeout", "dist_ifname"],
     "server": ["host", "port", "api_key", "max_request_bytes", "grpc_mode"],
@@ -80,6 +81,8 @@ class ServerArgs:
     enable_overlap_schedule: bool = _opt(False, "use the overlap loop on CPU too, where it is off by default")
     random_seed: int = _opt(0, "seed for requests that do not give one")
     tp_size: int = _opt(1, "tensor-parallel size")
+    ep_size: int = _opt(1, "expert-parallel size, inside the TP group (must divide --tp-size): a mixture-of-experts "
+                           "model's experts are split over this many groups of its TP ranks")
     pp_size: int = _opt(1, "pipeline-parallel size")
     pp_max_micro_batch_size: int | None = _opt(None, "most requests in one pipeline micro-batch (default: "
                                                      "max running requests / pp size)")
@@ -136,9 +139,12 @@ class ServerArgs:
             raise ValueError(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
         if self.schedule_conservativeness <= 0:
             raise ValueError(f"--schedule-conservativeness must be > 0, got {self.schedule_conservativeness}")
-        for name in ("tp_size", "pp_size", "dp_size", "nnodes"):
+        for name in ("tp_size", "ep_size", "pp_size", "dp_size", "nnodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.tp_size % self.ep_size:
+            raise ValueError(f"--ep-size {self.ep_size} must divide --tp-size {self.tp_size}: the experts are split "
+                             "inside the TP group")
         self.load_balance_method = _LOAD_BALANCE_ALIASES.get(self.load_balance_method, self.load_balance_method)
         if self.pp_layer_partition is not None:
             parts = self.pp_layer_partition.split(",")

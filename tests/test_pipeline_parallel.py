@@ -50,6 +50,19 @@ def test_parallel_logits_equal_one_process(kind, tp, pp, partition, load_format,
     _assert_same(torch.load(result), want)
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_moe_over_tp2_ep2_pp2_equals_one_process(graphs, tmp_path):
+    """Qwen3-MoE (a dense middle layer between two sparse ones) on 4 ranks, each holding half the experts of its
+    stage; with graphs, through the graph runners' static buffers (eagerly, on CPU)."""
+    make_tiny_model("qwen3-moe", tmp_path / "model")
+    want = run_script(make_runner(str(tmp_path / "model"), 1))
+    result = tmp_path / "pp.pt"
+    mp.start_processes(logits_worker, args=(2, f"127.0.0.1:{free_port()}", str(tmp_path / "model"),
+                                            str(result), "auto", 2, None, graphs, 2),
+                       nprocs=4, start_method="spawn")
+    _assert_same(torch.load(result), want)
+
+
 def _assert_same(got, want):
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):

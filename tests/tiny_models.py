@@ -4,7 +4,15 @@ import importlib.util
 import os
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MixtralConfig,
+    Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
 _COMMON = dict(vocab_size=211, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                num_attention_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6,
@@ -23,6 +31,16 @@ CONFIGS = {
     # 8 heads over 4 layers: splits 8 ways (tp) and 4 ways (pp)
     "llama-8h": lambda: LlamaConfig(**{**_COMMON, "num_hidden_layers": 4, "num_attention_heads": 8},
                                     num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0),
+    # mixtures of experts: 8 (or 4) experts, 2 per token; Qwen3-MoE with a dense middle layer, renormalised
+    # top-k; Qwen2-MoE with a shared expert; every expert dimension splits over tp 2 and ep 2
+    "qwen3-moe": lambda: Qwen3MoeConfig(**_COMMON, num_key_value_heads=2, head_dim=16, num_experts=8,
+                                        num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1],
+                                        norm_topk_prob=True, tie_word_embeddings=False),
+    "qwen2-moe": lambda: Qwen2MoeConfig(**_COMMON, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                                        moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                        tie_word_embeddings=False),
+    "mixtral": lambda: MixtralConfig(**{**_COMMON, "intermediate_size": 48}, num_key_value_heads=2,
+                                     num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
     "qwen3-yarn": lambda: Qwen3Config(**_COMMON, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
                                       rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                     "original_max_position_embeddings": 128}),

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from gridserve import wire
-from gridserve.distributed.ranks import RankInfo
+from gridserve.distributed.ranks import MoESplit, RankInfo
+from gridserve.distributed.ranks import moe_split as _moe_split
 
 
 @dataclass
@@ -115,6 +116,7 @@ _TP = GroupCoordinator()
 _PP = GroupCoordinator()
 _WORLD = GroupCoordinator()
 _PP_PARTITION: list[int] | None = None  # --pp-layer-partition, when given
+_EP_SIZE = 1  # --ep-size: expert-parallel groups inside the TP group
 _LISTENERS: list[socket.socket] = []
 
 
@@ -138,6 +140,11 @@ def pp_layer_range(num_layers: int) -> tuple[int, int]:
     return partition_layers(num_layers, _PP.size, _PP_PARTITION)[_PP.rank]
 
 
+def moe_split() -> MoESplit:
+    """This rank's place in the experts' split (expert parallelism inside the TP group)."""
+    return _moe_split(_TP.rank, _TP.size, _EP_SIZE)
+
+
 def tp_rank() -> int:
     return _TP.rank
 
@@ -147,13 +154,13 @@ def tp_size() -> int:
 
 
 def init_model_parallel(rank: RankInfo, store_addr: str, device: torch.device, timeout_s: float | None = None,
-                        pp_layer_partition: list[int] | None = None) -> None:
+                        pp_layer_partition: list[int] | None = None, ep_size: int = 1) -> None:
     """Joins the world of `rank`'s model replica (tp * pp ranks) and builds its TP and PP groups. Every replica
     meets in one TCP store at store_addr ("host:port"), served by global rank 0 on that address only, each
     under its own prefix: a replica never joins another's world."""
-    global _TP, _PP, _WORLD, _PP_PARTITION
+    global _TP, _PP, _WORLD, _PP_PARTITION, _EP_SIZE
     layout = rank.layout
-    _PP_PARTITION = pp_layer_partition
+    _PP_PARTITION, _EP_SIZE = pp_layer_partition, ep_size
     if layout.replica_size == 1:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -195,7 +202,7 @@ def _new_groups(ranks: tuple[int, ...], backend: str, timeout):
 
 
 def destroy_model_parallel() -> None:
-    global _TP, _PP, _WORLD, _PP_PARTITION
-    _TP, _PP, _WORLD, _PP_PARTITION = GroupCoordinator(), GroupCoordinator(), GroupCoordinator(), None
+    global _TP, _PP, _WORLD, _PP_PARTITION, _EP_SIZE
+    _TP, _PP, _WORLD, _PP_PARTITION, _EP_SIZE = GroupCoordinator(), GroupCoordinator(), GroupCoordinator(), None, 1
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -91,3 +91,23 @@ def node_ranks(tp: int, pp: int, dp: int, nnodes: int = 1, node_rank: int = 0, b
                gpu_id_step: int = 1) -> list[RankInfo]:
     """The ranks that run on node `node_rank`, in global-rank order."""
     return Layout(tp, pp, dp, nnodes).node_ranks(node_rank, base_gpu_id, gpu_id_step)
+
+
+@dataclass(frozen=True)
+class MoESplit:
+    """Where a rank sits in the experts' split: `ep_size` groups of experts over the TP group, each expert's
+    intermediate dimension over the `moe_tp_size` = tp / ep ranks of its group."""
+
+    ep_rank: int = 0
+    ep_size: int = 1
+    moe_tp_rank: int = 0
+    moe_tp_size: int = 1
+
+
+def moe_split(tp_rank: int, tp_size: int, ep_size: int) -> MoESplit:
+    """TP rank r holds expert group r // (tp / ep) and intermediate slice r % (tp / ep): consecutive ranks share
+    experts, so with ep = tp every rank holds whole experts of its own."""
+    if ep_size < 1 or tp_size % ep_size:
+        raise ValueError(f"--ep-size {ep_size} must divide --tp-size {tp_size}")
+    moe_tp = tp_size // ep_size
+    return MoESplit(tp_rank // moe_tp, ep_size, tp_rank % moe_tp, moe_tp)

@@ -46,10 +46,9 @@ class ModelRunner:
         start = time.perf_counter()
         self.model = load_model(model_path, cfg, self.dtype, self.device, args.load_format, args.show_progress)
         logger.info("weights loaded (%s) in %.1f s", args.load_format, time.perf_counter() - start)
-        decoder = self.model.model
-        self.start_layer, self.num_layers = decoder.start_layer, decoder.end_layer - decoder.start_layer
-        attn = decoder.layers[self.start_layer].self_attn
-        self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        shape = self.model.attention_shape()
+        self.start_layer, self.num_layers = shape.start_layer, shape.num_layers
+        self.num_heads, self.num_kv_heads, self.head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
         self.hidden_size = cfg.hidden_size
         self.tp, self.pp = get_tp_group(), get_pp_group()
         self._sends: list = []  # this stage's sends to the next one still in flight

@@ -100,7 +100,7 @@ class PiecewiseGraphRunner:
         if self.hidden_in is not None:
             intermediate = IntermediateTensors(self.hidden_in[:n], self.residual_in[:n])
         with torch.inference_mode():
-            hidden = self.runner.model.model(fb.input_ids, fb.positions, fb, intermediate)
+            hidden = self.runner.model.hidden_states(fb.input_ids, fb.positions, fb, intermediate)
         self.layers = cutter.layers
         return hidden
 

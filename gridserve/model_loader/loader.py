@@ -15,7 +15,7 @@ from gridserve.layers.weight_utils import LazyTensor
 from gridserve.model_loader.dummy import dummy_weights
 from gridserve.model_loader.paths import is_gguf, resolve_model_path  # noqa: F401 (re-exported)
 from gridserve.models.config import ModelConfig, parse_dtype
-from gridserve.models.registry import get_model_class
+from gridserve.models.registry import config_from_hf, get_model_class
 
 
 @functools.lru_cache(maxsize=2)
@@ -38,7 +38,7 @@ def load_model_config(path: str) -> ModelConfig:
                 eos = json.load(f).get("eos_token_id")
             if eos is not None:
                 cfg = {**cfg, "eos_token_id": eos}
-    return ModelConfig.from_dict(cfg)
+    return config_from_hf(cfg)
 
 
 def _safetensors_files(path: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""ModelConfig: the architecture facts the engine needs, read from a Hugging Face config dict.
+"""ModelConfig: the architecture facts the engine needs, read from a Hugging Face config dict. The generic
+reading is here; each model class's config_from_hf adds its architecture's defaults and switches.
 
 Reads both the classic keys (rope_theta, rope_scaling) and transformers v5's rope_parameters.
 """
@@ -6,8 +7,6 @@ Reads both the classic keys (rope_theta, rope_scaling) and transformers v5's rop
 from dataclasses import dataclass, field
 
 import torch
-
-from gridserve.distributed.pipeline import partition_layers
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float": torch.float32, "half": torch.float16, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -20,6 +19,18 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
     return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The experts of a mixture-of-experts model (set by its class's config_from_hf)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of each expert
+    renormalize: bool  # scale the top-k routing weights to sum to 1
+    sparse_layers: tuple[int, ...]  # the layers whose MLP is the experts (the others are dense)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a dense expert every token goes through, gated
 
 
 @dataclass
@@ -44,25 +55,17 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     hf_config: dict = field(default_factory=dict, repr=False)
+    moe: MoEConfig | None = None
 
-    def check_parallel(self, tp: int, pp: int = 1, pp_partition: list[int] | None = None) -> None:
-        """Raises ValueError, with the numbers, when the model cannot be split over `tp` ranks and `pp` stages."""
-        partition_layers(self.num_hidden_layers, pp, pp_partition)
-        heads, kv = self.num_attention_heads, self.num_key_value_heads
-        if heads % tp:
-            raise ValueError(f"--tp-size {tp} does not divide num_attention_heads {heads}")
-        if kv >= tp and kv % tp:
-            raise ValueError(f"--tp-size {tp} does not divide num_key_value_heads {kv}")
-        if kv < tp and tp % kv:
-            raise ValueError(f"--tp-size {tp} is larger than num_key_value_heads {kv} but not a multiple of it, "
-                             "so the KV heads cannot be replicated evenly")
-        if self.intermediate_size % tp:
-            raise ValueError(f"--tp-size {tp} does not divide intermediate_size {self.intermediate_size}")
+    def check_parallel(self, tp: int, pp: int = 1, pp_partition: list[int] | None = None, ep: int = 1) -> None:
+        """Raises ValueError, with the numbers, when the model cannot be split as asked (its class decides)."""
+        from gridserve.models.registry import get_model_class  # the registry imports the models, which import this
+
+        get_model_class(self).check_parallel(self, tp, pp, pp_partition, ep)
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "ModelConfig":
         model_type = cfg.get("model_type", "llama")
-        archs = cfg.get("architectures") or [_DEFAULT_ARCH.get(model_type, "LlamaForCausalLM")]
         heads = cfg["num_attention_heads"]
         rope = dict(cfg.get("rope_parameters") or {})
         scaling = cfg.get("rope_scaling") or None
@@ -75,7 +78,7 @@ class ModelConfig:
                 scaling = None
         eos = cfg.get("eos_token_id")
         return cls(
-            architecture=archs[0],
+            architecture=architecture_of(cfg),
             model_type=model_type,
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
@@ -89,8 +92,8 @@ class ModelConfig:
             rope_scaling=scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
-            qk_norm=model_type == "qwen3",
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            qk_norm=False,  # an architecture's own switch: its class's config_from_hf sets it
             dtype=parse_dtype(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
             bos_token_id=cfg.get("bos_token_id"),
@@ -98,4 +101,12 @@ class ModelConfig:
         )
 
 
-_DEFAULT_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# model_type -> architecture, for configs without `architectures`
+_DEFAULT_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                 "mixtral": "MixtralForCausalLM"}
+
+
+def architecture_of(hf: dict) -> str:
+    """The class name a Hugging Face config asks for."""
+    return (hf.get("architectures") or [_DEFAULT_ARCH.get(hf.get("model_type", "llama"), "LlamaForCausalLM")])[0]

@@ -1,5 +1,10 @@
-from gridserve.models.llama import LlamaForCausalLM
+from gridserve.models.config import ModelConfig
+from gridserve.models.decoder import DecoderLM
 
 
-class Qwen2ForCausalLM(LlamaForCausalLM):
-    """Qwen2: Llama with biases on q/k/v (ModelConfig.attention_bias is True for model_type qwen2)."""
+class Qwen2ForCausalLM(DecoderLM):
+    """Qwen2: biases on q/k/v (config.json usually leaves `attention_bias` out: it is on by default)."""
+
+    @classmethod
+    def config_from_hf(cls, hf: dict) -> ModelConfig:
+        return ModelConfig.from_dict({"attention_bias": True, **hf})

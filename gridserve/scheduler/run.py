@@ -41,7 +41,8 @@ def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo,
             logger.info("%d torch threads (--cpu-threads, else $OMP_NUM_THREADS, else cores / ranks on this node)",
                         torch.get_num_threads())
         _choose_interface(args.dist_ifname, port_args.node_addr)
-        init_model_parallel(rank, port_args.dist_store, device, args.effective_dist_timeout, args.pp_partition)
+        init_model_parallel(rank, port_args.dist_store, device, args.effective_dist_timeout, args.pp_partition,
+                            args.ep_size)
         recv, send, report = _scheduler_io(port_args, rank, parent)
         tokenizer = get_decoder(path, args.tokenizer_path)  # to find stop strings in the output
         scheduler = Scheduler(args, path, cfg, tokenizer, recv, send, gpu_id=rank.gpu_id, dp_rank=rank.dp_rank,

@@ -1,0 +1,22 @@
+"""The gated MLP of the decoder family, down(silu(gate(x)) * up(x)), with gate and up in one column-parallel
+matrix and down row-parallel."""
+
+import torch
+from torch import nn
+
+from gridserve.layers.activation import SiluAndMul
+from gridserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+
+
+class GatedMLP(nn.Module):
+    """reduce_results=False leaves the all-reduce to the caller (an MoE layer sums its shared expert's partial
+    output with the experts' in one all-reduce)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, reduce_results: bool = True):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, reduce_results=reduce_results)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))

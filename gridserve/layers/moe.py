@@ -1,0 +1,122 @@
+"""Mixture-of-experts layers: the router and the experts, split over the tensor-parallel group.
+
+With expert parallelism (`--ep-size P`, P dividing the TP size T) the experts are split over P groups of T / P
+ranks, and each expert's intermediate dimension over the T / P ranks of its group (P = 1: every rank holds
+every expert's slice, what SGLang does without EP). Every rank sees every token (attention is tensor-parallel,
+its output replicated), routes all of them the same way, runs only its own experts on the tokens routed to
+them, and one all-reduce over the TP group sums the partial outputs: of other experts, and of other slices.
+
+On CUDA the experts run in the fused Triton kernel (fused_moe.py); elsewhere in the PyTorch reference below.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gridserve.distributed.parallel_state import get_tp_group, moe_split
+from gridserve.layers.linear import ReplicatedLinear
+from gridserve.layers.mlp import GatedMLP
+from gridserve.layers.weight_utils import materialize
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, expert ids), each (tokens, top_k): softmax over all experts in float32, the top k, and with
+    `renormalize` those k weights scaled to sum to 1."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                  local_ids: torch.Tensor) -> torch.Tensor:
+    """sum over k of weights[t, k] * expert(local_ids[t, k])(x[t]), for the experts on this rank (ids >= 0);
+    an expert is down(silu(gate(x)) * up(x)) with w13 = [gate; up] (E, 2I, H) and w2 = down (E, H, I)."""
+    out = torch.zeros_like(x)
+    inter = w2.shape[2]
+    for e in local_ids.unique().tolist():
+        if e < 0:
+            continue
+        tokens, slot = (local_ids == e).nonzero(as_tuple=True)
+        h = F.linear(x[tokens], w13[e])
+        y = F.linear(F.silu(h[:, :inter]) * h[:, inter:], w2[e])
+        out.index_add_(0, tokens, y * weights[tokens, slot, None].to(y.dtype))
+    return out
+
+
+class FusedMoE(nn.Module):
+    """This rank's experts: w13 (local experts, 2 x intermediate slice, hidden) and w2 (local experts, hidden,
+    intermediate slice). forward returns the partial sum; the caller all-reduces it (once, with any shared
+    expert's partial sum)."""
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool):
+        super().__init__()
+        split = moe_split()
+        if num_experts % split.ep_size:
+            raise ValueError(f"--ep-size {split.ep_size} does not divide the {num_experts} experts")
+        if intermediate_size % split.moe_tp_size:
+            raise ValueError(f"the experts' intermediate size {intermediate_size} does not split over "
+                             f"{split.moe_tp_size} ranks (--tp-size / --ep-size)")
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.num_local = num_experts // split.ep_size
+        self.first_expert = split.ep_rank * self.num_local
+        self.inter = intermediate_size // split.moe_tp_size
+        self.moe_tp_rank = split.moe_tp_rank
+        dtype = torch.get_default_dtype()
+        self.w13_weight = nn.Parameter(torch.empty(self.num_local, 2 * self.inter, hidden_size, dtype=dtype),
+                                       requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(self.num_local, hidden_size, self.inter, dtype=dtype),
+                                      requires_grad=False)
+        self.w13_weight.weight_loader = self.weight_loader
+        self.w2_weight.weight_loader = self.weight_loader
+        # global expert id -> local id, -1 for the experts other ranks hold
+        local = torch.full((num_experts,), -1, dtype=torch.int32)
+        local[self.first_expert:self.first_expert + self.num_local] = torch.arange(self.num_local, dtype=torch.int32)
+        self.register_buffer("local_ids", local, persistent=False)
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard: tuple[int, str]) -> None:
+        """Copies this rank's slice of expert `shard[0]`'s checkpoint tensor `shard[1]` (gate, up or down); the
+        experts of other ranks are skipped."""
+        expert, kind = shard
+        e = expert - self.first_expert
+        if not 0 <= e < self.num_local:
+            return
+        start = self.moe_tp_rank * self.inter
+        if kind == "down":
+            param.data[e].copy_(materialize(loaded.narrow(1, start, self.inter)))
+        else:
+            rows = slice(0, self.inter) if kind == "gate" else slice(self.inter, 2 * self.inter)
+            param.data[e, rows].copy_(materialize(loaded.narrow(0, start, self.inter)))
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
+        local_ids = self.local_ids[ids]
+        if x.is_cuda:
+            from gridserve.layers.fused_moe import fused_moe
+
+            return fused_moe(x, self.w13_weight, self.w2_weight, weights, local_ids)
+        return moe_reference(x, self.w13_weight, self.w2_weight, weights, local_ids)
+
+
+class SparseMoeBlock(nn.Module):
+    """A layer's MLP as experts: the router (`gate`, replicated), the experts, and optionally a shared expert
+    every token goes through, scaled by its own sigmoid gate (Qwen2-MoE). One all-reduce sums the partial
+    outputs of this rank's experts and its slice of the shared expert."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, renormalize: bool,
+                 shared_intermediate_size: int = 0):
+        super().__init__()
+        self.gate = ReplicatedLinear(hidden_size, num_experts)
+        self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, renormalize)
+        self.shared_expert = self.shared_expert_gate = None
+        if shared_intermediate_size:
+            self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size, reduce_results=False)
+            self.shared_expert_gate = ReplicatedLinear(hidden_size, 1)
+        self.tp = get_tp_group()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.experts(x, self.gate(x))
+        if self.shared_expert is not None:
+            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return self.tp.all_reduce(y)
