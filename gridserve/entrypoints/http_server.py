@@ -11,13 +11,17 @@ import asyncio
 import contextlib
 import dataclasses
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import PlainTextResponse, Response
 
@@ -29,13 +33,21 @@ from gridserve.entrypoints.http_errors import (
     as_openai_error,
     check_alive,
     check_batch_size,
+    check_json_body,
 )
 from gridserve.entrypoints.openai.output import TokenStrings
 from gridserve.entrypoints.openai.protocol import (
     REQUEST_FIELDS,
+    SERVED_MAX,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
     CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
     GenerateRequest,
+    GenerateResult,
     ModelCard,
     ModelList,
 )
@@ -48,6 +60,7 @@ from gridserve.entrypoints.request_flow import (
     prepare_requests,
     sampling_params,
     text_size,
+    token_room,
     tokenize,
 )
 from gridserve.entrypoints.responses import (
@@ -75,7 +88,8 @@ def create_app(tm, server_args: ServerArgs, api_key: str | None = None) -> FastA
     app = FastAPI(title="gridserve", version=gridserve.__version__, default_response_class=ORJSONResponse, **docs)
     app.state.tm, app.state.server_args = tm, server_args
     _add_error_handlers(app)
-    protected = APIRouter(dependencies=[Depends(_api_key_check(api_key))] if api_key else [])
+    protected = APIRouter(dependencies=[Depends(_api_key_check(api_key))] if api_key else [],
+                          route_class=_JSONBodyRoute)
     _add_openai_routes(protected, tm)
     _add_native_routes(protected, tm, server_args)
     app.include_router(protected)
@@ -85,26 +99,75 @@ def create_app(tm, server_args: ServerArgs, api_key: str | None = None) -> FastA
     return app
 
 
-_ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "object", "properties": {
-    "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
-    "code": {"type": ["string", "null"]}}, "required": ["message", "type"]}}, "required": ["error"]}
+# What the routes answer besides their 200, as ErrorResponse bodies.
+_ERRORS = {
+    400: "A bad request: `message` says what is wrong, `param` names the field",
+    404: "`model` names a model this server does not serve",
+    413: "The body is larger than --max-request-bytes",
+    415: "The body is not sent as Content-Type: application/json",
+    503: "The server is shutting down, or too busy to queue the request",
+}
+
+
+def _responses(ok: Any, description: str, *errors: int) -> dict:
+    return {200: {"model": ok, "description": description},
+            **{status: {"model": ErrorResponse, "description": _ERRORS[status]} for status in errors}}
+
+
+# The generating routes' stream events (`stream: true`), by path.
+_STREAM_EVENTS: dict[str, type[BaseModel]] = {"/v1/completions": CompletionChunk,
+                                              "/v1/chat/completions": ChatCompletionChunk, "/generate": GenerateResult}
+
+
+def _sse_event_schema(model: str) -> dict:
+    """One server-sent event of a stream (before OpenAPI 3.2, a text/event-stream `schema` describes each event)."""
+    return {"type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string",
+        "anyOf": [{"contentMediaType": "application/json", "contentSchema": {"anyOf": [
+            {"$ref": f"#/components/schemas/{model}"}, {"$ref": "#/components/schemas/ErrorResponse"}]}},
+            {"const": "[DONE]"}],
+        "description": f"JSON: a {model}, or an ErrorResponse when generation fails after the stream began (the "
+                       "status is sent by then); the last event is `[DONE]`"}}}
 
 
 def _openapi(app: FastAPI) -> dict:
-    """FastAPI's schema, saying what the server really sends for a bad body: 400 with an OpenAI-style error (the
-    validation handler turns FastAPI's 422 into it)."""
+    """FastAPI's schema, saying what the server really sends: a bad body is a 400 with an OpenAI-style error (the
+    validation handler turns FastAPI's 422 into it), and `stream: true` answers text/event-stream."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        for operations in schema.get("paths", {}).values():
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        _, defs = models_json_schema([(m, "serialization") for m in (*_STREAM_EVENTS.values(), ErrorResponse)],
+                                     ref_template="#/components/schemas/{model}")
+        components.update(defs["$defs"])
+        for path, operations in schema.get("paths", {}).items():
             for op in operations.values():
                 responses = op.get("responses", {})
-                if responses.pop("422", None) is not None:
-                    responses["400"] = {"description": "Bad request: an OpenAI-style error naming the field",
-                                        "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
-        schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
-        schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+                if responses.pop("422", None) is not None and "400" not in responses:
+                    responses["400"] = {"description": _ERRORS[400], "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+                if path in _STREAM_EVENTS:
+                    responses["200"]["content"]["text/event-stream"] = {
+                        "schema": _sse_event_schema(_STREAM_EVENTS[path].__name__)}
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        tm = app.state.tm
+        _fill_served_limits(schema, {"vocab": tm.vocab_size - 1, "context": token_room(tm.info) - 1,
+                                     "dp_rank": tm.dp_size - 1})
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _fill_served_limits(node: Any, limits: dict[str, int]) -> None:
+    """Turns the request models' SERVED_MAX marks into the `maximum` of this server's model."""
+    if isinstance(node, dict):
+        if SERVED_MAX in node:
+            limit = limits[node.pop(SERVED_MAX)]
+            node["maximum"] = min(limit, node.get("maximum", limit))
+        for value in node.values():
+            _fill_served_limits(value, limits)
+    elif isinstance(node, list):
+        for value in node:
+            _fill_served_limits(value, limits)
 
 
 def run_http_server(app: FastAPI, host: str, port: int) -> None:
@@ -166,6 +229,33 @@ def _param_path(loc: list) -> str | None:
     return path or None
 
 
+class _ParsedRequest(Request):
+    """A request whose JSON body _JSONBodyRoute has parsed already."""
+
+    parsed: Any
+
+    async def json(self) -> Any:
+        return self.parsed
+
+
+class _JSONBodyRoute(APIRoute):
+    """A route that parses its JSON body itself (check_json_body) before FastAPI sees it. FastAPI's own parsing takes
+    NaN and Infinity, answers a missing or wrong content type with a "should be a valid dictionary" and invalid UTF-8
+    or a nesting bomb with "There was an error parsing the body"; here each gets a 400 or 415 that says which."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
+
+        async def parse_first(request: Request) -> Response:
+            request = _ParsedRequest(request.scope, request.receive)
+            request.parsed = check_json_body(await request.body(), request.headers.get("content-type"))
+            return await handler(request)
+
+        return parse_first
+
+
 def _api_key_check(api_key: str):
     expected = api_key.encode()
 
@@ -183,11 +273,15 @@ def _add_openai_routes(router: APIRouter, tm) -> None:
     tokens = TokenStrings(tm.tokenizer)
     completions, chat = OpenAIServingCompletion(tm, tokens), OpenAIServingChat(tm, tokens)
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", responses=_responses(
+        CompletionResponse, "The completions; with `stream: true`, server-sent CompletionChunk events",
+        400, 404, 413, 415, 503))
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
         return await completions.create_completion(body, request)
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", responses=_responses(
+        ChatCompletionResponse, "The chat completion; with `stream: true`, server-sent ChatCompletionChunk events",
+        400, 404, 413, 415, 503))
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
         return await chat.create_chat_completion(body, request)
 
@@ -208,7 +302,9 @@ def _add_openai_routes(router: APIRouter, tm) -> None:
 
 
 def _add_native_routes(router: APIRouter, tm, server_args: ServerArgs) -> None:
-    @router.post("/generate")
+    @router.post("/generate", responses=_responses(
+        GenerateResult | list[GenerateResult], "One result, or a list of them for a batch or n > 1; with `stream: "
+        "true`, server-sent events of the cumulative GenerateResult", 400, 413, 415, 503))
     async def generate(body: GenerateRequest, request: Request) -> Response:
         check_alive(tm)
         reqs, ids, batch = await _native_requests(tm, body)

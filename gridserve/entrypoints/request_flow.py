@@ -12,7 +12,7 @@ from typing import Any
 from gridserve.entrypoints.http_errors import OpenAIError, abort_error, bad_request
 from gridserve.errors import InvalidParamError
 from gridserve.messages import TokenizedGenerateReq
-from gridserve.sampling.sampling_params import SamplingParams
+from gridserve.sampling.sampling_params import SamplingParams, json_integers
 
 # Text beyond this many characters is tokenized on a worker thread: a multi-megabyte prompt takes seconds, and the
 # event loop (every other request, /health) must not wait for it. Shorter text is faster inline than a thread hop.
@@ -115,8 +115,9 @@ def tokenize(tm, prompt: str | None = None, input_ids: list[int] | None = None, 
 
 
 def sampling_params(d: dict, renames: dict[str, str] | None = None) -> SamplingParams:
+    """SamplingParams from a request body's fields (JSON: 2.0 is an integer)."""
     try:
-        return SamplingParams.from_dict(d)
+        return SamplingParams.from_dict(json_integers(d))
     except InvalidParamError as e:
         raise bad_request(e, renames) from e
 

@@ -33,10 +33,77 @@ def _is_int(v: Any) -> bool:
 
 
 # Bounds that keep one request from costing everyone else: choices per prompt (OpenAI allows 128), and stop
-# strings, whose partial-match check runs on every new token of the request.
+# strings and stop token ids, which are checked on every new token of the request.
 MAX_N = 128
 MAX_STOP_STRINGS = 32
 MAX_STOP_LEN = 512
+MAX_STOP_TOKEN_IDS = 1024
+# Integers bound for the schedulers must fit in 64 bits: messages between nodes are msgpack, which cannot carry a
+# top_k or stop token id of 10**30 (a larger top_k means no limit anyway, a larger id matches no token).
+MAX_INT64 = 2**63 - 1
+
+# The range of every numeric field, as JSON Schema keywords: verify() enforces them, and the HTTP API's OpenAPI schema
+# publishes them (json_schema()), so the two cannot disagree.
+BOUNDS: dict[str, dict[str, int]] = {
+    "max_new_tokens": {"minimum": 0},
+    "temperature": {"minimum": 0},
+    "top_p": {"exclusiveMinimum": 0, "maximum": 1},
+    "top_k": {"minimum": -1, "maximum": MAX_INT64},  # -1 and 0: no limit
+    "min_p": {"minimum": 0, "maximum": 1},
+    "repetition_penalty": {"exclusiveMinimum": 0},
+    "frequency_penalty": {"minimum": -2, "maximum": 2},
+    "presence_penalty": {"minimum": -2, "maximum": 2},
+    "n": {"minimum": 1, "maximum": MAX_N},
+    "seed": {"minimum": SEED_MIN, "maximum": SEED_MAX},
+}
+_NOTES = {"top_k": " (-1 or 0: no limit)"}
+
+
+def _within(v: int | float, bounds: dict[str, int]) -> bool:
+    return (("minimum" not in bounds or v >= bounds["minimum"])
+            and ("exclusiveMinimum" not in bounds or v > bounds["exclusiveMinimum"])
+            and ("maximum" not in bounds or v <= bounds["maximum"]))
+
+
+def _describe(bounds: dict[str, int]) -> str:
+    """`in (0, 1]`, `>= 0`, ... for error messages."""
+    low = f"[{bounds['minimum']}" if "minimum" in bounds else f"({bounds['exclusiveMinimum']}"
+    if "maximum" in bounds:
+        return f"in {low}, {bounds['maximum']}]"
+    return (">= " if low[0] == "[" else "> ") + low[1:]
+
+
+def field_schema(name: str) -> dict[str, Any]:
+    """The JSON Schema of one SamplingParams field as a request gives it (null: the default)."""
+    if name in _FLOAT_FIELDS:
+        return {"type": ["number", "null"], **BOUNDS[name]}
+    if name in BOUNDS:  # the integers
+        return {"type": ["integer", "null"], **BOUNDS[name]}
+    if name in _BOOL_FIELDS:
+        return {"type": ["boolean", "null"]}
+    if name == "stop":
+        text = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN}
+        return {"anyOf": [text, {"type": "array", "items": text, "maxItems": MAX_STOP_STRINGS}, {"type": "null"}]}
+    if name == "stop_token_ids":
+        return {"type": ["array", "null"], "maxItems": MAX_STOP_TOKEN_IDS,
+                "items": {"type": "integer", "minimum": 0, "maximum": MAX_INT64}}
+    raise KeyError(name)
+
+
+def json_integers(d: Any) -> Any:
+    """A JSON request's sampling dict with integral floats in its integer fields made ints: JSON has one number type
+    and JSON Schema's `integer` admits 2.0, so an HTTP client's n=2.0 is n=2. (from_dict itself keeps Python's types
+    strict: there, 2.0 for n is a bug.)"""
+    if not isinstance(d, dict):
+        return d
+
+    def integral(v: Any) -> Any:
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
+    out = {k: integral(v) if k in _INT_FIELDS or k == "seed" else v for k, v in d.items()}
+    if isinstance(out.get("stop_token_ids"), list):
+        out["stop_token_ids"] = [integral(t) for t in out["stop_token_ids"]]
+    return out
 
 
 def is_encodable(text: str) -> bool:
@@ -122,20 +189,10 @@ class SamplingParams:
             if not ok:
                 raise InvalidParamError(name, f"must be {allowed}, got {short_repr(getattr(self, name))}")
 
-        check("max_new_tokens", self.max_new_tokens >= 0, ">= 0")
-        check("temperature", self.temperature >= 0.0, ">= 0")
-        check("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]")
-        check("top_k", self.top_k == -1 or self.top_k >= 1, "-1 or 0 (disabled) or >= 1")
-        check("min_p", 0.0 <= self.min_p <= 1.0, "in [0, 1]")
-        check("repetition_penalty", self.repetition_penalty > 0.0, "> 0")
-        check("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]")
-        check("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]")
-        check("n", 1 <= self.n <= MAX_N, f"in [1, {MAX_N}]")
-        check(
-            "seed",
-            self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
-            f"null or an integer in [{SEED_MIN}, {SEED_MAX}]",
-        )
+        check("seed", self.seed is None or _is_int(self.seed), "null or an integer")
+        for name, bounds in BOUNDS.items():
+            if getattr(self, name) is not None:
+                check(name, _within(getattr(self, name), bounds), _describe(bounds) + _NOTES.get(name, ""))
         check(
             "stop",
             isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
@@ -144,11 +201,16 @@ class SamplingParams:
         check("stop", len(self.stop) <= MAX_STOP_STRINGS and all(len(s) <= MAX_STOP_LEN for s in self.stop),
               f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LEN} characters")
         check("stop", all(is_encodable(s) for s in self.stop), "valid Unicode (no lone surrogates)")
-        check(
-            "stop_token_ids",
-            isinstance(self.stop_token_ids, list) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
-            "a list of non-negative integers",
-        )
+        ids = self.stop_token_ids
+        check("stop_token_ids", isinstance(ids, list) and len(ids) <= MAX_STOP_TOKEN_IDS
+              and all(_is_int(t) and 0 <= t <= MAX_INT64 for t in ids),
+              f"a list of at most {MAX_STOP_TOKEN_IDS} integers in [0, {MAX_INT64}]")
+
+    @classmethod
+    def json_schema(cls) -> dict[str, Any]:
+        """The JSON Schema of from_dict's input: these fields, nothing else."""
+        return {"type": "object", "additionalProperties": False,
+                "properties": {f.name: field_schema(f.name) for f in fields(cls)}}
 
     @property
     def is_greedy(self) -> bool:
