@@ -1,6 +1,6 @@
 """Mixture-of-experts models end to end: greedy tokens equal Hugging Face transformers' on the same weights,
 through the offline Engine (one process) and through servers at tp 2 with ep 2 (overlap loop, chunked prefill)
-and tp 2 x pp 2."""
+and two replicas of two pipeline stages (tp 2 x pp 2 is in test_pipeline_parallel.py)."""
 
 import httpx
 import pytest
@@ -45,8 +45,8 @@ def test_engine_greedy_equals_transformers(model):
 
 @pytest.mark.parametrize("flags", [
     ("--tp", "2", "--ep", "2", "--enable-overlap-schedule", "--chunked-prefill-size", "8"),
-    ("--tp", "2", "--pp", "2"),
-], ids=["tp2-ep2-overlap-chunked", "tp2-pp2"])
+    ("--dp", "2", "--pp", "2", "--load-balance-method", "round_robin"),
+], ids=["tp2-ep2-overlap-chunked", "dp2-pp2"])
 def test_server_greedy_equals_transformers(model, flags):
     args, _, want = model
     server = ServerProcess(*args, *flags)
