@@ -4,6 +4,7 @@ official OpenAI client and httpx: OpenAI and native routes, streaming, errors, d
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import socket
 import threading
@@ -16,7 +17,7 @@ import uvicorn
 
 from gridserve.entrypoints.engine import Engine
 from gridserve.entrypoints.http_server import create_app
-from gridserve.entrypoints.request_flow import prepare_requests
+from gridserve.entrypoints.request_flow import max_prompt_chars, prepare_requests
 from gridserve.sampling.sampling_params import SamplingParams
 
 MAX_TOTAL_TOKENS = 4096
@@ -275,7 +276,23 @@ def test_concurrent_streams(url, engine):
 
 
 LONG_PROMPT = "hello " * (MAX_TOTAL_TOKENS + 100)
+VOCAB = 49152  # SmolLM2's (test_bad_inputs_are_bounded checks it)
+HUGE_TEXT = "hello " * 2_800_000  # 16.8 MB: more characters than the context can hold, refused without tokenizing
+NEST = 100_000  # nesting bombs: 100,000 `[` or `{"a":`
+BOMB_LIST = b"[" * NEST + b"1" + b"]" * NEST
+BOMB_OBJECT = b'{"a":' * NEST + b"1" + b"}" * NEST
+
+
+def deep_list(depth: int) -> list:
+    """A list nested `depth` levels: deep, but within what the JSON parser takes."""
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 BAD_INPUTS = [
+    # (path, json body or raw bytes, status, param[, words the message must contain])
     # (path, json body or raw bytes, status, param)
     ("/v1/completions", b'{"prompt": "x", ', 400, None),
     ("/v1/completions", b"[1, 2]", 400, None),
@@ -330,21 +347,194 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": ["x"] * 20000, "max_tokens": 1}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "stop": ["s"] * 5000}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "stop": "s" * 1000}, 400, "stop"),
+    # the body itself: not UTF-8, not JSON, not an object (nothing to name: param is null)
+    ("/v1/completions", b'{"prompt": "\xff\xfe"}', 400, None, "not valid UTF-8"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\xc3"}]}', 400, None, "not valid UTF-8"),
+    ("/generate", b'{"text": "\xc0\xaf"}', 400, None, "not valid UTF-8"),  # an overlong encoding of "/"
+    ("/v1/completions", json.dumps({"prompt": "x"}).encode("utf-16"), 400, None, "not valid UTF-8"),
+    ("/v1/completions", b"", 400, None, "empty"),
+    ("/v1/completions", b"hello", 400, None, "not valid JSON"),
+    ("/v1/completions", b"{'prompt': 'x'}", 400, None, "not valid JSON"),
+    ("/v1/completions", b'{"prompt": "x"} {"prompt": "y"}', 400, None, "not valid JSON"),
+    ("/v1/completions", b"null", 400, None, "must be a JSON object"),
+    ("/generate", b'"some text"', 400, None, "must be a JSON object"),
+    # nesting bombs: a fast 400, whichever field holds them (unknown ones too)
+    ("/v1/completions", b'{"prompt": ' + BOMB_LIST + b"}", 400, None, "nested too deeply"),
+    ("/v1/completions", b'{"prompt": "x", "metadata": ' + BOMB_OBJECT + b"}", 400, None, "nested too deeply"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": ' + BOMB_LIST + b"}]}", 400, None,
+     "nested too deeply"),
+    ("/generate", b'{"text": "x", "sampling_params": ' + BOMB_OBJECT + b"}", 400, None, "nested too deeply"),
+    ("/generate", BOMB_LIST, 400, None, "nested too deeply"),
+    # deep nesting the parser takes: the field's own error
+    ("/v1/completions", {"prompt": deep_list(500)}, 400, "prompt"),
+    ("/generate", {"text": "x", "sampling_params": {"stop": deep_list(500)}}, 400, "stop"),
+    # JSON has no NaN or Infinity, and numbers must fit a double (integers: 100 digits)
+    ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400, None, "NaN"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "top_p": Infinity}', 400, None,
+     "Infinity"),
+    ("/generate", b'{"text": "x", "sampling_params": {"temperature": -Infinity}}', 400, None, "-Infinity"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": 1e999}', 400, None, "too large"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 1' + b"0" * 200 + b"}", 400, None, "201 digits"),
+    ("/generate", {"text": "x", "sampling_params": {"temperature": "NaN"}}, 400, "temperature"),
+    # sampling values out of range, tiny or huge
+    ("/v1/completions", {"prompt": "x", "temperature": -1e-300}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "x", "top_k": -2}, 400, "top_k"),
+    ("/v1/completions", {"prompt": "x", "top_k": 10**30}, 400, "top_k"),
+    ("/v1/completions", {"prompt": "x", "min_p": -0.1}, 400, "min_p"),
+    ("/v1/completions", {"prompt": "x", "min_p": 1.5}, 400, "min_p"),
+    ("/v1/chat/completions", {"messages": QUESTION, "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/chat/completions", {"messages": QUESTION, "frequency_penalty": -1e308}, 400, "frequency_penalty"),
+    ("/v1/chat/completions", {"messages": QUESTION, "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "seed": -(2**63) - 1}, 400, "seed"),
+    ("/v1/completions", {"prompt": "x", "seed": 10**30}, 400, "seed"),
+    ("/v1/completions", {"prompt": "x", "seed": 1.5}, 400, "seed"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10**30}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2.5}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 10**30}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": QUESTION, "max_completion_tokens": 10**30}, 400, "max_completion_tokens"),
+    ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 10**30}}, 400, "max_new_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": 10_000}, 400, "n"),
+    ("/v1/chat/completions", {"messages": QUESTION, "n": 0}, 400, "n"),
+    ("/v1/chat/completions", {"messages": QUESTION, "n": 10_000}, 400, "n"),
+    ("/generate", {"text": "x", "sampling_params": {"n": 0}}, 400, "n"),
+    # logprobs out of range
+    ("/v1/completions", {"prompt": "x", "logprobs": -1}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": QUESTION, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": QUESTION, "logprobs": True, "top_logprobs": -1}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": QUESTION, "logprobs": 1}, 400, "logprobs"),
+    ("/generate", {"text": "x", "return_logprob": True, "top_logprobs_num": 21}, 400, "top_logprobs_num"),
+    ("/generate", {"text": "x", "top_logprobs_num": -1}, 400, "top_logprobs_num"),
+    # huge stop lists, stop token ids that fit no vocabulary or no 64 bits
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": list(range(5000))}, 400, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [10**30]}, 400, "stop_token_ids"),
+    ("/v1/chat/completions", {"messages": QUESTION, "stop": ["a"] * 33}, 400, "stop"),
+    ("/generate", {"text": "x", "sampling_params": {"stop": ["s"] * 100_000}}, 400, "stop"),
+    # roles
+    ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": None, "content": "hi"}]}, 400, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "USER", "content": "hi"}]}, 400, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [QUESTION[0], {"role": 7, "content": "hi"}]}, 400, "messages[1].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": {"text": "hi"}}]}, 400,
+     "messages[0].content"),
+    ("/v1/chat/completions", {"messages": QUESTION[0]}, 400, "messages"),
+    # token ids outside the vocabulary: negative, >= its size, huge, not integers
+    ("/v1/completions", {"prompt": [VOCAB]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1, -1]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[1], [10**30]]}, 400, "prompt"),
+    ("/generate", {"input_ids": [VOCAB]}, 400, "input_ids"),
+    ("/generate", {"input_ids": [[1, 2], [3, 10**30]]}, 400, "input_ids"),
+    ("/generate", {"input_ids": [1.5]}, 400, "input_ids"),
+    ("/generate", {"input_ids": [True]}, 400, "input_ids"),
+    # prompts past the context, and huge ones (refused before they are tokenized)
+    ("/v1/completions", {"prompt": [1] * MAX_TOTAL_TOKENS}, 400, "prompt"),
+    ("/generate", {"input_ids": [[1] * 5000]}, 400, "input_ids"),
+    ("/v1/completions", {"prompt": HUGE_TEXT}, 400, "prompt", "characters"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": HUGE_TEXT}]}, 400, "messages", "characters"),
+    ("/generate", {"text": ["x", HUGE_TEXT]}, 400, "text", "characters"),
+    # more lone surrogates
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]}, 400,
+     "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "name": "\ud800"}]}, 400,
+     "messages[0].name"),
+    ("/v1/completions", {"prompt": "x", "user": "\udfff"}, 400, "user"),
+    ("/generate", {"text": ["ok", "\ud83d"]}, 400, "text"),
+    # the one closed object: /generate's sampling_params (elsewhere unknown fields are ignored, see below)
+    ("/generate", {"text": "x", "sampling_params": {"max_tokens": 5}}, 400, "max_tokens", "unknown"),
 ]
+BAD_INPUT_SECONDS = 5  # each answered within this
+RSS_GROWTH_MB = 64  # over two more passes of the table, after one to warm up
 
 
-@pytest.mark.parametrize(("path", "body", "status", "param"), BAD_INPUTS,
-                         ids=[f"{i}-{b[0]}-{b[3]}" for i, b in enumerate(BAD_INPUTS)])
-def test_bad_inputs(http, path, body, status, param):
+def post_bad(http: httpx.Client, path: str, body) -> httpx.Response:
     # json.dumps escapes non-ASCII (and lone surrogates) as \\uXXXX, as many clients do
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    r = http.post(path, content=raw, headers={"content-type": "application/json"})
-    assert r.status_code == status, r.text
+    return http.post(path, content=raw, headers={"content-type": "application/json"})
+
+
+def check_error(r: httpx.Response, status: int, param: str | None, words: str | None = None) -> None:
+    """An OpenAI-style error: exactly message, type, param and code, the message saying `words`."""
+    assert r.status_code == status, r.text[:500]
     error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
     assert error["param"] == param, error
-    assert isinstance(error["message"], str) and error["message"] and error["type"]
+    assert isinstance(error["message"], str) and error["message"] and error["type"], error
+    assert len(error["message"]) < 1000, error  # never the input echoed back whole
+    assert words is None or words in error["message"], error
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[f"{i}-{b[0]}-{b[3]}" for i, b in enumerate(BAD_INPUTS)])
+def test_bad_inputs(http, case):
+    path, body, status, param, *words = case
+    start = time.monotonic()
+    r = post_bad(http, path, body)
+    assert time.monotonic() - start < BAD_INPUT_SECONDS
+    check_error(r, status, param, *words)
     if status == 404 and param == "model":
-        assert error["code"] == "model_not_found"
+        assert r.json()["error"]["code"] == "model_not_found"
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:  # this process is the server's main process (the engine runs in it)
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_bad_inputs_are_bounded(engine, http, client):
+    """The whole table three times: each answer within BAD_INPUT_SECONDS, the server's memory steady after the
+    first pass, and then it answers a normal request as before."""
+    assert engine.tokenizer_manager.vocab_size == VOCAB
+    rss = []
+    for _ in range(3):
+        for path, body, status, *_ in BAD_INPUTS:
+            start = time.monotonic()
+            r = post_bad(http, path, body)
+            assert time.monotonic() - start < BAD_INPUT_SECONDS, (path, str(body)[:100])
+            assert r.status_code == status
+        gc.collect()
+        rss.append(rss_mb())
+    assert rss[-1] - rss[0] < RSS_GROWTH_MB, rss
+    assert http.get("/health").status_code == 200
+    want = greedy(engine, PROMPT, 4)["text"]
+    assert complete(client, prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text == want
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/xml"])
+def test_body_must_be_sent_as_json(http, content_type):
+    """A JSON body under another content type (or none) is a 415 that names the type to use."""
+    for path, body in (("/v1/completions", {"prompt": PROMPT, "max_tokens": 1}), ("/generate", {"text": "x"}),
+                       ("/v1/chat/completions", {"messages": QUESTION})):
+        headers = {"content-type": content_type} if content_type else {}
+        r = http.post(path, content=json.dumps(body).encode(), headers=headers)
+        check_error(r, 415, None, "Content-Type: application/json")
+        assert r.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_lenient_where_harmless(engine, http):
+    """Unknown fields are ignored, as OpenAI's SDKs and vLLM expect (a client may add its own), except in
+    /generate's sampling_params (the table above); JSON's 2.0 is the integer 2; a UTF-8 BOM, a charset parameter
+    and `application/*+json` are fine; a huge temperature is allowed (it samples near-uniformly)."""
+    want = greedy(engine, PROMPT, 3)["text"]
+    body = {"prompt": PROMPT, "max_tokens": 3, "temperature": 0}
+    variants = [
+        ({**body, "metadata": {"k": [1, {"deep": None}]}, "service_tier": "auto"}, "application/json"),
+        ({**body, "max_tokens": 3.0, "n": 1.0, "seed": 7.0}, "application/json"),
+        (body, "application/json; charset=utf-8"),
+        (body, "application/vnd.api+json"),
+    ]
+    for variant, content_type in variants:
+        r = http.post("/v1/completions", content=json.dumps(variant).encode(), headers={"content-type": content_type})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, (variant, r.text[:300])
+    r = http.post("/v1/completions", content=b"\xef\xbb\xbf" + json.dumps(body).encode(),
+                  headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+    chat = {"messages": [{**QUESTION[0], "tool_call_id": None}], "max_tokens": 2, "stream_options": None, "x": 1}
+    assert http.post("/v1/chat/completions", json=chat).status_code == 200
+    native = {"text": PROMPT, "sampling_params": {"max_new_tokens": 3.0, "temperature": 0}, "extra": True}
+    assert http.post("/generate", json=native).json()["text"] == want
+    r = http.post("/v1/completions", json={**body, "temperature": 1e300})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
 def test_errors_do_not_echo_huge_inputs(http):
@@ -476,10 +666,13 @@ def test_405_has_allow_and_the_schema_says_400(http):
     assert "400" in responses and "422" not in json.dumps(schema["paths"])
 
 
-def test_a_huge_prompt_does_not_stall_other_requests(url):
+def test_a_huge_prompt_does_not_stall_other_requests(engine, url):
     """A multi-megabyte prompt is tokenized off the event loop: /health keeps answering at once meanwhile, and
-    the prompt is then refused as longer than the server accepts."""
-    body = json.dumps({"prompt": "hello world " * 400_000, "max_tokens": 1}).encode()  # 4.8 MB, ~800k tokens
+    the prompt is then refused as longer than the server accepts. (Its length is just under max_prompt_chars: a
+    longer one is refused at once, untokenized.)"""
+    unit = "漢字かな交じり文 "  # ~1.7 tokens a character: a slow text to tokenize
+    text = unit * (max_prompt_chars(engine.tokenizer_manager) // len(unit))
+    body = json.dumps({"prompt": text, "max_tokens": 1}).encode()  # ~8 MB escaped, ~2M tokens
     result: dict = {}
 
     def big() -> None:

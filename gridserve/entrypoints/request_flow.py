@@ -18,6 +18,11 @@ from gridserve.sampling.sampling_params import SamplingParams, json_integers
 # event loop (every other request, /health) must not wait for it. Shorter text is faster inline than a thread hop.
 OFF_LOOP_CHARS = 20_000
 _TOKENIZE_POOL = ThreadPoolExecutor(1, thread_name_prefix="gridserve-tokenize")
+# A token stands for at most as many characters as its vocabulary entry has (byte-level BPE: one per byte), times
+# this margin for normalizers that merge characters (NFC makes "e" + U+0301 one "é"). A longer text cannot fit the
+# context, so it is refused without tokenizing it (32 MB would take the tokenizing thread many seconds).
+_CHARS_PER_TOKEN_MARGIN = 4
+_LONGEST_TOKEN: dict[int, int | None] = {}  # by id(tokenizer)
 
 
 async def merge_streams(streams: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int, dict]]:
@@ -107,7 +112,29 @@ def text_size(items: list) -> int:
     return sum(len(x) for x in items if isinstance(x, str))
 
 
+def max_prompt_chars(tm) -> int | None:
+    """Characters beyond which a text cannot be a prompt of this server (None: the tokenizer has no vocabulary)."""
+    key = id(tm.tokenizer)
+    if key not in _LONGEST_TOKEN:
+        try:
+            _LONGEST_TOKEN[key] = max(len(piece) for piece in tm.tokenizer.get_vocab())
+        except Exception:  # noqa: BLE001 - an unusual tokenizer: every text gets tokenized
+            _LONGEST_TOKEN[key] = None
+    longest = _LONGEST_TOKEN[key]
+    return None if longest is None else (token_room(tm.info) - 1) * longest * _CHARS_PER_TOKEN_MARGIN
+
+
 def tokenize(tm, prompt: str | None = None, input_ids: list[int] | None = None, param: str = "prompt") -> list[int]:
+    """The prompt's token ids; too long a prompt (text or ids) is refused before the tokenizer or the id checks
+    spend time on it."""
+    room = token_room(tm.info)
+    limit = max_prompt_chars(tm) if prompt is not None else None
+    if limit is not None and len(prompt) > limit:
+        raise OpenAIError(400, f"{param}: the prompt has {len(prompt)} characters, more than fit in the {room - 1} "
+                          f"tokens this server accepts", param=param)
+    if input_ids is not None and len(input_ids) >= room:
+        raise OpenAIError(400, f"{param}: the prompt has {len(input_ids)} tokens, more than the {room - 1} this "
+                          f"server accepts", param=param)
     try:
         return tm.tokenize(prompt, input_ids)
     except InvalidParamError as e:
