@@ -22,7 +22,13 @@ from gridserve.launch_plan import LaunchPlan
 from gridserve.managers.node_link import HEARTBEAT_S, NodeAgent, NodeHub
 from gridserve.managers.tokenizer_manager import TokenizerManager
 from gridserve.model_loader.paths import resolve_model_path
-from gridserve.process_utils import describe_exit, process_state, spawn_without_main, terminate_processes
+from gridserve.process_utils import (
+    PEER_GONE_EXIT,
+    describe_exit,
+    process_state,
+    spawn_without_main,
+    terminate_processes,
+)
 from gridserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -248,23 +254,8 @@ class Deployment:
             ready = wait(list(sentinels), timeout=0.5)
             if self.stopping.is_set():
                 return
-            hung = stall.hung()
-            if hung and not stall.stopped and self._stopped_by_node0(3.0):
-                hung = None  # this node's ranks waited on another node's hung rank: node 0's stop names it
-            if hung:
-                # A stopped rank of this node is the cause itself; otherwise its ranks may wait on another node's
-                # hung rank, which that node reports: give its report a moment to come first (node 0).
-                reason = hung if stall.stopped else self._explain(hung)
-                if self.agent is not None:
-                    self.agent.failed(reason)
-            elif ready and not self._stopped_by_node0():
-                dead = [sentinels[s] for s in ready]
-                for _, proc in dead:
-                    proc.join(1)
-                # A rank's peers fail in their next collective with it: when the watchdog wakes to several deaths,
-                # the one killed by a signal is the cause, the ones that exited with code 1 followed it.
-                name, proc = min(dead, key=lambda d: d[1].exitcode is None or d[1].exitcode >= 0)
-                reason = self._explain(f"{name} (pid {proc.pid}) {describe_exit(proc.exitcode)}")
+            reason = self._local_failure([sentinels[s] for s in ready], stall)
+            if reason is not None:
                 if self.agent is not None:
                     self.agent.failed(reason)
             elif self.hub is not None and self.hub.lost:
@@ -274,22 +265,49 @@ class Deployment:
                                                    if self.agent.stop_reason else "node 0 stopped the deployment")
             else:
                 continue
-            if not (self.agent is not None and self.agent.stopped and not self.agent.stop_reason):
+            clean = self.agent is not None and self.agent.stopped and not self.agent.stop_reason
+            if not clean:
                 self.failure = reason
-            logger.error("%s; shutting the deployment down", reason)
+            logger.log(logging.INFO if clean else logging.ERROR, "%s; shutting the deployment down", reason)
             if self.tm is not None:
                 self.tm.fail_all(reason)
+            if self.hub is not None:  # before this node's ranks go: the other nodes then stop on node 0's word, with
+                self.hub.close(self.failure or "")  # its reason, not on their own ranks' failed collectives
             terminate_processes([p for _, p in self.procs])
             if self.on_child_death is not None:
                 self.on_child_death(reason)
             return
 
-    def _stopped_by_node0(self, grace_s: float = 1.0) -> bool:
-        """A rank of node k that dies while node 0 shuts down is no failure: node 0's stop may trail by a moment."""
+    def _local_failure(self, dead: list[tuple[str, mp.Process]], stall: "_StallClock") -> str | None:
+        """Why this node's own processes failed (a death, or a rank that hangs), naming the cause; None when they
+        did not, or (node k) when node 0 said stop meanwhile: its ranks then died or stalled because node 0's did."""
+        hung = stall.hung()
+        if hung:
+            # A stopped rank of this node is the cause itself. Otherwise its ranks may wait on another node's hung
+            # rank, which that node reports: node 0 gives the report a moment to come (_explain), node k node 0's stop.
+            if stall.stopped:
+                return hung
+            return None if self._stopped_by_node0(3.0, or_silent=True) else self._explain(hung)
+        if not dead or self._stopped_by_node0():
+            return None
+        for _, proc in dead:
+            proc.join(1)
+        # A rank's peers fail in their next collective with it: when the watchdog wakes to several deaths, name the
+        # cause (a process killed by a signal, else one that failed on its own), not a rank that only lost a peer.
+        name, proc = min(dead, key=lambda d: _blame_order(d[1].exitcode))
+        if proc.exitcode == PEER_GONE_EXIT and self._stopped_by_node0(3.0, or_silent=True):
+            return None  # its peer was on node 0, whose stop says why
+        return self._explain(f"{name} (pid {proc.pid}) {describe_exit(proc.exitcode)}")
+
+    def _stopped_by_node0(self, grace_s: float = 1.0, or_silent: bool = False) -> bool:
+        """A rank of node k that dies while node 0 shuts down is no failure: node 0's stop may trail by a moment.
+        or_silent: stop waiting when node 0 falls silent too (then _explain names it)."""
         if self.agent is None:
             return False
         deadline = time.monotonic() + grace_s
         while not self.agent.stopped and time.monotonic() < deadline:
+            if or_silent and self.agent.silence_s() > 2.5 * HEARTBEAT_S:
+                break
             time.sleep(0.05)
         return self.agent.stopped
 
@@ -353,6 +371,15 @@ class _StallClock:
         waiting = [n for n in stalled if n not in stopped]
         also = f"; also stalled, likely waiting on {'it' if len(stopped) == 1 else 'them'}: {', '.join(waiting)}"
         return f"{', '.join(stopped)} {what}: stopped (SIGSTOP, or a debugger){also if waiting else ''}"
+
+
+def _blame_order(exitcode: int | None) -> int:
+    """Which of several dead processes to name as the cause: lowest first."""
+    if exitcode is None:
+        return 3
+    if exitcode < 0:  # killed by a signal (the OOM killer, an operator)
+        return 0
+    return 2 if exitcode == PEER_GONE_EXIT else 1
 
 
 def node_address(args: ServerArgs) -> str:

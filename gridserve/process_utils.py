@@ -13,6 +13,7 @@ import setproctitle
 
 logger = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
+PEER_GONE_EXIT = 3  # a rank's exit status when a peer rank went away under it: a consequence, never the cause
 
 
 def init_child_process(title: str, log_level: str) -> int:
@@ -37,6 +38,8 @@ def describe_exit(code: int | None) -> str:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
         hint = " (exit code -9; possibly the out-of-memory killer)" if code == -signal.SIGKILL else ""
         return f"was killed by {name}{hint}"
+    if code == PEER_GONE_EXIT:
+        return f"exited with code {code} (a peer rank was gone)"
     return f"exited with code {code}"
 
 

@@ -92,7 +92,9 @@ class NodeHub:
         return [n for n, seen in self.last_seen.items() if now - seen > older_than_s]
 
     def close(self, reason: str = "") -> None:
-        """Tells every node to stop (with the failure that ends the deployment, if any) and closes the link."""
+        """Tells every node to stop (with the failure that ends the deployment, if any) and closes the link; once."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._thread.join(2)
         for node in list(self._ids):  # the thread is gone: this thread may use the socket now

@@ -15,7 +15,7 @@ from gridserve.distributed.ranks import RankInfo
 from gridserve.ipc import Channel, PortArgs, interface_of
 from gridserve.model_executor.model_runner import resolve_device
 from gridserve.model_loader.loader import load_model_config, resolve_model_path
-from gridserve.process_utils import init_child_process, parent_alive
+from gridserve.process_utils import PEER_GONE_EXIT, init_child_process, parent_alive
 from gridserve.scheduler.scheduler import Scheduler
 from gridserve.server_args import ServerArgs
 from gridserve.tokenizer import get_decoder
@@ -63,8 +63,8 @@ def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo,
         gone = _peer_gone(e)
         if gone:  # the launcher names the rank that died; a traceback here would point at the wrong one
             logger.error("a peer rank is gone (%s); exiting", gone)
-        else:
-            logger.exception("the event loop failed")
+            sys.exit(PEER_GONE_EXIT)
+        logger.exception("the event loop failed")
         sys.exit(1)
 
 
