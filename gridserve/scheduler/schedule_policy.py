@@ -66,3 +66,17 @@ class PrefillAdder:
             self.new_chunked = req
         self.budget -= req.extend_len
         self.batch.append(req)
+
+
+def admit(adder: PrefillAdder, ordered: list[Req]) -> list[Req]:
+    """The longest prefix of `ordered` (skipping requests still pending on the device) that the adder takes.
+    The caller removes them from its queue afterwards: removing while iterating the same list skipped every
+    other request (a burst was admitted half per step, out of order)."""
+    admitted = []
+    for req in ordered:
+        if req.pending:  # retracted while its newest token was still on the device: next time
+            continue
+        if not adder.add(req):
+            break
+        admitted.append(req)
+    return admitted

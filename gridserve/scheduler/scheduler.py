@@ -26,7 +26,7 @@ from gridserve.models.config import ModelConfig
 from gridserve.sampling.sampler import SampleOutput
 from gridserve.scheduler.kv_manager import KVManager
 from gridserve.scheduler.schedule_batch import Req, ScheduleBatch
-from gridserve.scheduler.schedule_policy import PrefillAdder, order_waiting
+from gridserve.scheduler.schedule_policy import PrefillAdder, admit, order_waiting
 from gridserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -274,12 +274,11 @@ class Scheduler:
             need = min(len(self.chunked_req.fill_ids) - self.chunked_req.kv_len, self.prefill_budget)
             self.retract(lambda: self.kv.available() >= need, keep=0)
             adder.add_chunked(self.chunked_req)
-        for req in order_waiting(self.waiting, self.args.schedule_policy, self.kv):
-            if req.pending:  # retracted while its newest token was still on the device: next time
-                continue
-            if not adder.add(req):
-                break
-            self.waiting.remove(req)
+        admitted = admit(adder, order_waiting(self.waiting, self.args.schedule_policy, self.kv))
+        if admitted:
+            taken = set(map(id, admitted))
+            self.waiting = [r for r in self.waiting if id(r) not in taken]
+        for req in admitted:
             if not req.admitted:
                 req.admitted, req.cached_tokens = True, req.kv_len
                 self.queue_times.append(time.perf_counter() - req.arrival_time)

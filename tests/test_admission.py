@@ -1,0 +1,99 @@
+"""Admission (issue 24): which waiting requests join a prefill batch. A property over random queues, budgets,
+slot caps and KV sizes, and a burst through a real scheduler (a tiny model, in-process): N <= cap requests are
+admitted in one step, N > cap in ceil(N / cap), every request's first token in arrival order."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gridserve.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPoolAllocator
+from gridserve.messages import BatchTokenIDOutput, TokenizedGenerateReq
+from gridserve.model_loader.loader import load_model_config
+from gridserve.sampling.sampling_params import SamplingParams
+from gridserve.scheduler.kv_manager import KVManager
+from gridserve.scheduler.schedule_batch import Req
+from gridserve.scheduler.schedule_policy import PrefillAdder, admit, reserved_decode_tokens
+from gridserve.scheduler.scheduler import Scheduler
+from gridserve.server_args import ServerArgs
+from tests.tiny_models import make_tiny_model
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(prompts=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 40)), min_size=0, max_size=30),
+       budget=st.integers(1, 400), slots=st.integers(1, 12), kv_size=st.integers(64, 600),
+       running=st.integers(0, 3), ratio=st.sampled_from([0.05, 0.4, 1.0]))
+def test_fcfs_admits_the_longest_prefix_that_fits_and_respects_every_bound(prompts, budget, slots, kv_size,
+                                                                           running, ratio):
+    pool = ReqToTokenPool(slots + running, 128)
+    kv = KVManager(pool, TokenToKVPoolAllocator(kv_size), use_radix_cache=False)
+    in_flight = []
+    for i in range(running):  # requests already decoding, holding a row and some KV
+        r = Req(f"run{i}", [1] * 8, SamplingParams(max_new_tokens=20), 0)
+        kv.attach(r)
+        r.kv_len = 8
+        pool.req_to_token[r.req_pool_idx, :8] = kv.allocator.alloc(8).to(torch.int32)
+        in_flight.append(r)
+    waiting = [Req(f"w{i}", list(range(1, n + 1)), SamplingParams(max_new_tokens=m), 0)
+               for i, (n, m) in enumerate(prompts)]
+    queue = list(waiting)
+    adder = PrefillAdder(kv, in_flight, budget, slots + running, ratio)
+    available = kv.available()
+    got = admit(adder, queue)
+
+    assert queue == waiting  # admission never edits the queue it reads
+    assert got == waiting[:len(got)]  # FCFS: a prefix of arrival order
+    assert len(got) <= slots and len({id(r) for r in got}) == len(got)
+    assert sum(r.extend_len for r in got) <= budget
+    chunked = [r for r in got if r.extend_len < len(r.fill_ids)]
+    assert chunked in ([], got[-1:])  # at most one request is split, and it is the last one taken
+    if got and (running or len(got) > 1):  # KV for the prompts and the decode room kept for everyone (ratio-scaled)
+        future = reserved_decode_tokens(in_flight + got, ratio)
+        assert sum(r.extend_len for r in got) + future <= available + len(got)  # int() rounds each request down
+    if len(got) < len(waiting):  # the next one in line did not fit: say which bound stopped it
+        nxt = waiting[len(got)]
+        taken = sum(r.extend_len for r in got)
+        reserved = reserved_decode_tokens(in_flight, ratio) + sum(int(_future(r, ratio)) for r in got)
+        room = available - reserved - taken
+        extend = len(nxt.fill_ids)
+        # it fits if its prompt and decode room do; alone (nothing else in flight), if its first chunk does
+        fits = extend + _future(nxt, ratio) <= room or (not got and not running and min(extend, budget) <= room)
+        assert len(got) == slots or taken >= budget or chunked or not fits, (len(got), room, extend)
+
+
+def _future(req: Req, ratio: float) -> float:
+    return min(req.params.max_new_tokens, 4096) * ratio
+
+
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model("llama", path)
+    args = ServerArgs(model_path=str(path), dtype="float32", device="cpu", max_total_tokens=4096,
+                      max_running_requests=16, show_progress=False)
+    outputs: list = []
+    sched = Scheduler(args, str(path), load_model_config(str(path)), None, recv=lambda block: [],
+                      send=outputs.append)
+    return sched, outputs
+
+
+@pytest.mark.parametrize("n", [12, 16, 40])
+def test_a_burst_takes_ceil_n_over_cap_prefill_steps_in_arrival_order(scheduler, n):
+    sched, outputs = scheduler
+    outputs.clear()
+    params = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    burst = [TokenizedGenerateReq(f"r{i}", [5 + i % 50, 7, 9, 11 + i % 7], params, i) for i in range(n)]
+    sched.process_input_requests(burst)  # all have arrived before the first step
+    steps = []
+    while sched.waiting or sched.running:
+        sched.run_step()
+        done = [rid for o in outputs if isinstance(o, BatchTokenIDOutput) for rid, f in
+                zip(o.reqs.rids, o.reqs.finished_reasons, strict=True) if f is not None]
+        outputs.clear()
+        steps.append(done)
+        assert len(steps) <= n, "admission stalls"
+    cap = sched.runner.max_running_requests
+    assert len(steps) == math.ceil(n / cap)  # one-token requests finish in the step that admits them
+    assert [rid for step in steps for rid in step] == [f"r{i}" for i in range(n)]
