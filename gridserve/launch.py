@@ -17,11 +17,11 @@ from multiprocessing.connection import wait
 
 import zmq
 
+from gridserve import preflight
 from gridserve.ipc import Channel, PortArgs, local_address_towards
 from gridserve.launch_plan import LaunchPlan
 from gridserve.managers.node_link import HEARTBEAT_S, NodeAgent, NodeHub
 from gridserve.managers.tokenizer_manager import TokenizerManager
-from gridserve.model_loader.paths import resolve_model_path
 from gridserve.process_utils import (
     PEER_GONE_EXIT,
     describe_exit,
@@ -97,8 +97,11 @@ class Deployment:
         self._started = time.monotonic()
         logger.info("node %d (%s) starts %s; IPC directory %s", args.node_rank, self.node_addr, plan.describe(),
                     ports.ipc_dir)
+        # before anything is spawned: a user's mistake must cost a second, not a model load
+        model_path, cfg = preflight.check_model(args)
+        preflight.check_device(args, plan.layout.ranks_per_node)
+        tokenizer = preflight.load_tokenizer(model_path, args.tokenizer_path) if plan.tokenizer_manager else None
         self._open_node_link()
-        model_path = resolve_model_path(args.model_path)
         # one shared counter per rank, advanced by its event loop: the watchdog's view of its progress
         self.progress = {f"scheduler {rank.name}": ctx.Value("Q", 0, lock=False) for rank in plan.ranks}
         readers = {name: self._spawn(ctx, name, _scheduler_main, (args, ports, rank, self.progress[name]))
@@ -107,13 +110,6 @@ class Deployment:
             readers["detokenizer"] = self._spawn(ctx, "detokenizer", _detokenizer_main, (args, ports, model_path))
         if plan.dp_controller:
             readers["dp_controller"] = self._spawn(ctx, "dp_controller", _dp_controller_main, (args, ports))
-        if plan.tokenizer_manager:  # while the children load the model
-            from gridserve.model_loader.loader import load_model_config
-            from gridserve.tokenizer import get_tokenizer
-
-            cfg = load_model_config(model_path)  # a bad split fails here, before the children have imported torch
-            cfg.check_parallel(args.tp_size, args.pp_size, args.pp_partition, args.ep_size)
-            tokenizer = get_tokenizer(model_path, args.tokenizer_path)
         infos = self._wait_ready(readers)
         scheduler_infos = [infos[f"scheduler {rank.name}"] for rank in plan.ranks]
         if self.agent is not None:

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 
+from gridserve import preflight
 from gridserve.launch import ChildFailedError, launch_subprocesses
 from gridserve.process_utils import in_main_thread
 from gridserve.server_args import ServerArgs
@@ -171,6 +172,7 @@ def run(args: ServerArgs) -> int:
     if not in_main_thread():
         raise RuntimeError("launch_server must run in the main thread (it owns the signal handlers)")
     try:
+        preflight.check_port(args.host, args.port)  # before anything starts (a node > 0 serves /health there)
         if args.node_rank > 0:
             return serve_node(args)
         return serve_grpc(args) if args.grpc_mode else launch_server(args)

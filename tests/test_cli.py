@@ -149,3 +149,34 @@ def test_attention_backends_come_from_one_registry():
         make_attention_backend("flash", torch.device("cpu"))  # never silently the torch backend
     with pytest.raises(ValueError, match="--attention-backend must be one of"):
         ServerArgs(attention_backend="flash")
+
+
+def test_a_taken_port_fails_before_any_child_process_starts():
+    import socket
+    import time
+
+    from tests.server_utils import free_port
+
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        start = time.monotonic()
+        p = run("serve", "--port", str(port), "--log-level", "info")
+    assert p.returncode == 1 and f"--port {port}: cannot listen on 127.0.0.1:{port}" in p.stderr, p.stderr
+    assert "starts ranks" not in p.stderr and "Traceback" not in p.stderr  # nothing was spawned
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent"], "--model-path: model '/nonexistent' is neither a Hugging Face model folder"),
+    (["--device", "cuda"], "--device cuda: this torch"),
+])
+def test_common_mistakes_are_one_line_errors(args, message):
+    import torch
+
+    if args[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    p = run("generate", "Hi", "--max-total-tokens", "256", "--no-show-progress", *args)
+    assert p.returncode == 1 and message in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
