@@ -198,6 +198,13 @@ def test_stop_strings(engine, client):
     assert got.choices[0].text == want and got.choices[0].finish_reason == "stop"
     chunks = list(complete(client, prompt=PROMPT, max_tokens=12, temperature=0, stop=stop, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == want and chunks[-1].choices[0].finish_reason == "stop"
+    assert got.choices[0].matched_stop == stop and chunks[-1].choices[0].matched_stop == stop  # as SGLang says it
+    chat = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=200, temperature=0)
+    if chat.choices[0].finish_reason == "stop":  # ended by the end-of-turn token: its id
+        assert isinstance(chat.choices[0].matched_stop, int)
+    length = complete(client, prompt=PROMPT, max_tokens=2, temperature=0, extra_body={"ignore_eos": True})
+    assert length.choices[0].finish_reason == "length" and length.choices[0].matched_stop is None
 
 
 def test_completion_prompt_forms(engine, client):

@@ -10,6 +10,12 @@ MAX_TOP_LOGPROBS = 20
 MIN_LOGPROB = -9999.0
 
 
+def matched_stop(out: dict) -> int | str | None:
+    """What stopped a request (SGLang's `matched_stop`): the stop token id or the stop string; None otherwise."""
+    reason = out["meta_info"]["finish_reason"]
+    return reason.get("matched") if reason is not None and reason["type"] == "stop" else None
+
+
 def finish_reason(out: dict) -> str | None:
     reason = out["meta_info"]["finish_reason"]
     return None if reason is None else ("length" if reason["type"] == "length" else "stop")

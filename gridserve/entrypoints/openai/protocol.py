@@ -238,6 +238,7 @@ class CompletionChoice(ResponseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    matched_stop: int | str | None = None  # SGLang's: the stop token id or string that ended it
 
 
 class CompletionResponse(ResponseModel):
@@ -273,6 +274,7 @@ class ChatChoice(ResponseModel):
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    matched_stop: int | str | None = None  # SGLang's: the stop token id or string that ended it
 
 
 class ChatCompletionResponse(ResponseModel):
@@ -294,6 +296,7 @@ class ChatChunkChoice(ResponseModel):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    matched_stop: int | str | None = None  # SGLang's: the stop token id or string that ended it
 
 
 class ChatCompletionChunk(ResponseModel):

@@ -9,7 +9,14 @@ from fastapi import Request
 from starlette.responses import Response
 
 from gridserve.entrypoints.http_errors import OpenAIError, bad_request, check_alive, check_model
-from gridserve.entrypoints.openai.output import TokenStrings, clamp_logprob, finish_reason, new_logprobs, usage
+from gridserve.entrypoints.openai.output import (
+    TokenStrings,
+    clamp_logprob,
+    finish_reason,
+    matched_stop,
+    new_logprobs,
+    usage,
+)
 from gridserve.entrypoints.openai.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -72,6 +79,7 @@ class OpenAIServingChat:
             return SSEResponse(sse_stream(self._chunks(rid, body, reqs)))
         finals = await cancel_on_disconnect(request, collect_finals(tm, reqs))
         choices = [ChatChoice(index=i, message=ChatMessageOut(content=out["text"]), finish_reason=finish_reason(out),
+                              matched_stop=matched_stop(out),
                               logprobs=self._logprobs(out, 0, body.top_logprobs or 0) if body.logprobs else None)
                    for i, out in enumerate(finals)]
         response = ChatCompletionResponse(id=rid, model=tm.served_model_name, choices=choices,
@@ -114,7 +122,8 @@ class OpenAIServingChat:
                 if not out["delta"] and reason is None and not (logprobs and logprobs.content):
                     continue  # text held back (a possible stop string, half a character): nothing to say yet
                 delta = DeltaMessage(content=out["delta"] if out["delta"] or reason is None else None)
-                yield chunk(ChatChunkChoice(index=i, delta=delta, logprobs=logprobs, finish_reason=reason))
+                yield chunk(ChatChunkChoice(index=i, delta=delta, logprobs=logprobs, finish_reason=reason,
+                                            matched_stop=matched_stop(out)))
         if body.include_usage:
             yield chunk(None, usage(finals, len(reqs)))
 

@@ -9,7 +9,14 @@ from fastapi import Request
 from starlette.responses import Response
 
 from gridserve.entrypoints.http_errors import OpenAIError, check_alive, check_batch_size, check_model
-from gridserve.entrypoints.openai.output import TokenStrings, clamp_logprob, finish_reason, new_logprobs, usage
+from gridserve.entrypoints.openai.output import (
+    TokenStrings,
+    clamp_logprob,
+    finish_reason,
+    matched_stop,
+    new_logprobs,
+    usage,
+)
 from gridserve.entrypoints.openai.protocol import (
     CompletionChoice,
     CompletionChunk,
@@ -54,6 +61,7 @@ class OpenAIServingCompletion:
             return SSEResponse(sse_stream(self._chunks(rid, body, reqs, params.n)))
         finals = await cancel_on_disconnect(request, collect_finals(tm, reqs))
         choices = [CompletionChoice(index=i, text=out["text"], finish_reason=finish_reason(out),
+                                    matched_stop=matched_stop(out),
                                     logprobs=self._logprobs(out, 0, 0)[0] if body.logprobs is not None else None)
                    for i, out in enumerate(finals)]
         response = CompletionResponse(id=rid, model=tm.served_model_name, choices=choices,
@@ -104,7 +112,8 @@ class OpenAIServingCompletion:
                 reason = finish_reason(out)
                 if not out["delta"] and reason is None and not (logprobs and logprobs.tokens):
                     continue  # text held back (a possible stop string, half a character): nothing to say yet
-                choice = CompletionChoice(index=i, text=out["delta"], logprobs=logprobs, finish_reason=reason)
+                choice = CompletionChoice(index=i, text=out["delta"], logprobs=logprobs, finish_reason=reason,
+                                          matched_stop=matched_stop(out))
                 yield CompletionChunk(id=rid, created=created, model=model, choices=[choice]).to_json()
         if body.include_usage:
             yield CompletionChunk(id=rid, created=created, model=model, choices=[],
