@@ -500,6 +500,7 @@ def test_bad_inputs_are_bounded(engine, http, client):
             assert r.status_code == status
         gc.collect()
         rss.append(rss_mb())
+    print(f"RSS after each pass (MB): {rss}")
     assert rss[-1] - rss[0] < RSS_GROWTH_MB, rss
     assert http.get("/health").status_code == 200
     want = greedy(engine, PROMPT, 4)["text"]
