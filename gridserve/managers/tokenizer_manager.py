@@ -158,8 +158,10 @@ class TokenizerManager:
                 return
             try:
                 send(msg)
-            except Exception:  # a closed socket at shutdown; never let the thread die silently mid-run
+            except Exception as e:  # a closed socket at shutdown, or a message that cannot be encoded
                 logger.exception("sending %s to the schedulers failed", type(msg).__name__)
+                if isinstance(msg, TokenizedGenerateReq):  # its caller waits for outputs that will never come
+                    self._fail_request(msg.rid, f"the request could not be sent to the scheduler: {e!r}"[:300])
 
     def close(self) -> None:
         """Stops the sender thread (after what is queued)."""
@@ -214,7 +216,8 @@ class TokenizerManager:
         if type(top_logprobs_num) is not int or top_logprobs_num < 0:
             raise InvalidParamError("top_logprobs_num", f"must be an int >= 0, got {top_logprobs_num!r}")
         base = params.seed if params.seed is not None else self.seed_rng.getrandbits(63)
-        return [TokenizedGenerateReq(uuid.uuid4().hex, input_ids, params, base + i, return_logprob,
+        # choice i's seed wraps within 64 bits: a seed near 2**64 with n > 1 must still cross a node (msgpack)
+        return [TokenizedGenerateReq(uuid.uuid4().hex, input_ids, params, (base + i) % 2**64, return_logprob,
                                      top_logprobs_num, routed_dp_rank) for i in range(params.n)]
 
     # ---- streaming results ----------------------------------------------------------------------
@@ -322,6 +325,16 @@ class TokenizerManager:
         (the whole deployment's, repeated in each: a leak check sees every process's count in one place)."""
         return [{"dp_rank": r.dp_rank, **r.data, "front_end_requests": len(self.rid_to_state)}
                 for r in await self._rpc(GetInternalStateReq())]
+
+    def _fail_request(self, rid: str, message: str) -> None:
+        """Ends one waiting request with an error (from the sender thread)."""
+        state = self.rid_to_state.get(rid)
+        if state is None:
+            return
+        state.finished = True
+        state.steps.append(StepOut("", ReqOutputs.aborted(rid, message, state.prompt_tokens, 0),
+                                   0, time.perf_counter()))
+        self._wake([state])
 
     def fail_all(self, message: str) -> None:
         """A scheduler is gone: every waiting request ends with an error instead of hanging."""
