@@ -70,7 +70,7 @@ def launch_server(args: ServerArgs) -> int:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame) -> None:  # SIGTERM / SIGINT: open streams end with an error event
-            deployment.tm.fail_all(f"the server is shutting down ({signal.Signals(sig).name})")
+            deployment.tm.fail_all(f"stopped by {signal.Signals(sig).name}")
             super().handle_exit(sig, frame)
 
     try:
@@ -113,7 +113,7 @@ def serve_grpc(args: ServerArgs) -> int:
         task = asyncio.create_task(serve_grpc_forever(deployment.tm, args, args.host, args.port))
 
         def stop(sig: signal.Signals) -> None:  # streams end with an error, then the server stops
-            deployment.tm.fail_all(f"the server is shutting down ({sig.name})")
+            deployment.tm.fail_all(f"stopped by {sig.name}")
             loop.call_later(0.2, task.cancel)
 
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -232,7 +232,7 @@ def test_sigterm_is_a_clean_shutdown(server):
     assert server.proc.returncode == 0, server.output()[-2000:]
     assert wait_gone(tree, max(0.1, 10 - (time.monotonic() - start))) == []
     assert not os.path.exists(ipc_dir)
-    assert events[-1] == "data: [DONE]" and "shutting down (SIGTERM)" in events[-2], events[-3:]
+    assert events[-1] == "data: [DONE]" and "the server is shutting down: stopped by SIGTERM" in events[-2], events[-3:]
 
 
 def test_children_die_with_a_killed_main_process():
