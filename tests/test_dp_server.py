@@ -18,17 +18,14 @@ from gridserve.entrypoints.engine import Engine
 from gridserve.entrypoints.grpc import gridserve_pb2 as pb
 from gridserve.entrypoints.grpc import gridserve_pb2_grpc as pb_grpc
 from tests.server_utils import GRIDSERVE, ServerProcess, assert_killing_ends_deployment, listening_addresses
-from tests.test_pp_server import _qwen_tokenizer_dir
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import tiny_server_args
 
 PROMPTS = [[(7 * i + 3 * j) % 200 + 5 for j in range(5 + 3 * i)] for i in range(8)]  # token ids in both vocabularies
 
 
 @pytest.fixture(scope="module")
 def model_args(tmp_path_factory) -> tuple[str, ...]:
-    path = tmp_path_factory.mktemp("tiny-qwen3")
-    make_tiny_model("qwen3", path)
-    return ("--model", str(path), "--tokenizer-path", _qwen_tokenizer_dir(), "--dtype", "float32")
+    return tiny_server_args("qwen3", tmp_path_factory.mktemp("tiny-qwen3"))
 
 
 @pytest.fixture(scope="module")

@@ -57,8 +57,7 @@ import pytest
 from tests.netns_utils import can_make_namespaces, enter_namespace, namespace_pair
 from tests.server_utils import InFlight, ServerProcess, descendants, health_body, ipc_dir, wait_gone
 from tests.test_multinode import TIMEOUT, TwoNodes
-from tests.test_pp_server import _qwen_tokenizer_dir
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import tiny_server_args
 
 TOPOLOGIES = {"single": (), "tp2pp2": ("--tp", "2", "--pp", "2"), "dp2": ("--dp", "2")}
 RANKS = {"single": ["dp0 pp0 tp0"], "tp2pp2": [f"dp0 pp{p} tp{t}" for p in (0, 1) for t in (0, 1)],
@@ -131,9 +130,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="module")
 def model_args(tmp_path_factory) -> tuple[str, ...]:
-    path = tmp_path_factory.mktemp("tiny-qwen3")
-    make_tiny_model("qwen3", path)  # 4 heads, 2 KV heads, 3 layers: splits over tp 2 and pp 2
-    return ("--model", str(path), "--tokenizer-path", _qwen_tokenizer_dir(), "--dtype", "float32")
+    # 4 heads, 2 KV heads, 3 layers: splits over tp 2 and pp 2
+    return tiny_server_args("qwen3", tmp_path_factory.mktemp("tiny-qwen3"))
 
 
 class _Starter:

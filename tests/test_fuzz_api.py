@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Con
 
 from gridserve.entrypoints.openai.output import _byte_decoder
 from tests.server_utils import ServerProcess
-from tests.test_pp_server import _qwen_tokenizer_dir
+from tests.tiny_models import qwen_tokenizer_dir
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/generate")
 # Valid cases (positive: the schema allows them), valid streaming ones, invalid ones (negative: it does not).
@@ -67,7 +67,7 @@ def make_byte_model(path) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])  # ids 256, 257, 258
-    with open(os.path.join(_qwen_tokenizer_dir(), "tokenizer_config.json")) as f:
+    with open(os.path.join(qwen_tokenizer_dir(), "tokenizer_config.json")) as f:
         template = json.load(f)["chat_template"]
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                             chat_template=template, clean_up_tokenization_spaces=False).save_pretrained(path)

@@ -24,7 +24,7 @@ def model(tmp_path_factory):
             out = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS,
                               eos_token_id=None, pad_token_id=0)
             want.append(out[0, len(p):].tolist())
-    args = ("--model", str(path), "--tokenizer-path", qwen_tokenizer_dir(), "--dtype", "float32")
+    args = ("--model", str(path), "--tokenizer-path", qwen_tokenizer_dir(), "--dtype", "float32")  # as saved above
     return args, str(path), want
 
 

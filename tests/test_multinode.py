@@ -15,8 +15,7 @@ import pytest
 from tests.netns_utils import ADDRS, NamespaceClient, can_make_namespaces, enter_namespace, link_down, namespace_pair
 from tests.server_utils import InFlight, ServerProcess, descendants, wait_gone
 from tests.test_dp_server import PROMPTS
-from tests.test_pp_server import _qwen_tokenizer_dir
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import tiny_server_args
 
 pytestmark = pytest.mark.skipif(can_make_namespaces() is not None, reason=str(can_make_namespaces()))
 TIMEOUT = 8  # --dist-timeout: the start-up rendezvous, collectives and heartbeats
@@ -25,9 +24,7 @@ WATCHDOG_S = 3  # --watchdog-timeout where a test stops a rank
 
 @pytest.fixture(scope="module")
 def tiny_args(tmp_path_factory) -> tuple[str, ...]:
-    path = tmp_path_factory.mktemp("tiny-qwen3")
-    make_tiny_model("qwen3", path)
-    return ("--model", str(path), "--tokenizer-path", _qwen_tokenizer_dir(), "--dtype", "float32")
+    return tiny_server_args("qwen3", tmp_path_factory.mktemp("tiny-qwen3"))
 
 
 class TwoNodes:

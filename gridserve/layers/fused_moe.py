@@ -48,6 +48,13 @@ def sort_by_expert(local_ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 
 @triton.jit
+def _block_slots(sorted_ptr, pid_m, num_slots, BLOCK_M: tl.constexpr):
+    """The sorted slot ids of block pid_m, and which of them are real (padding holds num_slots)."""
+    slots = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    return slots, slots < num_slots
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, num_slots, top_k, hidden, inter,
                     stride_xm, stride_we, stride_wn, stride_om,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -55,9 +62,7 @@ def _gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, num_slots, to
     e = tl.load(expert_ptr + pid_m)
     if e < 0:
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_ptr + rows)
-    row_ok = slots < num_slots
+    slots, row_ok = _block_slots(sorted_ptr, pid_m, num_slots, BLOCK_M)
     tokens = slots // top_k
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < inter
@@ -88,9 +93,7 @@ def _down_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, weight_ptr, num_
     e = tl.load(expert_ptr + pid_m)
     if e < 0:
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_ptr + rows)
-    row_ok = slots < num_slots
+    slots, row_ok = _block_slots(sorted_ptr, pid_m, num_slots, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
