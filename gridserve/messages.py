@@ -66,6 +66,7 @@ class SchedulerStats:
     prompt_tokens_total: int = 0
     cached_prompt_tokens_total: int = 0
     gen_throughput: float = 0.0  # decode tokens/s over the last log interval (SGLang's gen_throughput)
+    num_queue_full: int = 0  # requests refused since start because the waiting queue was full
     queue_times: list[float] = field(default_factory=list)  # seconds waited by requests admitted since the last send
 
     @property

@@ -41,6 +41,8 @@ class Metrics:
         self.num_used_tokens = gauge("num_used_tokens", "KV cache slots held by requests.")
         self.max_total_num_tokens = gauge("max_total_num_tokens", "KV cache size in tokens.")
         self.gen_throughput = gauge("gen_throughput", "Decode throughput over the last log interval (tokens/s).")
+        self.num_queue_full = gauge("num_queue_full_requests", "Requests refused because the waiting queue was full "
+                                    "(--max-queued-requests; since start).")
         self.queue_time = histogram("queue_time_seconds", "Time a request waited before its first prefill.",
                                     _QUEUE_BUCKETS)
         for dp_rank in range(dp_size):  # every replica's series exists (at 0) before its first report
@@ -67,6 +69,7 @@ class Metrics:
         self.num_used_tokens.labels(**replica).set(s.used_tokens)
         self.max_total_num_tokens.labels(**replica).set(s.max_total_num_tokens)
         self.gen_throughput.labels(**replica).set(s.gen_throughput)
+        self.num_queue_full.labels(**replica).set(s.num_queue_full)
         for t in s.queue_times:
             self.queue_time.observe(t)
 

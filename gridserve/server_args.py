@@ -29,8 +29,8 @@ GROUPS = {
     "model": ["model_path", "tokenizer_path", "dtype", "device", "load_format", "context_length", "random_seed",
               "served_model_name"],
     "memory": ["max_total_tokens", "mem_fraction_static"],
-    "scheduling": ["max_running_requests", "max_prefill_tokens", "chunked_prefill_size", "schedule_policy",
-                   "schedule_conservativeness", "disable_radix_cache", "watchdog_timeout"],
+    "scheduling": ["max_running_requests", "max_queued_requests", "max_prefill_tokens", "chunked_prefill_size",
+                   "schedule_policy", "schedule_conservativeness", "disable_radix_cache", "watchdog_timeout"],
     "GPU speed": ["attention_backend", "cuda_graph_max_bs", "disable_cuda_graph", "piecewise_cuda_graph_max_tokens",
                   "disable_piecewise_cuda_graph", "disable_overlap_schedule", "enable_overlap_schedule"],
     "parallelism": ["tp_size", "ep_size", "pp_size", "pp_max_micro_batch_size", "pp_layer_partition", "dp_size",
@@ -63,6 +63,8 @@ class ServerArgs:
     max_total_tokens: int | None = _opt(None, "KV cache size in tokens (default: from memory)")
     mem_fraction_static: float = _opt(0.85, "GPU memory fraction for weights + KV cache")
     max_running_requests: int | None = _opt(None, "max requests decoding at once")
+    max_queued_requests: int | None = _opt(None, "most requests waiting in a replica's queue; a request beyond it gets "
+                                                 "503 at once (default: no limit)")
     max_prefill_tokens: int = _opt(16384, "max new tokens in one prefill batch")
     chunked_prefill_size: int = _opt(8192, "prefill long prompts in chunks of this many tokens; -1 = off")
     schedule_policy: str = _opt("fcfs", "waiting-queue order: fcfs, or lpm (longest cached prefix first)")
@@ -124,7 +126,8 @@ class ServerArgs:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(self, name)!r}")
-        positive = ["cpu_threads", "max_request_bytes", "context_length", "max_total_tokens", "max_running_requests",
+        positive = ["cpu_threads", "max_queued_requests",
+                    "max_request_bytes", "context_length", "max_total_tokens", "max_running_requests",
                     "max_prefill_tokens", "cuda_graph_max_bs", "piecewise_cuda_graph_max_tokens",
                     "pp_max_micro_batch_size"]
         for name in positive:

@@ -97,3 +97,22 @@ def test_a_burst_takes_ceil_n_over_cap_prefill_steps_in_arrival_order(scheduler,
     cap = sched.runner.max_running_requests
     assert len(steps) == math.ceil(n / cap)  # one-token requests finish in the step that admits them
     assert [rid for step in steps for rid in step] == [f"r{i}" for i in range(n)]
+
+
+def test_a_full_queue_refuses_at_once_and_holds_nothing(tmp_path):
+    make_tiny_model("llama", tmp_path)
+    args = ServerArgs(model_path=str(tmp_path), dtype="float32", device="cpu", max_total_tokens=1024,
+                      max_running_requests=4, max_queued_requests=3, show_progress=False)
+    outputs: list = []
+    sched = Scheduler(args, str(tmp_path), load_model_config(str(tmp_path)), None, recv=lambda block: [],
+                      send=outputs.append)
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    sched.process_input_requests([TokenizedGenerateReq(f"r{i}", [5, 6, 7], params, i) for i in range(5)])
+    refused = {rid: f for o in outputs for rid, f in zip(o.reqs.rids, o.reqs.finished_reasons, strict=True)}
+    assert [r.rid for r in sched.waiting] == ["r0", "r1", "r2"]  # the first three wait, in order
+    assert set(refused) == {"r3", "r4"} and all(f["status_code"] == 503 and "--max-queued-requests" in f["message"]
+                                                for f in refused.values())
+    assert sched.stats().num_queue_full == 2
+    while sched.waiting or sched.running:
+        sched.run_step()
+    assert sched.kv.req_pool.available_size() == 4  # the refused ones never took a row

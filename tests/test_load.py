@@ -177,3 +177,32 @@ def test_a_quarter_sized_kv_pool_retracts_and_still_gives_the_same_outputs(serve
               f"{state['num_retracted']} retractions, outputs equal to the large pool's")
     finally:
         small.stop()
+
+
+def test_a_full_queue_is_a_503_at_once_and_counted(tiny_args):
+    import threading
+
+    s = ServerProcess(*tiny_args, "--max-running-requests", "1", "--max-queued-requests", "1")
+    try:
+        long = {"prompt": [5, 6, 7], "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(
+            httpx.post(f"{s.url}/v1/completions", json=long, timeout=120).status_code)) for _ in range(2)]
+        for t in threads:  # one runs, one waits
+            t.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{s.url}/server_info", timeout=10).json()["internal_states"][0]["num_waiting"] < 1:
+            assert time.monotonic() < deadline, "the second request never queued"
+            time.sleep(0.05)
+        start = time.monotonic()
+        r = httpx.post(f"{s.url}/v1/completions", json={**long, "max_tokens": 4}, timeout=30)
+        assert r.status_code == 503 and time.monotonic() - start < 5
+        err = r.json()["error"]
+        assert err["code"] == "queue_full" and "--max-queued-requests" in err["message"]
+        for t in threads:
+            t.join(120)
+        assert results == [200, 200]  # the running and the queued request are unharmed
+        assert metrics(s.url)["gridserve:num_queue_full_requests"] == 1
+        assert _wait_idle(s.url)["used_tokens"] == 0
+    finally:
+        s.stop()

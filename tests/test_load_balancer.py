@@ -266,3 +266,15 @@ def test_tree_bounded_never_overclaims(seqs, bound):
         assert t.match(s, touch=False) == min(len(s), bound - bound // 10)  # the newest insert survives
     for s in seqs:
         assert t.match(s) <= len(s)
+
+
+@pytest.mark.parametrize("method", ["round_robin", "cache_aware", "total_requests"])
+def test_a_full_replica_is_routed_around_until_every_replica_is_full(method):
+    lb = LoadBalancer(method, 2, max_queued=2)
+    prompt = list(range(300))
+    lb.on_report(SchedulerStats(dp_rank=0, num_received=0, num_waiting=2, num_running=1))  # replica 0 is full
+    assert [lb.choose(prompt) for _ in range(2)] == [1, 1]  # replica 1 takes both (2 now on their way to it)
+    lb.choose(prompt)  # both full: the method's own choice goes through, and that replica refuses it (503)
+    assert [r.sent for r in lb.replicas] in ([1, 2], [0, 3])
+    lb.on_report(SchedulerStats(dp_rank=0, num_received=0, num_waiting=0, num_running=1))  # replica 0 drained
+    assert lb.choose(prompt) == 0

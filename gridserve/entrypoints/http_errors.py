@@ -47,6 +47,8 @@ def abort_error(reason: dict, completion_tokens: int, dead_reason: str | None) -
     message = reason.get("message") or "the request was aborted"
     if dead_reason:
         return OpenAIError(503, f"the server is shutting down: {dead_reason}", code="service_unavailable")
+    if reason.get("status_code") == 503:  # the scheduler's queue is full: retry later
+        return OpenAIError(503, message, code="queue_full", err_type="server_error")
     if completion_tokens == 0:  # refused at admission: the scheduler found the request itself invalid
         return OpenAIError(400, message)
     return OpenAIError(500, f"generation failed: {message}")

@@ -63,8 +63,8 @@ def run_data_parallel_controller_process(args, port_args, pipe_writer) -> None:
         # sends never block: while a lost node goes unnoticed, the other replicas keep being served.
         pushes = [Channel(ctx, zmq.PUSH, r.scheduler_input, typed, bind=r.remote, block=not r.remote)
                   for r in port_args.replicas]
-        controller = DataParallelController(LoadBalancer(args.load_balance_method, args.dp_size),
-                                            [push.send for push in pushes])
+        balancer = LoadBalancer(args.load_balance_method, args.dp_size, max_queued=args.max_queued_requests)
+        controller = DataParallelController(balancer, [push.send for push in pushes])
     except Exception:
         pipe_writer.send({"status": "error", "message": traceback.format_exc()})
         sys.exit(1)

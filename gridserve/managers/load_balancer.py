@@ -168,10 +168,12 @@ class PrefixTree:
 
 
 class _Replica:
-    __slots__ = ("reported_reqs", "reported_tokens", "received", "sent", "transit", "transit_tokens", "tree")
+    __slots__ = ("reported_reqs", "reported_waiting", "reported_tokens", "received", "sent", "transit",
+                 "transit_tokens", "tree")
 
     def __init__(self, tree: PrefixTree | None):
         self.reported_reqs = 0  # running + waiting in the last accepted report
+        self.reported_waiting = 0
         self.reported_tokens = 0  # tokens_in_flight in the last accepted report
         self.received = 0  # num_received of the last accepted report
         self.sent = 0  # requests dispatched to it since start
@@ -183,7 +185,7 @@ class _Replica:
 class LoadBalancer:
     """Chooses a replica per request and tracks replica loads from dispatches and load reports."""
 
-    def __init__(self, method: str, dp_size: int, tree_tokens: int | None = None):
+    def __init__(self, method: str, dp_size: int, tree_tokens: int | None = None, max_queued: int | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown load balance method {method!r}; expected one of {METHODS}")
         if dp_size < 1:
@@ -194,6 +196,7 @@ class LoadBalancer:
         bound = DEFAULT_TREE_TOKENS if tree_tokens is None else tree_tokens
         self.replicas = [_Replica(PrefixTree(bound) if method == "cache_aware" else None) for _ in range(dp_size)]
         self._next = 0  # round robin position
+        self.max_queued = max_queued  # --max-queued-requests: a replica with this many waiting is full
 
     def loads(self) -> list[tuple[int, int]]:
         """(requests, tokens) per replica: the last report plus the requests in transit."""
@@ -212,8 +215,18 @@ class LoadBalancer:
             rank = min(range(self.dp_size), key=lambda i: (loads[i][1], loads[i][0], i))
         else:
             rank = self._choose_cache_aware(input_ids)
+        if self._full(rank):  # another replica with room takes it; when all are full, the choice refuses it
+            room = [i for i in range(self.dp_size) if not self._full(i)]
+            if room:
+                loads = self.loads()
+                rank = min(room, key=lambda i: (loads[i][0], i))
         self.dispatch(rank, input_ids)
         return rank
+
+    def _full(self, i: int) -> bool:
+        """Whether replica i's queue is full, counting the requests on their way to it as waiting."""
+        r = self.replicas[i]
+        return self.max_queued is not None and r.reported_waiting + len(r.transit) >= self.max_queued
 
     def _choose_cache_aware(self, input_ids: list[int]) -> int:
         reqs = [load[0] for load in self.loads()]
@@ -247,6 +260,7 @@ class LoadBalancer:
             return
         r.received = stats.num_received
         r.reported_reqs = stats.num_running + stats.num_waiting
+        r.reported_waiting = stats.num_waiting
         r.reported_tokens = stats.tokens_in_flight
         # The replica took in the oldest dispatches: the last (sent - received) ones are still in transit.
         in_transit = max(0, r.sent - r.received)

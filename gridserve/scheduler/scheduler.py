@@ -65,6 +65,7 @@ class Scheduler:
         self.min_new_token_ratio = min(1.0, MIN_NEW_TOKEN_RATIO * args.schedule_conservativeness)
         self.new_token_ratio = min(1.0, INIT_NEW_TOKEN_RATIO * args.schedule_conservativeness)
         self.num_retracted = 0
+        self.num_queue_full = 0  # requests refused because the waiting queue was full
         self.prompt_tokens_total = 0
         self.cached_prompt_tokens_total = 0
         self.stopped = False
@@ -154,6 +155,13 @@ class Scheduler:
             req.finished_reason = {"type": "abort", "message": error}
             self._send([req])
             return
+        limit = self.args.max_queued_requests
+        if limit is not None and len(self.waiting) >= limit:  # refused at once: nothing queued, nothing held
+            self.num_queue_full += 1
+            req.finished_reason = {"type": "abort", "status_code": 503, "message": f"the waiting queue is full "
+                                   f"({limit} requests, --max-queued-requests); retry shortly"}
+            self._send([req])
+            return
         self.waiting.append(req)
 
     def _validate(self, req: Req) -> str | None:
@@ -199,7 +207,7 @@ class Scheduler:
             max_total_num_tokens=total, used_tokens=total - kv.allocator.available_size() - cached,
             cached_tokens=cached, num_retracted=self.num_retracted, num_evicted_tokens=kv.num_evicted_tokens,
             prompt_tokens_total=self.prompt_tokens_total, cached_prompt_tokens_total=self.cached_prompt_tokens_total,
-            gen_throughput=self.gen_throughput,
+            gen_throughput=self.gen_throughput, num_queue_full=self.num_queue_full,
             tokens_in_flight=sum(r.num_tokens for r in self.in_flight()) if with_tokens else 0)
 
     def in_flight(self) -> list[Req]:
