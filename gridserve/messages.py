@@ -21,6 +21,7 @@ class TokenizedGenerateReq:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     routed_dp_rank: int | None = None  # the DP replica the client asked for; None = the load balancer picks
+    priority: int | None = None  # --enable-priority-scheduling: larger goes first (unless low values first)
 
 
 @dataclass

@@ -30,7 +30,9 @@ GROUPS = {
               "served_model_name"],
     "memory": ["max_total_tokens", "mem_fraction_static"],
     "scheduling": ["max_running_requests", "max_queued_requests", "max_prefill_tokens", "chunked_prefill_size",
-                   "schedule_policy", "schedule_conservativeness", "disable_radix_cache", "watchdog_timeout"],
+                   "schedule_policy", "schedule_conservativeness", "disable_radix_cache", "watchdog_timeout",
+                   "enable_priority_scheduling", "schedule_low_priority_values_first",
+                   "priority_scheduling_preemption_threshold", "abort_on_priority_when_disabled"],
     "GPU speed": ["attention_backend", "cuda_graph_max_bs", "disable_cuda_graph", "piecewise_cuda_graph_max_tokens",
                   "disable_piecewise_cuda_graph", "disable_overlap_schedule", "enable_overlap_schedule"],
     "parallelism": ["tp_size", "ep_size", "pp_size", "pp_max_micro_batch_size", "pp_layer_partition", "dp_size",
@@ -68,6 +70,13 @@ class ServerArgs:
     max_prefill_tokens: int = _opt(16384, "max new tokens in one prefill batch")
     chunked_prefill_size: int = _opt(8192, "prefill long prompts in chunks of this many tokens; -1 = off")
     schedule_policy: str = _opt("fcfs", "waiting-queue order: fcfs, or lpm (longest cached prefix first)")
+    enable_priority_scheduling: bool = _opt(False, "order the waiting queue by each request's `priority` (larger "
+                                                   "first), then arrival; a much higher one preempts a running one")
+    schedule_low_priority_values_first: bool = _opt(False, "with priority scheduling, smaller values go first")
+    priority_scheduling_preemption_threshold: int = _opt(10, "a waiting request preempts a running one whose "
+                                                             "priority it beats by more than this")
+    abort_on_priority_when_disabled: bool = _opt(False, "refuse (400) a request that sets `priority` while priority "
+                                                        "scheduling is off (by default it is ignored)")
     schedule_conservativeness: float = _opt(1.0, "room kept for running requests' future tokens; larger means "
                                                  "fewer retractions, smaller means more requests admitted")
     disable_radix_cache: bool = _opt(False, "turn off prefix sharing")

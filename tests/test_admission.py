@@ -116,3 +116,48 @@ def test_a_full_queue_refuses_at_once_and_holds_nothing(tmp_path):
     while sched.waiting or sched.running:
         sched.run_step()
     assert sched.kv.req_pool.available_size() == 4  # the refused ones never took a row
+
+
+def _run_to_end(sched, outputs, prompts, late_prompts, params, late_priority) -> tuple[list[str], dict]:
+    """Queues `prompts` (priority 0), runs two steps, queues `late_prompts` at `late_priority`, then runs to the
+    end; returns the order in which requests finished and each one's tokens."""
+    outputs.clear()
+    sched.process_input_requests([TokenizedGenerateReq(f"low{i}", p, params, i, priority=0)
+                                  for i, p in enumerate(prompts)])
+    for _ in range(2):
+        sched.run_step()
+    sched.process_input_requests([TokenizedGenerateReq(f"high{i}", p, params, 100 + i, priority=late_priority)
+                                  for i, p in enumerate(late_prompts)])
+    for _ in range(500):
+        if not (sched.waiting or sched.running):
+            break
+        sched.run_step()
+    order, tokens = [], {}
+    for o in outputs:
+        for rid, new, f in zip(o.reqs.rids, o.reqs.new_token_ids, o.reqs.finished_reasons, strict=True):
+            tokens[rid] = tokens.get(rid, []) + list(new)
+            if f is not None:
+                order.append(rid)
+    return order, tokens
+
+
+def test_priority_scheduling_serves_high_priority_first_and_preempts_without_changing_outputs(tmp_path):
+    make_tiny_model("llama", tmp_path)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    prompts = [[5 + i, 7, 9 + i % 5] for i in range(24)]
+    late = [[50 + i, 60, 70] for i in range(4)]
+    runs = {}
+    for enabled in (False, True):
+        args = ServerArgs(model_path=str(tmp_path), dtype="float32", device="cpu", max_total_tokens=2048,
+                          max_running_requests=4, show_progress=False, enable_priority_scheduling=enabled)
+        outputs: list = []
+        sched = Scheduler(args, str(tmp_path), load_model_config(str(tmp_path)), None, recv=lambda block: [],
+                          send=outputs.append)
+        runs[enabled] = (*_run_to_end(sched, outputs, prompts, late, params, late_priority=100), sched)
+    off_order, off_tokens, _ = runs[False]
+    on_order, on_tokens, sched = runs[True]
+    assert sorted(off_order[-4:]) == [f"high{i}" for i in range(4)]  # ignored: they arrived last, finish last
+    assert sorted(on_order[:4]) == [f"high{i}" for i in range(4)]  # first to finish, ahead of the running ones
+    assert sched.get_internal_state()["num_preempted"] == 4  # the four running low ones gave way
+    assert on_tokens == off_tokens  # preempted requests are recomputed to the same greedy tokens
+    assert on_order[4:8] == ["low0", "low1", "low2", "low3"]  # and keep their place ahead of later arrivals

@@ -206,3 +206,44 @@ def test_a_full_queue_is_a_503_at_once_and_counted(tiny_args):
         assert _wait_idle(s.url)["used_tokens"] == 0
     finally:
         s.stop()
+
+
+def test_priority_reaches_the_replicas_through_the_dp_controller_or_is_refused_when_asked(tiny_args):
+    import threading
+
+    s = ServerProcess(*tiny_args, "--dp", "2", "--max-running-requests", "1", "--enable-priority-scheduling",
+                      "--load-balance-method", "round_robin")
+    try:
+        done: list[str] = []
+
+        def send(name: str, priority: int, tokens: int) -> None:
+            body = {"prompt": [5, 6, 7], "max_tokens": tokens, "ignore_eos": True, "priority": priority}
+            assert httpx.post(f"{s.url}/v1/completions", json=body, timeout=120).status_code == 200
+            done.append(name)
+
+        lows = [threading.Thread(target=send, args=(f"low{i}", 0, 120)) for i in range(8)]
+        for t in lows:
+            t.start()
+        deadline = time.monotonic() + 30  # both replicas busy, with lows waiting behind
+        while sum(r["num_waiting"] for r in httpx.get(f"{s.url}/server_info", timeout=10).json()
+                  ["internal_states"]) < 4:
+            assert time.monotonic() < deadline, "the low-priority requests never queued"
+            time.sleep(0.05)
+        highs = [threading.Thread(target=send, args=(f"high{i}", 100, 8)) for i in range(2)]
+        for t in highs:
+            t.start()
+        for t in lows + highs:
+            t.join(120)
+        assert len(done) == 10 and set(done[:4]) >= {"high0", "high1"}, done  # ahead of the queued lows
+    finally:
+        s.stop()
+    refusing = ServerProcess(*tiny_args, "--abort-on-priority-when-disabled")
+    try:
+        r = httpx.post(f"{refusing.url}/v1/completions", json={"prompt": [5, 6], "max_tokens": 2, "priority": 3},
+                       timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
+        assert "--enable-priority-scheduling" in r.json()["error"]["message"]
+        ok = httpx.post(f"{refusing.url}/v1/completions", json={"prompt": [5, 6], "max_tokens": 2}, timeout=30)
+        assert ok.status_code == 200
+    finally:
+        refusing.stop()

@@ -37,7 +37,8 @@ class Engine:
         self.scheduler_info = self.deployment.scheduler_info
 
     # ---- public API -----------------------------------------------------------------------------
-    def _requests(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, routed_dp_rank):
+    def _requests(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, routed_dp_rank,
+                  priority):
         """Normalizes SGLang-style arguments into (is_batch, list of scheduler requests)."""
         if (prompt is None) == (input_ids is None):
             raise InvalidParamError("prompt", "give exactly one of prompt or input_ids")
@@ -56,29 +57,33 @@ class Engine:
         tm = self.tokenizer_manager
         reqs = []
         for (p, ids), sp in zip(items, params, strict=True):
-            reqs += tm.make_requests(tm.tokenize(p, ids), sp, return_logprob, top_logprobs_num, routed_dp_rank)
+            reqs += tm.make_requests(tm.tokenize(p, ids), sp, return_logprob, top_logprobs_num, routed_dp_rank,
+                                     priority=priority)
         return is_batch, reqs
 
     def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
                  input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
-                 top_logprobs_num: int = 0, stream: bool = False, routed_dp_rank: int | None = None):
+                 top_logprobs_num: int = 0, stream: bool = False, routed_dp_rank: int | None = None,
+                 priority: int | None = None):
         """One result dict per prompt (per choice when n > 1); a dict for a single prompt. With stream=True,
         an iterator of cumulative results of a single prompt. routed_dp_rank pins the requests to one data-parallel
-        replica (else the load balancer picks)."""
+        replica (else the load balancer picks); priority orders them with --enable-priority-scheduling."""
         if stream:
             return self._sync_stream(self.async_generate(prompt, sampling_params, input_ids, return_logprob,
-                                                         top_logprobs_num, stream=True, routed_dp_rank=routed_dp_rank))
+                                                         top_logprobs_num, stream=True, routed_dp_rank=routed_dp_rank,
+                                                         priority=priority))
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             return asyncio.run(self.async_generate(prompt, sampling_params, input_ids, return_logprob,
-                                                   top_logprobs_num, routed_dp_rank=routed_dp_rank))
+                                                   top_logprobs_num, routed_dp_rank=routed_dp_rank, priority=priority))
         raise RuntimeError("Engine.generate was called inside an event loop; use `await engine.async_generate`")
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False,
-                             top_logprobs_num=0, stream: bool = False, routed_dp_rank: int | None = None):
+                             top_logprobs_num=0, stream: bool = False, routed_dp_rank: int | None = None,
+                             priority: int | None = None):
         is_batch, reqs = self._requests(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num,
-                                        routed_dp_rank)
+                                        routed_dp_rank, priority)
         if stream:
             if len(reqs) != 1:
                 raise InvalidParamError("stream", "streaming takes a single prompt with n=1")

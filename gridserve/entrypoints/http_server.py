@@ -392,7 +392,8 @@ async def _native_requests(tm, body: GenerateRequest) -> tuple[list[TokenizedGen
         top = (body.top_logprobs_num or 0) if body.return_logprob else 0
         reqs += prepare_requests(tm, [prompt], sp, sp.max_new_tokens, return_logprob=bool(body.return_logprob),
                                  top_logprobs_num=top, prompt_param="text" if body.text is not None else "input_ids",
-                                 max_tokens_param="max_new_tokens", routed_dp_rank=body.routed_dp_rank)
+                                 max_tokens_param="max_new_tokens", routed_dp_rank=body.routed_dp_rank,
+                                 priority=body.priority)
         ids += [rid if rid is None or sp.n == 1 else f"{rid}-{j}" for j in range(sp.n)]
     return reqs, ids, batch
 

@@ -83,8 +83,8 @@ def token_room(info: dict) -> int:
 
 def prepare_requests(tm, prompts: list[list[int]], params: SamplingParams, max_tokens: int | None, *,
                      return_logprob: bool = False, top_logprobs_num: int = 0, prompt_param: str = "prompt",
-                     max_tokens_param: str = "max_tokens", routed_dp_rank: int | None = None
-                     ) -> list[TokenizedGenerateReq]:
+                     max_tokens_param: str = "max_tokens", routed_dp_rank: int | None = None,
+                     priority: int | None = None) -> list[TokenizedGenerateReq]:
     """Scheduler requests for every prompt (n per prompt, in order). max_tokens=None gives each request the
     room left after its prompt, which by construction passes the context and KV-cache checks."""
     room, reqs = token_room(tm.info), []
@@ -94,7 +94,7 @@ def prepare_requests(tm, prompts: list[list[int]], params: SamplingParams, max_t
                               f"{room - 1} this server accepts", param=prompt_param)
         p = dataclasses.replace(params, max_new_tokens=room - len(ids) if max_tokens is None else max_tokens)
         try:
-            reqs += tm.make_requests(ids, p, return_logprob, top_logprobs_num, routed_dp_rank)
+            reqs += tm.make_requests(ids, p, return_logprob, top_logprobs_num, routed_dp_rank, priority=priority)
         except InvalidParamError as e:
             raise bad_request(e, {"max_new_tokens": max_tokens_param}) from e
     return reqs

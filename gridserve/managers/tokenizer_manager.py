@@ -128,8 +128,12 @@ def _set_events(states: list[ReqState]) -> None:
 
 class TokenizerManager:
     def __init__(self, tokenizer, scheduler_info: dict, vocab_size: int, send: Callable[[object], None],
-                 served_model_name: str = "default", random_seed: int = 0, dp_size: int = 1):
+                 served_model_name: str = "default", random_seed: int = 0, dp_size: int = 1,
+                 abort_on_priority: bool = False):
+        """abort_on_priority: refuse requests that set `priority` (priority scheduling off, and the server asked
+        to say so rather than ignore it)."""
         self.tokenizer = tokenizer
+        self.abort_on_priority = abort_on_priority
         self.info = scheduler_info
         self.vocab_size = vocab_size
         self.dp_size = dp_size
@@ -208,17 +212,29 @@ class TokenizerManager:
             raise InvalidParamError("routed_dp_rank", f"must be an int in [0, {self.dp_size}) (the server runs "
                                     f"{self.dp_size} data-parallel replicas), got {routed_dp_rank!r}")
 
+    def validate_priority(self, priority: int | None) -> None:
+        if priority is None:
+            return
+        if type(priority) is not int or not -2**63 <= priority < 2**63:
+            raise InvalidParamError("priority", f"must be a 64-bit int, got {priority!r}")
+        if self.abort_on_priority:
+            raise InvalidParamError("priority", "priority scheduling is off on this server (it was started with "
+                                    "--abort-on-priority-when-disabled): leave `priority` out, or start it with "
+                                    "--enable-priority-scheduling")
+
     def make_requests(self, input_ids: list[int], params: SamplingParams, return_logprob: bool = False,
-                      top_logprobs_num: int = 0, routed_dp_rank: int | None = None) -> list[TokenizedGenerateReq]:
+                      top_logprobs_num: int = 0, routed_dp_rank: int | None = None, priority: int | None = None
+                      ) -> list[TokenizedGenerateReq]:
         """One scheduler request per choice (n); each choice gets its own seed, so they differ."""
         self.validate_length(len(input_ids), params)
         self.validate_dp_rank(routed_dp_rank)
+        self.validate_priority(priority)
         if type(top_logprobs_num) is not int or top_logprobs_num < 0:
             raise InvalidParamError("top_logprobs_num", f"must be an int >= 0, got {top_logprobs_num!r}")
         base = params.seed if params.seed is not None else self.seed_rng.getrandbits(63)
         # choice i's seed wraps within 64 bits: a seed near 2**64 with n > 1 must still cross a node (msgpack)
         return [TokenizedGenerateReq(uuid.uuid4().hex, input_ids, params, (base + i) % 2**64, return_logprob,
-                                     top_logprobs_num, routed_dp_rank) for i in range(params.n)]
+                                     top_logprobs_num, routed_dp_rank, priority) for i in range(params.n)]
 
     # ---- streaming results ----------------------------------------------------------------------
     async def generate(self, req: TokenizedGenerateReq, stream: bool = True) -> AsyncIterator[dict]:

@@ -29,6 +29,8 @@ class Req:
         self.extend_len = 0  # tokens computed in the current extend step
         self.cached_tokens = 0  # prefix-cache hit at first admission, reported to the user
         self.admitted = False
+        self.priority = 0  # --enable-priority-scheduling
+        self.preemptions = 0  # times a higher-priority request took its place (bounded: MAX_PREEMPTIONS)
         self.arrival_time = time.perf_counter()  # for the queue time, measured up to its first admission
         self.finished_reason: dict | None = None
         self.sent_len = 0  # output tokens already sent out

@@ -12,11 +12,30 @@ def reserved_decode_tokens(reqs: list[Req], ratio: float) -> int:
     return int(sum(min(r.params.max_new_tokens - len(r.output_ids), CLIP_MAX_NEW_TOKENS) for r in reqs) * ratio)
 
 
-def order_waiting(waiting: list[Req], policy: str, kv: KVManager) -> list[Req]:
-    """fcfs keeps arrival order; lpm puts requests with the longest cached prefix first."""
-    if policy != "lpm" or kv.tree is None:
-        return waiting
-    return sorted(waiting, key=lambda r: -len(kv.tree.match_prefix(r.fill_ids[:-1])[0]))
+# A running request is preempted at most this many times, so a stream of higher-priority requests cannot
+# starve it: after that it keeps its place until it finishes.
+MAX_PREEMPTIONS = 2
+
+
+def order_waiting(waiting: list[Req], policy: str, kv: KVManager, priority_sign: int = 0) -> list[Req]:
+    """fcfs keeps arrival order; lpm puts requests with the longest cached prefix first. With priority scheduling
+    (priority_sign 1: larger first, -1: smaller first) priority comes before either, ties keep that order."""
+    ordered = waiting
+    if policy == "lpm" and kv.tree is not None:
+        ordered = sorted(waiting, key=lambda r: -len(kv.tree.match_prefix(r.fill_ids[:-1])[0]))
+    if priority_sign:
+        ordered = sorted(ordered, key=lambda r: -priority_sign * r.priority)  # stable: ties keep their order
+    return ordered
+
+
+def preemption_victim(waiting_first: Req, running: list[Req], priority_sign: int, threshold: int) -> Req | None:
+    """The running request `waiting_first` may take the place of: the one it beats by most (the newest among
+    equals), if by more than `threshold`, and not already preempted MAX_PREEMPTIONS times or in flight."""
+    candidates = [r for r in running if not r.pending and r.preemptions < MAX_PREEMPTIONS]
+    if not candidates:
+        return None
+    victim = min(reversed(candidates), key=lambda r: priority_sign * r.priority)
+    return victim if priority_sign * (waiting_first.priority - victim.priority) > threshold else None
 
 
 class PrefillAdder:

@@ -26,7 +26,13 @@ from gridserve.models.config import ModelConfig
 from gridserve.sampling.sampler import SampleOutput
 from gridserve.scheduler.kv_manager import KVManager
 from gridserve.scheduler.schedule_batch import Req, ScheduleBatch
-from gridserve.scheduler.schedule_policy import PrefillAdder, admit, order_waiting
+from gridserve.scheduler.schedule_policy import (
+    PrefillAdder,
+    admit,
+    order_waiting,
+    preemption_victim,
+    reserved_decode_tokens,
+)
 from gridserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -66,6 +72,10 @@ class Scheduler:
         self.new_token_ratio = min(1.0, INIT_NEW_TOKEN_RATIO * args.schedule_conservativeness)
         self.num_retracted = 0
         self.num_queue_full = 0  # requests refused because the waiting queue was full
+        self.num_preempted = 0  # running requests that gave their place to a higher-priority one
+        # +1: larger priority values first, -1: smaller first, 0: priorities are ignored
+        self.priority_sign = (-1 if args.schedule_low_priority_values_first else 1) \
+            if args.enable_priority_scheduling else 0
         self.prompt_tokens_total = 0
         self.cached_prompt_tokens_total = 0
         self.stopped = False
@@ -150,6 +160,7 @@ class Scheduler:
         self.num_received += 1
         req = Req(msg.rid, list(msg.input_ids), msg.sampling_params, msg.seed, msg.return_logprob,
                   msg.top_logprobs_num)
+        req.priority = msg.priority or 0
         error = self._validate(req)
         if error:
             req.finished_reason = {"type": "abort", "message": error}
@@ -232,7 +243,7 @@ class Scheduler:
         del s.queue_times  # the histogram's samples, not a state
         state = {**vars(s), "token_usage": s.token_usage, "cache_hit_rate": s.cache_hit_rate,
                  "new_token_ratio": self.new_token_ratio, "available_tokens": self.kv.allocator.available_size(),
-                 "free_req_slots": self.kv.req_pool.available_size()}
+                 "free_req_slots": self.kv.req_pool.available_size(), "num_preempted": self.num_preempted}
         if self.pp_loop is not None:  # stage 0's view (the IO rank answers)
             state.update(pp_micro_batches=self.pp_loop.micro_batches, pp_max_in_flight=self.pp_loop.max_in_flight,
                          pp_micro_batch_cap=self.micro_batch_cap, pp_busy_s=self.runner.busy.busy_s(),
@@ -282,7 +293,10 @@ class Scheduler:
             need = min(len(self.chunked_req.fill_ids) - self.chunked_req.kv_len, self.prefill_budget)
             self.retract(lambda: self.kv.available() >= need, keep=0)
             adder.add_chunked(self.chunked_req)
-        admitted = admit(adder, order_waiting(self.waiting, self.args.schedule_policy, self.kv))
+        ordered = order_waiting(self.waiting, self.args.schedule_policy, self.kv, self.priority_sign)
+        if self.priority_sign and self._preempt_for(ordered, adder):
+            ordered = order_waiting(self.waiting, self.args.schedule_policy, self.kv, self.priority_sign)
+        admitted = admit(adder, ordered)
         if admitted:
             taken = set(map(id, admitted))
             self.waiting = [r for r in self.waiting if id(r) not in taken]
@@ -297,6 +311,28 @@ class Scheduler:
             return None
         self._log_prefill(adder.batch)
         return ScheduleBatch(adder.batch, ForwardMode.EXTEND)
+
+    def _preempt_for(self, ordered: list[Req], adder: PrefillAdder) -> bool:
+        """When the running requests hold every slot, the first waiting request takes the place of a running one
+        it beats by more than --priority-scheduling-preemption-threshold: that one goes back to the queue (its KV
+        to the prefix cache) and is recomputed later, its output unchanged."""
+        first = next((r for r in ordered if not r.pending), None)
+        if first is None or adder.slots_left > 0:
+            return False
+        victim = preemption_victim(first, self.running, self.priority_sign,
+                                   self.args.priority_scheduling_preemption_threshold)
+        if victim is None:
+            return False
+        self.running.remove(victim)
+        self.kv.release(victim)
+        self.waiting.insert(0, victim)  # first among its priority: it arrived before the ones still waiting
+        victim.preemptions += 1
+        self.num_preempted += 1
+        adder.slots_left += 1
+        adder.reserved = reserved_decode_tokens(self.running, adder.ratio)
+        logger.info("preempted request %s (priority %d) for %s (priority %d)", victim.rid, victim.priority,
+                    first.rid, first.priority)
+        return True
 
     def _log_prefill(self, reqs: list[Req]) -> None:
         s = self.stats()

@@ -141,6 +141,8 @@ class SamplingFields(RequestModel):
     logit_bias: dict[str, float] | None = _unsupported("logit_bias")
     # SGLang's: pin the request to this data-parallel replica
     routed_dp_rank: Int | None = Field(None, json_schema_extra={"minimum": 0, SERVED_MAX: "dp_rank"})
+    # SGLang's: with --enable-priority-scheduling, larger goes first (ignored otherwise)
+    priority: Int | None = Field(None, ge=-2**63, le=2**63 - 1)
 
     def sampling_dict(self) -> dict:
         return {k: getattr(self, k) for k in SAMPLING_FIELDS if getattr(self, k) is not None}
@@ -204,6 +206,8 @@ class GenerateRequest(RequestModel):
     top_logprobs_num: TopLogprobs | None = 0
     rid: Text | list[Text] | None = None
     routed_dp_rank: Int | None = Field(None, json_schema_extra={"minimum": 0, SERVED_MAX: "dp_rank"})
+    # SGLang's: with --enable-priority-scheduling, larger goes first (ignored otherwise)
+    priority: Int | None = Field(None, ge=-2**63, le=2**63 - 1)
 
 
 REQUEST_FIELDS = {name for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions,

@@ -73,7 +73,8 @@ class OpenAIServingChat:
         # max_tokens=None: the whole room left after the prompt (vLLM's default for chat)
         reqs = prepare_requests(tm, [ids], params, max_tokens, return_logprob=bool(body.logprobs),
                                 top_logprobs_num=body.top_logprobs or 0, prompt_param="messages",
-                                max_tokens_param=max_tokens_param, routed_dp_rank=body.routed_dp_rank)
+                                max_tokens_param=max_tokens_param, routed_dp_rank=body.routed_dp_rank,
+                                priority=body.priority)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             return SSEResponse(sse_stream(self._chunks(rid, body, reqs)))

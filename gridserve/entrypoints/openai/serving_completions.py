@@ -55,7 +55,7 @@ class OpenAIServingCompletion:
                                           lambda: self._prompts(body.prompt))
         reqs = prepare_requests(tm, prompts, params, body.max_tokens,
                                 return_logprob=body.logprobs is not None, top_logprobs_num=body.logprobs or 0,
-                                routed_dp_rank=body.routed_dp_rank)
+                                routed_dp_rank=body.routed_dp_rank, priority=body.priority)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             return SSEResponse(sse_stream(self._chunks(rid, body, reqs, params.n)))
