@@ -220,3 +220,18 @@ def test_api_key_is_checked_on_every_rpc_but_health(served, ref):
         ok = [("authorization", "Bearer s3cret")]
         _check_like_engine(list(stub.Generate(_request(text=PROMPT), timeout=60, metadata=ok)), ref)
         assert stub.ModelInfo(pb.ModelInfoRequest(), timeout=10, metadata=ok).vocab_size == tm.vocab_size
+
+
+def test_priority_is_carried_and_refused_when_the_server_says_so(served, ref):
+    engine, stub = served
+    [r] = list(stub.Generate(_request(stream=False, text=PROMPT, priority=7), timeout=30))
+    assert list(r.token_ids) == ref["output_ids"]  # accepted; without priority scheduling it changes nothing
+    tm = engine.tokenizer_manager
+    tm.abort_on_priority = True  # what --abort-on-priority-when-disabled sets
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(_request(stream=False, text=PROMPT, priority=7), timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("priority:") and "--enable-priority-scheduling" in err.value.details()
+    finally:
+        tm.abort_on_priority = False

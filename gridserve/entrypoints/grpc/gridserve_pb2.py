@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*gridserve/entrypoints/grpc/gridserve.proto\x12\tgridserve\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.gridserve.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x8a\x04\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x17\n\nignore_eos\x18\x0b \x01(\x08H\x08\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x11\n\x04seed\x18\r \x01(\x03H\n\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penaltyB\r\n\x0b_ignore_eosB\x16\n\x14_skip_special_tokensB\x07\n\x05_seed\"\xf7\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\tinput_ids\x18\x02 \x01(\x0b\x32\x13.gridserve.TokenIdsH\x00\x12+\n\x08messages\x18\x03 \x01(\x0b\x32\x17.gridserve.ChatMessagesH\x00\x12\x32\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x19.gridserve.SamplingParams\x12\x0e\n\x06stream\x18\x05 \x01(\x08\x12\x16\n\x0ereturn_logprob\x18\x06 \x01(\x08\x12\x18\n\x10top_logprobs_num\x18\x07 \x01(\x05\x42\x07\n\x05input\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12+\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x15.gridserve.TopLogprob\"[\n\x0c\x46inishReason\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x1a\n\x10matched_token_id\x18\x02 \x01(\x05H\x00\x12\x16\n\x0cmatched_stop\x18\x03 \x01(\tH\x00\x42\t\n\x07matched\"\xe3\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x15\n\rcached_tokens\x18\x06 \x01(\x05\x12.\n\rfinish_reason\x18\x07 \x01(\x0b\x32\x17.gridserve.FinishReason\x12)\n\x08logprobs\x18\x08 \x03(\x0b\x32\x17.gridserve.TokenLogprob\"\x0f\n\rHealthRequest\"-\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xaa\x01\n\x11ModelInfoResponse\x12\x19\n\x11served_model_name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x1c\n\x14max_total_num_tokens\x18\x03 \x01(\x05\x12\x19\n\x11max_req_input_len\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x32\xda\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.gridserve.GenerateRequest\x1a\x1b.gridserve.GenerateResponse0\x01\x12=\n\x06Health\x12\x18.gridserve.HealthRequest\x1a\x19.gridserve.HealthResponse\x12\x46\n\tModelInfo\x12\x1b.gridserve.ModelInfoRequest\x1a\x1c.gridserve.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*gridserve/entrypoints/grpc/gridserve.proto\x12\tgridserve\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.gridserve.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x8a\x04\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x17\n\nignore_eos\x18\x0b \x01(\x08H\x08\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x11\n\x04seed\x18\r \x01(\x03H\n\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penaltyB\r\n\x0b_ignore_eosB\x16\n\x14_skip_special_tokensB\x07\n\x05_seed\"\x9b\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\tinput_ids\x18\x02 \x01(\x0b\x32\x13.gridserve.TokenIdsH\x00\x12+\n\x08messages\x18\x03 \x01(\x0b\x32\x17.gridserve.ChatMessagesH\x00\x12\x32\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x19.gridserve.SamplingParams\x12\x0e\n\x06stream\x18\x05 \x01(\x08\x12\x16\n\x0ereturn_logprob\x18\x06 \x01(\x08\x12\x18\n\x10top_logprobs_num\x18\x07 \x01(\x05\x12\x15\n\x08priority\x18\x08 \x01(\x03H\x01\x88\x01\x01\x42\x07\n\x05inputB\x0b\n\t_priority\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12+\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x15.gridserve.TopLogprob\"[\n\x0c\x46inishReason\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x1a\n\x10matched_token_id\x18\x02 \x01(\x05H\x00\x12\x16\n\x0cmatched_stop\x18\x03 \x01(\tH\x00\x42\t\n\x07matched\"\xe3\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x15\n\rcached_tokens\x18\x06 \x01(\x05\x12.\n\rfinish_reason\x18\x07 \x01(\x0b\x32\x17.gridserve.FinishReason\x12)\n\x08logprobs\x18\x08 \x03(\x0b\x32\x17.gridserve.TokenLogprob\"\x0f\n\rHealthRequest\"-\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xaa\x01\n\x11ModelInfoResponse\x12\x19\n\x11served_model_name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x1c\n\x14max_total_num_tokens\x18\x03 \x01(\x05\x12\x19\n\x11max_req_input_len\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x32\xda\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.gridserve.GenerateRequest\x1a\x1b.gridserve.GenerateResponse0\x01\x12=\n\x06Health\x12\x18.gridserve.HealthRequest\x1a\x19.gridserve.HealthResponse\x12\x46\n\tModelInfo\x12\x1b.gridserve.ModelInfoRequest\x1a\x1c.gridserve.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,23 +41,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=187
   _globals['_SAMPLINGPARAMS']._serialized_end=709
   _globals['_GENERATEREQUEST']._serialized_start=712
-  _globals['_GENERATEREQUEST']._serialized_end=959
-  _globals['_TOPLOGPROB']._serialized_start=961
-  _globals['_TOPLOGPROB']._serialized_end=1008
-  _globals['_TOKENLOGPROB']._serialized_start=1010
-  _globals['_TOKENLOGPROB']._serialized_end=1104
-  _globals['_FINISHREASON']._serialized_start=1106
-  _globals['_FINISHREASON']._serialized_end=1197
-  _globals['_GENERATERESPONSE']._serialized_start=1200
-  _globals['_GENERATERESPONSE']._serialized_end=1427
-  _globals['_HEALTHREQUEST']._serialized_start=1429
-  _globals['_HEALTHREQUEST']._serialized_end=1444
-  _globals['_HEALTHRESPONSE']._serialized_start=1446
-  _globals['_HEALTHRESPONSE']._serialized_end=1491
-  _globals['_MODELINFOREQUEST']._serialized_start=1493
-  _globals['_MODELINFOREQUEST']._serialized_end=1511
-  _globals['_MODELINFORESPONSE']._serialized_start=1514
-  _globals['_MODELINFORESPONSE']._serialized_end=1684
-  _globals['_GENERATION']._serialized_start=1687
-  _globals['_GENERATION']._serialized_end=1905
+  _globals['_GENERATEREQUEST']._serialized_end=995
+  _globals['_TOPLOGPROB']._serialized_start=997
+  _globals['_TOPLOGPROB']._serialized_end=1044
+  _globals['_TOKENLOGPROB']._serialized_start=1046
+  _globals['_TOKENLOGPROB']._serialized_end=1140
+  _globals['_FINISHREASON']._serialized_start=1142
+  _globals['_FINISHREASON']._serialized_end=1233
+  _globals['_GENERATERESPONSE']._serialized_start=1236
+  _globals['_GENERATERESPONSE']._serialized_end=1463
+  _globals['_HEALTHREQUEST']._serialized_start=1465
+  _globals['_HEALTHREQUEST']._serialized_end=1480
+  _globals['_HEALTHRESPONSE']._serialized_start=1482
+  _globals['_HEALTHRESPONSE']._serialized_end=1527
+  _globals['_MODELINFOREQUEST']._serialized_start=1529
+  _globals['_MODELINFOREQUEST']._serialized_end=1547
+  _globals['_MODELINFORESPONSE']._serialized_start=1550
+  _globals['_MODELINFORESPONSE']._serialized_end=1720
+  _globals['_GENERATION']._serialized_start=1723
+  _globals['_GENERATION']._serialized_end=1941
 # @@protoc_insertion_point(module_scope)

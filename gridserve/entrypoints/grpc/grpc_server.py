@@ -94,7 +94,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         else:
             input_ids = tm.tokenize(None, list(request.input_ids.ids))
         params = sampling_params_from_proto(request.sampling_params)
-        [req] = tm.make_requests(input_ids, params, request.return_logprob, request.top_logprobs_num)
+        [req] = tm.make_requests(input_ids, params, request.return_logprob, request.top_logprobs_num,
+                                 priority=request.priority if request.HasField("priority") else None)
         return req
 
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
