@@ -9,7 +9,7 @@ from argparse import Namespace
 import pytest
 
 from gridserve.bench.datasets import PromptMaker, build_requests, sample_shared_prefix
-from gridserve.bench.serving import RequestOutput, compute_metrics, format_result, parse_rates
+from gridserve.bench.serving import RequestOutput, compute_metrics, format_result, order_violations, parse_rates
 from gridserve.cli import main
 from tests.server_utils import GRIDSERVE, ServerProcess, free_port
 
@@ -18,7 +18,8 @@ LABELS = ("Serving Benchmark Result", "Backend:", "Traffic request rate:", "Max 
           "Request throughput (req/s):", "Input token throughput (tok/s):", "Output token throughput (tok/s):",
           "Total token throughput (tok/s):", "Concurrency:", "Mean E2E Latency (ms):", "Median E2E Latency (ms):",
           "Mean TTFT (ms):", "Median TTFT (ms):", "P99 TTFT (ms):", "Mean TPOT (ms):", "Median TPOT (ms):",
-          "P99 TPOT (ms):", "Mean ITL (ms):", "Median ITL (ms):", "P99 ITL (ms):")
+          "P99 TPOT (ms):", "Mean ITL (ms):", "Median ITL (ms):", "P99 ITL (ms):", "Prefill steps:",
+          "First tokens out of arrival order:")
 
 
 KEY = "bench-key"
@@ -58,6 +59,7 @@ def test_random_dataset(server, tmp_path, capsys):
     assert r["total_input_tokens"] == 8 * 32  # token-id prompts: exact input lengths
     assert r["model"] == "SmolLM2-135M-Instruct" and r["max_concurrency"] == 4 and r["request_rate"] == "inf"
     assert r["args"]["random_input_len"] == 32
+    assert 1 <= r["prefill_steps"] <= 8 and r["order_violations"] == 0  # 4 at a time, first come first served
     for label in LABELS:
         assert label in out, label
     print(out)
@@ -154,6 +156,15 @@ def test_metric_math_on_hand_made_timings():
     assert "Traffic request rate:                    inf" in block and "not set" in block
     empty = compute_metrics([RequestOutput(False, "x")], duration=1.0)
     assert empty["completed"] == 0 and empty["mean_ttft_ms"] == 0.0  # SGLang reports 0, not nan
+
+
+def test_order_violations_count_requests_passed_over():
+    def at(t: float) -> RequestOutput:
+        return RequestOutput(True, first_token_at=t)
+
+    assert order_violations([at(1.0), at(1.002), at(1.001), at(2.0)]) == 0  # within one step's jitter
+    assert order_violations([at(1.0), at(3.0), at(2.0), at(2.5), at(4.0)]) == 2  # two got theirs before the 2nd
+    assert order_violations([at(2.0), RequestOutput(False, "x"), at(1.0)]) == 1  # failures are skipped
 
 
 def test_parse_rates():

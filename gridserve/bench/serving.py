@@ -111,6 +111,7 @@ class RequestOutput:
     prompt_len: int = 0
     output_len: int = 0
     ttft: float = 0.0  # seconds
+    first_token_at: float = 0.0  # perf_counter time of the first token (for the arrival-order check)
     latency: float = 0.0  # E2E seconds
     itl: list[float] = field(default_factory=list)
     text: str = ""
@@ -172,7 +173,7 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict, req: Ben
                     continue
                 tokens = (usage or {}).get("completion_tokens") if chunk.get("usage") else None
                 if not parts:
-                    out.ttft = now - start
+                    out.ttft, out.first_token_at = now - start, now
                 elif tokens is not None:
                     k = max(1, tokens - tokens_at_last)
                     out.itl.extend([(now - last) / k] * k)
@@ -222,8 +223,26 @@ def compute_metrics(outputs: list[RequestOutput], duration: float, count_tokens=
                    "itl": [x for o in ok for x in o.itl]}
     for name, values in per_request.items():
         m.update(_stats([v * 1000 for v in values], name))
+    m["order_violations"] = order_violations(outputs)
     m["errors"] = list(dict.fromkeys(o.error for o in outputs if not o.success))[:5]  # distinct, first few
     return m
+
+
+# First tokens of one scheduler step reach the client within a few ms of each other, in any order.
+ORDER_TOLERANCE_S = 0.005
+
+
+def order_violations(outputs: list[RequestOutput]) -> int:
+    """Requests (in the order they were sent) whose first token came more than ORDER_TOLERANCE_S before that of
+    a request sent earlier: under first come first served, each one is a request that was passed over."""
+    latest, count = -math.inf, 0
+    for o in outputs:
+        if not o.success or not o.first_token_at:
+            continue
+        if o.first_token_at < latest - ORDER_TOLERANCE_S:
+            count += 1
+        latest = max(latest, o.first_token_at)
+    return count
 
 
 def format_result(m: dict, backend: str, rate: float, max_concurrency: int | None) -> str:
@@ -251,6 +270,8 @@ def format_result(m: dict, backend: str, rate: float, max_concurrency: int | Non
     if "cache_hit_rate" in m:
         row("Prefix cache hit rate:", f"{m['cache_hit_rate']:.3f}")
         row("Requests per DP replica:", " ".join(map(str, m["requests_per_replica"])))
+        row("Prefill steps:", m["prefill_steps"])
+    row("First tokens out of arrival order:", m["order_violations"])
     for title, label, key, stats in SECTIONS:
         lines.append(f"{title:-^50}")
         for stat in stats:
@@ -299,7 +320,7 @@ async def warm_up(client: httpx.AsyncClient, args: argparse.Namespace, model: st
 
 
 # Counters of every replica in /server_info whose growth over a run gives its cache hit rate and request spread.
-_REPLICA_COUNTERS = ("num_received", "prompt_tokens_total", "cached_prompt_tokens_total")
+_REPLICA_COUNTERS = ("num_received", "prompt_tokens_total", "cached_prompt_tokens_total", "prefill_batches_total")
 
 
 async def replica_counters(client: httpx.AsyncClient, base_url: str) -> list[dict] | None:
@@ -316,7 +337,8 @@ def replica_metrics(before: list[dict], after: list[dict]) -> dict:
     grew = [{k: a[k] - b[k] for k in _REPLICA_COUNTERS} for b, a in zip(before, after, strict=True)]
     prompt = sum(g["prompt_tokens_total"] for g in grew)
     return {"cache_hit_rate": sum(g["cached_prompt_tokens_total"] for g in grew) / max(1, prompt),
-            "requests_per_replica": [g["num_received"] for g in grew]}
+            "requests_per_replica": [g["num_received"] for g in grew],
+            "prefill_steps": sum(g["prefill_batches_total"] for g in grew)}
 
 
 async def flush_cache(client: httpx.AsyncClient, base_url: str) -> None:

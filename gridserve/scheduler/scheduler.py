@@ -73,6 +73,7 @@ class Scheduler:
         self.num_retracted = 0
         self.num_queue_full = 0  # requests refused because the waiting queue was full
         self.num_preempted = 0  # running requests that gave their place to a higher-priority one
+        self.prefill_batches_total = 0
         # +1: larger priority values first, -1: smaller first, 0: priorities are ignored
         self.priority_sign = (-1 if args.schedule_low_priority_values_first else 1) \
             if args.enable_priority_scheduling else 0
@@ -243,7 +244,8 @@ class Scheduler:
         del s.queue_times  # the histogram's samples, not a state
         state = {**vars(s), "token_usage": s.token_usage, "cache_hit_rate": s.cache_hit_rate,
                  "new_token_ratio": self.new_token_ratio, "available_tokens": self.kv.allocator.available_size(),
-                 "free_req_slots": self.kv.req_pool.available_size(), "num_preempted": self.num_preempted}
+                 "free_req_slots": self.kv.req_pool.available_size(), "num_preempted": self.num_preempted,
+                 "prefill_batches_total": self.prefill_batches_total}
         if self.pp_loop is not None:  # stage 0's view (the IO rank answers)
             state.update(pp_micro_batches=self.pp_loop.micro_batches, pp_max_in_flight=self.pp_loop.max_in_flight,
                          pp_micro_batch_cap=self.micro_batch_cap, pp_busy_s=self.runner.busy.busy_s(),
@@ -310,6 +312,7 @@ class Scheduler:
         if not adder.batch:
             return None
         self._log_prefill(adder.batch)
+        self.prefill_batches_total += 1
         return ScheduleBatch(adder.batch, ForwardMode.EXTEND)
 
     def _preempt_for(self, ordered: list[Req], adder: PrefillAdder) -> bool:
