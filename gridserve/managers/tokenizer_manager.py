@@ -345,25 +345,24 @@ class TokenizerManager:
     def _fail_request(self, rid: str, message: str) -> None:
         """Ends one waiting request with an error (from the sender thread)."""
         state = self.rid_to_state.get(rid)
-        if state is None:
-            return
-        state.finished = True
-        state.steps.append(StepOut("", ReqOutputs.aborted(rid, message, state.prompt_tokens, 0),
-                                   0, time.perf_counter()))
-        self._wake([state])
+        if state is not None:
+            self._abort([(rid, state)], message)
 
     def fail_all(self, message: str) -> None:
         """A scheduler is gone: every waiting request ends with an error instead of hanging."""
         self.dead_reason = self.dead_reason or message
+        self._abort(list(self.rid_to_state.items()), message)
+        for waiter in list(self.rpc_waiters.values()):
+            waiter.fail(SchedulerDeadError(message))
+
+    def _abort(self, states: list[tuple[str, ReqState]], message: str) -> None:
+        """Gives each request a final abort output carrying `message` and wakes its consumer."""
         now = time.perf_counter()
-        states = list(self.rid_to_state.items())
         for rid, state in states:
             state.finished = True
             aborted = ReqOutputs.aborted(rid, message, state.prompt_tokens, len(state.output_ids))
             state.steps.append(StepOut("", aborted, 0, now))
         self._wake([state for _, state in states])
-        for waiter in list(self.rpc_waiters.values()):
-            waiter.fail(SchedulerDeadError(message))
 
 
 class _RpcWaiter:
