@@ -188,6 +188,7 @@ class InFlight:
         self.status: int | None = None
         self.exc: str | None = None
         self.streaming = threading.Event()
+        self._leave = threading.Event()
         body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
                 "temperature": 0, "stream": True, **extra}
         self._thread = threading.Thread(target=self._run, args=(url, body), daemon=True)
@@ -204,6 +205,8 @@ class InFlight:
                     if line:
                         self.events.append(line)
                         self.streaming.set()
+                    if self._leave.is_set():
+                        return  # closes the connection: the server aborts the request
         except (httpx.HTTPError, OSError) as e:
             self.exc = repr(e)
         finally:
@@ -218,6 +221,15 @@ class InFlight:
         """True once the stream has ended, within `timeout` seconds."""
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def leave(self, timeout: float) -> bool:
+        """Closes the stream as a client that goes away does; True once it is closed."""
+        self._leave.set()
+        return self.join(timeout)
+
+    def running(self) -> bool:
+        """True while the stream is open and has not ended."""
+        return self._thread.is_alive() and not (self.events and self.events[-1] == "data: [DONE]")
 
     def outcome(self) -> str:
         if self.exc is not None:

@@ -66,7 +66,10 @@ RANKS = {"single": ["dp0 pp0 tp0"], "tp2pp2": [f"dp0 pp{p} tp{t}" for p in (0, 1
 # loop turns every 50 ms, a busy one every decode step) never looks hung.
 WATCHDOG_S = 3
 PROMPT = [5, 17, 42, 99, 150]  # token ids in the tiny model's vocabulary
-MAX_TOKENS = 480  # the tiny model's context is 512: the request runs for seconds, so the fault finds it running
+# The request runs for many seconds, so the fault always finds it running (on a contended CI machine 480 tokens, the
+# tiny model's own context, once ended before the fault came).
+CONTEXT = ("--context-length", "4096")
+MAX_TOKENS = 4000
 # Bounds from the fault to the end of everything, with room for a contended 2-core machine: a death is seen at
 # once, the front end answers with errors for 2 s (DEATH_GRACE_S), then the children get SIGTERM.
 DEATH_BOUND_S = 20
@@ -131,7 +134,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture(scope="module")
 def model_args(tmp_path_factory) -> tuple[str, ...]:
     # 4 heads, 2 KV heads, 3 layers: splits over tp 2 and pp 2
-    return tiny_server_args("qwen3", tmp_path_factory.mktemp("tiny-qwen3"))
+    return (*tiny_server_args("qwen3", tmp_path_factory.mktemp("tiny-qwen3")), *CONTEXT)
 
 
 class _Starter:
@@ -209,6 +212,7 @@ def _inject(server: ServerProcess, cell: Cell, tree: list[int], meanwhile: Calla
     request.wait_streaming(60)
     meanwhile()
     victim = server.child_pid(f"gridserve::{cell.victim}") if cell.victim else None
+    assert request.running(), f"the request ended before the fault: {request.outcome()}"
     start = time.monotonic()
     if cell.fault == "kill-main":
         server.proc.kill()

@@ -20,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from tests.server_utils import ServerProcess, metrics
+from tests.server_utils import InFlight, ServerProcess, metrics
 from tests.tiny_models import tiny_server_args
 
 CONCURRENCY = 64
@@ -180,28 +180,31 @@ def test_a_quarter_sized_kv_pool_retracts_and_still_gives_the_same_outputs(serve
 
 
 def test_a_full_queue_is_a_503_at_once_and_counted(tiny_args):
+    """One request runs, one waits, a third is refused at once; the first two are unharmed."""
     import threading
 
-    s = ServerProcess(*tiny_args, "--max-running-requests", "1", "--max-queued-requests", "1")
+    s = ServerProcess(*tiny_args, "--max-running-requests", "1", "--max-queued-requests", "1",
+                      "--context-length", "4096")
     try:
-        long = {"prompt": [5, 6, 7], "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+        running = InFlight(s.url, [5, 6, 7], 4000)  # runs until it leaves, however slow the machine
+        running.wait_streaming(60)
+        short = {"prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True, "temperature": 0}
         results = []
-        threads = [threading.Thread(target=lambda: results.append(
-            httpx.post(f"{s.url}/v1/completions", json=long, timeout=120).status_code)) for _ in range(2)]
-        for t in threads:  # one runs, one waits
-            t.start()
+        queued = threading.Thread(target=lambda: results.append(
+            httpx.post(f"{s.url}/v1/completions", json=short, timeout=120).status_code))
+        queued.start()
         deadline = time.monotonic() + 30
         while httpx.get(f"{s.url}/server_info", timeout=10).json()["internal_states"][0]["num_waiting"] < 1:
             assert time.monotonic() < deadline, "the second request never queued"
             time.sleep(0.05)
         start = time.monotonic()
-        r = httpx.post(f"{s.url}/v1/completions", json={**long, "max_tokens": 4}, timeout=30)
+        r = httpx.post(f"{s.url}/v1/completions", json=short, timeout=30)
         assert r.status_code == 503 and time.monotonic() - start < 5
         err = r.json()["error"]
         assert err["code"] == "queue_full" and "--max-queued-requests" in err["message"]
-        for t in threads:
-            t.join(120)
-        assert results == [200, 200]  # the running and the queued request are unharmed
+        assert running.running() and running.leave(30)  # unharmed until it left; then the queued one runs
+        queued.join(120)
+        assert results == [200]
         assert metrics(s.url)["gridserve:num_queue_full_requests"] == 1
         assert _wait_idle(s.url)["used_tokens"] == 0
     finally:

@@ -199,11 +199,12 @@ def test_a_stopped_rank_on_node1_ends_both_nodes(tiny_args):
     own stalled rank (waiting on it) is named after it; /health on node 0 turns 503, the request in flight ends
     with that error, both nodes exit non-zero and no process is left on either."""
     with namespace_pair() as ns:
-        pair = TwoNodes(ns, *tiny_args, "--pp", "2", "--watchdog-timeout", str(WATCHDOG_S))
+        pair = TwoNodes(ns, *tiny_args, "--pp", "2", "--watchdog-timeout", str(WATCHDOG_S), "--context-length", "4096")
         try:
             pair.wait_ready()
             trees = [[n.proc.pid, *descendants(n.proc.pid)] for n in pair.nodes]
-            request = InFlight(pair.url, PROMPTS[0], 400, setup=lambda: enter_namespace(ns[0]))
+            # long enough to be running when the rank stops, however slow the machine
+            request = InFlight(pair.url, PROMPTS[0], 4000, setup=lambda: enter_namespace(ns[0]))
             request.wait_streaming(60)
             os.kill(pair.nodes[1].child_pid("gridserve::scheduler dp0 pp1 tp0"), signal.SIGSTOP)
             start, body = time.monotonic(), ""
