@@ -1,20 +1,25 @@
 """One Qwen3-30B-A3B MoE layer (128 experts, 8 per token, hidden 2048, expert width 768, bf16) on the GPU: the
-fused Triton experts against the PyTorch reference, at several batch sizes, each replayed from a CUDA graph
-(the reference eagerly: it loops in Python over the experts). Bandwidth counts the expert weights a batch really
+fused Triton experts (the sorted grouped GEMM and, for few tokens, the matrix-vector path) against the PyTorch
+reference, at several batch sizes, each replayed from a CUDA graph (the reference eagerly: it loops in Python
+over the experts). Each replay runs `--layers` layers with their own weights, as a model does, so a layer's
+experts are not still in L2 from the previous replay. Bandwidth counts the expert weights a batch really
 touches (its distinct routed experts), against the device's measured copy bandwidth.
 
-    python3 scripts/bench_moe_kernel.py [--batches 1,64,256]
+    python3 scripts/bench_moe_kernel.py [--batches 1,2,4,8,16,64,256] [--sweep]
+
+--sweep first times the matrix-vector kernels' tile settings at batch 1 and uses the fastest.
 """
 
 import argparse
+import itertools
 
 import torch
 
-from gridserve.layers.fused_moe import fused_moe
+from gridserve.layers import fused_moe as fm
 from gridserve.layers.moe import moe_reference, select_experts
 
 
-def time_ms(fn, graph: bool, iters: int = 50) -> float:
+def time_ms(fn, graph: bool, iters: int = 30) -> float:
     fn()
     torch.cuda.synchronize()
     if graph:
@@ -39,33 +44,70 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / (ms / 1e3)
 
 
+def per_layer_ms(experts, layers, x, weights, ids) -> float:
+    """One pass over every layer's weights from one CUDA graph, divided by the layer count."""
+    return time_ms(lambda: [experts(x, w13, w2, weights, ids) for w13, w2 in layers], graph=True) / len(layers)
+
+
+def sweep(layers, x, weights, ids) -> dict:
+    """The fastest matrix-vector tile settings: gate/up first (down at its default), then down."""
+    best = dict(fm.VEC_CONFIG)
+    grids = {"gate_up": itertools.product((8, 16, 32), (128, 256, 512), (4, 8)),
+             "down": itertools.product((4, 8, 16, 32), (128, 256), (4, 8))}
+    for part, grid in grids.items():
+        timed = []
+        for cfg in grid:
+            config = {**best, part: cfg}
+            ms = per_layer_ms(lambda *a, c=config: fm.fused_moe_vec(*a, config=c), layers, x, weights, ids)
+            timed.append((ms, cfg))
+        timed.sort()
+        print(f"sweep {part}: " + ", ".join(f"{c} {ms * 1e3:.1f} us" for ms, c in timed[:5]), flush=True)
+        best[part] = timed[0][1]
+    return best
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--batches", default="1,64,256")
+    p.add_argument("--batches", default="1,2,4,8,16,64,256")
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--inter", type=int, default=768)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--sweep", action="store_true")
     a = p.parse_args()
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
-    w13 = torch.randn(a.experts, 2 * a.inter, a.hidden, device=dev, dtype=dt) * a.hidden**-0.5
-    w2 = torch.randn(a.experts, a.hidden, a.inter, device=dev, dtype=dt) * a.inter**-0.5
+    layers = [(torch.randn(a.experts, 2 * a.inter, a.hidden, device=dev, dtype=dt) * a.hidden**-0.5,
+               torch.randn(a.experts, a.hidden, a.inter, device=dev, dtype=dt) * a.inter**-0.5)
+              for _ in range(a.layers)]
     bw = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s")
-    print("batch | experts touched | MB read | fused (graph) ms | GB/s | % of copy | reference ms | max |diff|")
-    for m in map(int, a.batches.split(",")):
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s; {a.layers} layers of weights")
+    config = fm.VEC_CONFIG
+    batches = list(map(int, a.batches.split(",")))
+    if a.sweep:
+        x = torch.randn(1, a.hidden, device=dev, dtype=dt)
+        weights, ids = select_experts(torch.randn(1, a.experts, device=dev), a.top_k, renormalize=True)
+        config = sweep(layers, x, weights, ids.to(torch.int32))
+        print(f"vector path settings: {config}")
+    print("batch | experts touched | MB read | sorted ms | vector ms | GB/s (best) | % of copy | reference ms | "
+          "max |diff|")
+    w13, w2 = layers[0]
+    for m in batches:
         x = torch.randn(m, a.hidden, device=dev, dtype=dt)
         weights, ids = select_experts(torch.randn(m, a.experts, device=dev), a.top_k, renormalize=True)
         ids = ids.to(torch.int32)
-        touched = ids.unique().numel()
-        nbytes = touched * 3 * a.hidden * a.inter * 2
-        fused = time_ms(lambda x=x, w=weights, i=ids: fused_moe(x, w13, w2, w, i), graph=True)
-        ref = time_ms(lambda x=x, w=weights, i=ids: moe_reference(x, w13, w2, w, i), graph=False, iters=5)
-        diff = (fused_moe(x, w13, w2, weights, ids) - moe_reference(x, w13, w2, weights, ids)).abs().max().item()
-        rate = nbytes / (fused / 1e3)
-        print(f"{m} | {touched} | {nbytes / 1e6:.1f} | {fused:.4f} | {rate / 1e9:.0f} | {rate / bw:.1%} | "
-              f"{ref:.3f} | {diff:.3g}", flush=True)
+        nbytes = ids.unique().numel() * 3 * a.hidden * a.inter * 2
+        sorted_ms = per_layer_ms(fm.fused_moe_sorted, layers, x, weights, ids)
+        vec_ms = (per_layer_ms(lambda *args: fm.fused_moe_vec(*args, config=config), layers, x, weights, ids)
+                  if m <= 64 else float("nan"))
+        ref = time_ms(lambda x=x, w=weights, i=ids: moe_reference(x, w13, w2, w, i), graph=False, iters=3)
+        got = fm.fused_moe_vec(x, w13, w2, weights, ids, config) if m <= 64 else fm.fused_moe_sorted(
+            x, w13, w2, weights, ids)
+        diff = (got - moe_reference(x, w13, w2, weights, ids)).abs().max().item()
+        rate = nbytes / (min(sorted_ms, vec_ms if vec_ms == vec_ms else sorted_ms) / 1e3)
+        print(f"{m} | {ids.unique().numel()} | {nbytes / 1e6:.1f} | {sorted_ms:.4f} | {vec_ms:.4f} | "
+              f"{rate / 1e9:.0f} | {rate / bw:.1%} | {ref:.3f} | {diff:.3g}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: issue 6's checks and benchmarks on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf; default all but hf)
+#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst; default all but hf)
 # Run from the repo root with .whl carried (see ../shared/device/wheels.sh). Results land in $OUT.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
@@ -96,7 +96,9 @@ if has profile; then  # host time per decode step, in-process (scripts/profile_s
 fi
 if has moe; then  # issue 19: Qwen3-30B-A3B's shape: kernels, one layer, batch-1 latency, offline, agreement
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe.py 2>&1 | tail -2
-  python3 scripts/bench_moe_kernel.py 2>&1 | grep -v Warning | tee $OUT/moe_kernel.txt
+  python3 scripts/bench_moe_kernel.py --sweep 2>&1 | grep -v Warning | tee $OUT/moe_kernel.txt
+  python3 scripts/profile_scheduler.py $M --batch-size 1 --no-show-progress --top 30 --kernels 2>&1 | grep -v Warning \
+    > $OUT/profile_M.txt; head -1 $OUT/profile_M.txt
   $GS bench latency $M --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
     --output-json $OUT/latency_M.json 2>&1 | tee $OUT/latency_M.log | grep -E "TTFT|TPOT|floor|rror|graphs|KV"
 fi
@@ -109,4 +111,18 @@ fi
 if has moe-hf; then  # the same workload's ratio to transformers (one left-padded batch; fewer prompts)
   $GS bench offline $M --num-prompts 32 --compare-transformers padded --no-floor --no-show-progress \
     --output-json $OUT/offline_M_hf.json 2>&1 | tee $OUT/offline_M_hf.log | grep -vE "Warning|warn\(" | tail -6
+fi
+if has burst; then  # issue 24: 2,000 one-token requests at once on the 0.6B shape; BURST_BASE: an older tree to compare
+  ROOT=$PWD
+  for tree in ${BURST_BASE:-} $PWD; do
+    tag=$(basename $tree)
+    (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec $GS serve $Q --port 30012 --no-show-progress) > $OUT/burst_$tag.log 2>&1 &
+    SERVER=$!
+    for i in $(seq 240); do curl -sf localhost:30012/health > /dev/null && break; sleep 1; done
+    echo "== burst, server tree $tag"
+    $GS bench serving --base-url http://127.0.0.1:30012 --dataset-name random --random-input-len 16 \
+      --random-output-len 1 --random-range-ratio 1 --num-prompts 2000 --warmup-requests 1 --disable-tqdm \
+      --output-file $OUT/burst.jsonl 2>&1 | grep -E "TTFT|prefill|order|throughput" | tee -a $OUT/burst.txt
+    kill $SERVER; wait $SERVER
+  done
 fi

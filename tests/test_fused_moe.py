@@ -9,7 +9,14 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from gridserve.layers.fused_moe import fused_moe, sort_by_expert  # noqa: E402
+from gridserve.layers.fused_moe import (  # noqa: E402
+    VEC_MAX_SLOTS,
+    fused_moe,
+    fused_moe_sorted,
+    fused_moe_vec,
+    route,
+    sort_by_expert,
+)
 from gridserve.layers.moe import moe_reference, select_experts  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available() else "cpu"
@@ -34,12 +41,24 @@ def _case(tokens: int, experts: int, top_k: int, hidden: int, inter: int, local:
     (17, 8, 2, 32, 48, range(4, 8)),  # half the experts on this rank
     (9, 4, 1, 32, 16, None),
 ])
-def test_fused_moe_equals_the_reference(tokens, experts, top_k, hidden, inter, local):
+@pytest.mark.parametrize("method", ["sorted", "vec"])
+def test_fused_moe_equals_the_reference(tokens, experts, top_k, hidden, inter, local, method):
     x, w13, w2, weights, ids = _case(tokens, experts, top_k, hidden, inter, local)
     want = moe_reference(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu())
-    got = fused_moe(x, w13, w2, weights, ids, block_n=32, block_k=32).cpu()
-    tol = 1e-4 if DEVICE == "cpu" else 2e-2  # on the GPU tl.dot multiplies float32 in TF32
+    if method == "sorted":
+        got = fused_moe_sorted(x, w13, w2, weights, ids, block_n=32, block_k=32).cpu()
+        tol = 1e-4 if DEVICE == "cpu" else 2e-2  # on the GPU tl.dot multiplies float32 in TF32
+    else:  # tiles smaller than the dimensions, and a K tile that overruns them (masks)
+        got = fused_moe_vec(x, w13, w2, weights, ids, {"gate_up": (16, 32, 4), "down": (8, 32, 4)}).cpu()
+        tol = 1e-4
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_fused_moe_takes_the_vector_path_for_few_slots_only():
+    small = _case(VEC_MAX_SLOTS // 2, 8, 2, 32, 48, None)
+    large = _case(VEC_MAX_SLOTS // 2 + 1, 8, 2, 32, 48, None)
+    torch.testing.assert_close(fused_moe(*small), fused_moe_vec(*small), rtol=0, atol=0)
+    torch.testing.assert_close(fused_moe(*large), fused_moe_sorted(*large), rtol=0, atol=0)
 
 
 def test_sort_by_expert_groups_every_local_slot_once_in_padded_blocks():
@@ -63,3 +82,15 @@ def test_router_softmax_top_k_and_renormalise():
     assert ids.tolist() == [[0, 1]] and torch.allclose(w, p[:, :2])
     w, _ = select_experts(logits, 2, renormalize=True)
     assert torch.allclose(w.sum(-1), torch.ones(1)) and torch.allclose(w, p[:, :2] / p[:, :2].sum())
+
+
+@pytest.mark.parametrize("experts, top_k, renormalize", [(8, 2, True), (60, 4, False), (128, 8, True), (4, 1, False)])
+def test_route_equals_select_experts_and_maps_ids_to_this_ranks(experts, top_k, renormalize):
+    logits = torch.randn(7, experts, generator=torch.Generator().manual_seed(experts))
+    want_w, want_ids = select_experts(logits, top_k, renormalize)
+    local_of = torch.full((experts,), -1, dtype=torch.int32)  # this rank holds the upper half
+    local_of[experts // 2:] = torch.arange(experts - experts // 2, dtype=torch.int32)
+    w, ids = route(logits.to(DEVICE), top_k, renormalize, local_of.to(DEVICE))
+    torch.testing.assert_close(w.cpu(), want_w, rtol=1e-5, atol=1e-6)
+    assert ids.cpu().tolist() == local_of[want_ids].tolist()
+    assert route(logits[:0].to(DEVICE), top_k, renormalize, local_of.to(DEVICE))[0].shape == (0, top_k)

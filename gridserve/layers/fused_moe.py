@@ -6,11 +6,57 @@
 2. gate/up: per block, x[token] @ w13[e].T for the gate and up halves, then silu(gate) * up, stored per slot.
 3. down: per block, that @ w2[e].T, scaled by the slot's routing weight, stored per slot.
 4. The k slots of each token are summed (slots routed to other ranks stay zero).
+
+Decode batches (a few tokens, so a few slots, each mostly on its own expert) skip the sort: one program per
+(slot, row tile) reads its expert's rows straight from the router's ids, a matrix-vector product with no padding
+and no sorting kernels, and the down kernel sums a token's k slots itself, so no zeroed output and no sum follow.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _route_kernel(logits_ptr, map_ptr, weights_ptr, ids_ptr, num_experts, stride_l,
+                  TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Token program_id(0): softmax over the experts in float32, the top k (the lowest id among ties), optionally
+    renormalised, and each chosen expert's local id through map_ptr (-1 for another rank's)."""
+    t = tl.program_id(0)
+    es = tl.arange(0, BLOCK_E)
+    ok = es < num_experts
+    logits = tl.load(logits_ptr + t.to(tl.int64) * stride_l + es, mask=ok, other=-float("inf")).to(tl.float32)
+    p = tl.where(ok, tl.exp(logits - tl.max(logits, axis=0)), 0.0)
+    p = tl.where(ok, p / tl.sum(p, axis=0), -1.0)  # padding below every probability: never chosen
+    ks = tl.arange(0, K_PAD)
+    chosen_w = tl.zeros((K_PAD,), dtype=tl.float32)
+    chosen_e = tl.zeros((K_PAD,), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(p, axis=0)
+        e = tl.min(tl.where(p == best, es, BLOCK_E), axis=0)
+        chosen_w = tl.where(ks == j, best, chosen_w)
+        chosen_e = tl.where(ks == j, e, chosen_e)
+        p = tl.where(es == e, -1.0, p)
+    if RENORMALIZE:
+        chosen_w = chosen_w / tl.sum(chosen_w, axis=0)
+    k_ok = ks < TOP_K
+    local = tl.load(map_ptr + chosen_e, mask=k_ok, other=-1)
+    tl.store(weights_ptr + t * TOP_K + ks, chosen_w, mask=k_ok)
+    tl.store(ids_ptr + t * TOP_K + ks, local, mask=k_ok)
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+          local_of_expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """layers.moe.select_experts and the global-to-local id map in one kernel: (float32 weights, int32 local ids
+    with -1 for other ranks' experts), each (tokens, top_k)."""
+    m, num_experts = router_logits.shape
+    weights = torch.empty(m, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(m, top_k, dtype=torch.int32, device=router_logits.device)
+    if m:
+        _route_kernel[(m,)](router_logits, local_of_expert, weights, ids, num_experts, router_logits.stride(0),
+                            TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
+                            BLOCK_E=triton.next_power_of_2(num_experts))
+    return weights, ids
 
 
 def _block_m(num_slots: int, num_experts: int) -> int:
@@ -112,10 +158,97 @@ def _down_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, weight_ptr, num_
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _gate_up_vec_kernel(x_ptr, w_ptr, out_ptr, ids_ptr, top_k, hidden, inter, stride_xm, stride_we, stride_wn,
+                        stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Slot program_id(0)'s rows [n, n + BLOCK_N) of silu(gate) * up, as a matrix-vector product."""
+    slot, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(ids_ptr + slot)
+    if e < 0:  # another rank's expert: the down kernel skips this slot too
+        return
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < inter
+    w_gate = w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn
+    w_up = w_gate + inter * stride_wn
+    x_row = x_ptr + (slot // top_k).to(tl.int64) * stride_xm
+    acc_gate = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < hidden
+        xv = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        ok = row_ok[:, None] & k_ok[None, :]
+        acc_gate += tl.load(w_gate + ks[None, :], mask=ok, other=0.0).to(tl.float32) * xv
+        acc_up += tl.load(w_up + ks[None, :], mask=ok, other=0.0).to(tl.float32) * xv
+    gate, up = tl.sum(acc_gate, axis=1), tl.sum(acc_up, axis=1)
+    act = gate * tl.sigmoid(gate) * up
+    tl.store(out_ptr + slot.to(tl.int64) * stride_om + rows, act.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _down_vec_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, weight_ptr, top_k, hidden, inter, stride_am, stride_we,
+                     stride_wn, stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Token program_id(0)'s output rows [n, n + BLOCK_N): the sum over its k slots of weight * down(act)."""
+    token, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < hidden
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for j in range(0, top_k):
+        slot = token * top_k + j
+        e = tl.load(ids_ptr + slot)
+        if e >= 0:
+            scale = tl.load(weight_ptr + slot)
+            w_rows = w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn
+            a_row = a_ptr + slot.to(tl.int64) * stride_am
+            for k0 in range(0, inter, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < inter
+                av = tl.load(a_row + ks, mask=k_ok, other=0.0).to(tl.float32) * scale
+                w = tl.load(w_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                acc += w.to(tl.float32) * av[None, :]
+    tl.store(out_ptr + token.to(tl.int64) * stride_om + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty),
+             mask=row_ok)
+
+
+# Up to this many (token, k) slots the matrix-vector path runs; above it, the sorted grouped GEMM.
+VEC_MAX_SLOTS = 64
+# (BLOCK_N, BLOCK_K, num_warps) of the matrix-vector kernels, gate/up and down
+VEC_CONFIG = {"gate_up": (16, 256, 4), "down": (8, 256, 4)}
+
+
+def fused_moe_vec(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                  local_ids: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """fused_moe for few tokens: matrix-vector products per slot, no sort; same arguments and result."""
+    config = config or VEC_CONFIG
+    m, hidden = x.shape
+    inter, top_k = w2.shape[2], local_ids.shape[1]
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    ids = local_ids.contiguous()
+    act = torch.empty(m * top_k, inter, dtype=x.dtype, device=x.device)
+    out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
+    bn, bk, warps = config["gate_up"]
+    _gate_up_vec_kernel[(m * top_k, triton.cdiv(inter, bn))](
+        x, w13, act, ids, top_k, hidden, inter, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    bn, bk, warps = config["down"]
+    _down_vec_kernel[(m, triton.cdiv(hidden, bn))](
+        act, w2, out, ids, weights.float().contiguous(), top_k, hidden, inter, act.stride(0), w2.stride(0),
+        w2.stride(1), out.stride(0), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    return out
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
               local_ids: torch.Tensor, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
     """Same result as layers.moe.moe_reference: x (M, H), w13 (E, 2I, H), w2 (E, H, I), weights and local_ids
-    (M, top_k), local_ids -1 for experts on other ranks."""
+    (M, top_k), local_ids -1 for experts on other ranks. Few slots take fused_moe_vec."""
+    if local_ids.numel() <= VEC_MAX_SLOTS:
+        return fused_moe_vec(x, w13, w2, weights, local_ids)
+    return fused_moe_sorted(x, w13, w2, weights, local_ids, block_n, block_k)
+
+
+def fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                     local_ids: torch.Tensor, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+    """fused_moe as grouped GEMMs over the slots sorted by expert; same arguments and result."""
     m, hidden = x.shape
     num_experts, inter = w13.shape[0], w2.shape[2]
     top_k = local_ids.shape[1]

@@ -90,13 +90,13 @@ class FusedMoE(nn.Module):
             param.data[e, rows].copy_(materialize(loaded.narrow(0, start, self.inter)))
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
-        local_ids = self.local_ids[ids]
         if x.is_cuda:
-            from gridserve.layers.fused_moe import fused_moe
+            from gridserve.layers.fused_moe import fused_moe, route
 
+            weights, local_ids = route(router_logits, self.top_k, self.renormalize, self.local_ids)
             return fused_moe(x, self.w13_weight, self.w2_weight, weights, local_ids)
-        return moe_reference(x, self.w13_weight, self.w2_weight, weights, local_ids)
+        weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
+        return moe_reference(x, self.w13_weight, self.w2_weight, weights, self.local_ids[ids])
 
 
 class SparseMoeBlock(nn.Module):
