@@ -26,6 +26,7 @@ def check_port(host: str, port: int, flag: str = "--port") -> None:
 
 def check_model(args: ServerArgs) -> tuple[str, ModelConfig]:
     """The model's resolved path and config, once it is known to exist, to be supported and to split as asked."""
+    from gridserve.layers.quantization import checkpoint_quantization
     from gridserve.model_loader.loader import load_model_config
     from gridserve.model_loader.paths import resolve_model_path
 
@@ -41,6 +42,7 @@ def check_model(args: ServerArgs) -> tuple[str, ModelConfig]:
         raise StartupError(f"--model-path {path}: {e}") from None
     try:
         cfg.check_parallel(args.tp_size, args.pp_size, args.pp_partition, args.ep_size)
+        checkpoint_quantization(cfg.hf_config)
     except ValueError as e:
         raise StartupError(str(e)) from None
     return path, cfg

@@ -14,6 +14,7 @@ _CHOICES = {
     "device": ["auto", "cpu", "cuda"],
     "attention_backend": ["auto", *ATTENTION_BACKENDS],
     "load_format": ["auto", "dummy"],
+    "quantization": ["fp8"],
     "schedule_policy": ["fcfs", "lpm"],
     "log_level": ["debug", "info", "warning", "error", "critical"],
     "load_balance_method": ["cache_aware", "round_robin", "total_requests", "shortest_queue", "total_tokens",
@@ -26,8 +27,8 @@ _ALIASES = {"model_path": ["--model"], "tp_size": ["--tp"], "pp_size": ["--pp"],
 # --help's sections, in order; every field is in exactly one (tests check). `gridserve generate` runs no server,
 # so it leaves out "server".
 GROUPS = {
-    "model": ["model_path", "tokenizer_path", "dtype", "device", "load_format", "context_length", "random_seed",
-              "served_model_name"],
+    "model": ["model_path", "tokenizer_path", "dtype", "device", "load_format", "quantization", "context_length",
+              "random_seed", "served_model_name"],
     "memory": ["max_total_tokens", "mem_fraction_static"],
     "scheduling": ["max_running_requests", "max_queued_requests", "max_prefill_tokens", "chunked_prefill_size",
                    "schedule_policy", "schedule_conservativeness", "disable_radix_cache", "watchdog_timeout",
@@ -61,6 +62,8 @@ class ServerArgs:
     dtype: str = _opt("auto", "weights and activations dtype; auto = the checkpoint's")
     device: str = _opt("auto", "cuda when available, else cpu")
     load_format: str = _opt("auto", "'dummy' = random weights in the model's shapes (benchmarks)")
+    quantization: str | None = _opt(None, "fp8: linear layers in FP8 (per-channel weight scales, per-token "
+                                          "activation scales); default: the checkpoint's (an FP8 checkpoint is fp8)")
     context_length: int | None = _opt(None, "max tokens per request (default: the model's)")
     max_total_tokens: int | None = _opt(None, "KV cache size in tokens (default: from memory)")
     mem_fraction_static: float = _opt(0.85, "GPU memory fraction for weights + KV cache")
@@ -133,7 +136,7 @@ class ServerArgs:
 
     def validate(self) -> None:
         for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
+            if getattr(self, name) not in choices and not (name == "quantization" and self.quantization is None):
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(self, name)!r}")
         positive = ["cpu_threads", "max_queued_requests",
                     "max_request_bytes", "context_length", "max_total_tokens", "max_running_requests",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: issue 6's checks and benchmarks on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst; default all but hf)
+#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst fp8; default all but hf)
 # Run from the repo root with .whl carried (see ../shared/device/wheels.sh). Results land in $OUT.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
@@ -116,13 +116,25 @@ if has burst; then  # issue 24: 2,000 one-token requests at once on the 0.6B sha
   ROOT=$PWD
   for tree in ${BURST_BASE:-} $PWD; do
     tag=$(basename $tree)
+    (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec python3 $ROOT/scripts/bench_burst.py $Q \
+      --output-json $OUT/burst_engine_$tag.json) 2>&1 | grep -E "^burst" | tee -a $OUT/burst.txt
     (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec $GS serve $Q --port 30012 --no-show-progress) > $OUT/burst_$tag.log 2>&1 &
     SERVER=$!
     for i in $(seq 240); do curl -sf localhost:30012/health > /dev/null && break; sleep 1; done
-    echo "== burst, server tree $tag"
+    echo "== burst over HTTP, server tree $tag"
     $GS bench serving --base-url http://127.0.0.1:30012 --dataset-name random --random-input-len 16 \
       --random-output-len 1 --random-range-ratio 1 --num-prompts 2000 --warmup-requests 1 --disable-tqdm \
       --output-file $OUT/burst.jsonl 2>&1 | grep -E "TTFT|prefill|order|throughput" | tee -a $OUT/burst.txt
     kill $SERVER; wait $SERVER
   done
+fi
+if has fp8; then  # issue 20: FP8 weights on the 8B shape: the kernels, batch-1 latency against bf16, agreement
+  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py tests/test_fused_ops.py \
+    -k "cuda or quant" 2>&1 | tail -2
+  for q in "" "--quantization fp8"; do
+    $GS bench latency $L $q --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
+      --output-json $OUT/latency_L${q:+_fp8}.json 2>&1 | tee $OUT/latency_L${q:+_fp8}.log | grep -E "TTFT|TPOT|floor|rror"
+  done
+  python3 scripts/greedy_agreement.py $Q --candidate quantization=fp8 --num-prompts 32 --output-len 32 \
+    --output-json $OUT/agreement_fp8.json > $OUT/agreement_fp8.log 2>&1; tail -4 $OUT/agreement_fp8.log
 fi

@@ -1,5 +1,5 @@
-"""The fused Triton kernels (RMSNorm + residual, rotary, SiLU-and-mul) against the layers' PyTorch code, on CPU
-under TRITON_INTERPRET=1 (on a GPU machine without it, on CUDA)."""
+"""The fused Triton kernels (RMSNorm + residual, rotary, SiLU-and-mul, FP8 per-token quantization) against the
+layers' PyTorch code, on CPU under TRITON_INTERPRET=1 (on a GPU machine without it, on CUDA)."""
 
 import os
 
@@ -11,7 +11,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from gridserve.layers.activation import SiluAndMul  # noqa: E402
-from gridserve.layers.fused_ops import rms_norm, rotary_embedding_, silu_and_mul  # noqa: E402
+from gridserve.layers.fused_ops import per_token_quant_fp8, rms_norm, rotary_embedding_, silu_and_mul  # noqa: E402
 from gridserve.layers.norm import RMSNorm  # noqa: E402
 from gridserve.layers.rotary import RotaryEmbedding  # noqa: E402
 
@@ -85,3 +85,20 @@ def test_empty_batches():
     x = rand(0, 16, dtype=torch.float32)
     assert rms_norm(x, torch.ones(16, device=DEVICE), 1e-6).shape == (0, 16)
     assert silu_and_mul(rand(0, 32, dtype=torch.float32)).shape == (0, 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,n", [(1, 64), (4, 300), (2, 5000)])  # one block, a masked one, several
+def test_per_token_quant_fp8(dtype, tokens, n):
+    x = rand(tokens, n, dtype=dtype)
+    x[0] = 0  # no division by zero
+    q, scale = per_token_quant_fp8(x)
+    want_scale = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448
+    torch.testing.assert_close(scale, want_scale, rtol=0, atol=0)
+    want = (x.float() / want_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    if DEVICE == "cpu":  # the interpreter rounds ties away from zero, and drops a carry into the exponent (127.9
+        want, q = want.float(), q.float()  # -> 64): one step of FP8 apart, or half
+        step = torch.exp2(torch.frexp(want)[1].float() - 4).clamp(min=2.0**-9)
+        assert (((q - want).abs() <= step) | (q == want / 2)).all()
+    else:
+        assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))

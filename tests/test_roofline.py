@@ -51,6 +51,13 @@ def test_small_config_counts_by_hand():
     assert c.decode_kv_bytes(3, 2) == 32 * 9
 
 
+def test_fp8_weights_count_one_byte_for_the_decoder_linears_only():
+    c = ModelCost.from_config(config_from_hf(SMALL), 2, fp8=True)
+    assert c.fp8_params == 2 * 576  # attention and MLP of both layers; the LM head and the norms stay 2 bytes
+    assert c.weight_bytes == 2 * 576 + (80 + 40) * 2
+    assert c.linear_params == _cost(SMALL).linear_params  # the FLOPs do not change
+
+
 def test_tied_biased_qk_norm_counts():
     c = _cost({**SMALL, "model_type": "qwen3", "tie_word_embeddings": True, "attention_bias": True}, dtype_bytes=4)
     assert c.linear_params == 1232  # a tied LM head is still one 10 x 8 matmul per token

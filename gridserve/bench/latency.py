@@ -56,7 +56,8 @@ def report_floor(args: argparse.Namespace, server_args: ServerArgs, result: dict
 
     cfg = load_model_config(resolve_model_path(server_args.model_path))
     device = resolve_device(server_args.device, server_args.base_gpu_id)
-    cost, rates = measure_for(cfg, resolve_dtype(server_args.dtype, cfg), device, server_args.tp_size)
+    cost, rates = measure_for(cfg, resolve_dtype(server_args.dtype, cfg), device, server_args.tp_size,
+                              server_args.quantization)
     floor = latency_floor(cost, args.input_len, args.output_len, rates)
     ttft_ms, tpot_ms = floor.ttft_s * 1e3, floor.tpot_s * 1e3
     ttft_frac, tpot_frac = ttft_ms / result["ttft_ms_median"], tpot_ms / result["tpot_ms_median"]

@@ -346,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
     if args.floor and server_args.dp_size > 1:
         print("floor: not modelled for --dp > 1 (it models one replica); run with --dp 1 for it")
     elif args.floor:  # measured now: the engine's processes are gone and transformers is not loaded yet
-        cost, rates = measure_for(cfg, dtype, device, server_args.tp_size)
+        cost, rates = measure_for(cfg, dtype, device, server_args.tp_size, server_args.quantization)
         floor = offline_floor(cost, [len(p) for p in workload.prompts], workload.output_lens, rates, max_running,
                               server_args.prefill_token_budget)
     if args.compare_transformers:

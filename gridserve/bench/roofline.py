@@ -123,10 +123,15 @@ def measure_device(device: torch.device | str, dtype: torch.dtype | None = None)
     return DeviceRates(bw, flops, name, str(dtype).removeprefix("torch."))
 
 
-def measure_for(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                tp_size: int = 1) -> tuple["ModelCost", DeviceRates]:
-    """The model's costs in `dtype` and the device's measured rates, times tp_size (the bench commands' helper)."""
-    return ModelCost.from_config(cfg, dtype.itemsize), measure_device(device, dtype).scaled(tp_size)
+def measure_for(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp_size: int = 1,
+                quantization: str | None = None) -> tuple["ModelCost", DeviceRates]:
+    """The model's costs in `dtype` (its linear layers in FP8 with `quantization` 'fp8' or an FP8 checkpoint) and
+    the device's measured rates, times tp_size (the bench commands' helper). The FLOP rate stays `dtype`'s: for FP8
+    the TTFT floor is then too high, the bytes (and TPOT floor) are right."""
+    from gridserve.layers.quantization import checkpoint_quantization
+
+    fp8 = "fp8" in (quantization, checkpoint_quantization(cfg.hf_config))
+    return ModelCost.from_config(cfg, dtype.itemsize, fp8), measure_device(device, dtype).scaled(tp_size)
 
 
 @dataclass(frozen=True)
@@ -146,28 +151,33 @@ class ModelCost:
     sparse_layers: int = 0
     num_experts: int = 0
     top_k: int = 0
+    fp8_params: int = 0  # of linear_params, those stored in one byte (--quantization fp8)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, dtype_bytes: int) -> "ModelCost":
+    def from_config(cls, cfg: ModelConfig, dtype_bytes: int, fp8: bool = False) -> "ModelCost":
+        """fp8: the attention and dense MLP weights (the shared expert's too) in one byte; the LM head, the router
+        and the routed experts stay in `dtype_bytes`, as layers/quantization.py leaves them."""
         h, d, layers = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
         q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
         attn = h * (q + 2 * kv) + q * h
         lm_head = cfg.vocab_size * h
         norms = 2 * h + (2 * d if cfg.qk_norm else 0)
         bias = q + 2 * kv if cfg.attention_bias else 0
-        moe, mlp, expert = cfg.moe, 0, 0
+        moe, mlp, expert, dense = cfg.moe, 0, 0, layers * attn
         for i in range(layers):
             if moe is None or i not in moe.sparse_layers:
                 mlp += 3 * h * cfg.intermediate_size
+                dense += 3 * h * cfg.intermediate_size
             else:  # the router, top_k experts and the shared expert
                 expert = 3 * h * moe.intermediate_size
                 mlp += moe.num_experts * h + moe.top_k * expert + 3 * h * moe.shared_expert_intermediate_size
+                dense += 3 * h * moe.shared_expert_intermediate_size
         sparse = len(moe.sparse_layers) if moe else 0
         return cls(linear_params=layers * attn + mlp + lm_head, lm_head_params=lm_head,
                    other_params=layers * (norms + bias) + h, num_layers=layers, num_heads=cfg.num_attention_heads,
                    head_dim=d, kv_bytes_per_token=2 * layers * kv * dtype_bytes, dtype_bytes=dtype_bytes,
                    expert_params=expert, sparse_layers=sparse, num_experts=moe.num_experts if moe else 0,
-                   top_k=moe.top_k if moe else 0)
+                   top_k=moe.top_k if moe else 0, fp8_params=dense if fp8 else 0)
 
     @property
     def weight_bytes(self) -> int:
@@ -184,7 +194,7 @@ class ModelCost:
             routed = self.top_k if tokens == 1 else self.num_experts if tokens is None else \
                 self.num_experts * (1 - (1 - self.top_k / self.num_experts) ** tokens)
             params += round(self.sparse_layers * (routed - self.top_k) * self.expert_params)
-        return params * self.dtype_bytes
+        return (params - self.fp8_params) * self.dtype_bytes + self.fp8_params
 
     def attention_flops(self, keys: int) -> int:
         """QK^T and PV for one query token attending to `keys` tokens, all layers."""

@@ -116,3 +116,37 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, y, x2.stride(0), y.stride(0), n,
                                                                    BLOCK=block)
     return y.view(*x.shape[:-1], n)
+
+
+@triton.jit
+def _per_token_quant_kernel(X, Q, S, stride_x, stride_q, N, fp8_max, min_amax, BLOCK: tl.constexpr):
+    """Row program_id(0): amax over the row, scale = amax / fp8_max, q = x / scale in FP8 (two passes over the
+    row; the second reads it from L2)."""
+    t = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c0 in range(0, N, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        x = tl.load(X + t * stride_x + cols, mask=cols < N, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, axis=0), min_amax) / fp8_max
+    tl.store(S + t, scale)
+    for c0 in range(0, N, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        x = tl.load(X + t * stride_x + cols, mask=cols < N, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x / scale, -fp8_max), fp8_max)
+        tl.store(Q + t * stride_q + cols, q.to(Q.dtype.element_ty), mask=cols < N)
+
+
+def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, N) -> (float8_e4m3fn (M, N), float32 scale (M, 1)) with x ~= q * scale, one kernel."""
+    from gridserve.layers.quantization import _MIN_AMAX, FP8, FP8_MAX
+
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, n = x.shape
+    q = torch.empty((m, n), dtype=FP8, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        _per_token_quant_kernel[(m,)](x, q, scale, x.stride(0), q.stride(0), n, FP8_MAX, _MIN_AMAX,
+                                      BLOCK=min(4096, triton.next_power_of_2(n)), num_warps=8)
+    return q, scale

@@ -3,6 +3,9 @@
 Each layer owns a `weight_loader(param, loaded, shard_id)` that copies the slice of a full checkpoint tensor
 that belongs to this rank, so the model loader never needs to know how a layer is split. `loaded` may be a
 LazyTensor: narrow() then reads only this rank's slice from disk.
+
+With `--quantization fp8` the weight becomes FP8 with a `weight_scale` per row after loading
+(layers/quantization.py); a layer that must stay exact sets `quantizable = False`.
 """
 
 import torch
@@ -10,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gridserve.distributed.parallel_state import get_tp_group
+from gridserve.layers.quantization import fp8_linear
 from gridserve.layers.weight_utils import materialize
 
 
@@ -20,9 +24,12 @@ def _divide(n: int, d: int, what: str) -> int:
 
 
 class LinearBase(nn.Module):
+    quantizable = True
+
     def __init__(self, in_features: int, out_features: int, bias: bool, params_dtype: torch.dtype | None):
         super().__init__()
         self.tp = get_tp_group()
+        self.weight_scale: torch.Tensor | None = None  # FP8 weights: one float32 scale per output row
         dtype = params_dtype or torch.get_default_dtype()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
@@ -35,6 +42,12 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         raise NotImplementedError
 
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ weight.T (+ bias): in FP8 once the weight has been quantized."""
+        if self.weight_scale is None:
+            return F.linear(x, self.weight, bias)
+        return fp8_linear(x, self.weight, self.weight_scale, bias)
+
 
 class ReplicatedLinear(LinearBase):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, params_dtype=None):
@@ -44,7 +57,7 @@ class ReplicatedLinear(LinearBase):
         param.data.copy_(materialize(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -59,7 +72,7 @@ class ColumnParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(0, self.tp.rank * rows, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -126,7 +139,7 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(1, self.tp.rank * cols, cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.matmul(x, None)
         if self.reduce_results:
             y = self.tp.all_reduce(y)
         if self.bias is not None:

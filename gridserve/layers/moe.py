@@ -108,11 +108,13 @@ class SparseMoeBlock(nn.Module):
                  shared_intermediate_size: int = 0):
         super().__init__()
         self.gate = ReplicatedLinear(hidden_size, num_experts)
+        self.gate.quantizable = False  # it picks the experts: FP8 error would change the choice
         self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, renormalize)
         self.shared_expert = self.shared_expert_gate = None
         if shared_intermediate_size:
             self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size, reduce_results=False)
             self.shared_expert_gate = ReplicatedLinear(hidden_size, 1)
+            self.shared_expert_gate.quantizable = False
         self.tp = get_tp_group()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ class LazyTensor:
     def __init__(self, safe_slice):
         self._slice = safe_slice
         self.shape = tuple(safe_slice.get_shape())
+        self.dtype_name = safe_slice.get_dtype()  # safetensors' name, e.g. "BF16", "F8_E4M3"
 
     def dim(self) -> int:
         return len(self.shape)

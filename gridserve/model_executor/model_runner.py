@@ -44,7 +44,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(args.dtype, cfg)
         self.context_len = args.context_length or cfg.max_position_embeddings
         start = time.perf_counter()
-        self.model = load_model(model_path, cfg, self.dtype, self.device, args.load_format, args.show_progress)
+        self.model = load_model(model_path, cfg, self.dtype, self.device, args.load_format, args.show_progress,
+                                args.quantization)
         logger.info("weights loaded (%s) in %.1f s", args.load_format, time.perf_counter() - start)
         shape = self.model.attention_shape()
         self.start_layer, self.num_layers = shape.start_layer, shape.num_layers

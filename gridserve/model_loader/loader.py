@@ -11,6 +11,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from gridserve.layers.quantization import checkpoint_quantization, dequantize_fp8_checkpoint, quantize_linears
 from gridserve.layers.weight_utils import LazyTensor
 from gridserve.model_loader.dummy import dummy_weights
 from gridserve.model_loader.paths import is_gguf, resolve_model_path  # noqa: F401 (re-exported)
@@ -74,8 +75,11 @@ def resolve_dtype(dtype: str, cfg: ModelConfig) -> torch.dtype:
 
 
 def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-               load_format: str = "auto", show_progress: bool = True) -> nn.Module:
-    """Builds the model on `device` in `dtype` and fills it from the checkpoint (or randomly for 'dummy')."""
+               load_format: str = "auto", show_progress: bool = True, quantization: str | None = None) -> nn.Module:
+    """Builds the model on `device` in `dtype` and fills it from the checkpoint (or randomly for 'dummy'); with
+    `quantization` 'fp8', or an FP8 checkpoint, its linear layers end in FP8 (layers/quantization.py)."""
+    fp8 = quantization == "fp8" or checkpoint_quantization(cfg.hf_config) == "fp8"
+    from_fp8 = fp8 and load_format != "dummy" and "quantization_config" in cfg.hf_config
     model_cls = get_model_class(cfg)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -92,9 +96,14 @@ def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.de
     else:
         total, weights = _iter_safetensors(path)
     bar = tqdm(weights, total=total, desc="Loading weights", unit="tensor", disable=not show_progress)
+    if from_fp8:  # its scales are consumed on the way: the bar counts tensors read
+        block = tuple(cfg.hf_config["quantization_config"].get("weight_block_size") or (128, 128))
+        bar = dequantize_fp8_checkpoint(bar, block, dtype)
     loaded = model.load_weights(bar)
     expected = {n for n, _ in model.named_parameters()}
     missing = expected - loaded
     if missing:
         raise ValueError(f"checkpoint {path} lacks weights for: {', '.join(sorted(missing)[:8])}")
+    if fp8:
+        quantize_linears(model)
     return model.eval()
