@@ -11,7 +11,13 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from gridserve.layers.activation import SiluAndMul  # noqa: E402
-from gridserve.layers.fused_ops import per_token_quant_fp8, rms_norm, rotary_embedding_, silu_and_mul  # noqa: E402
+from gridserve.layers.fused_ops import (  # noqa: E402
+    per_token_quant_fp8,
+    qk_norm_rope_,
+    rms_norm,
+    rotary_embedding_,
+    silu_and_mul,
+)
 from gridserve.layers.norm import RMSNorm  # noqa: E402
 from gridserve.layers.rotary import RotaryEmbedding  # noqa: E402
 
@@ -72,6 +78,29 @@ def test_rotary_in_place_matches_reference(dtype, scaling):
     torch.testing.assert_close(got_q.cpu(), want_q, **TOL[dtype])
     torch.testing.assert_close(got_k.cpu(), want_k, **TOL[dtype])
     assert torch.equal(qkv[:, (hq + hk) * d :], v_before)  # v, beside q and k in the same buffer, untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+def test_qk_norm_then_rotary_in_place_matches_the_separate_layers(dtype, d):
+    tokens, hq, hk = 5, 4, 2
+    rope = RotaryEmbedding(d, 1000000.0, 4096, None)
+    q_norm, k_norm = RMSNorm(d, eps=1e-6), RMSNorm(d, eps=1e-6)
+    q_norm.weight.data.uniform_(0.5, 1.5)
+    k_norm.weight.data.uniform_(0.5, 1.5)
+    qkv = rand(tokens, (hq + 2 * hk) * d, dtype=dtype) * 3
+    q = qkv[:, : hq * d].reshape(tokens, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].reshape(tokens, hk, d)
+    v_before = qkv[:, (hq + hk) * d :].clone()
+    positions = torch.tensor([0, 3, 64, 777, 4000], device=DEVICE)
+    cpu = [m.to(dtype) for m in (q_norm, k_norm)]
+    want_q, want_k = rope(positions.cpu(), cpu[0](q.cpu().contiguous()), cpu[1](k.cpu().contiguous()))
+    got_q, got_k = qk_norm_rope_(positions, q, k, q_norm.weight.to(DEVICE, dtype), k_norm.weight.to(DEVICE, dtype),
+                                 1e-6, rope.inv_freq.to(DEVICE), rope.attention_scaling)
+    assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()  # in place
+    torch.testing.assert_close(got_q.cpu(), want_q, **TOL[dtype])
+    torch.testing.assert_close(got_k.cpu(), want_k, **TOL[dtype])
+    assert torch.equal(qkv[:, (hq + hk) * d :], v_before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

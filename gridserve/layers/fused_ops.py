@@ -1,5 +1,5 @@
 """Triton kernels that fuse the elementwise work around the matmuls: RMSNorm (with the residual add), rotary
-embedding and SiLU-and-mul.
+embedding (alone, or after Qwen3's per-head q/k norms), SiLU-and-mul and FP8 per-token quantization.
 
 Written in plain PyTorch these are 5-20 kernels each; a decode step of a 28-layer model launched ~2,000
 kernels of 1-2 us, which cost more than its matmuls (profile in docs/benchmarks.md). Each function here is one
@@ -89,6 +89,49 @@ def rotary_embedding_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         _rope_kernel[(n, hq + k.shape[1])](
             q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1), hq, float(scaling),
             HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2))
+    return q, k
+
+
+@triton.jit(do_not_specialize_on_alignment=["Pos"])
+def _qk_norm_rope_kernel(Q, K, Pos, InvFreq, WQ, WK, stride_qt, stride_qh, stride_kt, stride_kh, HQ, scaling, eps,
+                         HALF: tl.constexpr, BLOCK: tl.constexpr):
+    """One (token, head) of q or k: RMSNorm over the head (rounded to the activation dtype, as the separate
+    norm's output is), then the rotary embedding, in place."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < HALF
+    if h < HQ:
+        base = Q + t * stride_qt + h * stride_qh
+        w = WQ
+    else:
+        base = K + t * stride_kt + (h - HQ) * stride_kh
+        w = WK
+    x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    inv = tl.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / (2 * HALF) + eps)
+    dt = base.dtype.element_ty
+    x1 = (x1 * inv * tl.load(w + offs, mask=mask, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+    x2 = (x2 * inv * tl.load(w + HALF + offs, mask=mask, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+    f = tl.load(Pos + t).to(tl.float32) * tl.load(InvFreq + offs, mask=mask, other=0.0)
+    cos = tl.cos(f) * scaling
+    sin = tl.sin(f) * scaling
+    tl.store(base + offs, (x1 * cos - x2 * sin).to(dt), mask=mask)
+    tl.store(base + HALF + offs, (x2 * cos + x1 * sin).to(dt), mask=mask)
+
+
+def qk_norm_rope_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
+                  k_weight: torch.Tensor, eps: float, inv_freq: torch.Tensor,
+                  scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q (N, Hq, D) and k (N, Hk, D) with their own weights, then the Neox rotary embedding,
+    in place in one kernel (three otherwise: Qwen3's q/k norms and the rotation); returns q and k."""
+    n, hq, d = q.shape
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("q and k must be contiguous in their last dimension")
+    if n:
+        _qk_norm_rope_kernel[(n, hq + k.shape[1])](
+            q, k, positions, inv_freq, q_weight, k_weight, q.stride(0), q.stride(1), k.stride(0), k.stride(1), hq,
+            float(scaling), eps, HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2))
     return q, k
 
 
