@@ -161,3 +161,24 @@ def test_priority_scheduling_serves_high_priority_first_and_preempts_without_cha
     assert sched.get_internal_state()["num_preempted"] == 4  # the four running low ones gave way
     assert on_tokens == off_tokens  # preempted requests are recomputed to the same greedy tokens
     assert on_order[4:8] == ["low0", "low1", "low2", "low3"]  # and keep their place ahead of later arrivals
+
+
+def test_a_high_priority_request_preempts_when_kv_memory_runs_out_with_slots_free(tmp_path):
+    """16 slots, but KV memory for about three of these requests: the late high-priority one is held back by
+    memory, not by slots, and preemption frees the memory for it."""
+    make_tiny_model("llama", tmp_path)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    prompts = [[5 + i, 7, 9 + i % 5] for i in range(8)]
+    runs = {}
+    for enabled in (False, True):
+        args = ServerArgs(model_path=str(tmp_path), dtype="float32", device="cpu", max_total_tokens=160,
+                          max_running_requests=16, show_progress=False, enable_priority_scheduling=enabled)
+        outputs: list = []
+        sched = Scheduler(args, str(tmp_path), load_model_config(str(tmp_path)), None, recv=lambda block: [],
+                          send=outputs.append)
+        order, tokens = _run_to_end(sched, outputs, prompts, [[50, 60, 70]], params, late_priority=100)
+        runs[enabled] = order, tokens, sched.get_internal_state()["num_preempted"]
+    assert runs[False][0][-1] == "high0" and runs[False][2] == 0  # without the flag: last, nobody preempted
+    on_order, on_tokens, preempted = runs[True]
+    assert preempted >= 1 and on_order.index("high0") <= 3  # ahead of at least four that came before it
+    assert on_tokens == runs[False][1]

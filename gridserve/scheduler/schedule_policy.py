@@ -61,22 +61,39 @@ class PrefillAdder:
 
     def add(self, req: Req) -> bool:
         """Tries to admit a waiting request; False means stop looking (keeps FCFS order fair)."""
-        if self.budget <= 0 or self.slots_left <= 0 or self.new_chunked is not None:
-            return False
-        if self.kv.req_pool.available_size() == 0:
+        if not self._open():
             return False
         self.kv.attach(req)
-        extend = len(req.fill_ids) - req.kv_len
-        future = min(req.params.max_new_tokens - len(req.output_ids), CLIP_MAX_NEW_TOKENS) * self.ratio
-        fits = extend + future <= self._room()
-        # With nothing else in flight, take it if its prompt fits at all: decode retraction handles the rest.
-        if not fits and (self.batch or self.has_running or min(extend, self.budget) > self._room()):
+        future = self._future(req)
+        if not self._fits_attached(req, future):
             self.kv.release(req)
             return False
         self.slots_left -= 1
         self.reserved += int(future)
         self._take(req)
         return True
+
+    def fits(self, req: Req) -> bool:
+        """Whether add(req) would take it now; changes nothing."""
+        if not self._open():
+            return False
+        self.kv.attach(req)
+        ok = self._fits_attached(req, self._future(req))
+        self.kv.release(req)
+        return ok
+
+    def _open(self) -> bool:
+        return (self.budget > 0 and self.slots_left > 0 and self.new_chunked is None
+                and self.kv.req_pool.available_size() > 0)
+
+    def _future(self, req: Req) -> float:
+        return min(req.params.max_new_tokens - len(req.output_ids), CLIP_MAX_NEW_TOKENS) * self.ratio
+
+    def _fits_attached(self, req: Req, future: float) -> bool:
+        extend = len(req.fill_ids) - req.kv_len
+        # With nothing else in flight, take it if its prompt fits at all: decode retraction handles the rest.
+        return extend + future <= self._room() or not (
+            self.batch or self.has_running or min(extend, self.budget) > self._room())
 
     def _take(self, req: Req) -> None:
         remaining = len(req.fill_ids) - req.kv_len

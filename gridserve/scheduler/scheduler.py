@@ -316,26 +316,30 @@ class Scheduler:
         return ScheduleBatch(adder.batch, ForwardMode.EXTEND)
 
     def _preempt_for(self, ordered: list[Req], adder: PrefillAdder) -> bool:
-        """When the running requests hold every slot, the first waiting request takes the place of a running one
-        it beats by more than --priority-scheduling-preemption-threshold: that one goes back to the queue (its KV
-        to the prefix cache) and is recomputed later, its output unchanged."""
+        """While the first waiting request cannot be admitted for want of a slot or of KV memory, it takes the
+        place of a running request it beats by more than --priority-scheduling-preemption-threshold: that one goes
+        back to the queue (its KV to the prefix cache) and is recomputed later, its output unchanged."""
         first = next((r for r in ordered if not r.pending), None)
-        if first is None or adder.slots_left > 0:
+        if first is None or adder.budget <= 0 or adder.new_chunked is not None:  # not for preemption to fix
             return False
-        victim = preemption_victim(first, self.running, self.priority_sign,
-                                   self.args.priority_scheduling_preemption_threshold)
-        if victim is None:
-            return False
-        self.running.remove(victim)
-        self.kv.release(victim)
-        self.waiting.insert(0, victim)  # first among its priority: it arrived before the ones still waiting
-        victim.preemptions += 1
-        self.num_preempted += 1
-        adder.slots_left += 1
-        adder.reserved = reserved_decode_tokens(self.running, adder.ratio)
-        logger.info("preempted request %s (priority %d) for %s (priority %d)", victim.rid, victim.priority,
-                    first.rid, first.priority)
-        return True
+        preempted = False
+        while not adder.fits(first):
+            victim = preemption_victim(first, self.running, self.priority_sign,
+                                       self.args.priority_scheduling_preemption_threshold)
+            if victim is None:
+                break
+            self.running.remove(victim)
+            self.kv.release(victim)
+            self.waiting.insert(0, victim)  # first among its priority: it arrived before the ones still waiting
+            victim.preemptions += 1
+            self.num_preempted += 1
+            adder.slots_left = min(self.runner.max_running_requests - len(self.running), self.micro_batch_cap)
+            adder.has_running = bool(self.running)
+            adder.reserved = reserved_decode_tokens(self.running, adder.ratio)
+            logger.info("preempted request %s (priority %d) for %s (priority %d)", victim.rid, victim.priority,
+                        first.rid, first.priority)
+            preempted = True
+        return preempted
 
     def _log_prefill(self, reqs: list[Req]) -> None:
         s = self.stats()
