@@ -1,6 +1,6 @@
 """Achieved memory bandwidth of the Triton decode attention kernel over a grid of launch settings (GPU only).
 Reads every K and V row of the batch's contexts once; bytes / time is compared with a device copy's rate.
-Usage: python scripts/bench_decode_kernel.py [--heads 16 --kv-heads 8 --head-dim 128]"""
+Usage: python scripts/bench_decode_kernel.py [--heads 16 --kv-heads 8 --head-dim 128 --splits 1,2,4,8,16,32,64]"""
 
 import argparse
 import functools
@@ -10,6 +10,8 @@ import torch
 import triton
 
 from gridserve.attention.triton_ops.decode_attention import (
+    LONG_KV_SPLITS,
+    MAX_KV_SPLITS,
     DecodeWorkspace,
     decode_attention,
     default_num_kv_splits,
@@ -45,7 +47,7 @@ def main() -> None:
         moved = 2 * slots * a.kv_heads * a.head_dim * k.element_size()
         rows = []
         for splits, bn, w, st in itertools.product(ints(a.splits), ints(a.block_n), ints(a.warps), ints(a.stages)):
-            ws = DecodeWorkspace.allocate(bs, a.heads, a.head_dim, splits, dev)
+            ws = DecodeWorkspace.allocate(bs, a.heads, a.head_dim, max(splits, MAX_KV_SPLITS), dev)
             run = functools.partial(decode_attention, q, k, v, req_to_token, idx, seq_lens, 0.088, workspace=ws,
                                     block_n=bn, num_warps=w, num_stages=st)
             try:
@@ -59,7 +61,8 @@ def main() -> None:
         for gbs, ms, splits, bn, w, st in rows[:5] + rows[-1:]:
             print(f"  {gbs:7.0f} GB/s ({100 * gbs * 1e9 / bw:3.0f}%) {ms * 1e3:8.1f} us  "
                   f"splits={splits} block_n={bn} warps={w} stages={st}")
-        ws = DecodeWorkspace.allocate(bs, a.heads, a.head_dim, device=dev)
+        # the server's workspace is sized for its largest graph batch: room for a small batch's long grid
+        ws = DecodeWorkspace.allocate(max(bs, LONG_KV_SPLITS // MAX_KV_SPLITS), a.heads, a.head_dim, device=dev)
         ms = triton.testing.do_bench(functools.partial(decode_attention, q, k, v, req_to_token, idx, seq_lens,
                                                        0.088, workspace=ws), warmup=5, rep=30)
         print(f"  defaults ({default_num_kv_splits(bs, a.kv_heads, dev)} splits): {moved / ms / 1e6:.0f} GB/s, "

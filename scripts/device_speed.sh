@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: issue 6's checks and benchmarks on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst fp8; default all but hf)
+#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst fp8 longctx; default all but hf)
 # Run from the repo root with .whl carried (see ../shared/device/wheels.sh). Results land in $OUT.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
@@ -137,4 +137,11 @@ if has fp8; then  # issue 20: FP8 weights on the 8B shape: the kernels, batch-1 
   done
   python3 scripts/greedy_agreement.py $Q --candidate quantization=fp8 --num-prompts 32 --output-len 32 \
     --output-json $OUT/agreement_fp8.json > $OUT/agreement_fp8.log 2>&1; tail -4 $OUT/agreement_fp8.log
+fi
+if has longctx; then  # issue 20: the 8B shape with a 32,000-token prompt: decode kernel splits, then TTFT and TPOT
+  python3 scripts/bench_decode_kernel.py --heads 32 --kv-heads 8 --batches 1 --contexts 2048,32768 \
+    --splits 16,32,64 --block-n 64 --warps 4 --stages 2 2>&1 | grep -v Warning | tee $OUT/decode_kernel_long.txt
+  $GS bench latency ${L/--context-length 4096/--context-length 32768} --input-len 32000 --output-len 64 \
+    --num-runs 2 --no-show-progress --output-json $OUT/latency_L_32k.json 2>&1 | tee $OUT/latency_L_32k.log \
+    | grep -E "TTFT|TPOT|floor|rror"
 fi

@@ -45,9 +45,9 @@ class TritonAttentionBackend(AttentionBackend):
 
     def _workspace_for(self, batch_size: int, num_heads: int, head_dim: int, device: torch.device):
         ws = self.workspace
-        if ws is None or ws.attn_out.shape[0] < batch_size or ws.attn_out.shape[1] != num_heads:
-            ws = self._workspace_cls.allocate(max(batch_size, 2 * (ws.attn_out.shape[0] if ws else 0)),
-                                              num_heads, head_dim, device=device)
+        if ws is None or ws.max_bs < batch_size or ws.num_heads != num_heads:
+            ws = self._workspace_cls.allocate(max(batch_size, 2 * (ws.max_bs if ws else 0)), num_heads, head_dim,
+                                              device=device)
             self.workspace = ws
         return ws
 

@@ -39,6 +39,8 @@ def _decode_stage1(
     stride_lb, stride_lh,
     GROUP: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    BASE_SPLITS: tl.constexpr,
+    MIN_SPLIT_LEN: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -54,7 +56,9 @@ def _decode_stage1(
 
     seq_len = tl.load(SeqLens + b).to(tl.int32)
     req = tl.load(ReqPoolIdx + b).to(tl.int64)
-    split_len = tl.cdiv(seq_len, NUM_SPLITS)
+    # BASE_SPLITS splits up to BASE_SPLITS * MIN_SPLIT_LEN keys; beyond, up to NUM_SPLITS of at least
+    # MIN_SPLIT_LEN: a short context is not cut into many tiny splits when the grid has room for a long one
+    split_len = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), tl.minimum(MIN_SPLIT_LEN, tl.cdiv(seq_len, BASE_SPLITS)))
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -101,7 +105,8 @@ def _decode_stage1(
 
     o_ptrs = (AttnOut + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + split * stride_os
               + offs_dv[None, :])
-    tl.store(o_ptrs, out, mask=mask_h[:, None] & mask_dv[None, :])
+    if start < end:  # stage 2 reads no output of an empty split
+        tl.store(o_ptrs, out, mask=mask_h[:, None] & mask_dv[None, :])
     tl.store(AttnLse + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
 
 
@@ -132,13 +137,14 @@ def _decode_stage2(
     denom = tl.sum(w, 0)
 
     parts = tl.load(AttnOut + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_dv[None, :],
-                    mask=mask_s[:, None] & mask_dv[None, :], other=0.0)
-    parts = tl.where(w[:, None] > 0.0, parts, 0.0)
+                    mask=(w[:, None] > 0.0) & mask_dv[None, :], other=0.0)
     out = tl.sum(w[:, None] * parts, 0) / tl.where(denom > 0.0, denom, 1.0)
     tl.store(Out + b * stride_outb + h * stride_outh + offs_dv, out.to(Out.dtype.element_ty), mask=mask_dv)
 
 
-MAX_KV_SPLITS = 16
+MAX_KV_SPLITS = 16  # the most splits a short context is cut into; the workspace holds max_bs x this many
+LONG_KV_SPLITS = 64  # the most for a small batch, used only where a split would exceed MIN_SPLIT_LEN keys
+MIN_SPLIT_LEN = 256
 
 
 @functools.lru_cache
@@ -149,31 +155,41 @@ def _sm_count(device: torch.device) -> int:
 def default_num_kv_splits(batch_size: int, num_kv_heads: int, device: torch.device) -> int:
     """The fewest splits (4, 8 or 16) that give every SM two programs: the KV length is split finely only when
     the batch alone cannot fill the GPU. On an H100 this beat a fixed 8 by 4% at batch 256 and 17% at
-    batch 1 (scripts/bench_decode_kernel.py, docs/benchmarks.md)."""
-    for splits in (4, 8):
+    batch 1 (scripts/bench_decode_kernel.py, docs/benchmarks.md). When even 16 leave SMs idle, the grid has
+    LONG_KV_SPLITS, which only contexts over 16 x MIN_SPLIT_LEN keys use (the kernel's split length)."""
+    for splits in (4, 8, MAX_KV_SPLITS):
         if batch_size * num_kv_heads * splits >= 2 * _sm_count(device):
             return splits
-    return MAX_KV_SPLITS
+    return LONG_KV_SPLITS
 
 
 @dataclass
 class DecodeWorkspace:
-    """fp32 scratch for split-KV decode, sized for a maximum batch: reuse it across calls / CUDA graphs."""
+    """fp32 scratch for split-KV decode, room for `max_bs` requests x MAX_KV_SPLITS splits (a smaller batch may use
+    more splits in the same room): reuse it across calls / CUDA graphs."""
 
-    attn_out: torch.Tensor  # (max_bs, num_heads, num_kv_splits, head_dim_v) fp32
-    attn_lse: torch.Tensor  # (max_bs, num_heads, num_kv_splits) fp32
+    attn_out: torch.Tensor  # flat: (request, split) pairs x num_heads x head_dim_v
+    attn_lse: torch.Tensor  # flat: pairs x num_heads
+    max_bs: int
+    num_heads: int
+    head_dim_v: int
 
     @classmethod
     def allocate(cls, max_bs: int, num_heads: int, head_dim_v: int, num_kv_splits: int = MAX_KV_SPLITS,
                  device: str | torch.device = "cuda") -> DecodeWorkspace:
-        return cls(
-            attn_out=torch.empty((max_bs, num_heads, num_kv_splits, head_dim_v), dtype=torch.float32, device=device),
-            attn_lse=torch.empty((max_bs, num_heads, num_kv_splits), dtype=torch.float32, device=device),
-        )
+        pairs = max_bs * num_kv_splits
+        return cls(attn_out=torch.empty(pairs * num_heads * head_dim_v, dtype=torch.float32, device=device),
+                   attn_lse=torch.empty(pairs * num_heads, dtype=torch.float32, device=device),
+                   max_bs=max_bs, num_heads=num_heads, head_dim_v=head_dim_v)
 
-    @property
-    def num_kv_splits(self) -> int:
-        return self.attn_lse.shape[2]
+    def max_splits(self, batch_size: int) -> int:
+        return self.attn_lse.numel() // (self.num_heads * max(1, batch_size))
+
+    def views(self, batch_size: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attn_out (B, H, S, Dv), attn_lse (B, H, S)) over the start of the buffers."""
+        n = batch_size * self.num_heads * splits
+        return (self.attn_out[: n * self.head_dim_v].view(batch_size, self.num_heads, splits, self.head_dim_v),
+                self.attn_lse[:n].view(batch_size, self.num_heads, splits))
 
 
 def decode_attention(
@@ -205,14 +221,14 @@ def decode_attention(
     if num_kv_splits is None:
         num_kv_splits = default_num_kv_splits(bs, sh.num_kv_heads, q.device)
         if workspace is not None:
-            num_kv_splits = min(num_kv_splits, workspace.num_kv_splits)
+            num_kv_splits = min(num_kv_splits, workspace.max_splits(bs))
     if workspace is None:
         workspace = DecodeWorkspace.allocate(bs, num_heads, head_dim_v, num_kv_splits, q.device)
-    attn_out, attn_lse = workspace.attn_out, workspace.attn_lse
-    if (attn_out.shape[0] < bs or attn_out.shape[1] != num_heads or attn_out.shape[3] != head_dim_v
-            or workspace.num_kv_splits < num_kv_splits or attn_out.stride(3) != 1 or attn_lse.stride(2) != 1):
-        raise ValueError(f"workspace {tuple(attn_out.shape)} too small for batch {bs} x {num_heads} x "
-                         f"{num_kv_splits} splits x {head_dim_v}")
+    if (workspace.num_heads != num_heads or workspace.head_dim_v != head_dim_v
+            or workspace.max_splits(bs) < num_kv_splits):
+        raise ValueError(f"workspace of {workspace.max_bs} x {workspace.num_heads} x {workspace.head_dim_v} too small "
+                         f"for batch {bs} x {num_heads} x {num_kv_splits} splits x {head_dim_v}")
+    attn_out, attn_lse = workspace.views(bs, num_kv_splits)
 
     if out is None:
         out = torch.empty((bs, num_heads, head_dim_v), dtype=q.dtype, device=q.device)
@@ -232,7 +248,8 @@ def decode_attention(
         req_to_token.stride(0),
         attn_out.stride(0), attn_out.stride(1), attn_out.stride(2),
         attn_lse.stride(0), attn_lse.stride(1),
-        GROUP=sh.group, NUM_SPLITS=num_kv_splits, HEAD_DIM=sh.head_dim, HEAD_DIM_V=head_dim_v,
+        GROUP=sh.group, NUM_SPLITS=num_kv_splits, BASE_SPLITS=min(num_kv_splits, MAX_KV_SPLITS),
+        MIN_SPLIT_LEN=MIN_SPLIT_LEN, HEAD_DIM=sh.head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_H=block_h, BLOCK_D=sh.block_d, BLOCK_DV=sh.block_dv, BLOCK_N=block_n,
         DOT_PRECISION=sh.dot_precision, DOT_FP32=sh.dot_fp32, num_warps=num_warps, num_stages=num_stages,
     )
