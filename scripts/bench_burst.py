@@ -40,11 +40,12 @@ def main() -> None:
         before = engine.get_server_info()
         outs = engine.generate(input_ids=prompts, sampling_params=one)
         after = engine.get_server_info()
+        budget = engine.server_args.prefill_token_budget  # new tokens one prefill step may take
     finally:
         engine.shutdown()
     steps = sum(a["prefill_batches_total"] - b["prefill_batches_total"]
                 for a, b in zip(after["internal_states"], before["internal_states"], strict=True))
-    cap = min(after["max_running_requests"], after["max_prefill_tokens"] // args.input_len)
+    cap = min(after["max_running_requests"], budget // args.input_len)
     ttft = [o["meta_info"]["ttft"] for o in outs]
     result = {"num_prompts": args.num_prompts, "input_len": args.input_len, "prefill_steps": steps,
               "cap_per_step": cap, "ideal_steps": math.ceil(args.num_prompts / cap),

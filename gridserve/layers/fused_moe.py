@@ -212,8 +212,9 @@ def _down_vec_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, weight_ptr, top_k, hidden, 
 
 # Up to this many (token, k) slots the matrix-vector path runs; above it, the sorted grouped GEMM.
 VEC_MAX_SLOTS = 64
-# (BLOCK_N, BLOCK_K, num_warps) of the matrix-vector kernels, gate/up and down
-VEC_CONFIG = {"gate_up": (16, 256, 4), "down": (8, 256, 4)}
+# (BLOCK_N, BLOCK_K, num_warps) of the matrix-vector kernels, gate/up and down: the fastest of a sweep on an H100
+# (scripts/bench_moe_kernel.py --sweep, Qwen3-30B-A3B layer, batch 1)
+VEC_CONFIG = {"gate_up": (8, 128, 8), "down": (4, 128, 8)}
 
 
 def fused_moe_vec(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,

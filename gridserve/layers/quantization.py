@@ -1,7 +1,8 @@
 """FP8 weights (`--quantization fp8`, the name SGLang and vLLM use): W8A8 with float8_e4m3fn.
 
-Weights get one scale per output channel (row), activations one per token, computed on the fly; the product runs
-in `torch._scaled_mm`, which applies both scales and writes the activations' dtype. A bf16/fp16 checkpoint is
+Weights get one scale per output channel (row), activations one per token, computed on the fly; on CUDA the product
+runs in `torch._scaled_mm`, which applies both scales and writes the activations' dtype (elsewhere the same
+arithmetic in float32, the reference the GPU tests compare it with). A bf16/fp16 checkpoint is
 quantized once after loading ("online"); a checkpoint already in FP8 (HF `quantization_config.quant_method:
 fp8`, blocks of 128 x 128 with `weight_scale_inv`) is dequantized block by block as it loads, then quantized
 per channel the same way (a second rounding, within FP8's own error; a block-scaled GEMM would keep the
@@ -43,8 +44,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """x @ (weight * weight_scale).T + bias, with x quantized per token; the result in x's dtype."""
     shape = x.shape
     q, x_scale = quantize_per_token(x.reshape(-1, shape[-1]))
-    y = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), bias=bias,
-                         out_dtype=x.dtype)
+    if x.is_cuda:
+        y = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), bias=bias,
+                             out_dtype=x.dtype)
+    else:  # the same arithmetic in float32 (CPU _scaled_mm takes only per-tensor scales before torch 2.13)
+        y = torch.nn.functional.linear(q.float() * x_scale, weight.float() * weight_scale[:, None],
+                                       None if bias is None else bias.float()).to(x.dtype)
     return y.view(*shape[:-1], weight.shape[0])
 
 
