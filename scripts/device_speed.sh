@@ -130,7 +130,8 @@ if has burst; then  # issue 24: 2,000 one-token requests at once on the 0.6B sha
 fi
 if has fp8; then  # issue 20: FP8 weights on the 8B shape: the kernels, batch-1 latency against bf16, agreement
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py tests/test_fused_ops.py \
-    -k "cuda or quant" 2>&1 | tail -2
+    -k "cuda or quant or w8a16" 2>&1 | tail -2
+  python3 scripts/bench_fp8_gemm.py --sweep 2>&1 | grep -v Warning | tee $OUT/fp8_gemm.txt
   for q in "" "--quantization fp8"; do
     $GS bench latency $L $q --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
       --output-json $OUT/latency_L${q:+_fp8}.json 2>&1 | tee $OUT/latency_L${q:+_fp8}.log | grep -E "TTFT|TPOT|floor|rror"
