@@ -139,7 +139,8 @@ class Channel:
         return wire.decode(data) if self.typed else pickle.loads(data)
 
     def recv_all(self, timeout_ms: int = 0) -> list:
-        """Every message waiting, waiting up to timeout_ms for the first one."""
+        """Every message waiting, waiting up to timeout_ms for the first one. A list sent as one message (the
+        TokenizerManager's batch) arrives as its items."""
         msgs = []
         if timeout_ms and not self.sock.poll(timeout_ms):
             return msgs
@@ -148,7 +149,8 @@ class Channel:
                 data = self.sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return msgs
-            msgs.append(self._decode(data))
+            obj = self._decode(data)
+            msgs.extend(obj) if isinstance(obj, list) else msgs.append(obj)
 
     def poll(self, timeout_ms: int) -> bool:
         return bool(self.sock.poll(timeout_ms))

@@ -182,3 +182,22 @@ def test_a_high_priority_request_preempts_when_kv_memory_runs_out_with_slots_fre
     on_order, on_tokens, preempted = runs[True]
     assert preempted >= 1 and on_order.index("high0") <= 3  # ahead of at least four that came before it
     assert on_tokens == runs[False][1]
+
+
+def test_an_engine_batch_reaches_the_scheduler_whole_and_takes_ceil_n_over_cap_steps(tmp_path):
+    """Through the Engine (real processes and sockets): the batch leaves the TokenizerManager as one message, so
+    however fast the steps run, the first one sees every request and the burst takes ceil(N / cap) steps."""
+    from gridserve.entrypoints.engine import Engine
+    from tests.tiny_models import qwen_tokenizer_dir
+
+    make_tiny_model("llama", tmp_path)
+    with Engine(model_path=str(tmp_path), tokenizer_path=qwen_tokenizer_dir(), dtype="float32",
+                max_running_requests=64, max_total_tokens=8192, show_progress=False, log_level="warning") as e:
+        def steps() -> int:
+            return e.get_server_info()["internal_states"][0]["prefill_batches_total"]
+
+        before = steps()
+        outs = e.generate(input_ids=[[5 + i % 100, 7, 9] for i in range(300)],
+                          sampling_params={"max_new_tokens": 1, "ignore_eos": True})
+        assert len(outs) == 300 and all(o["meta_info"]["completion_tokens"] == 1 for o in outs)
+        assert steps() - before == math.ceil(300 / 64)

@@ -41,3 +41,75 @@ def test_choice_seeds_wrap_within_64_bits(seed):
         tm.close()
     seeds = [r.seed for r in reqs]
     assert all(0 <= s < 2**64 for s in seeds) and len(set(seeds)) == 3
+
+
+def _pair():
+    """A real PUSH/PULL pair over an inproc endpoint, as the TokenizerManager and the scheduler's IO rank hold."""
+    from gridserve.ipc import Channel
+
+    ctx = zmq.Context()
+    pull = Channel(ctx, zmq.PULL, "inproc://tm-test")
+    push = Channel(ctx, zmq.PUSH, "inproc://tm-test")
+    return ctx, pull, push
+
+
+def test_requests_started_together_leave_as_one_message_in_order():
+    """A batch (the Engine's, a prompt list) reaches the scheduler in one receive, so its first step sees all of
+    it; the receiving Channel unpacks the list."""
+    ctx, pull, push = _pair()
+    tm = TokenizerManager(None, INFO, 100, push.send, "tiny")
+
+    async def run():
+        reqs = [r for i in range(50) for r in tm.make_requests([1, 2, i], SamplingParams(max_new_tokens=2))]
+        tasks = [asyncio.ensure_future(anext(tm.generate(r), None)) for r in reqs]
+        await asyncio.sleep(0.2)
+        tm.fail_all("test over")  # ends every request so the coroutines finish
+        await asyncio.gather(*tasks)
+        return reqs
+
+    try:
+        reqs = asyncio.run(asyncio.wait_for(run(), 10))
+        assert pull.sock.poll(2000)
+        first = pull._decode(pull.sock.recv())
+        assert [r.rid for r in first] == [r.rid for r in reqs]  # one message, in the order they started
+        assert not pull.sock.poll(100)
+    finally:
+        tm.close()
+        ctx.destroy(linger=0)
+
+
+def test_a_request_abandoned_before_it_left_is_never_sent_nor_aborted():
+    ctx, pull, push = _pair()
+    tm = TokenizerManager(None, INFO, 100, push.send, "tiny")
+
+    async def run():
+        [req] = tm.make_requests([1, 2, 3], SamplingParams(max_new_tokens=2))
+        gen = tm.generate(req)
+        step = gen.__anext__()
+        step.send(None)  # runs to its first wait: the request is queued and the flush scheduled, not yet run
+        with pytest.raises(asyncio.CancelledError):  # the consumer is cancelled before the event loop turns
+            step.throw(asyncio.CancelledError())
+        await asyncio.sleep(0.1)  # the flush runs: nothing is left to send
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 10))
+        assert pull.recv_all(300) == []  # neither the request nor an abort for it
+        assert tm.rid_to_state == {}
+    finally:
+        tm.close()
+        ctx.destroy(linger=0)
+
+
+def test_a_channel_unpacks_a_list_and_keeps_single_messages():
+    ctx, pull, push = _pair()
+    try:
+        push.send(["a", "b"])
+        push.send("c")
+        msgs = []
+        for _ in range(50):
+            msgs += pull.recv_all(100)
+            if len(msgs) == 3:
+                break
+        assert msgs == ["a", "b", "c"]
+    finally:
+        ctx.destroy(linger=0)

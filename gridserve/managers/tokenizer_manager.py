@@ -141,6 +141,9 @@ class TokenizerManager:
         # event loop ever waits on a socket (ZMQ sockets are not thread-safe either: one thread owns it).
         self._outbox: queue.Queue = queue.Queue(OUTBOX_SIZE)
         threading.Thread(target=self._sender, args=(send,), name="gridserve-tm-send", daemon=True).start()
+        # Requests started in one turn of an event loop leave together, as one message (see _send_soon).
+        self._pending: list[TokenizedGenerateReq] = []
+        self._pending_lock = threading.Lock()
         self.served_model_name = served_model_name
         self.rid_to_state: dict[str, ReqState] = {}
         self.rpc_waiters: dict[str, _RpcWaiter] = {}
@@ -155,6 +158,38 @@ class TokenizerManager:
         except queue.Full:
             raise ServerBusyError(f"{OUTBOX_SIZE} messages are waiting for the schedulers; retry shortly") from None
 
+    def _send_soon(self, req: TokenizedGenerateReq) -> None:
+        """Queues a request to leave with every other one started in this turn of the event loop, as one message (a
+        list, which the receiving Channel unpacks): a batch (the Engine's, a prompt list, n > 1, a burst of
+        clients) reaches the scheduler whole, so its first step sees all of it."""
+        if self._outbox.full():
+            raise ServerBusyError(f"{OUTBOX_SIZE} messages are waiting for the schedulers; retry shortly")
+        with self._pending_lock:
+            self._pending.append(req)
+            first = len(self._pending) == 1
+        if first:
+            asyncio.get_running_loop().call_soon(self._flush_pending)
+
+    def _flush_pending(self) -> None:
+        with self._pending_lock:
+            reqs, self._pending = self._pending, []
+        if not reqs:
+            return
+        try:
+            self._outbox.put_nowait(reqs if len(reqs) > 1 else reqs[0])
+        except queue.Full:
+            for req in reqs:
+                self._fail_request(req.rid, f"{OUTBOX_SIZE} messages are waiting for the schedulers; retry shortly")
+
+    def _take_back(self, req: TokenizedGenerateReq) -> bool:
+        """Removes a request that has not left yet; True if it had not."""
+        with self._pending_lock:
+            for i, r in enumerate(self._pending):
+                if r is req:
+                    del self._pending[i]
+                    return True
+        return False
+
     def _sender(self, send: Callable[[object], None]) -> None:
         while True:
             msg = self._outbox.get()
@@ -164,8 +199,9 @@ class TokenizerManager:
                 send(msg)
             except Exception as e:  # a closed socket at shutdown, or a message that cannot be encoded
                 logger.exception("sending %s to the schedulers failed", type(msg).__name__)
-                if isinstance(msg, TokenizedGenerateReq):  # its caller waits for outputs that will never come
-                    self._fail_request(msg.rid, f"the request could not be sent to the scheduler: {e!r}"[:300])
+                for m in msg if isinstance(msg, list) else [msg]:
+                    if isinstance(m, TokenizedGenerateReq):  # its caller waits for outputs that will never come
+                        self._fail_request(m.rid, f"the request could not be sent to the scheduler: {e!r}"[:300])
 
     def close(self) -> None:
         """Stops the sender thread (after what is queued)."""
@@ -244,7 +280,11 @@ class TokenizerManager:
             raise SchedulerDeadError(self.dead_reason)
         state = ReqState(asyncio.get_running_loop(), len(req.input_ids))
         self.rid_to_state[req.rid] = state
-        self.send(req)
+        try:
+            self._send_soon(req)
+        except ServerBusyError:
+            self.rid_to_state.pop(req.rid, None)
+            raise
         try:
             while True:
                 await state.event.wait()
@@ -259,8 +299,8 @@ class TokenizerManager:
                     return
         finally:
             self.rid_to_state.pop(req.rid, None)
-            if not state.finished and not self.dead_reason:  # the consumer left: free the request's KV
-                self.send(AbortReq(req.rid))
+            if not state.finished and not self.dead_reason and not self._take_back(req):
+                self.send(AbortReq(req.rid))  # the consumer left: free the request's KV
                 # counted here: the replica's answer to the abort finds no state left to count it
                 self.metrics.on_finished(state.prompt_tokens, len(state.output_ids), 0, state.ttft(),
                                          time.perf_counter() - state.created, aborted=True)
