@@ -132,10 +132,10 @@ if has fp8; then  # issue 20: FP8 weights on the 8B shape: the kernels, batch-1 
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py tests/test_fused_ops.py \
     -k "cuda or quant or w8a16" 2>&1 | tail -2
   python3 scripts/bench_fp8_gemm.py --sweep 2>&1 | grep -v Warning | tee $OUT/fp8_gemm.txt
-  for q in "" "--quantization fp8"; do
-    $GS bench latency $L $q --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
-      --output-json $OUT/latency_L${q:+_fp8}.json 2>&1 | tee $OUT/latency_L${q:+_fp8}.log | grep -E "TTFT|TPOT|floor|rror"
-  done
+  for m in L M; do for q in "" "--quantization fp8"; do
+    $GS bench latency ${!m} $q --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
+      --output-json $OUT/latency_$m${q:+_fp8}.json 2>&1 | tee $OUT/latency_$m${q:+_fp8}.log | grep -E "TTFT|TPOT|floor|rror"
+  done; done
   python3 scripts/greedy_agreement.py $Q --candidate quantization=fp8 --num-prompts 32 --output-len 32 \
     --output-json $OUT/agreement_fp8.json > $OUT/agreement_fp8.log 2>&1; tail -4 $OUT/agreement_fp8.log
 fi

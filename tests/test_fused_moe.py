@@ -54,6 +54,26 @@ def test_fused_moe_equals_the_reference(tokens, experts, top_k, hidden, inter, l
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("method", ["sorted", "vec"])
+@pytest.mark.parametrize("tokens, local", [(3, None), (40, range(4, 8))])
+def test_fp8_experts_equal_the_reference_on_the_same_fp8_weights(method, tokens, local):
+    from gridserve.layers.quantization import quantize_per_channel
+
+    x, w13, w2, weights, ids = _case(tokens, 8, 2, 64, 96, local)
+    (q13, s13), (q2, s2) = (quantize_per_channel(w.cpu().reshape(-1, w.shape[-1])) for w in (w13, w2))
+    q13, q2 = q13.view(w13.shape).to(DEVICE), q2.view(w2.shape).to(DEVICE)
+    s13, s2 = s13.view(w13.shape[:2]).to(DEVICE), s2.view(w2.shape[:2]).to(DEVICE)
+    want = moe_reference(x.cpu(), q13.cpu(), q2.cpu(), weights.cpu(), ids.cpu(), s13.cpu(), s2.cpu())
+    if method == "sorted":
+        got = fused_moe_sorted(x, q13, q2, weights, ids, 32, 32, s13, s2)
+    else:
+        got = fused_moe_vec(x, q13, q2, weights, ids, {"gate_up": (16, 32, 4), "down": (8, 32, 4)}, s13, s2)
+    tol = 1e-4 if DEVICE == "cpu" else 2e-2
+    torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
+    exact = moe_reference(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu())
+    assert (want - exact).norm() / exact.norm() < 0.1  # FP8's own error, small
+
+
 def test_fused_moe_takes_the_vector_path_for_few_slots_only():
     small = _case(VEC_MAX_SLOTS // 2, 8, 2, 32, 48, None)
     large = _case(VEC_MAX_SLOTS // 2 + 1, 8, 2, 32, 48, None)

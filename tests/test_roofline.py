@@ -51,11 +51,17 @@ def test_small_config_counts_by_hand():
     assert c.decode_kv_bytes(3, 2) == 32 * 9
 
 
-def test_fp8_weights_count_one_byte_for_the_decoder_linears_only():
+def test_fp8_weights_count_one_byte_for_the_decoder_linears_and_experts():
     c = ModelCost.from_config(config_from_hf(SMALL), 2, fp8=True)
     assert c.fp8_params == 2 * 576  # attention and MLP of both layers; the LM head and the norms stay 2 bytes
     assert c.weight_bytes == 2 * 576 + (80 + 40) * 2
     assert c.linear_params == _cost(SMALL).linear_params  # the FLOPs do not change
+    moe = {**SMALL, "model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8}
+    bf16, fp8 = _cost(moe), ModelCost.from_config(config_from_hf(moe), 2, fp8=True)
+    expert = 3 * 8 * 8  # gate, up, down of one expert
+    for tokens, routed in ((1, 2), (None, 4)):  # one token reaches top_k experts a layer; many reach all
+        # one byte less per parameter: each layer's attention (192), and the experts the step reaches
+        assert bf16.weight_bytes_at(tokens) - fp8.weight_bytes_at(tokens) == 2 * 192 + 2 * routed * expert
 
 
 def test_tied_biased_qk_norm_counts():

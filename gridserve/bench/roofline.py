@@ -151,12 +151,13 @@ class ModelCost:
     sparse_layers: int = 0
     num_experts: int = 0
     top_k: int = 0
-    fp8_params: int = 0  # of linear_params, those stored in one byte (--quantization fp8)
+    fp8_params: int = 0  # of the dense linear weights, those stored in one byte (--quantization fp8)
+    fp8_experts: bool = False  # the routed experts in one byte too
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, dtype_bytes: int, fp8: bool = False) -> "ModelCost":
-        """fp8: the attention and dense MLP weights (the shared expert's too) in one byte; the LM head, the router
-        and the routed experts stay in `dtype_bytes`, as layers/quantization.py leaves them."""
+        """fp8: the attention, dense MLP and expert weights in one byte; the LM head and the router stay in
+        `dtype_bytes`, as layers/quantization.py leaves them."""
         h, d, layers = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
         q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
         attn = h * (q + 2 * kv) + q * h
@@ -177,7 +178,7 @@ class ModelCost:
                    other_params=layers * (norms + bias) + h, num_layers=layers, num_heads=cfg.num_attention_heads,
                    head_dim=d, kv_bytes_per_token=2 * layers * kv * dtype_bytes, dtype_bytes=dtype_bytes,
                    expert_params=expert, sparse_layers=sparse, num_experts=moe.num_experts if moe else 0,
-                   top_k=moe.top_k if moe else 0, fp8_params=dense if fp8 else 0)
+                   top_k=moe.top_k if moe else 0, fp8_params=dense if fp8 else 0, fp8_experts=fp8)
 
     @property
     def weight_bytes(self) -> int:
@@ -189,12 +190,14 @@ class ModelCost:
         """Bytes a step of `tokens` tokens reads: the dense weights, and in each sparse layer the experts its
         tokens reach, E * (1 - (1 - k/E)^tokens) of them under uniform routing (exactly k for one token);
         None: all of them."""
-        params = self.linear_params + self.other_params
+        params, one_byte = self.linear_params + self.other_params, self.fp8_params
         if self.sparse_layers:
             routed = self.top_k if tokens == 1 else self.num_experts if tokens is None else \
                 self.num_experts * (1 - (1 - self.top_k / self.num_experts) ** tokens)
             params += round(self.sparse_layers * (routed - self.top_k) * self.expert_params)
-        return (params - self.fp8_params) * self.dtype_bytes + self.fp8_params
+            if self.fp8_experts:
+                one_byte += round(self.sparse_layers * routed * self.expert_params)
+        return (params - one_byte) * self.dtype_bytes + one_byte
 
     def attention_flops(self, keys: int) -> int:
         """QK^T and PV for one query token attending to `keys` tokens, all layers."""

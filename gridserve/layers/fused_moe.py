@@ -94,6 +94,13 @@ def sort_by_expert(local_ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 
 @triton.jit
+def _widen(w, dtype: tl.constexpr):
+    """A weight tile in the activations' dtype (FP8 experts go through float32: the interpreter cannot do it
+    directly)."""
+    return w.to(tl.float32).to(dtype)
+
+
+@triton.jit
 def _block_slots(sorted_ptr, pid_m, num_slots, BLOCK_M: tl.constexpr):
     """The sorted slot ids of block pid_m, and which of them are real (padding holds num_slots)."""
     slots = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
@@ -101,9 +108,9 @@ def _block_slots(sorted_ptr, pid_m, num_slots, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, num_slots, top_k, hidden, inter,
-                    stride_xm, stride_we, stride_wn, stride_om,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gate_up_kernel(x_ptr, w_ptr, s_ptr, out_ptr, sorted_ptr, expert_ptr, num_slots, top_k, hidden, inter,
+                    stride_xm, stride_we, stride_wn, stride_se, stride_om,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(expert_ptr + pid_m)
     if e < 0:
@@ -124,17 +131,23 @@ def _gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, num_slots, to
                      other=0.0)
         wu = tl.load(w_base + (cols[None, :] + inter) * stride_wn + ks[:, None],
                      mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if HAS_SCALE:
+            wg, wu = _widen(wg, a.dtype), _widen(wu, a.dtype)
         acc_gate = tl.dot(a, wg, acc_gate)
         acc_up = tl.dot(a, wu, acc_up)
+    if HAS_SCALE:  # FP8 experts: one scale per (expert, row)
+        s_base = s_ptr + e.to(tl.int64) * stride_se
+        acc_gate *= tl.load(s_base + cols, mask=col_ok, other=0.0)[None, :]
+        acc_up *= tl.load(s_base + inter + cols, mask=col_ok, other=0.0)[None, :]
     act = acc_gate * tl.sigmoid(acc_gate) * acc_up
     tl.store(out_ptr + slots[:, None].to(tl.int64) * stride_om + cols[None, :], act.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _down_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, weight_ptr, num_slots, hidden, inter,
-                 stride_am, stride_we, stride_wn, stride_om,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _down_kernel(a_ptr, w_ptr, s_ptr, out_ptr, sorted_ptr, expert_ptr, weight_ptr, num_slots, hidden, inter,
+                 stride_am, stride_we, stride_wn, stride_se, stride_om,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(expert_ptr + pid_m)
     if e < 0:
@@ -151,7 +164,11 @@ def _down_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, weight_ptr, num_
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None], mask=col_ok[None, :] & k_ok[:, None],
                     other=0.0)
+        if HAS_SCALE:
+            w = _widen(w, a.dtype)
         acc = tl.dot(a, w, acc)
+    if HAS_SCALE:
+        acc *= tl.load(s_ptr + e.to(tl.int64) * stride_se + cols, mask=col_ok, other=0.0)[None, :]
     scale = tl.load(weight_ptr + slots, mask=row_ok, other=0.0)
     acc = acc * scale[:, None]
     tl.store(out_ptr + slots[:, None].to(tl.int64) * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -159,8 +176,9 @@ def _down_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, weight_ptr, num_
 
 
 @triton.jit
-def _gate_up_vec_kernel(x_ptr, w_ptr, out_ptr, ids_ptr, top_k, hidden, inter, stride_xm, stride_we, stride_wn,
-                        stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gate_up_vec_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, top_k, hidden, inter, stride_xm, stride_we,
+                        stride_wn, stride_se, stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        HAS_SCALE: tl.constexpr):
     """Slot program_id(0)'s rows [n, n + BLOCK_N) of silu(gate) * up, as a matrix-vector product."""
     slot, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(ids_ptr + slot)
@@ -181,13 +199,18 @@ def _gate_up_vec_kernel(x_ptr, w_ptr, out_ptr, ids_ptr, top_k, hidden, inter, st
         acc_gate += tl.load(w_gate + ks[None, :], mask=ok, other=0.0).to(tl.float32) * xv
         acc_up += tl.load(w_up + ks[None, :], mask=ok, other=0.0).to(tl.float32) * xv
     gate, up = tl.sum(acc_gate, axis=1), tl.sum(acc_up, axis=1)
+    if HAS_SCALE:
+        s_base = s_ptr + e.to(tl.int64) * stride_se
+        gate *= tl.load(s_base + rows, mask=row_ok, other=0.0)
+        up *= tl.load(s_base + inter + rows, mask=row_ok, other=0.0)
     act = gate * tl.sigmoid(gate) * up
     tl.store(out_ptr + slot.to(tl.int64) * stride_om + rows, act.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
-def _down_vec_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, weight_ptr, top_k, hidden, inter, stride_am, stride_we,
-                     stride_wn, stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _down_vec_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weight_ptr, top_k, hidden, inter, stride_am,
+                     stride_we, stride_wn, stride_se, stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     HAS_SCALE: tl.constexpr):
     """Token program_id(0)'s output rows [n, n + BLOCK_N): the sum over its k slots of weight * down(act)."""
     token, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -198,6 +221,10 @@ def _down_vec_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, weight_ptr, top_k, hidden, 
         e = tl.load(ids_ptr + slot)
         if e >= 0:
             scale = tl.load(weight_ptr + slot)
+            if HAS_SCALE:  # FP8: the row scales of this expert, folded into its weights as they load
+                row_scale = tl.load(s_ptr + e.to(tl.int64) * stride_se + rows, mask=row_ok, other=0.0)[:, None]
+            else:
+                row_scale = tl.full((BLOCK_N, 1), 1.0, dtype=tl.float32)
             w_rows = w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn
             a_row = a_ptr + slot.to(tl.int64) * stride_am
             for k0 in range(0, inter, BLOCK_K):
@@ -205,7 +232,7 @@ def _down_vec_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, weight_ptr, top_k, hidden, 
                 k_ok = ks < inter
                 av = tl.load(a_row + ks, mask=k_ok, other=0.0).to(tl.float32) * scale
                 w = tl.load(w_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                acc += w.to(tl.float32) * av[None, :]
+                acc += w.to(tl.float32) * row_scale * av[None, :]
     tl.store(out_ptr + token.to(tl.int64) * stride_om + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty),
              mask=row_ok)
 
@@ -217,10 +244,19 @@ VEC_MAX_SLOTS = 64
 VEC_CONFIG = {"gate_up": (8, 128, 8), "down": (4, 128, 8)}
 
 
+def _scales(w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None, w13: torch.Tensor):
+    """(scale pointers, their expert strides, HAS_SCALE) for the kernels; the weights stand in when there are none."""
+    if w13_scale is None:
+        return w13, w13, 0, 0, False
+    return w13_scale.contiguous(), w2_scale.contiguous(), w13_scale.stride(0), w2_scale.stride(0), True
+
+
 def fused_moe_vec(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                  local_ids: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+                  local_ids: torch.Tensor, config: dict | None = None, w13_scale: torch.Tensor | None = None,
+                  w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """fused_moe for few tokens: matrix-vector products per slot, no sort; same arguments and result."""
     config = config or VEC_CONFIG
+    s13, s2, stride_s13, stride_s2, has_scale = _scales(w13_scale, w2_scale, w13)
     m, hidden = x.shape
     inter, top_k = w2.shape[2], local_ids.shape[1]
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
@@ -229,27 +265,31 @@ def fused_moe_vec(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
     out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
     bn, bk, warps = config["gate_up"]
     _gate_up_vec_kernel[(m * top_k, triton.cdiv(inter, bn))](
-        x, w13, act, ids, top_k, hidden, inter, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        x, w13, s13, act, ids, top_k, hidden, inter, x.stride(0), w13.stride(0), w13.stride(1), stride_s13,
+        act.stride(0), BLOCK_N=bn, BLOCK_K=bk, HAS_SCALE=has_scale, num_warps=warps)
     bn, bk, warps = config["down"]
     _down_vec_kernel[(m, triton.cdiv(hidden, bn))](
-        act, w2, out, ids, weights.float().contiguous(), top_k, hidden, inter, act.stride(0), w2.stride(0),
-        w2.stride(1), out.stride(0), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        act, w2, s2, out, ids, weights.float().contiguous(), top_k, hidden, inter, act.stride(0), w2.stride(0),
+        w2.stride(1), stride_s2, out.stride(0), BLOCK_N=bn, BLOCK_K=bk, HAS_SCALE=has_scale, num_warps=warps)
     return out
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-              local_ids: torch.Tensor, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+              local_ids: torch.Tensor, block_n: int = 64, block_k: int = 64, w13_scale: torch.Tensor | None = None,
+              w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Same result as layers.moe.moe_reference: x (M, H), w13 (E, 2I, H), w2 (E, H, I), weights and local_ids
-    (M, top_k), local_ids -1 for experts on other ranks. Few slots take fused_moe_vec."""
+    (M, top_k), local_ids -1 for experts on other ranks. FP8 weights come with w13_scale (E, 2I) and w2_scale
+    (E, H), one float32 scale per (expert, row). Few slots take fused_moe_vec."""
     if local_ids.numel() <= VEC_MAX_SLOTS:
-        return fused_moe_vec(x, w13, w2, weights, local_ids)
-    return fused_moe_sorted(x, w13, w2, weights, local_ids, block_n, block_k)
+        return fused_moe_vec(x, w13, w2, weights, local_ids, None, w13_scale, w2_scale)
+    return fused_moe_sorted(x, w13, w2, weights, local_ids, block_n, block_k, w13_scale, w2_scale)
 
 
 def fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                     local_ids: torch.Tensor, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+                     local_ids: torch.Tensor, block_n: int = 64, block_k: int = 64,
+                     w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """fused_moe as grouped GEMMs over the slots sorted by expert; same arguments and result."""
+    s13, s2, stride_s13, stride_s2, has_scale = _scales(w13_scale, w2_scale, w13)
     m, hidden = x.shape
     num_experts, inter = w13.shape[0], w2.shape[2]
     top_k = local_ids.shape[1]
@@ -261,11 +301,11 @@ def fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weigh
     out = torch.zeros(num_slots, hidden, dtype=x.dtype, device=x.device)
     blocks = expert_of_block.numel()
     _gate_up_kernel[(blocks, triton.cdiv(inter, block_n))](
-        x, w13, act, sorted_ids, expert_of_block, num_slots, top_k, hidden, inter,
-        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        x, w13, s13, act, sorted_ids, expert_of_block, num_slots, top_k, hidden, inter,
+        x.stride(0), w13.stride(0), w13.stride(1), stride_s13, act.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=has_scale)
     _down_kernel[(blocks, triton.cdiv(hidden, block_n))](
-        act, w2, out, sorted_ids, expert_of_block, weights.flatten().float().contiguous(), num_slots, hidden, inter,
-        act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        act, w2, s2, out, sorted_ids, expert_of_block, weights.flatten().float().contiguous(), num_slots, hidden,
+        inter, act.stride(0), w2.stride(0), w2.stride(1), stride_s2, out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=has_scale)
     return out.view(m, top_k, hidden).sum(dim=1)

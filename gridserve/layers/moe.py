@@ -30,17 +30,23 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
 
 
 def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                  local_ids: torch.Tensor) -> torch.Tensor:
+                  local_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
+                  w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """sum over k of weights[t, k] * expert(local_ids[t, k])(x[t]), for the experts on this rank (ids >= 0);
-    an expert is down(silu(gate(x)) * up(x)) with w13 = [gate; up] (E, 2I, H) and w2 = down (E, H, I)."""
+    an expert is down(silu(gate(x)) * up(x)) with w13 = [gate; up] (E, 2I, H) and w2 = down (E, H, I). FP8
+    weights are widened with their row scales (E, 2I) and (E, H)."""
     out = torch.zeros_like(x)
     inter = w2.shape[2]
     for e in local_ids.unique().tolist():
         if e < 0:
             continue
         tokens, slot = (local_ids == e).nonzero(as_tuple=True)
-        h = F.linear(x[tokens], w13[e])
-        y = F.linear(F.silu(h[:, :inter]) * h[:, inter:], w2[e])
+        gate_up, down = w13[e], w2[e]
+        if w13_scale is not None:
+            gate_up = (gate_up.float() * w13_scale[e][:, None]).to(x.dtype)
+            down = (down.float() * w2_scale[e][:, None]).to(x.dtype)
+        h = F.linear(x[tokens], gate_up)
+        y = F.linear(F.silu(h[:, :inter]) * h[:, inter:], down)
         out.index_add_(0, tokens, y * weights[tokens, slot, None].to(y.dtype))
     return out
 
@@ -70,6 +76,8 @@ class FusedMoE(nn.Module):
                                       requires_grad=False)
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
+        self.w13_scale: torch.Tensor | None = None  # FP8 experts (--quantization fp8): a scale per (expert, row)
+        self.w2_scale: torch.Tensor | None = None
         # global expert id -> local id, -1 for the experts other ranks hold
         local = torch.full((num_experts,), -1, dtype=torch.int32)
         local[self.first_expert:self.first_expert + self.num_local] = torch.arange(self.num_local, dtype=torch.int32)
@@ -94,9 +102,11 @@ class FusedMoE(nn.Module):
             from gridserve.layers.fused_moe import fused_moe, route
 
             weights, local_ids = route(router_logits, self.top_k, self.renormalize, self.local_ids)
-            return fused_moe(x, self.w13_weight, self.w2_weight, weights, local_ids)
+            return fused_moe(x, self.w13_weight, self.w2_weight, weights, local_ids, w13_scale=self.w13_scale,
+                             w2_scale=self.w2_scale)
         weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
-        return moe_reference(x, self.w13_weight, self.w2_weight, weights, self.local_ids[ids])
+        return moe_reference(x, self.w13_weight, self.w2_weight, weights, self.local_ids[ids], self.w13_scale,
+                             self.w2_scale)
 
 
 class SparseMoeBlock(nn.Module):

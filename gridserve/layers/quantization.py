@@ -10,8 +10,9 @@ fp8`, blocks of 128 x 128 with `weight_scale_inv`) is dequantized block by block
 per channel the same way (a second rounding, within FP8's own error; a block-scaled GEMM would keep the
 checkpoint's scales exactly).
 
-What stays in the activations' dtype: the embeddings and the LM head (their error reaches every logit), the MoE
-router (it picks experts), and the experts themselves (their kernels read bf16).
+What stays in the activations' dtype: the embeddings and the LM head (their error reaches every logit) and the
+MoE router (it picks experts). The experts are FP8 too, with a scale per (expert, row), read by the fused MoE
+kernels (layers/fused_moe.py), which widen them as they load.
 """
 
 from collections.abc import Iterable, Iterator
@@ -65,11 +66,20 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
 def quantize_linears(model: nn.Module) -> int:
     """Replaces the weight of every linear layer that allows it (`quantizable`, both dimensions multiples of 16
-    as the FP8 GEMM needs) by its FP8 form and scale, in place; returns how many were quantized."""
+    as the FP8 GEMM needs) and of every layer of experts by its FP8 form and scales, in place; returns how many
+    layers were quantized."""
     from gridserve.layers.linear import LinearBase
+    from gridserve.layers.moe import FusedMoE
 
     count = 0
     for module in model.modules():
+        if isinstance(module, FusedMoE) and module.w13_weight.dtype != FP8:
+            for name in ("w13", "w2"):  # one scale per (expert, row), like a linear's per row
+                w = getattr(module, f"{name}_weight").data
+                q, scale = quantize_per_channel(w.reshape(-1, w.shape[-1]))
+                setattr(module, f"{name}_weight", nn.Parameter(q.view(w.shape), requires_grad=False))
+                setattr(module, f"{name}_scale", scale.view(w.shape[:2]))
+            count += 1
         if (isinstance(module, LinearBase) and module.quantizable and module.weight.dtype != FP8
                 and module.weight.shape[0] % 16 == 0 and module.weight.shape[1] % 16 == 0):
             weight, scale = quantize_per_channel(module.weight.data)
