@@ -12,25 +12,19 @@ import math
 import statistics
 
 import torch
-
-from gridserve.entrypoints.engine import Engine
+from greedy_agreement import add_model_args, make_engine, parse_overrides  # this folder's, run as a script
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True)
-    p.add_argument("--load-format", default="auto")
-    p.add_argument("--tokenizer-path", default=None)
-    p.add_argument("--context-length", type=int, default=4096)
+    add_model_args(p)
     p.add_argument("--num-prompts", type=int, default=2000)
     p.add_argument("--input-len", type=int, default=16)
     p.add_argument("--output-json", default=None)
     p.add_argument("overrides", nargs="*", help="ServerArgs overrides, key=value")
     args = p.parse_args()
-    overrides = {k: int(v) if v.isdigit() else v for k, _, v in (o.partition("=") for o in args.overrides)}
     one = {"max_new_tokens": 1, "ignore_eos": True}
-    engine = Engine(model_path=args.model, load_format=args.load_format, tokenizer_path=args.tokenizer_path,
-                    context_length=args.context_length, log_level="warning", show_progress=False, **overrides)
+    engine = make_engine(args, parse_overrides(args.overrides))
     try:
         g = torch.Generator().manual_seed(0)
         vocab = engine.tokenizer_manager.vocab_size

@@ -21,9 +21,21 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model flags of the scripts that start an Engine (this one and bench_burst.py)."""
+    p.add_argument("--model", required=True)
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--tokenizer-path", default=None)
+    p.add_argument("--context-length", type=int, default=4096)
+
+
+def make_engine(args: argparse.Namespace, overrides: dict) -> Engine:
+    return Engine(model_path=args.model, load_format=args.load_format, tokenizer_path=args.tokenizer_path,
+                  context_length=args.context_length, log_level="warning", show_progress=False, **overrides)
+
+
 def greedy(args, overrides: dict, prompts: list[list[int]]) -> list[list[int]]:
-    engine = Engine(model_path=args.model, load_format=args.load_format, tokenizer_path=args.tokenizer_path,
-                    context_length=args.context_length, log_level="warning", show_progress=False, **overrides)
+    engine = make_engine(args, overrides)
     try:
         outs = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "ignore_eos": True,
                                                                      "max_new_tokens": args.output_len})
@@ -34,10 +46,7 @@ def greedy(args, overrides: dict, prompts: list[list[int]]) -> list[list[int]]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True)
-    p.add_argument("--load-format", default="auto")
-    p.add_argument("--tokenizer-path", default=None)
-    p.add_argument("--context-length", type=int, default=4096)
+    add_model_args(p)
     p.add_argument("--baseline", nargs="*", default=[], help="ServerArgs overrides, key=value")
     p.add_argument("--candidate", nargs="*", default=[], help="ServerArgs overrides, key=value")
     p.add_argument("--num-prompts", type=int, default=16)

@@ -141,19 +141,24 @@ def _run_to_end(sched, outputs, prompts, late_prompts, params, late_priority) ->
     return order, tokens
 
 
-def test_priority_scheduling_serves_high_priority_first_and_preempts_without_changing_outputs(tmp_path):
-    make_tiny_model("llama", tmp_path)
-    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
-    prompts = [[5 + i, 7, 9 + i % 5] for i in range(24)]
-    late = [[50 + i, 60, 70] for i in range(4)]
+def _with_and_without_priority(path, max_total_tokens: int, max_running: int, prompts, late, params) -> dict:
+    """{enabled: (finish order, tokens, scheduler)} of the same run with --enable-priority-scheduling off and on."""
+    make_tiny_model("llama", path)
     runs = {}
     for enabled in (False, True):
-        args = ServerArgs(model_path=str(tmp_path), dtype="float32", device="cpu", max_total_tokens=2048,
-                          max_running_requests=4, show_progress=False, enable_priority_scheduling=enabled)
+        args = ServerArgs(model_path=str(path), dtype="float32", device="cpu", max_total_tokens=max_total_tokens,
+                          max_running_requests=max_running, show_progress=False, enable_priority_scheduling=enabled)
         outputs: list = []
-        sched = Scheduler(args, str(tmp_path), load_model_config(str(tmp_path)), None, recv=lambda block: [],
+        sched = Scheduler(args, str(path), load_model_config(str(path)), None, recv=lambda block: [],
                           send=outputs.append)
         runs[enabled] = (*_run_to_end(sched, outputs, prompts, late, params, late_priority=100), sched)
+    return runs
+
+
+def test_priority_scheduling_serves_high_priority_first_and_preempts_without_changing_outputs(tmp_path):
+    runs = _with_and_without_priority(tmp_path, 2048, 4, [[5 + i, 7, 9 + i % 5] for i in range(24)],
+                                      [[50 + i, 60, 70] for i in range(4)],
+                                      SamplingParams(max_new_tokens=6, ignore_eos=True))
     off_order, off_tokens, _ = runs[False]
     on_order, on_tokens, sched = runs[True]
     assert sorted(off_order[-4:]) == [f"high{i}" for i in range(4)]  # ignored: they arrived last, finish last
@@ -166,22 +171,13 @@ def test_priority_scheduling_serves_high_priority_first_and_preempts_without_cha
 def test_a_high_priority_request_preempts_when_kv_memory_runs_out_with_slots_free(tmp_path):
     """16 slots, but KV memory for about three of these requests: the late high-priority one is held back by
     memory, not by slots, and preemption frees the memory for it."""
-    make_tiny_model("llama", tmp_path)
-    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
-    prompts = [[5 + i, 7, 9 + i % 5] for i in range(8)]
-    runs = {}
-    for enabled in (False, True):
-        args = ServerArgs(model_path=str(tmp_path), dtype="float32", device="cpu", max_total_tokens=160,
-                          max_running_requests=16, show_progress=False, enable_priority_scheduling=enabled)
-        outputs: list = []
-        sched = Scheduler(args, str(tmp_path), load_model_config(str(tmp_path)), None, recv=lambda block: [],
-                          send=outputs.append)
-        order, tokens = _run_to_end(sched, outputs, prompts, [[50, 60, 70]], params, late_priority=100)
-        runs[enabled] = order, tokens, sched.get_internal_state()["num_preempted"]
-    assert runs[False][0][-1] == "high0" and runs[False][2] == 0  # without the flag: last, nobody preempted
-    on_order, on_tokens, preempted = runs[True]
-    assert preempted >= 1 and on_order.index("high0") <= 3  # ahead of at least four that came before it
-    assert on_tokens == runs[False][1]
+    runs = _with_and_without_priority(tmp_path, 160, 16, [[5 + i, 7, 9 + i % 5] for i in range(8)], [[50, 60, 70]],
+                                      SamplingParams(max_new_tokens=40, ignore_eos=True))
+    off_order, off_tokens, off_sched = runs[False]
+    on_order, on_tokens, on_sched = runs[True]
+    assert off_order[-1] == "high0" and off_sched.num_preempted == 0  # without the flag: last, nobody preempted
+    assert on_sched.num_preempted >= 1 and on_order.index("high0") <= 3  # ahead of at least four earlier ones
+    assert on_tokens == off_tokens
 
 
 def test_an_engine_batch_reaches_the_scheduler_whole_and_takes_ceil_n_over_cap_steps(tmp_path):
