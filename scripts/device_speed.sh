@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: issue 6's checks and benchmarks on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst fp8 longctx; default all but hf)
+#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst fp8 longctx sharedprefix; default all but hf)
 # Run from the repo root with .whl carried (see ../shared/device/wheels.sh). Results land in $OUT.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
@@ -145,4 +145,16 @@ if has longctx; then  # issue 20: the 8B shape with a 32,000-token prompt: decod
   $GS bench latency ${L/--context-length 4096/--context-length 32768} --input-len 32000 --output-len 64 \
     --num-runs 2 --no-show-progress --output-json $OUT/latency_L_32k.json 2>&1 | tee $OUT/latency_L_32k.log \
     | grep -E "TTFT|TPOT|floor|rror"
+fi
+if has sharedprefix; then  # issue 20: SGLang's shared-prefix dataset on the 8B shape, radix cache on and off
+  for flag in "" "--disable-radix-cache"; do
+    $GS serve $L $flag --port 30013 --no-show-progress > $OUT/serve_gsp${flag:+_noradix}.log 2>&1 &
+    SERVER=$!
+    for i in $(seq 240); do curl -sf localhost:30013/health > /dev/null && break; sleep 1; done
+    echo "== generated-shared-prefix ${flag:-with the radix cache}"
+    $GS bench serving --base-url http://127.0.0.1:30013 --dataset-name generated-shared-prefix --gsp-num-groups 16 \
+      --gsp-prompts-per-group 16 --max-concurrency 64 --disable-tqdm --output-file $OUT/gsp.jsonl 2>&1 \
+      | grep -E "throughput|TTFT|hit"
+    kill $SERVER; wait $SERVER
+  done
 fi
