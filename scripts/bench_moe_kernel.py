@@ -17,6 +17,7 @@ import torch
 
 from gridserve.layers import fused_moe as fm
 from gridserve.layers.moe import moe_reference, select_experts
+from gridserve.layers.quantization import quantize_per_channel
 
 
 def time_ms(fn, graph: bool, iters: int = 30) -> float:
@@ -46,7 +47,15 @@ def copy_bandwidth() -> float:
 
 def per_layer_ms(experts, layers, x, weights, ids) -> float:
     """One pass over every layer's weights from one CUDA graph, divided by the layer count."""
-    return time_ms(lambda: [experts(x, w13, w2, weights, ids) for w13, w2 in layers], graph=True) / len(layers)
+    return time_ms(lambda: [experts(x, *layer[:2], weights, ids, **layer[2]) for layer in layers],
+                   graph=True) / len(layers)
+
+
+def fp8_layer(w13: torch.Tensor, w2: torch.Tensor) -> tuple:
+    """The layer's experts in FP8 with a scale per (expert, row), as --quantization fp8 stores them."""
+    (q13, s13), (q2, s2) = (quantize_per_channel(w.reshape(-1, w.shape[-1])) for w in (w13, w2))
+    return q13.view(w13.shape), q2.view(w2.shape), {"w13_scale": s13.view(w13.shape[:2]),
+                                                    "w2_scale": s2.view(w2.shape[:2])}
 
 
 def sweep(layers, x, weights, ids) -> dict:
@@ -58,7 +67,8 @@ def sweep(layers, x, weights, ids) -> dict:
         timed = []
         for cfg in grid:
             config = {**best, part: cfg}
-            ms = per_layer_ms(lambda *a, c=config: fm.fused_moe_vec(*a, config=c), layers, x, weights, ids)
+            ms = per_layer_ms(lambda *a, c=config, **kw: fm.fused_moe_vec(*a, config=c, **kw), layers, x, weights,
+                              ids)
             timed.append((ms, cfg))
         timed.sort()
         print(f"sweep {part}: " + ", ".join(f"{c} {ms * 1e3:.1f} us" for ms, c in timed[:5]), flush=True)
@@ -75,12 +85,16 @@ def main() -> None:
     p.add_argument("--inter", type=int, default=768)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--fp8", action="store_true", help="the experts in FP8 (bytes counted as one per weight)")
     a = p.parse_args()
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
     layers = [(torch.randn(a.experts, 2 * a.inter, a.hidden, device=dev, dtype=dt) * a.hidden**-0.5,
-               torch.randn(a.experts, a.hidden, a.inter, device=dev, dtype=dt) * a.inter**-0.5)
+               torch.randn(a.experts, a.hidden, a.inter, device=dev, dtype=dt) * a.inter**-0.5, {})
               for _ in range(a.layers)]
+    if a.fp8:
+        layers = [fp8_layer(w13, w2) for w13, w2, _ in layers]
+    weight_bytes = 1 if a.fp8 else 2
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s; {a.layers} layers of weights")
     config = fm.VEC_CONFIG
@@ -92,19 +106,21 @@ def main() -> None:
         print(f"vector path settings: {config}")
     print("batch | experts touched | MB read | sorted ms | vector ms | GB/s (best) | % of copy | reference ms | "
           "max |diff|")
-    w13, w2 = layers[0]
+    w13, w2, scales = layers[0]
+    ref_scales = (scales.get("w13_scale"), scales.get("w2_scale"))
     for m in batches:
         x = torch.randn(m, a.hidden, device=dev, dtype=dt)
         weights, ids = select_experts(torch.randn(m, a.experts, device=dev), a.top_k, renormalize=True)
         ids = ids.to(torch.int32)
-        nbytes = ids.unique().numel() * 3 * a.hidden * a.inter * 2
+        nbytes = ids.unique().numel() * 3 * a.hidden * a.inter * weight_bytes
         sorted_ms = per_layer_ms(fm.fused_moe_sorted, layers, x, weights, ids)
-        vec_ms = (per_layer_ms(lambda *args: fm.fused_moe_vec(*args, config=config), layers, x, weights, ids)
-                  if m <= 64 else float("nan"))
-        ref = time_ms(lambda x=x, w=weights, i=ids: moe_reference(x, w13, w2, w, i), graph=False, iters=3)
-        got = fm.fused_moe_vec(x, w13, w2, weights, ids, config) if m <= 64 else fm.fused_moe_sorted(
-            x, w13, w2, weights, ids)
-        diff = (got - moe_reference(x, w13, w2, weights, ids)).abs().max().item()
+        vec_ms = (per_layer_ms(lambda *args, **kw: fm.fused_moe_vec(*args, config=config, **kw), layers, x, weights,
+                               ids) if m <= 64 else float("nan"))
+        ref = time_ms(lambda x=x, w=weights, i=ids: moe_reference(x, w13, w2, w, i, *ref_scales), graph=False,
+                      iters=3)
+        got = fm.fused_moe_vec(x, w13, w2, weights, ids, config, **scales) if m <= 64 else fm.fused_moe_sorted(
+            x, w13, w2, weights, ids, **scales)
+        diff = (got - moe_reference(x, w13, w2, weights, ids, *ref_scales)).abs().max().item()
         rate = nbytes / (min(sorted_ms, vec_ms if vec_ms == vec_ms else sorted_ms) / 1e3)
         print(f"{m} | {ids.unique().numel()} | {nbytes / 1e6:.1f} | {sorted_ms:.4f} | {vec_ms:.4f} | "
               f"{rate / 1e9:.0f} | {rate / bw:.1%} | {ref:.3f} | {diff:.3g}", flush=True)

@@ -132,6 +132,7 @@ if has fp8; then  # issue 20: FP8 weights on the 8B shape: the kernels, batch-1 
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py tests/test_fused_ops.py \
     -k "cuda or quant or w8a16" 2>&1 | tail -2
   python3 scripts/bench_fp8_gemm.py --sweep 2>&1 | grep -v Warning | tee $OUT/fp8_gemm.txt
+  python3 scripts/bench_moe_kernel.py --fp8 --batches 1,8,64,256 2>&1 | grep -v Warning | tee $OUT/moe_kernel_fp8.txt
   for m in L M; do for q in "" "--quantization fp8"; do
     $GS bench latency ${!m} $q --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
       --output-json $OUT/latency_$m${q:+_fp8}.json 2>&1 | tee $OUT/latency_$m${q:+_fp8}.log | grep -E "TTFT|TPOT|floor|rror"
