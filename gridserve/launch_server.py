@@ -76,7 +76,8 @@ def launch_server(args: ServerArgs) -> int:
     try:
         app = create_app(deployment.tm, args, args.api_key)
         server = Server(uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop",
-                                       log_level=args.log_level.lower(), timeout_graceful_shutdown=3))
+                                       log_level=(args.log_level_http or args.log_level).lower(),
+                                       timeout_graceful_shutdown=3))
         _announce_ready(started, lambda: server.started)
         _freeze_startup_objects()
         with _signals_survived():

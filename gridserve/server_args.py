@@ -17,9 +17,11 @@ _CHOICES = {
     "quantization": ["fp8"],
     "schedule_policy": ["fcfs", "lpm"],
     "log_level": ["debug", "info", "warning", "error", "critical"],
+    "log_level_http": ["debug", "info", "warning", "error", "critical"],
     "load_balance_method": ["cache_aware", "round_robin", "total_requests", "shortest_queue", "total_tokens",
                             "minimum_tokens"],
 }
+_OPTIONAL_CHOICES = ("quantization", "log_level_http")  # None (not given) is allowed too
 # SGLang's older names of two load-balance methods
 _LOAD_BALANCE_ALIASES = {"shortest_queue": "total_requests", "minimum_tokens": "total_tokens"}
 _ALIASES = {"model_path": ["--model"], "tp_size": ["--tp"], "pp_size": ["--pp"], "dp_size": ["--dp"],
@@ -41,7 +43,7 @@ GROUPS = {
     "several nodes": ["nnodes", "node_rank", "dist_init_addr", "dist_timeout", "dist_ifname"],
     "server": ["host", "port", "api_key", "max_request_bytes", "grpc_mode"],
     "CPU": ["cpu_threads"],
-    "logging": ["log_level", "show_progress"],
+    "logging": ["log_level", "log_level_http", "show_progress"],
 }
 
 
@@ -129,6 +131,8 @@ class ServerArgs:
     cpu_threads: int | None = _opt(None, "torch threads of each scheduler process on CPU (default: $OMP_NUM_THREADS "
                                          "if set, else this machine's cores divided among this node's ranks)")
     log_level: str = _opt("info", "logging level")
+    log_level_http: str | None = _opt(None, "logging level of the HTTP server (at info it logs every request; "
+                                            "warning silences that); default: --log-level")
     show_progress: bool = _opt(True, "progress bars while loading")
 
     def __post_init__(self) -> None:
@@ -136,7 +140,7 @@ class ServerArgs:
 
     def validate(self) -> None:
         for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices and not (name == "quantization" and self.quantization is None):
+            if getattr(self, name) not in choices and not (name in _OPTIONAL_CHOICES and getattr(self, name) is None):
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(self, name)!r}")
         positive = ["cpu_threads", "max_queued_requests",
                     "max_request_bytes", "context_length", "max_total_tokens", "max_running_requests",

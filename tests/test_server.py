@@ -235,9 +235,20 @@ def test_sigterm_is_a_clean_shutdown(server):
     assert events[-1] == "data: [DONE]" and "the server is shutting down: stopped by SIGTERM" in events[-2], events[-3:]
 
 
+def _logs_within(text: str, server: ServerProcess, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while text not in server.output():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_children_die_with_a_killed_main_process():
     s = ServerProcess()
     try:
+        assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
+        assert _logs_within('"GET /health HTTP/1.1" 200', s, 5)  # the HTTP server logs requests at info, by default
         tree = s.descendants()
         assert any("gridserve::scheduler" in cmdline(p) for p in tree)
         s.proc.kill()
@@ -250,7 +261,9 @@ def test_children_die_with_a_killed_main_process():
 def test_watchdog_ends_a_deployment_whose_rank_is_stopped():
     """SIGSTOP of a scheduler: within --watchdog-timeout /health turns 503 naming the rank, the request in
     flight ends with an error, and the deployment exits non-zero with no process left."""
-    s = ServerProcess("--watchdog-timeout", "3")
+    s = ServerProcess("--watchdog-timeout", "3", "--log-level-http", "warning")
+    assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
+    assert not _logs_within("GET /health", s, 1)  # --log-level-http warning: no line per request
     victim = s.child_pid("gridserve::scheduler dp0 pp0 tp0")
     try:
         tree = s.descendants()
