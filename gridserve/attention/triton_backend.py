@@ -46,8 +46,12 @@ class TritonAttentionBackend(AttentionBackend):
     def _workspace_for(self, batch_size: int, num_heads: int, head_dim: int, device: torch.device):
         ws = self.workspace
         if ws is None or ws.max_bs < batch_size or ws.num_heads != num_heads:
-            ws = self._workspace_cls.allocate(max(batch_size, 2 * (ws.max_bs if ws else 0)), num_heads, head_dim,
-                                              device=device)
+            from gridserve.attention.triton_ops.decode_attention import LONG_KV_SPLITS, MAX_KV_SPLITS
+
+            # at least the room one request's long grid needs, also before (or without) the CUDA graphs
+            least = LONG_KV_SPLITS // MAX_KV_SPLITS
+            ws = self._workspace_cls.allocate(max(batch_size, least, 2 * (ws.max_bs if ws else 0)), num_heads,
+                                              head_dim, device=device)
             self.workspace = ws
         return ws
 
