@@ -13,11 +13,10 @@ DECODE = [[17, 29, 31], [101, 103, 107], [191, 193, 197]]  # fixed next tokens, 
 
 
 def make_runner(path: str, tp_size: int = 1, load_format: str = "auto", attention_backend: str = "torch",
-                device: str = "cpu", ep_size: int = 1) -> ModelRunner:
+                device: str = "cpu", ep_size: int = 1, quantization: str | None = None) -> ModelRunner:
     args = ServerArgs(model_path=path, dtype="float32", device=device, max_total_tokens=512, tp_size=tp_size,
-                      ep_size=ep_size,
-                      max_running_requests=8, show_progress=False, load_format=load_format,
-                      attention_backend=attention_backend)
+                      ep_size=ep_size, max_running_requests=8, show_progress=False, load_format=load_format,
+                      attention_backend=attention_backend, quantization=quantization)
     return ModelRunner(args, path, load_model_config(path))
 
 

@@ -32,6 +32,21 @@ def test_tp_logits_equal_tp1(kind, tp, load_format, ep, tmp_path):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind, tp, ep", [("qwen3", 2, 1), ("qwen3-moe", 2, 2)])
+def test_fp8_over_tp_tracks_fp8_in_one_process(kind, tp, ep, tmp_path):
+    """--quantization fp8 quantizes each rank's slice. Column-parallel rows keep tp 1's scales; a row-parallel
+    layer's rows and its tokens are scaled over the rank's half of the inputs, so the result is close, not equal."""
+    make_tiny_model(kind, tmp_path / "model")
+    want = run_script(make_runner(str(tmp_path / "model"), 1, quantization="fp8"))
+    result = tmp_path / "tp.pt"
+    mp.start_processes(logits_worker, args=(tp, f"127.0.0.1:{free_port()}", str(tmp_path / "model"),
+                                            str(result), "auto", 1, None, False, ep, "fp8"), nprocs=tp,
+                       start_method="spawn")
+    got = torch.load(result)
+    cos = torch.cat([torch.nn.functional.cosine_similarity(g, w, dim=-1) for g, w in zip(got, want, strict=True)])
+    assert cos.median() > 0.99 and cos.min() > 0.8  # the MoE model: where a token's experts flip, further
+
+
 def test_bad_split_is_reported_with_numbers(tmp_path):
     make_tiny_model("llama", tmp_path)  # 4 attention heads, 2 KV heads
     from gridserve.model_loader.loader import load_model_config

@@ -11,7 +11,7 @@ from gridserve.distributed.ranks import Layout
 
 def logits_worker(rank: int, tp: int, store_addr: str, model_path: str, result_path: str,
                   load_format: str = "auto", pp: int = 1, partition: list[int] | None = None,
-                  graphs: bool = False, ep: int = 1) -> None:
+                  graphs: bool = False, ep: int = 1, quantization: str | None = None) -> None:
     """graphs: decode through the CUDA-graph runner's static buffers and padding, run eagerly on CPU (Triton
     attention under the interpreter)."""
     torch.set_num_threads(1)
@@ -21,7 +21,8 @@ def logits_worker(rank: int, tp: int, store_addr: str, model_path: str, result_p
                         ep_size=ep)
     from tests.logits_script import make_runner, run_script
 
-    runner = make_runner(model_path, tp, load_format, attention_backend="triton" if graphs else "torch", ep_size=ep)
+    runner = make_runner(model_path, tp, load_format, attention_backend="triton" if graphs else "torch", ep_size=ep,
+                         quantization=quantization)
     if graphs:
         from gridserve.model_executor.cuda_graph_runner import CudaGraphRunner
         from gridserve.model_executor.piecewise_graph_runner import PiecewiseGraphRunner
