@@ -56,7 +56,10 @@ class PortArgs:
     def create(cls, dp_size: int = 1, dist_init_addr: str | None = None, nnodes: int = 1,
                io_rank_nodes: list[int] | None = None, node_addr: str | None = None) -> "PortArgs":
         """io_rank_nodes[r]: the node of replica r's IO rank (default: all on node 0)."""
-        d = tempfile.mkdtemp(prefix="gridserve-")  # mkdtemp makes it mode 0700: only this user can connect
+        remove_stale_ipc_dirs()
+        d = tempfile.mkdtemp(prefix=IPC_PREFIX)  # mkdtemp makes it mode 0700: only this user can connect
+        with open(os.path.join(d, OWNER_FILE), "w") as f:
+            f.write(str(os.getpid()))
         if dist_init_addr:
             host, port = dist_init_addr.rsplit(":", 1)
             base = int(port)
@@ -94,6 +97,30 @@ class PortArgs:
 
     def exists(self) -> bool:
         return os.path.isdir(self.ipc_dir)
+
+
+IPC_PREFIX = "gridserve-"
+OWNER_FILE = "owner.pid"  # the main process that made the directory
+
+
+def remove_stale_ipc_dirs() -> list[str]:
+    """Removes this user's IPC directories whose main process is gone. A main process killed with SIGKILL cannot
+    remove its own; the next start does. A directory without an owner file (one being made right now, or made by
+    an older gridserve) is left alone. Returns the removed paths."""
+    removed = []
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        path = os.path.join(tmp, name)
+        if not name.startswith(IPC_PREFIX) or not os.path.isdir(path) or os.stat(path).st_uid != os.getuid():
+            continue
+        try:
+            with open(os.path.join(path, OWNER_FILE)) as f:
+                os.kill(int(f.read()), 0)
+        except (OSError, ValueError) as e:
+            if isinstance(e, ProcessLookupError):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
 
 
 def free_port(host: str = "127.0.0.1") -> int:

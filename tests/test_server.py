@@ -15,7 +15,8 @@ import pytest
 from gridserve.entrypoints.engine import Engine
 from gridserve.entrypoints.grpc import gridserve_pb2 as pb
 from gridserve.entrypoints.grpc import gridserve_pb2_grpc as pb_grpc
-from tests.server_utils import ServerProcess, cmdline, health, wait_gone
+from gridserve.ipc import PortArgs, remove_stale_ipc_dirs
+from tests.server_utils import ServerProcess, cmdline, health, ipc_dir, wait_gone
 
 QUESTION = "Name three colors."
 
@@ -210,8 +211,8 @@ def test_sigterm_is_a_clean_shutdown(server):
     """Open streams end with an error event, every child stops, the IPC directory goes, and the status is 0."""
     tree = server.descendants()
     assert len(tree) >= 2  # a scheduler and the detokenizer at least
-    ipc_dir = server.output().split("IPC directory ")[1].split()[0]
-    assert os.path.isdir(ipc_dir)
+    ipc = ipc_dir(server)
+    assert os.path.isdir(ipc)
     events, streaming = [], threading.Event()
 
     def stream() -> None:
@@ -231,7 +232,7 @@ def test_sigterm_is_a_clean_shutdown(server):
     t.join(10)
     assert server.proc.returncode == 0, server.output()[-2000:]
     assert wait_gone(tree, max(0.1, 10 - (time.monotonic() - start))) == []
-    assert not os.path.exists(ipc_dir)
+    assert not os.path.exists(ipc)
     assert events[-1] == "data: [DONE]" and "the server is shutting down: stopped by SIGTERM" in events[-2], events[-3:]
 
 
@@ -251,9 +252,18 @@ def test_children_die_with_a_killed_main_process():
         assert _logs_within('"GET /health HTTP/1.1" 200', s, 5)  # the HTTP server logs requests at info, by default
         tree = s.descendants()
         assert any("gridserve::scheduler" in cmdline(p) for p in tree)
+        ipc = ipc_dir(s)
         s.proc.kill()
         s.proc.wait(5)
         assert wait_gone(tree, 10) == []
+        # a killed main process cannot remove its IPC directory: the next start does (one of a live one stays)
+        assert os.path.isdir(ipc)
+        assert ipc in remove_stale_ipc_dirs() and not os.path.exists(ipc)
+        live = PortArgs.create()  # this process is alive: its directory stays
+        try:
+            assert live.ipc_dir not in remove_stale_ipc_dirs() and os.path.isdir(live.ipc_dir)
+        finally:
+            live.cleanup()
     finally:
         s.stop()
 
