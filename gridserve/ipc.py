@@ -115,12 +115,23 @@ def remove_stale_ipc_dirs() -> list[str]:
             continue
         try:
             with open(os.path.join(path, OWNER_FILE)) as f:
-                os.kill(int(f.read()), 0)
-        except (OSError, ValueError) as e:
-            if isinstance(e, ProcessLookupError):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
+                owner = int(f.read())
+        except (OSError, ValueError):
+            continue
+        if not _alive(owner):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
 
 
 def free_port(host: str = "127.0.0.1") -> int:

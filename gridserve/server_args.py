@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from gridserve.attention.registry import ATTENTION_BACKENDS
 
+_LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
 _CHOICES = {
     "dtype": ["auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32"],
     "device": ["auto", "cpu", "cuda"],
@@ -16,12 +17,11 @@ _CHOICES = {
     "load_format": ["auto", "dummy"],
     "quantization": ["fp8"],
     "schedule_policy": ["fcfs", "lpm"],
-    "log_level": ["debug", "info", "warning", "error", "critical"],
-    "log_level_http": ["debug", "info", "warning", "error", "critical"],
+    "log_level": _LOG_LEVELS,
+    "log_level_http": _LOG_LEVELS,
     "load_balance_method": ["cache_aware", "round_robin", "total_requests", "shortest_queue", "total_tokens",
                             "minimum_tokens"],
 }
-_OPTIONAL_CHOICES = ("quantization", "log_level_http")  # None (not given) is allowed too
 # SGLang's older names of two load-balance methods
 _LOAD_BALANCE_ALIASES = {"shortest_queue": "total_requests", "minimum_tokens": "total_tokens"}
 _ALIASES = {"model_path": ["--model"], "tp_size": ["--tp"], "pp_size": ["--pp"], "dp_size": ["--dp"],
@@ -139,9 +139,11 @@ class ServerArgs:
         self.validate()
 
     def validate(self) -> None:
+        unset_allowed = {f.name for f in dataclasses.fields(self) if f.default is None}  # optional flags
         for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices and not (name in _OPTIONAL_CHOICES and getattr(self, name) is None):
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if value not in choices and not (value is None and name in unset_allowed):
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {value!r}")
         positive = ["cpu_threads", "max_queued_requests",
                     "max_request_bytes", "context_length", "max_total_tokens", "max_running_requests",
                     "max_prefill_tokens", "cuda_graph_max_bs", "piecewise_cuda_graph_max_tokens",

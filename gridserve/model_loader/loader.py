@@ -11,7 +11,12 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from gridserve.layers.quantization import checkpoint_quantization, dequantize_fp8_checkpoint, quantize_linears
+from gridserve.layers.quantization import (
+    checkpoint_quantization,
+    dequantize_fp8_checkpoint,
+    effective_quantization,
+    quantize_linears,
+)
 from gridserve.layers.weight_utils import LazyTensor
 from gridserve.model_loader.dummy import dummy_weights
 from gridserve.model_loader.paths import is_gguf, resolve_model_path  # noqa: F401 (re-exported)
@@ -78,8 +83,8 @@ def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.de
                load_format: str = "auto", show_progress: bool = True, quantization: str | None = None) -> nn.Module:
     """Builds the model on `device` in `dtype` and fills it from the checkpoint (or randomly for 'dummy'); with
     `quantization` 'fp8', or an FP8 checkpoint, its linear layers end in FP8 (layers/quantization.py)."""
-    fp8 = quantization == "fp8" or checkpoint_quantization(cfg.hf_config) == "fp8"
-    from_fp8 = fp8 and load_format != "dummy" and "quantization_config" in cfg.hf_config
+    fp8 = effective_quantization(quantization, cfg.hf_config) == "fp8"
+    from_fp8 = checkpoint_quantization(cfg.hf_config) == "fp8" and load_format != "dummy"
     model_cls = get_model_class(cfg)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -49,7 +49,6 @@ class DecoderAttention(nn.Module):
         out = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, fb)
         return self.o_proj(out)
 
-
     def _norm_and_rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         if self.q_norm is None:
             return self.rotary_emb(positions, q, k)

@@ -8,8 +8,13 @@ from gridserve.scheduler.schedule_batch import Req
 CLIP_MAX_NEW_TOKENS = 4096
 
 
+def _tokens_left(req: Req) -> int:
+    """The output tokens a request may still need, capped at CLIP_MAX_NEW_TOKENS."""
+    return min(req.params.max_new_tokens - len(req.output_ids), CLIP_MAX_NEW_TOKENS)
+
+
 def reserved_decode_tokens(reqs: list[Req], ratio: float) -> int:
-    return int(sum(min(r.params.max_new_tokens - len(r.output_ids), CLIP_MAX_NEW_TOKENS) for r in reqs) * ratio)
+    return int(sum(_tokens_left(r) for r in reqs) * ratio)
 
 
 # A running request is preempted at most this many times, so a stream of higher-priority requests cannot
@@ -41,15 +46,25 @@ def preemption_victim(waiting_first: Req, running: list[Req], priority_sign: int
 class PrefillAdder:
     """Builds one prefill batch. At most one request is split (the chunked request) per batch."""
 
-    def __init__(self, kv: KVManager, running: list[Req], token_budget: int, max_running: int, ratio: float):
+    def __init__(self, kv: KVManager, running: list[Req], token_budget: int, max_running: int, ratio: float,
+                 max_batch: int | None = None):
+        """max_batch: at most this many requests join (a pipeline micro-batch's cap)."""
         self.kv = kv
         self.budget = token_budget
-        self.slots_left = max_running - len(running)
-        self.reserved = reserved_decode_tokens(running, ratio)
         self.ratio = ratio
-        self.has_running = bool(running)
+        self.max_running, self.max_batch = max_running, max_batch
         self.batch: list[Req] = []
         self.new_chunked: Req | None = None
+        self.set_running(running)
+
+    def set_running(self, running: list[Req]) -> None:
+        """The running requests the batch joins: the slots left and the decode room they keep (counted again when
+        a preemption took one of them away)."""
+        self.slots_left = self.max_running - len(running)
+        if self.max_batch is not None:
+            self.slots_left = min(self.slots_left, self.max_batch)
+        self.reserved = reserved_decode_tokens(running, self.ratio)
+        self.has_running = bool(running)
 
     def _room(self) -> int:
         taken = sum(r.extend_len for r in self.batch)
@@ -87,7 +102,7 @@ class PrefillAdder:
                 and self.kv.req_pool.available_size() > 0)
 
     def _future(self, req: Req) -> float:
-        return min(req.params.max_new_tokens - len(req.output_ids), CLIP_MAX_NEW_TOKENS) * self.ratio
+        return _tokens_left(req) * self.ratio
 
     def _fits_attached(self, req: Req, future: float) -> bool:
         extend = len(req.fill_ids) - req.kv_len

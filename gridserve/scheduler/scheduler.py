@@ -31,7 +31,6 @@ from gridserve.scheduler.schedule_policy import (
     admit,
     order_waiting,
     preemption_victim,
-    reserved_decode_tokens,
 )
 from gridserve.server_args import ServerArgs
 
@@ -289,8 +288,7 @@ class Scheduler:
         if not self.waiting and self.chunked_req is None:
             return None
         adder = PrefillAdder(self.kv, self.running, self.prefill_budget, self.runner.max_running_requests,
-                             self.new_token_ratio)
-        adder.slots_left = min(adder.slots_left, self.micro_batch_cap)
+                             self.new_token_ratio, max_batch=self.micro_batch_cap)
         if self.chunked_req is not None:
             need = min(len(self.chunked_req.fill_ids) - self.chunked_req.kv_len, self.prefill_budget)
             self.retract(lambda: self.kv.available() >= need, keep=0)
@@ -333,9 +331,7 @@ class Scheduler:
             self.waiting.insert(0, victim)  # first among its priority: it arrived before the ones still waiting
             victim.preemptions += 1
             self.num_preempted += 1
-            adder.slots_left = min(self.runner.max_running_requests - len(self.running), self.micro_batch_cap)
-            adder.has_running = bool(self.running)
-            adder.reserved = reserved_decode_tokens(self.running, adder.ratio)
+            adder.set_running(self.running)
             logger.info("preempted request %s (priority %d) for %s (priority %d)", victim.rid, victim.priority,
                         first.rid, first.priority)
             preempted = True
