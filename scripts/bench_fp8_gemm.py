@@ -1,11 +1,12 @@
-"""FP8 linear layers at decode batch sizes on the GPU: the weight-only Triton kernel (w8a16_linear), the W8A8
-path (per-token quantization + torch._scaled_mm) and bf16 F.linear, on Llama-3.1-8B's four linear shapes. Each
-timing replays a CUDA graph over all four shapes with `--layers` copies of the weights (no L2 reuse). Bandwidth
-counts the weights' bytes.
+"""Linear layers at decode batch sizes on the GPU, shape by shape: cuBLAS (F.linear) in bf16 against the Triton
+decode GEMM (fused_ops.decode_linear) on bf16 weights, and on FP8 weights against the W8A8 path (per-token
+quantization + torch._scaled_mm). Each timing replays a CUDA graph over `--layers` copies of the weights (no L2
+reuse). GB/s counts the weights' bytes.
 
-    python3 scripts/bench_fp8_gemm.py [--batches 1,4,16] [--sweep]
+    python3 scripts/bench_fp8_gemm.py [--shapes llama8b,qwen3-0.6b,qwen3-30b-a3b] [--batches 1,4,16] [--sweep]
 
---sweep first times w8a16_linear's tile settings at batch 1 and uses the fastest."""
+--sweep first times decode_linear's tile settings at batch 1 on the first model's shapes, for FP8 and for bf16
+weights, and uses the fastest of each."""
 
 import argparse
 import itertools
@@ -14,12 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from gridserve.layers import fused_ops
-from gridserve.layers.quantization import FP8, quantize_per_channel, quantize_per_token
+from gridserve.layers.quantization import quantize_per_channel, quantize_per_token
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+# (rows, columns) of each linear layer at tp 1
+SHAPES = {
+    "llama8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
+    "qwen3-0.6b": {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)},
+    "qwen3-30b-a3b": {"qkv": (5120, 2048), "o": (2048, 4096), "router": (128, 2048)},
+}
 
 
-def graph_ms(fn, iters: int = 20) -> float:
+def graph_us(fn, iters: int = 20) -> float:
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
@@ -32,57 +38,72 @@ def graph_ms(fn, iters: int = 20) -> float:
         g.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    return start.elapsed_time(end) / iters * 1e3
+
+
+def sweep(weights: list, x: dict, scaled: bool) -> tuple:
+    timed = []
+    for cfg in itertools.product((8, 16, 32), (128, 256, 512), (4, 8), (3, 4)):
+        try:
+            timed.append((graph_us(lambda cfg=cfg: [
+                fused_ops.decode_linear(x[w[0].shape[1]], *(w if scaled else w[:1]), config=cfg)
+                for w in weights]), cfg))
+        except Exception as e:  # out of shared memory or registers: skip the setting
+            print(f"  skip {cfg}: {type(e).__name__}")
+    timed.sort()
+    print(f"sweep {'FP8' if scaled else 'bf16'} (BLOCK_N, BLOCK_K, warps, stages): "
+          + ", ".join(f"{c} {us:.0f} us" for us, c in timed[:5]), flush=True)
+    return timed[0][1]
+
+
+def time_shape(x: torch.Tensor, bf16: list, fp8: list, cfg16: tuple, cfg8: tuple) -> tuple[float, ...]:
+    """Microseconds per weight copy: cuBLAS bf16, Triton bf16, Triton FP8, W8A8."""
+
+    def w8a8():
+        for w, s in fp8:
+            q, x_scale = quantize_per_token(x)
+            torch._scaled_mm(q, w.t(), scale_a=x_scale, scale_b=s.view(1, -1), out_dtype=torch.bfloat16)
+
+    runs = (lambda: [F.linear(x, w) for w in bf16], lambda: [fused_ops.decode_linear(x, w, config=cfg16) for w in bf16],
+            lambda: [fused_ops.decode_linear(x, w, s, config=cfg8) for w, s in fp8], w8a8)
+    return tuple(graph_us(fn) / len(bf16) for fn in runs)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="llama8b,qwen3-0.6b,qwen3-30b-a3b")
     p.add_argument("--batches", default="1,4,16")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--sweep", action="store_true")
     a = p.parse_args()
-    dev = "cuda"
-    bf16 = [{n: torch.randn(s, device=dev, dtype=torch.bfloat16) / 64 for n, s in SHAPES.items()}
-            for _ in range(a.layers)]
-    fp8 = [{n: quantize_per_channel(w) for n, w in layer.items()} for layer in bf16]
-    nbytes = sum(r * c for r, c in SHAPES.values()) * a.layers
-    print(f"{torch.cuda.get_device_name()}: {a.layers} layers x {len(SHAPES)} shapes, {nbytes / 1e6:.0f} MB of FP8")
+    dev, models = "cuda", a.shapes.split(",")
+    print(f"{torch.cuda.get_device_name()}: each shape x {a.layers} copies; times per copy")
 
-    def w8a16(x, config):
-        return lambda: [fused_ops.w8a16_linear(x[w.shape[1]], w, s, config=config)
-                        for layer in fp8 for w, s in layer.values()]
+    def xs(m, shapes):
+        return {k: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for k in {c for _, c in shapes.values()}}
 
-    def xs(m):
-        return {k: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for k in {c for _, c in SHAPES.values()}}
+    def make(shapes):
+        bf16 = {n: [torch.randn(s, device=dev, dtype=torch.bfloat16) / 64 for _ in range(a.layers)]
+                for n, s in shapes.items()}
+        return bf16, {n: [quantize_per_channel(w) for w in ws] for n, ws in bf16.items()}
 
-    config = fused_ops.W8A16_CONFIG
+    cfg8 = cfg16 = fused_ops.W8A16_CONFIG
     if a.sweep:
-        x = xs(1)
-        timed = []
-        for cfg in itertools.product((8, 16, 32, 64), (128, 256, 512), (4, 8), (2, 3, 4)):
-            try:
-                timed.append((graph_ms(w8a16(x, cfg)), cfg))
-            except Exception as e:  # out of shared memory or registers: skip the setting
-                print(f"  skip {cfg}: {type(e).__name__}")
-        timed.sort()
-        print("sweep (BLOCK_N, BLOCK_K, warps, stages): " + ", ".join(
-            f"{c} {ms * 1e3:.0f} us" for ms, c in timed[:6]))
-        config = timed[0][1]
-    print("batch | w8a16 ms | GB/s | w8a8 (_scaled_mm) ms | bf16 ms (2x the bytes)")
-    for m in map(int, a.batches.split(",")):
-        x = xs(m)
-        t16 = graph_ms(w8a16(x, config))
-
-        def w8a8(x=x):
-            for layer in fp8:
-                for w, s in layer.values():
-                    q, xs_ = quantize_per_token(x[w.shape[1]])
-                    torch._scaled_mm(q, w.t(), scale_a=xs_, scale_b=s.view(1, -1), out_dtype=torch.bfloat16)
-
-        t8 = graph_ms(w8a8)
-        tb = graph_ms(lambda x=x: [F.linear(x[w.shape[1]], w) for layer in bf16 for w in layer.values()])
-        assert fp8[0]["o"][0].dtype == FP8
-        print(f"{m} | {t16:.3f} | {nbytes / t16 / 1e6:.0f} | {t8:.3f} | {tb:.3f}", flush=True)
+        bf16, fp8 = make(SHAPES[models[0]])
+        x = xs(1, SHAPES[models[0]])
+        cfg8 = sweep([w for ws in fp8.values() for w in ws], x, True)
+        cfg16 = sweep([(w,) for ws in bf16.values() for w in ws], x, False)
+    print("model | shape | batch | cuBLAS bf16 us | Triton bf16 us | GB/s (best bf16) | Triton FP8 us | W8A8 us "
+          "| GB/s (Triton FP8)")
+    for model in models:
+        shapes = SHAPES[model]
+        bf16, fp8 = make(shapes)
+        for m in map(int, a.batches.split(",")):
+            x = xs(m, shapes)
+            for name, (rows, cols) in shapes.items():
+                tb, tt, t8, t88 = time_shape(x[cols], bf16[name], fp8[name], cfg16, cfg8)
+                print(f"{model} | {name} | {m} | {tb:.1f} | {tt:.1f} | {2 * rows * cols / min(tb, tt) / 1e3:.0f} | "
+                      f"{t8:.1f} | {t88:.1f} | {rows * cols / t8 / 1e3:.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: issue 6's checks and benchmarks on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst fp8 longctx sharedprefix; default all but hf)
+#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst gemm fp8 longctx sharedprefix; default all but hf)
 # Run from the repo root with .whl carried (see ../shared/device/wheels.sh). Results land in $OUT.
 set -u
 source scripts/device_env.sh
@@ -56,7 +56,7 @@ if has startup; then  # start to ready, graphs included: first start (cold Trito
     SERVER=$!
     for i in $(seq 1200); do curl -sf localhost:30011/health > /dev/null && break; sleep 0.1; done
     echo "startup to ready (0.6B, graphs), start $run: $(python3 -c "import time; print(round(time.time() - $T0, 1))") s"
-    grep -E "captured|ready in|KV cache:" $OUT/serve_Q_$run.log | cut -c1-160
+    python3 scripts/startup_timeline.py $OUT/serve_Q_$run.log $T0
     kill $SERVER; wait $SERVER
   done
 fi
@@ -111,6 +111,7 @@ if has burst; then  # issue 24: 2,000 one-token requests at once on the 0.6B sha
     tag=$(basename $tree)
     (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec python3 $ROOT/scripts/bench_burst.py $Q \
       --output-json $OUT/burst_engine_$tag.json) 2>&1 | grep -E "^burst" | tee -a $OUT/burst.txt
+    [ "${BURST_HTTP:-1}" = 0 ] && continue  # the Engine burst only
     (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec $GS serve $Q --port 30012 --no-show-progress) > $OUT/burst_$tag.log 2>&1 &
     SERVER=$!
     for i in $(seq 240); do curl -sf localhost:30012/health > /dev/null && break; sleep 1; done
@@ -121,11 +122,13 @@ if has burst; then  # issue 24: 2,000 one-token requests at once on the 0.6B sha
     kill $SERVER; wait $SERVER
   done
 fi
-if has fp8; then  # issue 20: FP8 weights on the 8B shape: the kernels, batch-1 latency against bf16, agreement
+if has gemm; then  # issues 19 and 20: decode-sized linear layers (cuBLAS, Triton bf16, Triton FP8), FP8 experts
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py tests/test_fused_ops.py \
-    -k "cuda or quant or w8a16" 2>&1 | tail -2
+    -k "cuda or quant or w8a16 or decode_linear" 2>&1 | tail -2
   python3 scripts/bench_fp8_gemm.py --sweep 2>&1 | grep -v Warning | tee $OUT/fp8_gemm.txt
   python3 scripts/bench_moe_kernel.py --fp8 --batches 1,8,64,256 2>&1 | grep -v Warning | tee $OUT/moe_kernel_fp8.txt
+fi
+if has fp8; then  # issue 20: FP8 weights on the 8B and 30B-A3B shapes: batch-1 latency against bf16, agreement
   for m in L M; do for q in "" "--quantization fp8"; do
     $GS bench latency ${!m} $q --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
       --output-json $OUT/latency_$m${q:+_fp8}.json 2>&1 | tee $OUT/latency_$m${q:+_fp8}.log | grep -E "TTFT|TPOT|floor|rror"

@@ -12,12 +12,12 @@ pytest.importorskip("triton")
 
 from gridserve.layers.activation import SiluAndMul  # noqa: E402
 from gridserve.layers.fused_ops import (  # noqa: E402
+    decode_linear,
     per_token_quant_fp8,
     qk_norm_rope_,
     rms_norm,
     rotary_embedding_,
     silu_and_mul,
-    w8a16_linear,
 )
 from gridserve.layers.norm import RMSNorm  # noqa: E402
 from gridserve.layers.rotary import RotaryEmbedding  # noqa: E402
@@ -147,10 +147,23 @@ def test_w8a16_linear_widens_fp8_weights_in_the_kernel(dtype, m, n, k, bias):
     q, scale = quantize_per_channel(w)
     x = rand(m, k, dtype=dtype)
     b = rand(n, dtype=dtype) if bias else None
-    got = w8a16_linear(x, q.to(DEVICE), scale.to(DEVICE), b, config=(16, 64, 4, 2))
+    got = decode_linear(x, q.to(DEVICE), scale.to(DEVICE), b, config=(16, 64, 4, 2))
     want = x.float().cpu() @ (q.float() * scale[:, None]).T + (b.float().cpu() if bias else 0)
     assert got.dtype == dtype and got.shape == (m, n)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[dtype]  # sums over 1,024 products
     torch.testing.assert_close(got.float().cpu(), want, **tol)
     with pytest.raises(ValueError, match="at most 16 rows"):
-        w8a16_linear(rand(17, k, dtype=dtype), q.to(DEVICE), scale.to(DEVICE))
+        decode_linear(rand(17, k, dtype=dtype), q.to(DEVICE), scale.to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", W8A16_DTYPES)
+@pytest.mark.parametrize("m,n,k,bias", [(1, 40, 96, False), (7, 100, 300, True)])
+def test_decode_linear_takes_weights_in_the_activations_dtype(dtype, m, n, k, bias):
+    w, x = rand(n, k, dtype=dtype), rand(m, k, dtype=dtype)
+    b = rand(n, dtype=dtype) if bias else None
+    got = decode_linear(x, w, None, b, config=(16, 64, 4, 2))
+    want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(got.float(), want, **tol)
+    with pytest.raises(ValueError, match="only an FP8 weight"):
+        decode_linear(x, w, torch.ones(n, device=DEVICE))

@@ -196,10 +196,10 @@ def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
-def _w8a16_gemm_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
-    """Y[:, n-tile] = (X @ W[n-tile].T) * S[n-tile] (+ B): FP8 weights widened to X's dtype in registers."""
+def _decode_gemm_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_SCALE: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    """Y[:, n-tile] = (X @ W[n-tile].T) (* S[n-tile]) (+ B): W in X's dtype, or FP8 widened to it in registers."""
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -211,36 +211,41 @@ def _w8a16_gemm_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, 
         k_ok = ks < K
         x = tl.load(X + ms[:, None] * stride_xm + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(W + rows[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32).to(x.dtype)
+                    other=0.0)
+        if HAS_SCALE:
+            w = w.to(tl.float32).to(x.dtype)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    acc = acc * tl.load(S + rows, mask=row_ok, other=0.0)[None, :]
+    if HAS_SCALE:
+        acc = acc * tl.load(S + rows, mask=row_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(B + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + ms[:, None] * stride_ym + rows[None, :], acc.to(Y.dtype.element_ty),
              mask=m_ok[:, None] & row_ok[None, :])
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the weight-only FP8 GEMM: a first guess, to be swept on the GPU
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the decode GEMM: a first guess, to be swept on the GPU
 W8A16_CONFIG = (16, 256, 4, 4)
 
 
-def w8a16_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                 bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """x (M <= W8A16_MAX_M, K) @ (weight (N, K) FP8 * weight_scale[:, None]).T + bias, in x's dtype, one kernel:
-    the FP8 weights are read once and widened in registers, the activations stay as they are (no quantization).
-    For decode, where the bytes of the weights are the whole cost."""
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x (M <= W8A16_MAX_M, K) @ weight (N, K).T + bias, in x's dtype, in one kernel with no split over K: for
+    decode, where reading the weights is the whole cost. An FP8 weight needs its per-row `weight_scale` and is
+    widened in registers (W8A16: the activations are not quantized); otherwise the weight has x's dtype."""
     m, k = x.shape
     if m > W8A16_MAX_M:
-        raise ValueError(f"w8a16_linear takes at most {W8A16_MAX_M} rows, got {m}")
+        raise ValueError(f"decode_linear takes at most {W8A16_MAX_M} rows, got {m}")
+    if (weight.dtype == FP8) != (weight_scale is not None):
+        raise ValueError("an FP8 weight needs its weight_scale, and only an FP8 weight takes one")
     if x.stride(-1) != 1:
         x = x.contiguous()
     n = weight.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages = config or W8A16_CONFIG
     if m:
-        _w8a16_gemm_kernel[(triton.cdiv(n, block_n),)](
-            x, weight, weight_scale, bias if bias is not None else weight_scale, y, m, n, k, x.stride(0),
-            weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=W8A16_MAX_M, BLOCK_N=block_n,
+        _decode_gemm_kernel[(triton.cdiv(n, block_n),)](
+            x, weight, weight_scale, bias, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+            HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=W8A16_MAX_M, BLOCK_N=block_n,
             BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps,
             num_stages=stages)
     return y

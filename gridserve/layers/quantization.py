@@ -23,7 +23,7 @@ from torch import nn
 from gridserve.layers.weight_utils import materialize
 
 FP8 = torch.float8_e4m3fn
-# Up to this many tokens (decode) CUDA skips the activations' quantization (fused_ops.w8a16_linear); it is also
+# Up to this many tokens (decode) CUDA skips the activations' quantization (fused_ops.decode_linear); it is also
 # the row tile of that kernel's tl.dot.
 W8A16_MAX_M = 16
 FP8_MAX = torch.finfo(FP8).max
@@ -53,9 +53,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x.is_cuda and x2.shape[0] <= W8A16_MAX_M:  # decode: weight-only, one kernel that reads each byte once
-        from gridserve.layers.fused_ops import w8a16_linear
+        from gridserve.layers.fused_ops import decode_linear
 
-        return w8a16_linear(x2, weight, weight_scale, bias).view(*shape[:-1], weight.shape[0])
+        return decode_linear(x2, weight, weight_scale, bias).view(*shape[:-1], weight.shape[0])
     q, x_scale = quantize_per_token(x2)
     if x.is_cuda:
         y = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), bias=bias,
