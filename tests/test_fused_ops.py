@@ -105,6 +105,40 @@ def test_qk_norm_then_rotary_in_place_matches_the_separate_layers(dtype, d):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rotary_also_stores_k_and_v_into_the_paged_cache(dtype, qk_norm):
+    """Decode's fused KV store: the rotated k and the v rows land at their slots, exactly what the unfused
+    kernels (rotary, then store_kv) write; q and k come out the same, other slots stay untouched."""
+    from gridserve.attention.triton_ops import store_kv
+
+    tokens, hq, hk, d, slots = 5, 4, 2, 64, 32
+    rope = RotaryEmbedding(d, 10000.0, 4096, None)
+    norm_w = [rand(d, dtype=dtype) + 1 for _ in range(2)]
+    positions = torch.tensor([0, 3, 64, 777, 4000], device=DEVICE)
+    loc = torch.tensor([9, 2, 30, 17, 4], device=DEVICE)
+    qkv = rand(tokens, (hq + 2 * hk) * d, dtype=dtype)
+    results = []
+    for fused in (False, True):
+        buf = qkv.clone()
+        q = buf[:, : hq * d].reshape(tokens, hq, d)
+        k = buf[:, hq * d : (hq + hk) * d].reshape(tokens, hk, d)
+        v = buf[:, (hq + hk) * d :]
+        caches = [torch.full((slots, hk, d), 7.0, dtype=dtype, device=DEVICE) for _ in range(2)]
+        kv = (*caches, loc, v) if fused else None
+        if qk_norm:
+            qk_norm_rope_(positions, q, k, *norm_w, 1e-6, rope.inv_freq.to(DEVICE), 1.0, kv_cache=kv)
+        else:
+            rotary_embedding_(positions, q, k, rope.inv_freq.to(DEVICE), 1.0, kv_cache=kv)
+        if not fused:
+            store_kv(*caches, loc, k.reshape(tokens, -1), v)
+        results.append((buf, *caches))
+    for unfused, fused in zip(*results, strict=True):
+        assert torch.equal(unfused, fused)
+    with pytest.raises(ValueError, match="kv_cache needs"):
+        rotary_embedding_(positions, q, k, rope.inv_freq.to(DEVICE), 1.0, kv_cache=(*caches, loc[:2], v))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,inter", [(1, 64), (3, 96), (2, 1500)])  # 1500 spans two column blocks
 def test_silu_and_mul(dtype, tokens, inter):
     x = rand(tokens, 2 * inter, dtype=dtype)

@@ -37,8 +37,10 @@ class AttentionBackend(ABC):
         return self.extend_attend(q, layer, fb)
 
     @abstractmethod
-    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch
-                       ) -> torch.Tensor: ...
+    def forward_decode(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, layer,
+                       fb: ForwardBatch) -> torch.Tensor:
+        """One new token per request; k and v None when the caller stored them already (the fused rotary
+        kernel, layers/attention.py)."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch
                 ) -> torch.Tensor:

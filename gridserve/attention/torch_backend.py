@@ -47,7 +47,8 @@ class TorchAttentionBackend(AttentionBackend):
         return out.view(-1, layer.num_heads * layer.head_dim)
 
     def forward_decode(self, q, k, v, layer, fb: ForwardBatch) -> torch.Tensor:
-        self.store_kv(k, v, layer, fb)
+        if k is not None:
+            self.store_kv(k, v, layer, fb)
         k_buf, v_buf = fb.kv_cache.get_kv(layer.layer_id)
         b = fb.batch_size
         qb = q.view(b, layer.num_heads, 1, layer.head_dim)

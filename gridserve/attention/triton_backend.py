@@ -56,7 +56,8 @@ class TritonAttentionBackend(AttentionBackend):
         return ws
 
     def forward_decode(self, q, k, v, layer, fb: ForwardBatch) -> torch.Tensor:
-        self.store_kv(k, v, layer, fb)
+        if k is not None:
+            self.store_kv(k, v, layer, fb)
         k_buf, v_buf = fb.kv_cache.get_kv(layer.layer_id)
         b = fb.batch_size
         ws = self._workspace_for(b, layer.num_heads, layer.head_dim, q.device)

@@ -16,5 +16,15 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.scaling = scaling
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, fb: ForwardBatch
+                ) -> torch.Tensor:
+        """k and v None: the caller has written them into the cache already (see fused_kv_store)."""
         return fb.attn_backend.forward(q, k, v, self, fb)
+
+    def fused_kv_store(self, fb: ForwardBatch, v: torch.Tensor) -> tuple | None:
+        """(k_cache, v_cache, slots, v) for the rotary kernel to write this layer's new K/V itself, or None.
+        Decode on CUDA only: one kernel per layer saved where the whole step is a few dozen small kernels
+        (prefill's piecewise graphs store K/V at the attention cut, outside the captured pieces)."""
+        if not (v.is_cuda and fb.forward_mode.is_decode()):
+            return None
+        return (*fb.kv_cache.get_kv(self.layer_id), fb.out_cache_loc, v)

@@ -61,13 +61,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 def _rope_rows(base, cos, sin, offs, mask, HALF: tl.constexpr):
     x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(base + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(base + offs, (x1 * cos - x2 * sin).to(base.dtype.element_ty), mask=mask)
-    tl.store(base + HALF + offs, (x2 * cos + x1 * sin).to(base.dtype.element_ty), mask=mask)
+    return _rotate_and_store(base, x1, x2, cos, sin, offs, mask, HALF)
 
 
-@triton.jit(do_not_specialize_on_alignment=["Pos"])  # a slice of the batch's one input copy
-def _rope_kernel(Q, K, Pos, InvFreq, stride_qt, stride_qh, stride_kt, stride_kh, HQ, scaling,
-                 HALF: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit
+def _rotate_and_store(base, x1, x2, cos, sin, offs, mask, HALF: tl.constexpr):
+    """Rotates one head's halves, stores them in place and returns them (rounded to the activations' dtype)."""
+    dt = base.dtype.element_ty
+    y1 = (x1 * cos - x2 * sin).to(dt)
+    y2 = (x2 * cos + x1 * sin).to(dt)
+    tl.store(base + offs, y1, mask=mask)
+    tl.store(base + HALF + offs, y2, mask=mask)
+    return y1, y2
+
+
+@triton.jit
+def _head_to_cache(k1, k2, v_row, kc_row, vc_row, offs, mask, HALF: tl.constexpr):
+    """One token's rotated k head (k1, k2) and its v head (at v_row) into their paged-cache rows."""
+    tl.store(kc_row + offs, k1.to(kc_row.dtype.element_ty), mask=mask)
+    tl.store(kc_row + HALF + offs, k2.to(kc_row.dtype.element_ty), mask=mask)
+    tl.store(vc_row + offs, tl.load(v_row + offs, mask=mask).to(vc_row.dtype.element_ty), mask=mask)
+    tl.store(vc_row + HALF + offs, tl.load(v_row + HALF + offs, mask=mask).to(vc_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize_on_alignment=["Pos", "Loc"])  # slices of the batch's one input copy
+def _rope_kernel(Q, K, Pos, InvFreq, V, KC, VC, Loc, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                 stride_c, HQ, scaling, HALF: tl.constexpr, BLOCK: tl.constexpr, STORE_KV: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
@@ -78,27 +97,49 @@ def _rope_kernel(Q, K, Pos, InvFreq, stride_qt, stride_qh, stride_kt, stride_kh,
     if h < HQ:
         _rope_rows(Q + t * stride_qt + h * stride_qh, cos, sin, offs, mask, HALF)
     else:
-        _rope_rows(K + t * stride_kt + (h - HQ) * stride_kh, cos, sin, offs, mask, HALF)
+        k1, k2 = _rope_rows(K + t * stride_kt + (h - HQ) * stride_kh, cos, sin, offs, mask, HALF)
+        if STORE_KV:
+            head = (h - HQ) * 2 * HALF
+            row = tl.load(Loc + t).to(tl.int64) * stride_c + head
+            _head_to_cache(k1, k2, V + t * stride_vt + head, KC + row, VC + row, offs, mask, HALF)
+
+
+def _cache_args(k: torch.Tensor, kv_cache: tuple | None) -> tuple:
+    """The kernels' (V, KC, VC, Loc, stride_vt, stride_c, STORE_KV) for an optional (k_cache, v_cache, loc, v)."""
+    if kv_cache is None:
+        return k, k, k, k, 0, 0, False
+    k_cache, v_cache, loc, v = kv_cache
+    n, hk, d = k.shape
+    v2 = v.reshape(n, hk * d) if v.dim() == 3 else v
+    if (k_cache.shape != v_cache.shape or tuple(k_cache.shape[1:]) != (hk, d) or not k_cache.is_contiguous()
+            or not v_cache.is_contiguous() or v2.shape != (n, hk * d) or v2.stride(-1) != 1 or loc.shape != (n,)):
+        raise ValueError("kv_cache needs contiguous (slots, Hk, D) caches, (N,) slots and v of N rows of Hk*D")
+    return v2, k_cache, v_cache, loc, v2.stride(0), k_cache.stride(0), True
 
 
 def rotary_embedding_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor,
-                      scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox-style rotary embedding applied in place to q (N, Hq, D) and k (N, Hk, D); returns them."""
+                      scaling: float, kv_cache: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary embedding applied in place to q (N, Hq, D) and k (N, Hk, D); returns them. With
+    kv_cache = (k_cache, v_cache, loc, v), the same kernel also writes the rotated k and v (N rows of Hk*D) into
+    the paged cache at slots loc: the KV store's own kernel is saved (decode)."""
     n, hq, d = q.shape
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("q and k must be contiguous in their last dimension")
     if n:
+        v, kc, vc, loc, stride_vt, stride_c, store = _cache_args(k, kv_cache)
         _rope_kernel[(n, hq + k.shape[1])](
-            q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1), hq, float(scaling),
-            HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2))
+            q, k, positions, inv_freq, v, kc, vc, loc, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            stride_vt, stride_c, hq, float(scaling), HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
+            STORE_KV=store)
     return q, k
 
 
-@triton.jit(do_not_specialize_on_alignment=["Pos"])
-def _qk_norm_rope_kernel(Q, K, Pos, InvFreq, WQ, WK, stride_qt, stride_qh, stride_kt, stride_kh, HQ, scaling, eps,
-                         HALF: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize_on_alignment=["Pos", "Loc"])
+def _qk_norm_rope_kernel(Q, K, Pos, InvFreq, WQ, WK, V, KC, VC, Loc, stride_qt, stride_qh, stride_kt, stride_kh,
+                         stride_vt, stride_c, HQ, scaling, eps, HALF: tl.constexpr, BLOCK: tl.constexpr,
+                         STORE_KV: tl.constexpr):
     """One (token, head) of q or k: RMSNorm over the head (rounded to the activation dtype, as the separate
-    norm's output is), then the rotary embedding, in place."""
+    norm's output is), then the rotary embedding, in place; a k head (and its v) also to the cache if STORE_KV."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
@@ -116,24 +157,29 @@ def _qk_norm_rope_kernel(Q, K, Pos, InvFreq, WQ, WK, stride_qt, stride_qh, strid
     x1 = (x1 * inv * tl.load(w + offs, mask=mask, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
     x2 = (x2 * inv * tl.load(w + HALF + offs, mask=mask, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
     f = tl.load(Pos + t).to(tl.float32) * tl.load(InvFreq + offs, mask=mask, other=0.0)
-    cos = tl.cos(f) * scaling
-    sin = tl.sin(f) * scaling
-    tl.store(base + offs, (x1 * cos - x2 * sin).to(dt), mask=mask)
-    tl.store(base + HALF + offs, (x2 * cos + x1 * sin).to(dt), mask=mask)
+    y1, y2 = _rotate_and_store(base, x1, x2, tl.cos(f) * scaling, tl.sin(f) * scaling, offs, mask, HALF)
+    if STORE_KV:
+        if h >= HQ:
+            head = (h - HQ) * 2 * HALF
+            row = tl.load(Loc + t).to(tl.int64) * stride_c + head
+            _head_to_cache(y1, y2, V + t * stride_vt + head, KC + row, VC + row, offs, mask, HALF)
 
 
 def qk_norm_rope_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
-                  k_weight: torch.Tensor, eps: float, inv_freq: torch.Tensor,
-                  scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  k_weight: torch.Tensor, eps: float, inv_freq: torch.Tensor, scaling: float,
+                  kv_cache: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm of q (N, Hq, D) and k (N, Hk, D) with their own weights, then the Neox rotary embedding,
-    in place in one kernel (three otherwise: Qwen3's q/k norms and the rotation); returns q and k."""
+    in place in one kernel (three otherwise: Qwen3's q/k norms and the rotation); returns q and k. kv_cache as
+    in rotary_embedding_: the KV store in the same kernel."""
     n, hq, d = q.shape
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("q and k must be contiguous in their last dimension")
     if n:
+        v, kc, vc, loc, stride_vt, stride_c, store = _cache_args(k, kv_cache)
         _qk_norm_rope_kernel[(n, hq + k.shape[1])](
-            q, k, positions, inv_freq, q_weight, k_weight, q.stride(0), q.stride(1), k.stride(0), k.stride(1), hq,
-            float(scaling), eps, HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2))
+            q, k, positions, inv_freq, q_weight, k_weight, v, kc, vc, loc, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), stride_vt, stride_c, hq, float(scaling), eps, HALF=d // 2,
+            BLOCK=triton.next_power_of_2(d // 2), STORE_KV=store)
     return q, k
 
 

@@ -67,12 +67,15 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3, yarn)")
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: (N, Hq, D), k: (N, Hk, D); returns both rotated, in their dtype (in place on CUDA)."""
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, kv_cache: tuple | None = None):
+        """q: (N, Hq, D), k: (N, Hk, D); returns both rotated, in their dtype (in place on CUDA). kv_cache (CUDA
+        only): also store k and v into the paged cache (fused_ops.rotary_embedding_)."""
         if q.is_cuda:
             from gridserve.layers.fused_ops import rotary_embedding_
 
-            return rotary_embedding_(positions, q, k, self.inv_freq, self.attention_scaling)
+            return rotary_embedding_(positions, q, k, self.inv_freq, self.attention_scaling, kv_cache)
+        if kv_cache is not None:
+            raise ValueError("the fused KV store runs on CUDA only")
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         cos = (emb.cos() * self.attention_scaling).to(q.dtype)

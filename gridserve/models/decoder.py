@@ -45,19 +45,21 @@ class DecoderAttention(nn.Module):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        q, k = self._norm_and_rotate(positions, q, k)
-        out = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, fb)
-        return self.o_proj(out)
+        kv_cache = self.attn.fused_kv_store(fb, v)
+        q, k = self._norm_and_rotate(positions, q, k, kv_cache)
+        if kv_cache is not None:  # the rotary kernel has stored k and v
+            return self.o_proj(self.attn(q.reshape(-1, self.q_size), None, None, fb))
+        return self.o_proj(self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, fb))
 
-    def _norm_and_rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    def _norm_and_rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, kv_cache: tuple | None):
         if self.q_norm is None:
-            return self.rotary_emb(positions, q, k)
+            return self.rotary_emb(positions, q, k, kv_cache)
         if q.is_cuda:  # one kernel instead of three
             from gridserve.layers.fused_ops import qk_norm_rope_
 
             rope = self.rotary_emb
             return qk_norm_rope_(positions, q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
-                                 rope.inv_freq, rope.attention_scaling)
+                                 rope.inv_freq, rope.attention_scaling, kv_cache)
         return self.rotary_emb(positions, self.q_norm(q), self.k_norm(k))
 
 
