@@ -41,8 +41,8 @@ class ChildFailedError(RuntimeError):
 
 
 # The children's entry points import the model stack (torch, triton, the models) themselves, so this module
-# stays light and the launcher spawns them before it imports anything heavy: the children's imports, the
-# front end's and the tokenizer load then overlap instead of queueing (start-up time, docs/benchmarks.md).
+# stays light and the launcher spawns them before it loads the tokenizer: the children's imports and the
+# tokenizer load then overlap instead of queueing (start-up time, docs/benchmarks.md).
 def _scheduler_main(*args) -> None:
     from gridserve.scheduler.run import run_scheduler_process
 
@@ -100,7 +100,6 @@ class Deployment:
         # before anything is spawned: a user's mistake must cost a second, not a model load
         model_path, cfg = preflight.check_model(args)
         preflight.check_device(args, plan.layout.ranks_per_node)
-        tokenizer = preflight.load_tokenizer(model_path, args.tokenizer_path) if plan.tokenizer_manager else None
         self._open_node_link()
         # one shared counter per rank, advanced by its event loop: the watchdog's view of its progress
         self.progress = {f"scheduler {rank.name}": ctx.Value("Q", 0, lock=False) for rank in plan.ranks}
@@ -110,6 +109,11 @@ class Deployment:
             readers["detokenizer"] = self._spawn(ctx, "detokenizer", _detokenizer_main, (args, ports, model_path))
         if plan.dp_controller:
             readers["dp_controller"] = self._spawn(ctx, "dp_controller", _dp_controller_main, (args, ports))
+        logger.info("%d processes spawned after %.1f s of start-up checks", len(readers),
+                    time.monotonic() - self._started)
+        # the tokenizer loads while the children import and load the model: transformers' import alone takes
+        # seconds (a tokenizer that does not load still fails the start at once: the children are stopped)
+        tokenizer = preflight.load_tokenizer(model_path, args.tokenizer_path) if plan.tokenizer_manager else None
         infos = self._wait_ready(readers)
         scheduler_infos = [infos[f"scheduler {rank.name}"] for rank in plan.ranks]
         if self.agent is not None:

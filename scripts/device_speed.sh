@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: issue 6's checks and benchmarks on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst gemm fp8 longctx sharedprefix; default all but hf)
+#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst gemm fp8 bigbs longctx sharedprefix; default all but hf)
 # Run from the repo root with .whl carried (see ../shared/device/wheels.sh). Results land in $OUT.
 set -u
 source scripts/device_env.sh
@@ -63,6 +63,13 @@ fi
 if has hf; then
   $GS bench offline $Q --compare-transformers padded --num-prompts 64 --no-floor --no-show-progress \
     --output-json $OUT/offline_hf.json 2>&1 | tee $OUT/offline_hf.log | grep -vE "Warning|warn\(" | tail -8
+fi
+if has bigbs; then  # issue 20: 1,024 prompts, so decode batches pass the 256 that CUDA graphs cover by default
+  for bs in 256 1024; do
+    $GS bench offline $Q --num-prompts 1024 --cuda-graph-max-bs $bs --no-show-progress \
+      --output-json $OUT/offline_Q_1024_bs$bs.json 2>&1 | tee $OUT/offline_Q_1024_bs$bs.log \
+      | grep -vE "Warning|warn\(" | tail -5
+  done
 fi
 if has decodek; then  # the decode attention kernel's bandwidth over launch settings
   python3 scripts/bench_decode_kernel.py --contexts 512,2048 2>&1 | tee $OUT/decode_kernel.txt | grep -v Warning
