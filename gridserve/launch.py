@@ -41,23 +41,35 @@ class ChildFailedError(RuntimeError):
 
 
 # The children's entry points import the model stack (torch, triton, the models) themselves, so this module
-# stays light and the launcher spawns them before it loads the tokenizer: the children's imports and the
-# tokenizer load then overlap instead of queueing (start-up time, docs/benchmarks.md).
-def _scheduler_main(*args) -> None:
+# stays light. The launcher spawns them first and runs its start-up checks (which import the models too) and
+# the tokenizer load while they import: the imports overlap instead of queueing (start-up time,
+# docs/benchmarks.md). A child waits for `go` before it does anything that could fail loudly, so a failed check
+# stops children that have printed nothing.
+def _after_checks(go) -> None:
+    parent = mp.parent_process()
+    while not go.wait(1.0):
+        if parent is not None and not parent.is_alive():  # the launcher died during its checks
+            os._exit(1)
+
+
+def _scheduler_main(go, *args) -> None:
     from gridserve.scheduler.run import run_scheduler_process
 
+    _after_checks(go)
     run_scheduler_process(*args)
 
 
-def _detokenizer_main(*args) -> None:
+def _detokenizer_main(go, *args) -> None:
     from gridserve.managers.detokenizer import run_detokenizer_process
 
+    _after_checks(go)
     run_detokenizer_process(*args)
 
 
-def _dp_controller_main(*args) -> None:
+def _dp_controller_main(go, *args) -> None:
     from gridserve.managers.data_parallel_controller import run_data_parallel_controller_process
 
+    _after_checks(go)
     run_data_parallel_controller_process(*args)
 
 
@@ -97,22 +109,25 @@ class Deployment:
         self._started = time.monotonic()
         logger.info("node %d (%s) starts %s; IPC directory %s", args.node_rank, self.node_addr, plan.describe(),
                     ports.ipc_dir)
-        # before anything is spawned: a user's mistake must cost a second, not a model load
-        model_path, cfg = preflight.check_model(args)
-        preflight.check_device(args, plan.layout.ranks_per_node)
-        self._open_node_link()
+        model_path = preflight.resolve_model(args)
+        go = ctx.Event()
         # one shared counter per rank, advanced by its event loop: the watchdog's view of its progress
         self.progress = {f"scheduler {rank.name}": ctx.Value("Q", 0, lock=False) for rank in plan.ranks}
-        readers = {name: self._spawn(ctx, name, _scheduler_main, (args, ports, rank, self.progress[name]))
+        readers = {name: self._spawn(ctx, name, _scheduler_main, (go, args, ports, rank, self.progress[name]))
                    for rank, name in zip(plan.ranks, self.progress, strict=True)}
         if plan.detokenizer:
-            readers["detokenizer"] = self._spawn(ctx, "detokenizer", _detokenizer_main, (args, ports, model_path))
+            readers["detokenizer"] = self._spawn(ctx, "detokenizer", _detokenizer_main, (go, args, ports, model_path))
         if plan.dp_controller:
-            readers["dp_controller"] = self._spawn(ctx, "dp_controller", _dp_controller_main, (args, ports))
-        logger.info("%d processes spawned after %.1f s of start-up checks", len(readers),
-                    time.monotonic() - self._started)
-        # the tokenizer loads while the children import and load the model: transformers' import alone takes
-        # seconds (a tokenizer that does not load still fails the start at once: the children are stopped)
+            readers["dp_controller"] = self._spawn(ctx, "dp_controller", _dp_controller_main, (go, args, ports))
+        # while the children import: a user's mistake must cost a second, not a model load
+        _, cfg = preflight.check_model(args, model_path)
+        preflight.check_device(args, plan.layout.ranks_per_node)
+        self._open_node_link()
+        go.set()
+        logger.info("start-up checks passed after %.1f s; %d processes go on", time.monotonic() - self._started,
+                    len(readers))
+        # the tokenizer too loads while the children import and load the model (transformers' import alone takes
+        # seconds); one that does not load still fails the start at once: the children are stopped
         tokenizer = preflight.load_tokenizer(model_path, args.tokenizer_path) if plan.tokenizer_manager else None
         infos = self._wait_ready(readers)
         scheduler_infos = [infos[f"scheduler {rank.name}"] for rank in plan.ranks]

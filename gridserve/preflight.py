@@ -3,9 +3,12 @@ the split fits the model, the GPUs exist. Each failure is one line saying what i
 costs the user a second instead of a model load (minutes, for a big model)."""
 
 import socket
+from typing import TYPE_CHECKING
 
-from gridserve.models.config import ModelConfig
 from gridserve.server_args import ServerArgs
+
+if TYPE_CHECKING:  # the model stack (torch) loads in check_model, after the children are spawned
+    from gridserve.models.config import ModelConfig
 
 
 class StartupError(ValueError):
@@ -24,16 +27,22 @@ def check_port(host: str, port: int, flag: str = "--port") -> None:
                            f"or choose another {flag}") from None
 
 
-def check_model(args: ServerArgs) -> tuple[str, ModelConfig]:
-    """The model's resolved path and config, once it is known to exist, to be supported and to split as asked."""
-    from gridserve.layers.quantization import checkpoint_quantization
-    from gridserve.model_loader.loader import load_model_config
+def resolve_model(args: ServerArgs) -> str:
+    """The model's path (a folder or a GGUF file), once it is known to exist; cheap (no torch)."""
     from gridserve.model_loader.paths import resolve_model_path
 
     try:
-        path = resolve_model_path(args.model_path)
+        return resolve_model_path(args.model_path)
     except FileNotFoundError as e:
         raise StartupError(f"--model-path: {e}") from None
+
+
+def check_model(args: ServerArgs, path: str | None = None) -> "tuple[str, ModelConfig]":
+    """The model's resolved path and config, once it is known to exist, to be supported and to split as asked."""
+    from gridserve.layers.quantization import checkpoint_quantization
+    from gridserve.model_loader.loader import load_model_config
+
+    path = path or resolve_model(args)
     try:
         cfg = load_model_config(path)
     except (OSError, KeyError, TypeError) as e:

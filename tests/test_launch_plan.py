@@ -65,6 +65,14 @@ def test_dry_run_imports_no_torch():
     assert "node 1:" in p.stdout
 
 
+def test_the_launcher_spawns_before_it_imports_torch():
+    """torch (and the models) load in the children and, while they import, in the start-up checks: the serve
+    command's own import chain must not pull them in first (seconds of start-up on a GPU machine)."""
+    code = "import sys, gridserve.cli, gridserve.launch_server; sys.exit(3 * ('torch' in sys.modules))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+
+
 def test_plan_by_role():
     plan = LaunchPlan.for_node(ServerArgs(dp_size=2, tp_size=2))
     assert [r.name for r in plan.ranks] == ["dp0 pp0 tp0", "dp0 pp0 tp1", "dp1 pp0 tp0", "dp1 pp0 tp1"]
