@@ -61,8 +61,8 @@ def test_matches_reference(prefix_lens, ext_lens, num_heads, num_kv_heads, head_
     q, k, v, r2t, rpi, sl, el, esl = make_case(prefix_lens, ext_lens, num_heads, num_kv_heads, head_dim, dtype)
     scale = head_dim**-0.5
     out = torch.full_like(q, float("nan"))
-    res = extend_attention(q, k, v, r2t, rpi, sl, el, esl, scale, max(ext_lens), out=out, block_m=BLOCK,
-                           block_n=BLOCK)
+    res = extend_attention(q, k, v, r2t, rpi, sl, el, esl, scale, max(ext_lens), out=out,
+                           config=(BLOCK, BLOCK, 4, 1))
     assert res is out and res.dtype == dtype
     assert torch.isfinite(out).all(), "output not fully written or poisoned KV leaked"
     ref = reference(q, k, v, r2t, rpi, sl, el, esl, scale)
@@ -77,11 +77,21 @@ def test_default_blocks_huge_poison_and_loose_max_extend_len():
     torch.testing.assert_close(out.cpu(), reference(q, k, v, r2t, rpi, sl, el, esl, 0.125), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("config", [(32, 16, 4, 1), (16, 32, 4, 1), (128, 64, 8, 2)])
+def test_long_prefix_whole_blocks_and_the_diagonal(config):
+    """A later chunk of a long prompt: most key blocks are seen whole by every query (the unmasked loop), the
+    rest straddle the causal diagonal; block sizes that do not divide the prefix, BLOCK_N above BLOCK_M, and the
+    large tiles long extends get by default."""
+    q, k, v, r2t, rpi, sl, el, esl = make_case([203, 0], [150, 70], 4, 2, 64, torch.float32, seed=3, poison=1e30)
+    out = extend_attention(q, k, v, r2t, rpi, sl, el, esl, 0.125, 150, config=config)
+    torch.testing.assert_close(out.cpu(), reference(q, k, v, r2t, rpi, sl, el, esl, 0.125), atol=1e-4, rtol=1e-4)
+
+
 def test_fp16_and_zero_extend_row():
     # a request with no new tokens contributes no queries and must not disturb its neighbours
     q, k, v, r2t, rpi, sl, el, esl = make_case([7, 4, 0], [5, 0, 17], 4, 2, 64, torch.float16, seed=2)
     out = torch.full_like(q, float("nan"))
-    extend_attention(q, k, v, r2t, rpi, sl, el, esl, 0.125, 17, out=out, block_m=BLOCK, block_n=BLOCK)
+    extend_attention(q, k, v, r2t, rpi, sl, el, esl, 0.125, 17, out=out, config=(BLOCK, BLOCK, 4, 1))
     assert torch.isfinite(out).all()
     ref = reference(q, k, v, r2t, rpi, sl, el, esl, 0.125)
     torch.testing.assert_close(out.float().cpu(), ref, atol=2e-2, rtol=2e-2)

@@ -7,8 +7,9 @@ K/V are already stored in the paged cache. Query j of request i sits at absolute
 
 One kernel, grid (B, num_heads, cdiv(max_extend_len, BLOCK_M)): a program owns BLOCK_M queries of one head of one
 request (a program past its request's extend length exits at once). It walks the KV positions in BLOCK_N blocks up
-to the causal limit of its last query, the prefix fully visible and the new part causally masked, with ``tl.dot``
-for QK^T and PV and an online softmax in fp32. A query head maps to KV head ``head // (num_heads // num_kv_heads)``.
+to the causal limit of its last query, with ``tl.dot`` for QK^T and PV and an online softmax in fp32 (base 2). The
+blocks all its queries see whole (the prefix, most of it for a long prompt's later chunks) skip the masks; the
+last few, across the causal diagonal, are masked. A query head maps to KV head ``head // (num_heads // num_kv_heads)``.
 head_dim is padded to a power of two >= 16 and masked.
 """
 
@@ -19,6 +20,39 @@ import triton
 import triton.language as tl
 
 from gridserve.attention.triton_ops.common import check_paged_inputs
+
+
+@triton.jit
+def _attend_block(q, acc, m_i, l_i, start_n, end, pos_m, K, V, ReqToToken, req, kvh, stride_rt, stride_kt,
+                  stride_kh, stride_vt, stride_vh, offs_d, mask_d, offs_dv, mask_dv, qk_scale,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One block of BLOCK_N keys into the online softmax (base 2: qk_scale holds log2(e)). MASKED: the block
+    holds keys past `end` or past some query's causal limit; the blocks every query sees whole skip the masks."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        mask_n = offs_n < end
+        slots = tl.load(ReqToToken + req * stride_rt + offs_n, mask=mask_n, other=0).to(tl.int64)
+        k = tl.load(K + slots[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    else:
+        slots = tl.load(ReqToToken + req * stride_rt + offs_n).to(tl.int64)
+        k = tl.load(K + slots[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=mask_d[None, :],
+                    other=0.0)
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
+    if MASKED:
+        s = tl.where(mask_n[None, :] & (offs_n[None, :] <= pos_m[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at zero
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    if MASKED:
+        v = tl.load(V + slots[:, None] * stride_vt + kvh * stride_vh + offs_dv[None, :],
+                    mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+    else:
+        v = tl.load(V + slots[:, None] * stride_vt + kvh * stride_vh + offs_dv[None, :], mask=mask_dv[None, :],
+                    other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    return acc, m_new, l_i * alpha + tl.sum(p, 1)
 
 
 # Per-request index tensors are slices of one host-to-device copy, so their 16-byte alignment changes with the
@@ -72,34 +106,34 @@ def _extend_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 in the softmax
 
-    # keys up to the causal limit of this block's last valid query
+    # keys every query of the block sees (the prefix and the new tokens before the block), whole blocks of them
+    # without masks; then up to the causal limit of the block's last valid query, masked
+    whole = (prefix + mblk * BLOCK_M) // BLOCK_N * BLOCK_N
     end = prefix + tl.minimum((mblk + 1) * BLOCK_M, extend_len)
-    for start_n in range(0, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        slots = tl.load(ReqToToken + req * stride_rt + offs_n, mask=mask_n, other=0).to(tl.int64)
-
-        k = tl.load(K + slots[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
-        visible = mask_n[None, :] & (offs_n[None, :] <= pos_m[:, None])
-        s = tl.where(visible, s * sm_scale, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at zero
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-
-        v = tl.load(V + slots[:, None] * stride_vt + kvh * stride_vh + offs_dv[None, :],
-                    mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+    for start_n in range(0, whole, BLOCK_N):
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start_n, end, pos_m, K, V, ReqToToken, req, kvh, stride_rt,
+                                      stride_kt, stride_kh, stride_vt, stride_vh, offs_d, mask_d, offs_dv, mask_dv,
+                                      qk_scale, BLOCK_N, False, DOT_PRECISION)
+    for start_n in range(whole, end, BLOCK_N):
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start_n, end, pos_m, K, V, ReqToToken, req, kvh, stride_rt,
+                                      stride_kt, stride_kh, stride_vt, stride_vh, offs_d, mask_d, offs_dv, mask_dv,
+                                      qk_scale, BLOCK_N, True, DOT_PRECISION)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(Out + rows[:, None] * stride_ot + h * stride_oh + offs_dv[None, :],
              out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by the longest extend in the batch: short prefills keep small tiles
+# (more programs to fill the SMs: a 256-token prompt is 8 row blocks a head); from 2,048 tokens (a chunk of a long
+# prompt) there are programs enough for tensor-core-sized tiles. Swept on the GPU by scripts/bench_extend_kernel.py.
+EXTEND_CONFIGS = ((2047, (32, 32, 4, 1)), (1 << 62, (128, 64, 8, 2)))
+
+
+def extend_config(max_extend_len: int) -> tuple[int, int, int, int]:
+    return next(cfg for limit, cfg in EXTEND_CONFIGS if max_extend_len <= limit)
 
 
 def extend_attention(
@@ -114,8 +148,7 @@ def extend_attention(
     sm_scale: float,
     max_extend_len: int,
     out: torch.Tensor | None = None,
-    block_m: int = 32,
-    block_n: int = 32,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Causal attention of each request's new tokens over its whole paged KV (cached prefix + the new tokens).
 
@@ -123,9 +156,11 @@ def extend_attention(
     ``extend_start_loc[i] : extend_start_loc[i] + extend_lens[i]``; k_buffer: (num_slots + 1, num_kv_heads,
     head_dim) and v_buffer: (num_slots + 1, num_kv_heads, head_dim_v), already holding the new tokens' K/V;
     ``max_extend_len`` >= every ``extend_lens[i]``. Returns (N, num_heads, head_dim_v) in q's dtype (written into
-    ``out`` when given); rows of q no request covers are left untouched.
+    ``out`` when given); rows of q no request covers are left untouched. ``config``: (BLOCK_M, BLOCK_N, num_warps,
+    num_stages), else ``extend_config(max_extend_len)``.
     """
     q, sh = check_paged_inputs(q, k_buffer, v_buffer, req_to_token)
+    block_m, block_n, warps, stages = config or extend_config(max_extend_len)
     n_tokens, num_heads, head_dim_v = q.shape[0], sh.num_heads, sh.head_dim_v
     if block_m < 16 or block_n < 16:
         raise ValueError("block_m and block_n must be >= 16 (tl.dot)")
@@ -149,6 +184,6 @@ def extend_attention(
         req_to_token.stride(0),
         GROUP=sh.group, HEAD_DIM=sh.head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=sh.block_d, BLOCK_DV=sh.block_dv,
-        DOT_PRECISION=sh.dot_precision, DOT_FP32=sh.dot_fp32,
+        DOT_PRECISION=sh.dot_precision, DOT_FP32=sh.dot_fp32, num_warps=warps, num_stages=stages,
     )
     return out
