@@ -8,20 +8,9 @@ import argparse
 import itertools
 
 import torch
+from gpu_timing import time_ms
 
 from gridserve.attention.triton_ops.extend_attention import extend_attention, extend_config
-
-
-def time_ms(fn, iters: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main() -> None:
@@ -55,7 +44,7 @@ def main() -> None:
             try:
                 ms = time_ms(lambda cfg=cfg, prefix=prefix: extend_attention(
                     q, k, v, req_to_token, one(0), one(prefix + a.chunk), one(a.chunk), one(0), d**-0.5, a.chunk,
-                    config=cfg))
+                    config=cfg), graph=False, iters=5)
             except Exception as e:  # out of shared memory or registers: skip the setting
                 print(f"  skip {cfg}: {type(e).__name__}")
                 continue

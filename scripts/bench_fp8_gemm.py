@@ -13,6 +13,7 @@ import itertools
 
 import torch
 import torch.nn.functional as F
+from gpu_timing import time_ms
 
 from gridserve.layers import fused_ops
 from gridserve.layers.quantization import quantize_per_channel, quantize_per_token
@@ -25,20 +26,8 @@ SHAPES = {
 }
 
 
-def graph_us(fn, iters: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    g.replay()
-    start.record()
-    for _ in range(iters):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters * 1e3
+def graph_us(fn) -> float:
+    return time_ms(fn, graph=True, iters=20) * 1e3
 
 
 def sweep(weights: list, x: dict, scaled: bool) -> tuple:

@@ -14,28 +14,11 @@ import argparse
 import itertools
 
 import torch
+from gpu_timing import time_ms
 
 from gridserve.layers import fused_moe as fm
 from gridserve.layers.moe import moe_reference, select_experts
 from gridserve.layers.quantization import quantize_per_channel
-
-
-def time_ms(fn, graph: bool, iters: int = 30) -> float:
-    fn()
-    torch.cuda.synchronize()
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def copy_bandwidth() -> float:
