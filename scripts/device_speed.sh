@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # One lease on one GPU: issue 6's checks and benchmarks on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst gemm fp8 bigbs longctx sharedprefix; default all but hf)
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst gemm fp8 bigbs longctx sharedprefix; default all but hf)
 # Run from the repo root with .whl carried (see ../shared/device/wheels.sh). Results land in $OUT.
 set -u
 source scripts/device_env.sh
 STEPS=${1:-"check latency offline serving startup"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 has() { [[ " $STEPS " == *" $1 "* ]]; }
+if has imports; then  # where the front end's and a scheduler's start-up imports go on this image
+  python3 -X importtime -c "from gridserve.tokenizer import get_tokenizer; get_tokenizer('gridserve/configs/qwen3-0.6b')" \
+    2> $OUT/importtime_tokenizer.txt
+  python3 -X importtime -c "import gridserve.scheduler.run" 2> $OUT/importtime_scheduler.txt
+  for f in tokenizer scheduler; do echo "== $f"; sort -t'|' -k2 -n $OUT/importtime_$f.txt | tail -25 | cut -c1-110; done
+fi
 if has kernels; then  # the Triton kernels on the GPU against their references
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py \
     tests/test_triton_decode_attention.py tests/test_triton_extend_attention.py tests/test_race_kernel.py \
@@ -135,20 +141,21 @@ if has gemm; then  # issues 19 and 20: decode-sized linear layers (cuBLAS, Trito
   python3 scripts/bench_fp8_gemm.py --sweep 2>&1 | grep -v Warning | tee $OUT/fp8_gemm.txt
   python3 scripts/bench_moe_kernel.py --fp8 --batches 1,8,64,256 2>&1 | grep -v Warning | tee $OUT/moe_kernel_fp8.txt
 fi
-if has fp8; then  # issue 20: FP8 weights on the 8B and 30B-A3B shapes: batch-1 latency against bf16, agreement
-  for m in L M; do for q in "" "--quantization fp8"; do
-    $GS bench latency ${!m} $q --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
-      --output-json $OUT/latency_$m${q:+_fp8}.json 2>&1 | tee $OUT/latency_$m${q:+_fp8}.log | grep -E "TTFT|TPOT|floor|rror"
-  done; done
-  python3 scripts/greedy_agreement.py $Q --candidate quantization=fp8 --num-prompts 32 --output-len 32 \
-    --output-json $OUT/agreement_fp8.json > $OUT/agreement_fp8.log 2>&1; tail -4 $OUT/agreement_fp8.log
-fi
-if has longctx; then  # issue 20: the 8B shape with a 32,000-token prompt: decode kernel splits, then TTFT and TPOT
+if has longctx; then  # issue 20: the 8B shape with a 32,000-token prompt: the kernels, then TTFT and TPOT
+  python3 scripts/bench_extend_kernel.py --sweep 2>&1 | grep -v Warning | tee $OUT/extend_kernel_long.txt
   python3 scripts/bench_decode_kernel.py --heads 32 --kv-heads 8 --batches 1 --contexts 2048,32768 \
     --splits 16,32,64 --block-n 64 --warps 4 --stages 2 2>&1 | grep -v Warning | tee $OUT/decode_kernel_long.txt
   $GS bench latency ${L/--context-length 4096/--context-length 32768} --input-len 32000 --output-len 64 \
     --num-runs 2 --no-show-progress --output-json $OUT/latency_L_32k.json 2>&1 | tee $OUT/latency_L_32k.log \
     | grep -E "TTFT|TPOT|floor|rror"
+fi
+if has fp8; then  # issue 20: FP8 weights on the 8B and 30B-A3B shapes: batch-1 latency against bf16, agreement
+  for q in "--quantization fp8" ""; do for m in L M; do
+    $GS bench latency ${!m} $q --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
+      --output-json $OUT/latency_$m${q:+_fp8}.json 2>&1 | tee $OUT/latency_$m${q:+_fp8}.log | grep -E "TTFT|TPOT|floor|rror"
+  done; done
+  python3 scripts/greedy_agreement.py $Q --candidate quantization=fp8 --num-prompts 32 --output-len 32 \
+    --output-json $OUT/agreement_fp8.json > $OUT/agreement_fp8.log 2>&1; tail -4 $OUT/agreement_fp8.log
 fi
 if has sharedprefix; then  # issue 20: SGLang's shared-prefix dataset on the 8B shape, radix cache on and off
   for flag in "" "--disable-radix-cache"; do

@@ -269,8 +269,9 @@ def _decode_gemm_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
              mask=m_ok[:, None] & row_ok[None, :])
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the decode GEMM: a first guess, to be swept on the GPU
-W8A16_CONFIG = (16, 256, 4, 4)
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the decode GEMM: the fastest of scripts/bench_fp8_gemm.py --sweep on
+# an H100 (the 8B shapes at batch 1), for FP8 weights and for bf16 alike
+W8A16_CONFIG = (32, 512, 4, 4)
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
