@@ -8,7 +8,7 @@ STEPS=${1:-"check latency offline serving startup"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 if has imports; then  # where the front end's and a scheduler's start-up imports go on this image
-  python3 -X importtime -c "from gridserve.tokenizer import get_tokenizer; get_tokenizer('gridserve/configs/qwen3-0.6b')" \
+  python3 -X importtime -c "from gridserve.tokenizer import get_tokenizer; get_tokenizer('$TOK')" \
     2> $OUT/importtime_tokenizer.txt
   python3 -X importtime -c "import gridserve.scheduler.run" 2> $OUT/importtime_scheduler.txt
   for f in tokenizer scheduler; do echo "== $f"; sort -t'|' -k2 -n $OUT/importtime_$f.txt | tail -25 | cut -c1-110; done
