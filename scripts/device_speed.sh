@@ -150,7 +150,7 @@ if has longctx; then  # issue 20: the 8B shape with a 32,000-token prompt: the k
     | grep -E "TTFT|TPOT|floor|rror"
 fi
 if has fp8; then  # issue 20: FP8 weights on the 8B and 30B-A3B shapes: batch-1 latency against bf16, agreement
-  for q in "--quantization fp8" ""; do for m in L M; do
+  for q in "--quantization fp8" ""; do for m in ${FP8_MODELS:-L M}; do
     $GS bench latency ${!m} $q --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
       --output-json $OUT/latency_$m${q:+_fp8}.json 2>&1 | tee $OUT/latency_$m${q:+_fp8}.log | grep -E "TTFT|TPOT|floor|rror"
   done; done
