@@ -7,7 +7,7 @@ import functools
 import itertools
 
 import torch
-import triton
+from gpu_timing import time_ms
 
 from gridserve.attention.triton_ops.decode_attention import (
     LONG_KV_SPLITS,
@@ -51,7 +51,7 @@ def main() -> None:
             run = functools.partial(decode_attention, q, k, v, req_to_token, idx, seq_lens, 0.088, workspace=ws,
                                     block_n=bn, num_warps=w, num_stages=st)
             try:
-                ms = triton.testing.do_bench(run, warmup=5, rep=30)
+                ms = time_ms(run, graph=True)  # from a CUDA graph, as decode runs: no launch overhead
             except Exception as e:  # out of shared memory etc.: skip the setting
                 print(f"  skip splits={splits} block_n={bn} warps={w} stages={st}: {type(e).__name__}")
                 continue
@@ -63,8 +63,8 @@ def main() -> None:
                   f"splits={splits} block_n={bn} warps={w} stages={st}")
         # the server's workspace is sized for its largest graph batch: room for a small batch's long grid
         ws = DecodeWorkspace.allocate(max(bs, LONG_KV_SPLITS // MAX_KV_SPLITS), a.heads, a.head_dim, device=dev)
-        ms = triton.testing.do_bench(functools.partial(decode_attention, q, k, v, req_to_token, idx, seq_lens,
-                                                       0.088, workspace=ws), warmup=5, rep=30)
+        ms = time_ms(functools.partial(decode_attention, q, k, v, req_to_token, idx, seq_lens, 0.088, workspace=ws),
+                     graph=True)
         print(f"  defaults ({default_num_kv_splits(bs, a.kv_heads, dev)} splits): {moved / ms / 1e6:.0f} GB/s, "
               f"{ms * 1e3:.1f} us")
 
