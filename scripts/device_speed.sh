@@ -139,7 +139,7 @@ if has gemm; then  # issues 19 and 20: decode-sized linear layers (cuBLAS, Trito
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py tests/test_fused_ops.py \
     -k "cuda or quant or w8a16 or decode_linear" 2>&1 | tail -2
   python3 scripts/bench_fp8_gemm.py --sweep 2>&1 | grep -v Warning | tee $OUT/fp8_gemm.txt
-  python3 scripts/bench_moe_kernel.py --fp8 --batches 1,8,64,256 2>&1 | grep -v Warning | tee $OUT/moe_kernel_fp8.txt
+  python3 scripts/bench_moe_kernel.py --fp8 --sweep --batches 1,8,64,256 2>&1 | grep -v Warning | tee $OUT/moe_kernel_fp8.txt
 fi
 if has longctx; then  # issue 20: the 8B shape with a 32,000-token prompt: the kernels, then TTFT and TPOT
   python3 scripts/bench_extend_kernel.py --sweep 2>&1 | grep -v Warning | tee $OUT/extend_kernel_long.txt
