@@ -1,6 +1,7 @@
 """The FastTokenizer (tokenizers + jinja2, no transformers import) against transformers' own tokenizer, on the
-embedded SmolLM2 tokenizer (converted from the GGUF file) and on Qwen3's: the same ids, tokens, vocabulary,
-special tokens and chat prompts. And the folders it must leave to transformers."""
+embedded SmolLM2 tokenizer (converted from the GGUF file), on Qwen3's and on a Llama-3-style one whose
+post-processor adds BOS: the same ids, tokens, vocabulary, special tokens and chat prompts. And the folders it
+must leave to transformers."""
 
 import json
 import shutil
@@ -24,13 +25,34 @@ CHATS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["embedded", "qwen3"])
-def pair(request):
+def _bos_tokenizer(folder) -> str:
+    """A Llama-3-style folder: `PreTrainedTokenizerFast` whose tokenizer.json post-processor adds a BOS token,
+    byte-level BPE trained here on a few words, and a chat template that uses bos_token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog <|im_start|>"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    template = ("{% for m in messages %}{{ bos_token }}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+        "chat_template": template}))
+    return str(folder)
+
+
+@pytest.fixture(scope="module", params=["embedded", "qwen3", "bos"])
+def pair(request, tmp_path_factory):
     if request.param == "embedded":
         hf = get_transformers_tokenizer(default_model_path())  # converts the GGUF tokenizer once and caches it
         ours = get_tokenizer(default_model_path())
     else:
-        path = qwen_tokenizer_dir()
+        path = qwen_tokenizer_dir() if request.param == "qwen3" else _bos_tokenizer(tmp_path_factory.mktemp("t") / "b")
         hf, ours = get_transformers_tokenizer(path, path), get_tokenizer(path, path)
     assert isinstance(ours, FastTokenizer) and not ours.decode_only
     return ours, hf
