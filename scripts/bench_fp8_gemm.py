@@ -76,7 +76,7 @@ def main() -> None:
                 for n, s in shapes.items()}
         return bf16, {n: [quantize_per_channel(w) for w in ws] for n, ws in bf16.items()}
 
-    cfg8 = cfg16 = fused_ops.W8A16_CONFIG
+    cfg8 = cfg16 = fused_ops.DECODE_GEMM_CONFIG
     if a.sweep:
         bf16, fp8 = make(SHAPES[models[0]])
         x = xs(1, SHAPES[models[0]])

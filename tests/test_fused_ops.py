@@ -169,10 +169,10 @@ def test_per_token_quant_fp8(dtype, tokens, n):
 
 
 # The interpreter's tl.dot on bfloat16 operands is wrong (errors of 1e8 even with bf16 weights): bf16 on the GPU only
-W8A16_DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+DECODE_GEMM_DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
-@pytest.mark.parametrize("dtype", W8A16_DTYPES)
+@pytest.mark.parametrize("dtype", DECODE_GEMM_DTYPES)
 @pytest.mark.parametrize("m,n,k,bias", [(1, 40, 96, False), (5, 100, 300, True), (16, 64, 1024, True)])
 def test_w8a16_linear_widens_fp8_weights_in_the_kernel(dtype, m, n, k, bias):
     from gridserve.layers.quantization import quantize_per_channel
@@ -190,7 +190,7 @@ def test_w8a16_linear_widens_fp8_weights_in_the_kernel(dtype, m, n, k, bias):
         decode_linear(rand(17, k, dtype=dtype), q.to(DEVICE), scale.to(DEVICE))
 
 
-@pytest.mark.parametrize("dtype", W8A16_DTYPES)
+@pytest.mark.parametrize("dtype", DECODE_GEMM_DTYPES)
 @pytest.mark.parametrize("m,n,k,bias", [(1, 40, 96, False), (7, 100, 300, True)])
 def test_decode_linear_takes_weights_in_the_activations_dtype(dtype, m, n, k, bias):
     w, x = rand(n, k, dtype=dtype), rand(m, k, dtype=dtype)

@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 from gridserve.forward_batch import ForwardMode
 from gridserve.layers.linear import LinearBase
 from gridserve.layers.quantization import (
+    DECODE_GEMM_MAX_M,
     FP8,
-    W8A16_MAX_M,
     checkpoint_quantization,
     dequantize_fp8_checkpoint,
     fp8_linear,
@@ -196,7 +196,7 @@ def test_fp8_linear_on_cuda_computes_w8a16_for_decode_and_w8a8_beyond(tokens):
     w = torch.randn(1024, 4096, device="cuda", generator=g).bfloat16() / 64
     qw, scale = quantize_per_channel(w)
     got = fp8_linear(x, qw, scale)
-    if tokens <= W8A16_MAX_M:  # decode: the activations are not quantized (weight-only kernel)
+    if tokens <= DECODE_GEMM_MAX_M:  # decode: the activations are not quantized (weight-only kernel)
         want = x.double() @ (qw.double() * scale.double()[:, None]).T
     else:
         want = _simulated_fp8_linear(x, qw, scale)

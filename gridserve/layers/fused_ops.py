@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gridserve.layers.quantization import FP8, FP8_MAX, MIN_AMAX, W8A16_MAX_M
+from gridserve.layers.quantization import DECODE_GEMM_MAX_M, FP8, FP8_MAX, MIN_AMAX
 
 
 @triton.jit
@@ -271,28 +271,28 @@ def _decode_gemm_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the decode GEMM: the fastest of scripts/bench_fp8_gemm.py --sweep on
 # an H100 (the 8B shapes at batch 1), for FP8 weights and for bf16 alike
-W8A16_CONFIG = (32, 512, 4, 4)
+DECODE_GEMM_CONFIG = (32, 512, 4, 4)
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
                   bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """x (M <= W8A16_MAX_M, K) @ weight (N, K).T + bias, in x's dtype, in one kernel with no split over K: for
+    """x (M <= DECODE_GEMM_MAX_M, K) @ weight (N, K).T + bias, in x's dtype, in one kernel with no split over K: for
     decode, where reading the weights is the whole cost. An FP8 weight needs its per-row `weight_scale` and is
     widened in registers (W8A16: the activations are not quantized); otherwise the weight has x's dtype."""
     m, k = x.shape
-    if m > W8A16_MAX_M:
-        raise ValueError(f"decode_linear takes at most {W8A16_MAX_M} rows, got {m}")
+    if m > DECODE_GEMM_MAX_M:
+        raise ValueError(f"decode_linear takes at most {DECODE_GEMM_MAX_M} rows, got {m}")
     if (weight.dtype == FP8) != (weight_scale is not None):
         raise ValueError("an FP8 weight needs its weight_scale, and only an FP8 weight takes one")
     if x.stride(-1) != 1:
         x = x.contiguous()
     n = weight.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages = config or W8A16_CONFIG
+    block_n, block_k, warps, stages = config or DECODE_GEMM_CONFIG
     if m:
         _decode_gemm_kernel[(triton.cdiv(n, block_n),)](
             x, weight, weight_scale, bias, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-            HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=W8A16_MAX_M, BLOCK_N=block_n,
+            HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=DECODE_GEMM_MAX_M, BLOCK_N=block_n,
             BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps,
             num_stages=stages)
     return y

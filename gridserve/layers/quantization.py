@@ -2,7 +2,7 @@
 
 Weights get one scale per output channel (row), activations one per token, computed on the fly; on CUDA the product
 runs in `torch._scaled_mm`, which applies both scales and writes the activations' dtype (elsewhere the same
-arithmetic in float32, the reference the GPU tests compare it with). A decode batch of up to W8A16_MAX_M tokens
+arithmetic in float32, the reference the GPU tests compare it with). A decode batch of up to DECODE_GEMM_MAX_M tokens
 skips the activations' quantization on CUDA: one Triton kernel reads the FP8 weights and widens them in
 registers (W8A16), since at that size the weights' bytes are the whole cost. A bf16/fp16 checkpoint is
 quantized once after loading ("online"); a checkpoint already in FP8 (HF `quantization_config.quant_method:
@@ -25,7 +25,7 @@ from gridserve.layers.weight_utils import materialize
 FP8 = torch.float8_e4m3fn
 # Up to this many tokens (decode) CUDA skips the activations' quantization (fused_ops.decode_linear); it is also
 # the row tile of that kernel's tl.dot.
-W8A16_MAX_M = 16
+DECODE_GEMM_MAX_M = 16
 FP8_MAX = torch.finfo(FP8).max
 MIN_AMAX = 1e-12  # an all-zero row or token gets a tiny scale instead of a division by zero
 QUANTIZATIONS = ("fp8",)
@@ -52,7 +52,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """x @ (weight * weight_scale).T + bias, with x quantized per token; the result in x's dtype."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x.is_cuda and x2.shape[0] <= W8A16_MAX_M:  # decode: weight-only, one kernel that reads each byte once
+    if x.is_cuda and x2.shape[0] <= DECODE_GEMM_MAX_M:  # decode: weight-only, one kernel that reads each byte once
         from gridserve.layers.fused_ops import decode_linear
 
         return decode_linear(x2, weight, weight_scale, bias).view(*shape[:-1], weight.shape[0])
