@@ -71,12 +71,15 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
                                      **{**special_tokens, **kwargs})
 
 
-def pick_template(templates: str | list | dict | None) -> str | None:
-    """The default template of a tokenizer config's `chat_template`: a string, or named templates (a list of
-    {"name", "template"} in the config file, a dict once loaded) of which "default" is the one."""
+def pick_template(templates: str | list | dict | None, tools: list | None = None) -> str | None:
+    """The template of a tokenizer config's `chat_template` to render with: a string, or named templates (a list of
+    {"name", "template"} in the config file, a dict once loaded), of which "tool_use" when tools are given and it
+    exists, else "default"."""
     if isinstance(templates, list):
         templates = {t["name"]: t["template"] for t in templates}
     if isinstance(templates, dict):
+        if tools is not None and "tool_use" in templates:
+            return templates["tool_use"]
         if "default" not in templates:
             raise ValueError(f"this model has several chat templates and none named default: {sorted(templates)}")
         return templates["default"]

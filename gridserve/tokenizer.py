@@ -32,11 +32,10 @@ class FastTokenizer:
     clean_up_tokenization_spaces = False
 
     def __init__(self, backend, config: dict, chat_template: str | None = None, decode_only: bool = False):
-        from gridserve.chat_template import pick_template
-
         self.backend_tokenizer = backend
         self.decode_only = decode_only
-        self.chat_template = pick_template(chat_template or config.get("chat_template"))
+        # a string, or named templates (picked when a conversation is rendered, as transformers does)
+        self.chat_template = chat_template or config.get("chat_template")
         self.special_tokens_map = {k: v for k in SPECIAL_TOKENS if (v := _content(config.get(k))) is not None}
         for name, token in self.special_tokens_map.items():
             setattr(self, name, token)
@@ -95,11 +94,12 @@ class FastTokenizer:
 
     def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False,
                             **kwargs) -> str | list[int]:
-        from gridserve.chat_template import render_chat
+        from gridserve.chat_template import pick_template, render_chat
 
-        if self.chat_template is None:
+        template = pick_template(self.chat_template, kwargs.get("tools"))
+        if template is None:
             raise ValueError("this tokenizer has no chat template")
-        text = render_chat(self.chat_template, messages, add_generation_prompt, self.special_tokens_map, **kwargs)
+        text = render_chat(template, messages, add_generation_prompt, self.special_tokens_map, **kwargs)
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 

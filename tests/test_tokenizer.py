@@ -122,7 +122,14 @@ def test_template_helpers_and_errors_as_transformers_has_them(tmp_path):
 def test_named_chat_templates_pick_the_default(tmp_path):
     folder = _variant(tmp_path, chat_template=[{"name": "tool_use", "template": "T"},
                                                {"name": "default", "template": "D{{ messages[0].content }}"}])
-    assert get_tokenizer(folder, folder).apply_chat_template([{"role": "user", "content": "!"}]) == "D!"
+    ours = get_tokenizer(folder, folder)
+    hf = get_transformers_tokenizer(folder, folder)
+    for tools, want in ((None, "D!"), ([{"name": "f"}], "T")):
+        kw = dict(tools=tools, tokenize=False)
+        assert ours.apply_chat_template([{"role": "user", "content": "!"}], **kw) == want
+        assert hf.apply_chat_template([{"role": "user", "content": "!"}], **kw) == want
     folder = _variant(tmp_path / "b", chat_template=[{"name": "tool_use", "template": "T"}])
+    ours = get_tokenizer(folder, folder)  # loads (as transformers' does); only rendering needs a default
+    assert ours.encode("hi") == get_transformers_tokenizer(folder, folder).encode("hi")
     with pytest.raises(ValueError, match="none named default"):
-        get_tokenizer(folder, folder)
+        ours.apply_chat_template([{"role": "user", "content": "!"}])
