@@ -1,5 +1,7 @@
 """Triton kernels that fuse the elementwise work around the matmuls: RMSNorm (with the residual add), rotary
-embedding (alone, or after Qwen3's per-head q/k norms), SiLU-and-mul and FP8 per-token quantization.
+embedding (alone, or after Qwen3's per-head q/k norms; in decode it also stores K/V into the paged cache),
+SiLU-and-mul and FP8 per-token quantization; and the decode GEMM (`decode_linear`: a few rows, weights in bf16
+or FP8, one pass over the weights).
 
 Written in plain PyTorch these are 5-20 kernels each; a decode step of a 28-layer model launched ~2,000
 kernels of 1-2 us, which cost more than its matmuls (profile in docs/benchmarks.md). Each function here is one
