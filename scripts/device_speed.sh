@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One lease on one GPU: issue 6's checks and benchmarks on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst gemm fp8 bigbs longctx sharedprefix; default all but hf)
-# Run from the repo root with .whl carried (see ../shared/device/wheels.sh). Results land in $OUT.
+# One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst gemm fp8 bigbs longctx sharedprefix;
+#   default: check latency offline serving startup)
+# Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT.
 set -u
 source scripts/device_env.sh
 STEPS=${1:-"check latency offline serving startup"}

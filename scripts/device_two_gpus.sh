@@ -2,7 +2,7 @@
 # One lease on two GPUs of one host (issue 21): data, tensor, pipeline and expert parallelism against one GPU,
 # on random weights in real shapes, with a table at the end ($OUT/table_two_gpus.md).
 #   usage: scripts/device_two_gpus.sh [STEPS]   (any of: layouts allreduce dp moe; default all)
-# Run from the repo root with .whl carried (see ../shared/device/wheels.sh). Results land in $OUT.
+# Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT.
 set -u
 # NVLink multicast stays off: a program that uses it can take the host's GPUs out of service (the device tool's
 # KINDS.md). These are the image's defaults; set again here so no child process can start without them.
