@@ -37,13 +37,10 @@ class FastTokenizer:
         # a string, or named templates (picked when a conversation is rendered, as transformers does)
         self.chat_template = chat_template or config.get("chat_template")
         self.special_tokens_map = {k: v for k in SPECIAL_TOKENS if (v := _content(config.get(k))) is not None}
-        for name, token in self.special_tokens_map.items():
+        for name in SPECIAL_TOKENS:  # bos_token, bos_token_id, ...: None where the config names none
+            token = self.special_tokens_map.get(name)
             setattr(self, name, token)
-            setattr(self, f"{name}_id", backend.token_to_id(token))
-        for name in SPECIAL_TOKENS:
-            if name not in self.special_tokens_map:
-                setattr(self, name, None)
-                setattr(self, f"{name}_id", None)
+            setattr(self, f"{name}_id", None if token is None else backend.token_to_id(token))
         extra = [_content(t) for t in config.get("additional_special_tokens") or []]
         ids = (backend.token_to_id(t) for t in [*self.special_tokens_map.values(), *extra])
         self.all_special_ids = sorted({i for i in ids if i is not None})
@@ -63,7 +60,7 @@ class FastTokenizer:
             return None
         template_file = os.path.join(folder, "chat_template.jinja")  # where newer transformers save it
         template = None
-        if os.path.isfile(template_file):
+        if not decode_only and os.path.isfile(template_file):  # decoding never renders a conversation
             with open(template_file) as f:
                 template = f.read()
         from tokenizers import Tokenizer
