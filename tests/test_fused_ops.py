@@ -10,7 +10,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from gridserve.layers.activation import SiluAndMul  # noqa: E402
+from gridserve.layers import activation  # noqa: E402
 from gridserve.layers.fused_ops import (  # noqa: E402
     decode_linear,
     per_token_quant_fp8,
@@ -142,7 +142,7 @@ def test_rotary_also_stores_k_and_v_into_the_paged_cache(dtype, qk_norm):
 @pytest.mark.parametrize("tokens,inter", [(1, 64), (3, 96), (2, 1500)])  # 1500 spans two column blocks
 def test_silu_and_mul(dtype, tokens, inter):
     x = rand(tokens, 2 * inter, dtype=dtype)
-    torch.testing.assert_close(silu_and_mul(x).cpu(), SiluAndMul()(x.cpu()), **TOL[dtype])
+    torch.testing.assert_close(silu_and_mul(x).cpu(), activation.silu_and_mul(x.cpu()), **TOL[dtype])
 
 
 def test_empty_batches():
@@ -201,3 +201,40 @@ def test_decode_linear_takes_weights_in_the_activations_dtype(dtype, m, n, k, bi
     torch.testing.assert_close(got.float(), want, **tol)
     with pytest.raises(ValueError, match="only an FP8 weight"):
         decode_linear(x, w, torch.ones(n, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DECODE_GEMM_DTYPES)
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (6, 72, 600)])  # 600 ends mid-block: the up half's mask
+def test_decode_linear_with_a_gated_input_is_silu_and_mul_then_the_product(dtype, fp8, m, n, k):
+    from gridserve.layers.quantization import quantize_per_channel
+
+    x = rand(m, 2 * k, dtype=dtype)
+    w = torch.randn(n, k) / 8
+    if fp8:
+        q, scale = quantize_per_channel(w)
+        got = decode_linear(x, q.to(DEVICE), scale.to(DEVICE), gated=True, config=(16, 64, 4, 2))
+        w = q.float() * scale[:, None]
+    else:
+        got = decode_linear(x, w.to(dtype).to(DEVICE), gated=True, config=(16, 64, 4, 2))
+        w = w.to(dtype).float()
+    want = activation.silu_and_mul(x.cpu()).float() @ w.T  # the activation rounded to x's dtype, as unfused
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[dtype]
+    assert got.shape == (m, n)
+    torch.testing.assert_close(got.float().cpu(), want, **tol)
+    with pytest.raises(ValueError, match="input width"):
+        decode_linear(x, w.to(dtype).to(DEVICE))  # x's full width is not the weight's
+
+
+@pytest.mark.parametrize("rows,k,gated", [(1, 96, True), (3, 4096, False), (1, 64, False), (20, 96, True)])
+def test_apply_linear_equals_the_unfused_product_on_every_path(rows, k, gated):
+    """On CUDA the first two cases run the decode GEMM (gated; K >= DECODE_GEMM_MIN_K), the last two cuBLAS; on
+    CPU all run in torch."""
+    from gridserve.layers.linear import apply_linear
+
+    x = rand(2, rows, 2 * k if gated else k, dtype=torch.float32)  # (batch, tokens, features): any leading shape
+    w, b = rand(24, k, dtype=torch.float32), rand(24, dtype=torch.float32)
+    want = torch.nn.functional.linear(activation.silu_and_mul(x.cpu()) if gated else x.cpu(), w.cpu(), b.cpu())
+    got = apply_linear(x, w, None, b, gated=gated)
+    assert got.shape == (2, rows, 24)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)

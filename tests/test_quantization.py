@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gridserve.forward_batch import ForwardMode
-from gridserve.layers.linear import LinearBase
+from gridserve.layers.linear import LinearBase, apply_linear
 from gridserve.layers.quantization import (
     DECODE_GEMM_MAX_M,
     FP8,
@@ -190,12 +190,12 @@ def test_unsupported_quantizations_are_clear_start_up_errors(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._scaled_mm on the GPU")
 @pytest.mark.parametrize("tokens", [1, 5, 64, 300])
-def test_fp8_linear_on_cuda_computes_w8a16_for_decode_and_w8a8_beyond(tokens):
+def test_fp8_linears_on_cuda_compute_w8a16_for_decode_and_w8a8_beyond(tokens):
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(tokens, 4096, device="cuda", generator=g).bfloat16()
     w = torch.randn(1024, 4096, device="cuda", generator=g).bfloat16() / 64
     qw, scale = quantize_per_channel(w)
-    got = fp8_linear(x, qw, scale)
+    got = apply_linear(x, qw, scale)
     if tokens <= DECODE_GEMM_MAX_M:  # decode: the activations are not quantized (weight-only kernel)
         want = x.double() @ (qw.double() * scale.double()[:, None]).T
     else:

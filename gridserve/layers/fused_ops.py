@@ -245,9 +245,10 @@ def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @triton.jit
 def _decode_gemm_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_SCALE: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
-    """Y[:, n-tile] = (X @ W[n-tile].T) (* S[n-tile]) (+ B): W in X's dtype, or FP8 widened to it in registers."""
+                        HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Y[:, n-tile] = (X @ W[n-tile].T) (* S[n-tile]) (+ B): W in X's dtype, or FP8 widened to it in registers.
+    GATED: X is [gate | up] (M, 2K) and the product takes silu(gate) * up, rounded as silu_and_mul rounds it."""
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -257,7 +258,13 @@ def _decode_gemm_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        x = tl.load(X + ms[:, None] * stride_xm + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        x_ptrs = X + ms[:, None] * stride_xm + ks[None, :]
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if GATED:
+            gate = x.to(tl.float32)
+            up = tl.load(x_ptrs + K, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(x.dtype).to(tl.float32)
+            x = (act * up).to(x.dtype)
         w = tl.load(W + rows[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0)
         if HAS_SCALE:
@@ -277,13 +284,20 @@ DECODE_GEMM_CONFIG = (32, 512, 4, 4)
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
+                  gated: bool = False) -> torch.Tensor:
     """x (M <= DECODE_GEMM_MAX_M, K) @ weight (N, K).T + bias, in x's dtype, in one kernel with no split over K: for
     decode, where reading the weights is the whole cost. An FP8 weight needs its per-row `weight_scale` and is
-    widened in registers (W8A16: the activations are not quantized); otherwise the weight has x's dtype."""
+    widened in registers (W8A16: the activations are not quantized); otherwise the weight has x's dtype.
+    gated: x is [gate | up] (M, 2K) and the input is silu_and_mul(x), computed as it loads (one kernel fewer)."""
     m, k = x.shape
+    if gated:
+        k //= 2
     if m > DECODE_GEMM_MAX_M:
         raise ValueError(f"decode_linear takes at most {DECODE_GEMM_MAX_M} rows, got {m}")
+    if weight.shape[1] != k:
+        gated_note = " (half the gated input)" if gated else ""
+        raise ValueError(f"decode_linear: input width {k}{gated_note} != the weight's {weight.shape[1]} columns")
     if (weight.dtype == FP8) != (weight_scale is not None):
         raise ValueError("an FP8 weight needs its weight_scale, and only an FP8 weight takes one")
     if x.stride(-1) != 1:
@@ -294,7 +308,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
     if m:
         _decode_gemm_kernel[(triton.cdiv(n, block_n),)](
             x, weight, weight_scale, bias, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-            HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=DECODE_GEMM_MAX_M, BLOCK_N=block_n,
-            BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps,
-            num_stages=stages)
+            HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, GATED=gated, BLOCK_M=DECODE_GEMM_MAX_M,
+            BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=warps, num_stages=stages)
     return y

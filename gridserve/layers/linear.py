@@ -6,6 +6,8 @@ LazyTensor: narrow() then reads only this rank's slice from disk.
 
 With `--quantization fp8` the weight becomes FP8 with a `weight_scale` per row after loading
 (layers/quantization.py); a layer that must stay exact sets `quantizable = False`.
+
+`apply_linear` is the one place that picks the kernel for a product.
 """
 
 import torch
@@ -13,8 +15,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from gridserve.distributed.parallel_state import get_tp_group
-from gridserve.layers.quantization import fp8_linear
+from gridserve.layers.activation import silu_and_mul
+from gridserve.layers.quantization import DECODE_GEMM_MAX_M, fp8_linear
 from gridserve.layers.weight_utils import materialize
+
+# A decode-sized product on bf16 weights goes to the Triton decode GEMM from this reduction width: on an H100 it beat
+# cuBLAS by 2-9% on every shape with K >= 4,096 (cuBLAS splits K there) and lost or tied on narrower ones
+# (scripts/bench_fp8_gemm.py, docs/benchmarks.md).
+DECODE_GEMM_MIN_K = 4096
+
+
+def apply_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """x @ weight.T (+ bias); weight_scale: the weight is FP8 with a scale per row. gated: x is [gate | up] and
+    the product takes silu(gate) * up. Up to DECODE_GEMM_MAX_M rows on CUDA, one Triton kernel reads the weights
+    once (fused_ops.decode_linear) where it is the faster choice: FP8 weights (no activation quantization), a
+    gated input (the SiLU-and-mul in the same kernel), or a reduction of DECODE_GEMM_MIN_K or more."""
+    rows = x.numel() // x.shape[-1]
+    k = x.shape[-1] // 2 if gated else x.shape[-1]
+    if x.is_cuda and rows <= DECODE_GEMM_MAX_M and (weight_scale is not None or gated or k >= DECODE_GEMM_MIN_K):
+        from gridserve.layers.fused_ops import decode_linear
+
+        y = decode_linear(x.reshape(rows, x.shape[-1]), weight, weight_scale, bias, gated=gated)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    if gated:
+        x = silu_and_mul(x)
+    if weight_scale is None:
+        return F.linear(x, weight, bias)
+    return fp8_linear(x, weight, weight_scale, bias)
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -42,11 +70,9 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         raise NotImplementedError
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x @ weight.T (+ bias): in FP8 once the weight has been quantized."""
-        if self.weight_scale is None:
-            return F.linear(x, self.weight, bias)
-        return fp8_linear(x, self.weight, self.weight_scale, bias)
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
+        """x @ weight.T (+ bias): in FP8 once the weight has been quantized; `apply_linear` says what gated means."""
+        return apply_linear(x, self.weight, self.weight_scale, bias, gated)
 
 
 class ReplicatedLinear(LinearBase):
@@ -138,8 +164,8 @@ class RowParallelLinear(LinearBase):
         cols = param.shape[1]
         param.data.copy_(loaded.narrow(1, self.tp.rank * cols, cols))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x, None)
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        y = self.matmul(x, None, gated)
         if self.reduce_results:
             y = self.tp.all_reduce(y)
         if self.bias is not None:

@@ -1,10 +1,10 @@
 """The gated MLP of the decoder family, down(silu(gate(x)) * up(x)), with gate and up in one column-parallel
-matrix and down row-parallel."""
+matrix and down row-parallel. The SiLU-and-mul is the down projection's gated input: at decode sizes on CUDA it is
+computed inside the down GEMM (layers/linear.py)."""
 
 import torch
 from torch import nn
 
-from gridserve.layers.activation import SiluAndMul
 from gridserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
 
@@ -16,7 +16,6 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, reduce_results=reduce_results)
-        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x), gated=True)

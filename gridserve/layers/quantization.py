@@ -3,8 +3,8 @@
 Weights get one scale per output channel (row), activations one per token, computed on the fly; on CUDA the product
 runs in `torch._scaled_mm`, which applies both scales and writes the activations' dtype (elsewhere the same
 arithmetic in float32, the reference the GPU tests compare it with). A decode batch of up to DECODE_GEMM_MAX_M tokens
-skips the activations' quantization on CUDA: one Triton kernel reads the FP8 weights and widens them in
-registers (W8A16), since at that size the weights' bytes are the whole cost. A bf16/fp16 checkpoint is
+skips the activations' quantization on CUDA (layers/linear.apply_linear): one Triton kernel reads the FP8 weights and
+widens them in registers (W8A16), since at that size the weights' bytes are the whole cost. A bf16/fp16 checkpoint is
 quantized once after loading ("online"); a checkpoint already in FP8 (HF `quantization_config.quant_method:
 fp8`, blocks of 128 x 128 with `weight_scale_inv`) is dequantized block by block as it loads, then quantized
 per channel the same way (a second rounding, within FP8's own error; a block-scaled GEMM would keep the
@@ -23,8 +23,8 @@ from torch import nn
 from gridserve.layers.weight_utils import materialize
 
 FP8 = torch.float8_e4m3fn
-# Up to this many tokens (decode) CUDA skips the activations' quantization (fused_ops.decode_linear); it is also
-# the row tile of that kernel's tl.dot.
+# Up to this many tokens (decode) a product on CUDA may run in the decode GEMM (fused_ops.decode_linear, picked by
+# linear.apply_linear), which skips the activations' quantization; it is also the row tile of that kernel's tl.dot.
 DECODE_GEMM_MAX_M = 16
 FP8_MAX = torch.finfo(FP8).max
 MIN_AMAX = 1e-12  # an all-zero row or token gets a tiny scale instead of a division by zero
@@ -52,10 +52,6 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """x @ (weight * weight_scale).T + bias, with x quantized per token; the result in x's dtype."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x.is_cuda and x2.shape[0] <= DECODE_GEMM_MAX_M:  # decode: weight-only, one kernel that reads each byte once
-        from gridserve.layers.fused_ops import decode_linear
-
-        return decode_linear(x2, weight, weight_scale, bias).view(*shape[:-1], weight.shape[0])
     q, x_scale = quantize_per_token(x2)
     if x.is_cuda:
         y = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), bias=bias,
