@@ -11,3 +11,11 @@ Q="--model gridserve/configs/qwen3-0.6b --load-format dummy --tokenizer-path $TO
 L="--model gridserve/configs/llama-3.1-8b --load-format dummy --tokenizer-path $TOK --context-length 4096"
 M="--model gridserve/configs/qwen3-30b-a3b --load-format dummy --tokenizer-path $TOK --context-length 4096"
 GS="python3 -m gridserve.cli"
+# Only 8 files come back from a lease: the scripts write into a scratch folder ($OUT from here on) that `bundle` packs
+# into results.tgz in the lease's own $OUT, after each step and at exit, so a lease cut short still returns what its
+# finished steps wrote. A script started by another keeps its caller's folder.
+if [ -z "${RESULTS:-}" ]; then
+  export RESULTS=$OUT OUT=$(mktemp -d)
+  trap bundle EXIT
+fi
+bundle() { tar -C $OUT -czf $RESULTS/results.tgz . 2>/dev/null; }

@@ -3,7 +3,7 @@
 # tp=1 on one GPU of the same machine: greedy agreement, batch-1 latency, offline throughput (with the first
 # stage's idle fraction for pp > 1), and a table of all of it at the end.
 #   usage: scripts/device_layouts.sh "1x1 2x1 1x2 2x2"    (TPxPP; 1x1 is the baseline the others compare to)
-# Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT.
+# Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
 source scripts/device_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv

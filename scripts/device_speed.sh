@@ -2,12 +2,12 @@
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
 #   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst gemm fp8 bigbs longctx sharedprefix;
 #   default: check latency offline serving startup)
-# Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT.
+# Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
 source scripts/device_env.sh
 STEPS=${1:-"check latency offline serving startup"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-has() { [[ " $STEPS " == *" $1 "* ]]; }
+has() { bundle; [[ " $STEPS " == *" $1 "* ]]; }  # packs what the steps before wrote
 if has imports; then  # where the front end's and a scheduler's start-up imports go on this image
   python3 -X importtime -c "from gridserve.tokenizer import get_tokenizer; get_tokenizer('$TOK')" \
     2> $OUT/importtime_tokenizer.txt

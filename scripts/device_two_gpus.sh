@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One lease on two GPUs of one host (issue 21): data, tensor, pipeline and expert parallelism against one GPU,
-# on random weights in real shapes, with a table at the end ($OUT/table_two_gpus.md).
+# on random weights in real shapes, with a table at the end (table_two_gpus.md in the results).
 #   usage: scripts/device_two_gpus.sh [STEPS]   (any of: layouts allreduce dp moe; default all)
-# Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT.
+# Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
 # NVLink multicast stays off: a program that uses it can take the host's GPUs out of service (the device tool's
 # KINDS.md). These are the image's defaults; set again here so no child process can start without them.
@@ -10,7 +10,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 source scripts/device_env.sh
 STEPS=${1:-"layouts allreduce dp moe"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-has() { [[ " $STEPS " == *" $1 "* ]]; }
+has() { bundle; [[ " $STEPS " == *" $1 "* ]]; }  # packs what the steps before wrote
 if has layouts; then  # tp 2 and pp 2 on the 8B shape against tp 1: latency, offline, stage 0 idle fraction
   bash scripts/device_layouts.sh "1x1 2x1 1x2"
   # the issue's agreement measure: the same first 32 tokens, tp 2 against tp 1 (bf16)
