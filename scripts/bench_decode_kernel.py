@@ -63,10 +63,11 @@ def main() -> None:
                   f"splits={splits} block_n={bn} warps={w} stages={st}")
         # the server's workspace is sized for its largest graph batch: room for a small batch's long grid
         ws = DecodeWorkspace.allocate(max(bs, LONG_KV_SPLITS // MAX_KV_SPLITS), a.heads, a.head_dim, device=dev)
-        ms = time_ms(functools.partial(decode_attention, q, k, v, req_to_token, idx, seq_lens, 0.088, workspace=ws),
-                     graph=True)
-        print(f"  defaults ({default_num_kv_splits(bs, a.kv_heads, dev)} splits): {moved / ms / 1e6:.0f} GB/s, "
-              f"{ms * 1e3:.1f} us")
+        for merge in (True, False):  # the merge in stage 1's last program (the default), or in a second kernel
+            ms = time_ms(functools.partial(decode_attention, q, k, v, req_to_token, idx, seq_lens, 0.088,
+                                           workspace=ws, merge_in_stage1=merge), graph=True)
+            print(f"  defaults ({default_num_kv_splits(bs, a.kv_heads, dev)} splits, "
+                  f"{'one kernel' if merge else 'two kernels'}): {moved / ms / 1e6:.0f} GB/s, {ms * 1e3:.1f} us")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Triton paged decode attention vs a plain-PyTorch reference (runs on CPU under TRITON_INTERPRET=1)."""
 
+import importlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -12,6 +13,8 @@ pytest.importorskip("triton")
 from gridserve.attention.triton_ops import DecodeWorkspace, decode_attention  # noqa: E402
 from tests.paged_kv import make_paged_kv  # noqa: E402
 
+# the module (the package's name decode_attention is the function)
+decode_module = importlib.import_module("gridserve.attention.triton_ops.decode_attention")
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available() else "cpu"
 
 
@@ -43,28 +46,35 @@ SHAPES = [
     ([33, 1, 100, 7, 64], 8, 1, 128),
     ([50, 1, 9], 4, 4, 80),
     ([2, 70, 1], 8, 8, 128),
+    ([3, 40], 6, 2, 64),  # a group of 3: the one-kernel merge pads it to 4 heads
 ]
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+# merge_in_stage1 True: one kernel (the default); False: the two-stage path, in fp32 only to keep the suite short
+PATHS = [(torch.float32, 1e-4, True), (torch.bfloat16, 2e-2, True), (torch.float32, 1e-4, False)]
+
+
+@pytest.mark.parametrize("dtype,atol,merge_in_stage1", PATHS)
 @pytest.mark.parametrize("lens,num_heads,num_kv_heads,head_dim", SHAPES)
-def test_matches_reference(lens, num_heads, num_kv_heads, head_dim, dtype, atol):
+def test_matches_reference(lens, num_heads, num_kv_heads, head_dim, dtype, atol, merge_in_stage1):
     q, k, v, r2t, rpi, sl = make_case(lens, num_heads, num_kv_heads, head_dim, dtype)
     scale = head_dim**-0.5
     out = torch.full((len(lens), num_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
-    res = decode_attention(q, k, v, r2t, rpi, sl, scale, num_kv_splits=4, out=out)
+    res = decode_attention(q, k, v, r2t, rpi, sl, scale, num_kv_splits=4, out=out, merge_in_stage1=merge_in_stage1)
     assert res is out and res.dtype == dtype
     assert torch.isfinite(out).all(), "output not fully written or poisoned KV leaked"
     ref = reference(q, k, v, r2t, rpi, sl, scale)
     torch.testing.assert_close(out.float().cpu(), ref, atol=atol, rtol=atol)
 
 
+@pytest.mark.parametrize("merge_in_stage1", [True, False])
 @pytest.mark.parametrize("num_kv_splits", [1, 3, 16])
-def test_split_counts_and_huge_poison(num_kv_splits):
+def test_split_counts_and_huge_poison(num_kv_splits, merge_in_stage1):
     # more splits than keys for short requests (empty splits), a split count that is not a power of two
     lens = [1, 3, 40]
     q, k, v, r2t, rpi, sl = make_case(lens, 8, 2, 64, torch.float32, seed=1, poison=1e30)
-    out = decode_attention(q, k, v, r2t, rpi, sl, 0.125, num_kv_splits=num_kv_splits, block_n=16)
+    out = decode_attention(q, k, v, r2t, rpi, sl, 0.125, num_kv_splits=num_kv_splits, block_n=16,
+                           merge_in_stage1=merge_in_stage1)
     ref = reference(q, k, v, r2t, rpi, sl, 0.125)
     torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
 
@@ -84,6 +94,7 @@ def test_a_long_grid_splits_only_long_contexts_finely():
         out = decode_attention(q[one], k, v, r2t, rpi[one], sl[one], 0.125, num_kv_splits=64, workspace=ws)
         torch.testing.assert_close(out.cpu(), reference(q[one], k, v, r2t, rpi[one], sl[one], 0.125),
                                    atol=1e-4, rtol=1e-4)
+        assert not ws.counters.any()
         used = torch.isfinite(ws.views(1, 64)[1][0, 0]).sum().item()
         assert used == min(64, -(-lens[i] // max(-(-lens[i] // 64), min(MIN_SPLIT_LEN, -(-lens[i] // 16)))))
     assert used == 64
@@ -96,19 +107,55 @@ def test_fp16_and_workspace_reuse():
         ws.attn_out.fill_(float("nan"))
         ws.attn_lse.fill_(float("nan"))
         out = decode_attention(q, k, v, r2t, rpi, sl, 0.125, workspace=ws)
+        assert not ws.counters.any()
         assert out.dtype == torch.float16 and torch.isfinite(out).all()
         torch.testing.assert_close(out.float().cpu(), reference(q, k, v, r2t, rpi, sl, 0.125), atol=2e-2, rtol=2e-2)
 
 
-def test_value_head_dim_differs_and_zero_length_row():
+@pytest.mark.parametrize("merge_in_stage1", [True, False])
+def test_value_head_dim_differs_and_zero_length_row(merge_in_stage1):
     # head_dim_v != head_dim; a seq_len 0 row (padded CUDA-graph batch) gives zeros, not NaN
     q, k, v, r2t, rpi, sl = make_case([4, 20], 4, 2, 32, torch.float32, seed=3, head_dim_v=48)
     sl = sl.clone()
     sl[0] = 0
-    out = decode_attention(q, k, v, r2t, rpi, sl, 0.2, num_kv_splits=2)
+    out = decode_attention(q, k, v, r2t, rpi, sl, 0.2, num_kv_splits=2, merge_in_stage1=merge_in_stage1)
     assert out.shape == (2, 4, 48)
     assert torch.equal(out[0].cpu(), torch.zeros(4, 48))
     torch.testing.assert_close(out[1:].cpu(), reference(q[1:], k, v, r2t, rpi[1:], sl[1:], 0.2), atol=1e-4, rtol=1e-4)
+
+
+def test_one_kernel_calls_in_a_row_share_the_workspace(monkeypatch):
+    """The one-kernel path called again and again on one workspace, as the layers of a decode step and CUDA-graph
+    replays do: batches of 1 to 4, seq_len 0 rows, up to 64 splits, GQA group 4, head_dim 128. Each result is
+    right and every arrival counter is back at zero after each call. A MIN_SPLIT_LEN of 4 lets contexts of a few
+    hundred keys use most of a long grid's 64 splits (with the real 256 that takes 16K keys: slow here)."""
+    monkeypatch.setattr(decode_module, "MIN_SPLIT_LEN", 4)
+    ws = DecodeWorkspace.allocate(max_bs=4, num_heads=8, head_dim_v=128, device=DEVICE, num_kv_heads=2)
+    assert ws.counters.dtype == torch.int32 and ws.counters.numel() == 8 and not ws.counters.any()
+    calls = [  # (lens, splits, dtype, merge_in_stage1)
+        ([256], 64, torch.float32, True),  # 64 non-empty splits of 4 keys
+        ([0, 37, 5], 21, torch.bfloat16, True),  # a split count that is not a power of two
+        ([3, 0, 150, 1], 16, torch.float32, True),
+        ([0, 90], 8, torch.float32, False),  # the two-stage path on the same workspace in between
+        ([150, 0], 32, torch.bfloat16, True),
+    ]
+    for seed, (lens, splits, dtype, merge) in enumerate(calls):
+        q, k, v, r2t, rpi, sl = make_case(lens, 8, 2, 128, dtype, seed=seed)
+        ws.attn_out.fill_(float("nan"))  # nothing stale is read
+        ws.attn_lse.fill_(float("nan"))
+        out = decode_attention(q, k, v, r2t, rpi, sl, 128**-0.5, num_kv_splits=splits, workspace=ws,
+                               merge_in_stage1=merge)
+        assert not ws.counters.any(), f"call {seed}: counters {ws.counters.tolist()}"
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        ref = reference(q, k, v, r2t, rpi, sl, 128**-0.5)
+        ref[sl.cpu() == 0] = 0.0
+        torch.testing.assert_close(out.float().cpu(), ref, atol=tol, rtol=tol)
+        assert torch.equal(out[sl == 0].float().cpu(), torch.zeros_like(ref[sl.cpu() == 0]))
+
+    # a workspace with counters for fewer KV heads serves only the two-stage path
+    small = DecodeWorkspace.allocate(max_bs=1, num_heads=8, head_dim_v=128, device=DEVICE, num_kv_heads=1)
+    with pytest.raises(ValueError, match="too small"):
+        decode_attention(q, k, v, r2t, rpi, sl, 0.1, num_kv_splits=4, workspace=small)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3-yarn"])

@@ -1,4 +1,4 @@
-"""Paged decode attention in Triton (split-KV, two stages).
+"""Paged decode attention in Triton (split-KV; one kernel, or two).
 
 Stage 1, grid (B, num_kv_heads, num_kv_splits): a program owns one KV head of one request and one split of its
 KV length. It handles every query head of that KV head's GQA group at once (the group is padded to a power of
@@ -6,8 +6,14 @@ two >= 16 so scores come from ``tl.dot``), walks its split in BLOCK_N blocks of 
 ``req_to_token``, loads each K/V row once, and keeps an online softmax (running max and sum in fp32). It writes
 the normalised partial output and its log-sum-exp to fp32 scratch; an empty split writes lse = -inf.
 
-Stage 2, grid (B, num_heads): merges the splits of one (request, head) by their LSEs into the output, in the
-output's dtype.
+The merge weighs the splits of one (request, head) by their LSEs into the output, in the output's dtype (no
+split with keys, as for a padded row of seq_len 0: zeros). By default stage 1 does it itself: after its stores
+every program adds 1 to a per-(request, KV head) counter in the workspace (an acq_rel atomic at GPU scope), and
+the one whose add is the NUM_SPLITS-th, the last, merges that KV head's group (reading the partials from L2) and
+sets the counter back to 0 for the next call or CUDA-graph replay. This saves the second launch: in a CUDA graph
+on an H100, 0.5-1 us of a batch-1 call's 7-20 us, and 2-4% at batch 64 (scripts/bench_decode_kernel.py), in every
+layer of a decode step. Stage 2, grid (B, num_heads), runs the same merge as a kernel of its own
+(``merge_in_stage1=False``).
 
 The scratch buffers can be allocated once for a maximum batch (``DecodeWorkspace``) and passed on every call,
 so a CUDA graph can capture the kernels with static buffers.
@@ -25,11 +31,62 @@ import triton.language as tl
 from gridserve.attention.triton_ops.common import check_paged_inputs
 
 
+@triton.jit
+def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BASE_SPLITS: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr):
+    # BASE_SPLITS splits up to BASE_SPLITS * MIN_SPLIT_LEN keys; beyond, up to NUM_SPLITS of at least
+    # MIN_SPLIT_LEN: a short context is not cut into many tiny splits when the grid has room for a long one
+    return tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), tl.minimum(MIN_SPLIT_LEN, tl.cdiv(seq_len, BASE_SPLITS)))
+
+
+@triton.jit
+def _merge_splits(
+    AttnOut, AttnLse, Out,  # pointers at one request
+    heads, mask_g,  # the query heads to merge, (BLOCK_G,)
+    seq_len,
+    stride_oh, stride_os, stride_lh, stride_outh,
+    NUM_SPLITS: tl.constexpr,
+    BASE_SPLITS: tl.constexpr,
+    MIN_SPLIT_LEN: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    CHUNK_S: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    CACHE: tl.constexpr,  # the loads' cache modifier
+):
+    """Weighs the splits of each head by their LSEs. Only the first n splits have keys (stage 1 wrote their
+    partial outputs and finite LSEs), so LSEs and partials load together, CHUNK_S splits of every head at a time,
+    and the chunks merge as an online softmax does; no split with keys (seq_len 0): zeros."""
+    n = tl.cdiv(seq_len, tl.maximum(_split_len(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN), 1))  # 0 if empty
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_dv = offs_dv < HEAD_DIM_V
+    m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    denom = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
+    for s0 in range(0, n, CHUNK_S):
+        offs_s = s0 + tl.arange(0, CHUNK_S)
+        mask = mask_g[:, None] & (offs_s < n)[None, :]
+        lse = tl.load(AttnLse + heads[:, None] * stride_lh + offs_s[None, :], mask=mask, other=float("-inf"),
+                      cache_modifier=CACHE)  # (BLOCK_G, CHUNK_S)
+        parts = tl.load(AttnOut + heads[:, None, None] * stride_oh + offs_s[None, :, None] * stride_os
+                        + offs_dv[None, None, :], mask=mask[:, :, None] & mask_dv[None, None, :], other=0.0,
+                        cache_modifier=CACHE)  # (BLOCK_G, CHUNK_S, BLOCK_DV)
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a padding head (mask_g false) has no LSE
+        w = tl.exp(lse - m_new[:, None])  # masked: exp(-inf) = 0
+        alpha = tl.exp(m - m_new)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * parts, 1)
+        denom = denom * alpha + tl.sum(w, 1)
+        m = m_new
+    out = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
+    tl.store(Out + heads[:, None] * stride_outh + offs_dv[None, :], out.to(Out.dtype.element_ty),
+             mask=mask_g[:, None] & mask_dv[None, :])
+
+
 # Per-request index tensors are slices of one host-to-device copy, so their 16-byte alignment changes with the
 # batch; specialising on it compiled new kernel variants in the middle of a run (seen in bench offline).
 @triton.jit(do_not_specialize_on_alignment=["ReqPoolIdx", "SeqLens"])
 def _decode_stage1(
-    Q, K, V, ReqToToken, ReqPoolIdx, SeqLens, AttnOut, AttnLse,
+    Q, K, V, ReqToToken, ReqPoolIdx, SeqLens, AttnOut, AttnLse, Out, Counters,
     sm_scale,
     stride_qb, stride_qh,
     stride_kt, stride_kh,
@@ -37,6 +94,8 @@ def _decode_stage1(
     stride_rt,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
+    stride_outb, stride_outh,
+    stride_cb,
     GROUP: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BASE_SPLITS: tl.constexpr,
@@ -49,6 +108,9 @@ def _decode_stage1(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    MERGE: tl.constexpr,  # the last program of each (request, KV head) merges its splits: no stage 2
+    BLOCK_G: tl.constexpr,
+    CHUNK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -56,9 +118,7 @@ def _decode_stage1(
 
     seq_len = tl.load(SeqLens + b).to(tl.int32)
     req = tl.load(ReqPoolIdx + b).to(tl.int64)
-    # BASE_SPLITS splits up to BASE_SPLITS * MIN_SPLIT_LEN keys; beyond, up to NUM_SPLITS of at least
-    # MIN_SPLIT_LEN: a short context is not cut into many tiny splits when the grid has room for a long one
-    split_len = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), tl.minimum(MIN_SPLIT_LEN, tl.cdiv(seq_len, BASE_SPLITS)))
+    split_len = _split_len(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -105,41 +165,45 @@ def _decode_stage1(
 
     o_ptrs = (AttnOut + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + split * stride_os
               + offs_dv[None, :])
-    if start < end:  # stage 2 reads no output of an empty split
+    if start < end:  # the merge reads no output of an empty split
         tl.store(o_ptrs, out, mask=mask_h[:, None] & mask_dv[None, :])
     tl.store(AttnLse + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
 
+    if MERGE:
+        # Every program of the grid, empty split or not, arrives once; the one that sees NUM_SPLITS - 1 earlier
+        # arrivals merges. The barrier makes all threads' stores precede the arrival, which releases them at GPU
+        # scope; the arrival's acquire and the L2 (.cg) loads after it make the others' partials visible.
+        tl.debug_barrier()
+        counter = Counters + b * stride_cb + kvh
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # no program of this call uses it any more
+            g = tl.arange(0, BLOCK_G)  # BLOCK_H pads the group to 16 for tl.dot; the merge needs no padding
+            b64 = b.to(tl.int64)
+            _merge_splits(AttnOut + b64 * stride_ob, AttnLse + b64 * stride_lb, Out + b64 * stride_outb,
+                          kvh * GROUP + g, g < GROUP, seq_len, stride_oh, stride_os, stride_lh,
+                          stride_outh, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, HEAD_DIM_V, BLOCK_G, CHUNK_S,
+                          BLOCK_DV, ".cg")
 
-@triton.jit
+
+@triton.jit(do_not_specialize_on_alignment=["SeqLens"])
 def _decode_stage2(
-    AttnOut, AttnLse, Out,
+    AttnOut, AttnLse, Out, SeqLens,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
     stride_outb, stride_outh,
     NUM_SPLITS: tl.constexpr,
+    BASE_SPLITS: tl.constexpr,
+    MIN_SPLIT_LEN: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    CHUNK_S: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-
-    offs_s = tl.arange(0, BLOCK_S)
-    mask_s = offs_s < NUM_SPLITS
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask_dv = offs_dv < HEAD_DIM_V
-
-    lse = tl.load(AttnLse + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty (seq_len 0, a padded row): output zeros
-    w = tl.exp(lse - m)
-    w = tl.where(mask_s & (lse > float("-inf")), w, 0.0)
-    denom = tl.sum(w, 0)
-
-    parts = tl.load(AttnOut + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_dv[None, :],
-                    mask=(w[:, None] > 0.0) & mask_dv[None, :], other=0.0)
-    out = tl.sum(w[:, None] * parts, 0) / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(Out + b * stride_outb + h * stride_outh + offs_dv, out.to(Out.dtype.element_ty), mask=mask_dv)
+    _merge_splits(AttnOut + b * stride_ob, AttnLse + b * stride_lb, Out + b * stride_outb,
+                  h + tl.arange(0, 1), tl.full([1], True, tl.int1), tl.load(SeqLens + b).to(tl.int32),
+                  stride_oh, stride_os, stride_lh, stride_outh, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN,
+                  HEAD_DIM_V, 1, CHUNK_S, BLOCK_DV, "")
 
 
 MAX_KV_SPLITS = 16  # the most splits a short context is cut into; the workspace holds max_bs x this many
@@ -166,21 +230,27 @@ def default_num_kv_splits(batch_size: int, num_kv_heads: int, device: torch.devi
 @dataclass
 class DecodeWorkspace:
     """fp32 scratch for split-KV decode, room for `max_bs` requests x MAX_KV_SPLITS splits (a smaller batch may use
-    more splits in the same room): reuse it across calls / CUDA graphs."""
+    more splits in the same room), and the one-kernel path's arrival counters, one per (request, KV head), zero
+    between calls: reuse it across calls / CUDA graphs, one call at a time (not on two streams at once)."""
 
     attn_out: torch.Tensor  # flat: (request, split) pairs x num_heads x head_dim_v
     attn_lse: torch.Tensor  # flat: pairs x num_heads
+    counters: torch.Tensor  # int32, flat: max_bs x num_kv_heads
     max_bs: int
     num_heads: int
     head_dim_v: int
+    num_kv_heads: int
 
     @classmethod
     def allocate(cls, max_bs: int, num_heads: int, head_dim_v: int, num_kv_splits: int = MAX_KV_SPLITS,
-                 device: str | torch.device = "cuda") -> DecodeWorkspace:
+                 device: str | torch.device = "cuda", num_kv_heads: int | None = None) -> DecodeWorkspace:
+        """num_kv_heads defaults to num_heads, the most any model with num_heads query heads has."""
         pairs = max_bs * num_kv_splits
+        num_kv_heads = num_kv_heads or num_heads
         return cls(attn_out=torch.empty(pairs * num_heads * head_dim_v, dtype=torch.float32, device=device),
                    attn_lse=torch.empty(pairs * num_heads, dtype=torch.float32, device=device),
-                   max_bs=max_bs, num_heads=num_heads, head_dim_v=head_dim_v)
+                   counters=torch.zeros(max_bs * num_kv_heads, dtype=torch.int32, device=device),
+                   max_bs=max_bs, num_heads=num_heads, head_dim_v=head_dim_v, num_kv_heads=num_kv_heads)
 
     def max_splits(self, batch_size: int) -> int:
         return self.attn_lse.numel() // (self.num_heads * max(1, batch_size))
@@ -206,6 +276,7 @@ def decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    merge_in_stage1: bool = True,
 ) -> torch.Tensor:
     """One decode query per request attended over its paged KV, ``req_to_token[req_pool_indices[i], :seq_lens[i]]``.
 
@@ -214,6 +285,9 @@ def decode_attention(
     ``out`` when given). The number of splits defaults to ``default_num_kv_splits``, at most the workspace's;
     with ``workspace`` no scratch is allocated. The launch settings were tuned on an H100 (block_n 64, 4 warps,
     2 stages: within 3% of the best of 54 settings from batch 1 to 256, contexts 512 to 2048).
+
+    ``merge_in_stage1`` (default): one kernel, the last program of each (request, KV head) merges the splits and
+    leaves the workspace's counters at zero again; False: a second kernel merges (kept to compare the two).
     """
     q, sh = check_paged_inputs(q, k_buffer, v_buffer, req_to_token)
     bs, num_heads, head_dim_v = q.shape[0], sh.num_heads, sh.head_dim_v
@@ -223,11 +297,14 @@ def decode_attention(
         if workspace is not None:
             num_kv_splits = min(num_kv_splits, workspace.max_splits(bs))
     if workspace is None:
-        workspace = DecodeWorkspace.allocate(bs, num_heads, head_dim_v, num_kv_splits, q.device)
+        workspace = DecodeWorkspace.allocate(bs, num_heads, head_dim_v, num_kv_splits, q.device,
+                                             num_kv_heads=sh.num_kv_heads)
     if (workspace.num_heads != num_heads or workspace.head_dim_v != head_dim_v
-            or workspace.max_splits(bs) < num_kv_splits):
-        raise ValueError(f"workspace of {workspace.max_bs} x {workspace.num_heads} x {workspace.head_dim_v} too small "
-                         f"for batch {bs} x {num_heads} x {num_kv_splits} splits x {head_dim_v}")
+            or workspace.max_splits(bs) < num_kv_splits
+            or (merge_in_stage1 and workspace.counters.numel() < bs * sh.num_kv_heads)):
+        raise ValueError(f"workspace of {workspace.max_bs} x {workspace.num_heads} x {workspace.head_dim_v} "
+                         f"({workspace.num_kv_heads} KV heads) too small for batch {bs} x {num_heads} "
+                         f"({sh.num_kv_heads} KV heads) x {num_kv_splits} splits x {head_dim_v}")
     attn_out, attn_lse = workspace.views(bs, num_kv_splits)
 
     if out is None:
@@ -238,27 +315,36 @@ def decode_attention(
         return out
 
     block_h = max(16, triton.next_power_of_2(sh.group))
+    block_s = triton.next_power_of_2(num_kv_splits)
+    # a merge chunk of (heads, splits, head_dim_v) fp32 of at most 8K values: 64 registers a thread at 4 warps
+    chunk = lambda heads: min(block_s, max(1, 8192 // (heads * sh.block_dv)))  # noqa: E731
+    block_g = triton.next_power_of_2(sh.group)
 
     _decode_stage1[(bs, sh.num_kv_heads, num_kv_splits)](
-        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, attn_out, attn_lse,
-        float(sm_scale),
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, attn_out, attn_lse, out,
+        workspace.counters, float(sm_scale),
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1),
         req_to_token.stride(0),
         attn_out.stride(0), attn_out.stride(1), attn_out.stride(2),
         attn_lse.stride(0), attn_lse.stride(1),
+        out.stride(0), out.stride(1),
+        sh.num_kv_heads,
         GROUP=sh.group, NUM_SPLITS=num_kv_splits, BASE_SPLITS=min(num_kv_splits, MAX_KV_SPLITS),
         MIN_SPLIT_LEN=MIN_SPLIT_LEN, HEAD_DIM=sh.head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_H=block_h, BLOCK_D=sh.block_d, BLOCK_DV=sh.block_dv, BLOCK_N=block_n,
-        DOT_PRECISION=sh.dot_precision, DOT_FP32=sh.dot_fp32, num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION=sh.dot_precision, DOT_FP32=sh.dot_fp32,
+        MERGE=merge_in_stage1, BLOCK_G=block_g, CHUNK_S=chunk(block_g), num_warps=num_warps, num_stages=num_stages,
     )
+    if merge_in_stage1:
+        return out
     _decode_stage2[(bs, num_heads)](
-        attn_out, attn_lse, out,
+        attn_out, attn_lse, out, seq_lens,
         attn_out.stride(0), attn_out.stride(1), attn_out.stride(2),
         attn_lse.stride(0), attn_lse.stride(1),
         out.stride(0), out.stride(1),
-        NUM_SPLITS=num_kv_splits, HEAD_DIM_V=head_dim_v,
-        BLOCK_S=triton.next_power_of_2(num_kv_splits), BLOCK_DV=sh.block_dv,
+        NUM_SPLITS=num_kv_splits, BASE_SPLITS=min(num_kv_splits, MAX_KV_SPLITS), MIN_SPLIT_LEN=MIN_SPLIT_LEN,
+        HEAD_DIM_V=head_dim_v, CHUNK_S=chunk(1), BLOCK_DV=sh.block_dv,
     )
     return out
