@@ -1,4 +1,5 @@
-"""The fused MoE Triton kernels vs the PyTorch reference path (on CPU under TRITON_INTERPRET=1), and the router."""
+"""The fused MoE Triton kernels vs the PyTorch reference path (on CPU under TRITON_INTERPRET=1), the router, and
+the entry point from the router's logits (routing inside the vector path's gate/up kernel)."""
 
 import os
 
@@ -12,8 +13,10 @@ pytest.importorskip("triton")
 from gridserve.layers.fused_moe import (  # noqa: E402
     VEC_MAX_SLOTS,
     fused_moe,
+    fused_moe_routed,
     fused_moe_sorted,
     fused_moe_vec,
+    fused_moe_vec_routed,
     route,
     sort_by_expert,
 )
@@ -114,3 +117,57 @@ def test_route_equals_select_experts_and_maps_ids_to_this_ranks(experts, top_k, 
     torch.testing.assert_close(w.cpu(), want_w, rtol=1e-5, atol=1e-6)
     assert ids.cpu().tolist() == local_of[want_ids].tolist()
     assert route(logits[:0].to(DEVICE), top_k, renormalize, local_of.to(DEVICE))[0].shape == (0, top_k)
+
+
+def _routed_case(tokens: int, experts: int, top_k: int, local: range | None, fp8: bool = False, seed: int = 0):
+    """(x, logits, w13, w2, local id of each expert, scales) on DEVICE; hidden 32, expert width 48."""
+    g = torch.Generator().manual_seed(seed)
+    hidden, inter = 32, 48
+    x = torch.randn(tokens, hidden, generator=g)
+    logits = torch.randn(tokens, experts, generator=g)
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5
+    w2 = torch.randn(experts, hidden, inter, generator=g) / inter**0.5
+    local = local or range(experts)  # expert parallelism: this rank holds experts `local`, renumbered from 0
+    local_of = torch.full((experts,), -1, dtype=torch.int32)
+    local_of[local.start:local.stop] = torch.arange(len(local), dtype=torch.int32)
+    w13, w2 = w13[local.start:local.stop], w2[local.start:local.stop]
+    scales = {}
+    if fp8:
+        from gridserve.layers.quantization import quantize_per_channel
+
+        (q13, s13), (q2, s2) = (quantize_per_channel(w.reshape(-1, w.shape[-1])) for w in (w13, w2))
+        scales = {"w13_scale": s13.view(w13.shape[:2]).to(DEVICE), "w2_scale": s2.view(w2.shape[:2]).to(DEVICE)}
+        w13, w2 = q13.view(w13.shape), q2.view(w2.shape)
+    return *(t.to(DEVICE) for t in (x, logits, w13, w2, local_of)), scales
+
+
+@pytest.mark.parametrize("tokens, experts, top_k, renormalize, local, fp8", [
+    (1, 8, 2, True, None, False),  # decode: the vector path, routed in its gate/up kernel
+    (3, 8, 1, False, None, False),
+    (5, 8, 3, False, range(2, 6), False),  # half the experts on another rank: their slots skipped
+    (2, 6, 2, True, range(0, 3), True),  # FP8 experts, on the vector path
+    (VEC_MAX_SLOTS // 2 + 1, 8, 2, True, range(4, 8), False),  # too many slots: route, then the sorted path
+    (VEC_MAX_SLOTS // 2 + 1, 8, 2, False, None, True),
+])
+def test_fused_moe_routed_equals_select_experts_and_the_reference(tokens, experts, top_k, renormalize, local, fp8):
+    x, logits, w13, w2, local_of, scales = _routed_case(tokens, experts, top_k, local, fp8)
+    weights, ids = select_experts(logits.cpu(), top_k, renormalize)
+    want = moe_reference(x.cpu(), w13.cpu(), w2.cpu(), weights, local_of.cpu()[ids],
+                         *(s.cpu() for s in scales.values()))
+    got = fused_moe_routed(x, logits, w13, w2, top_k, renormalize, local_of, **scales)
+    tol = 1e-4 if DEVICE == "cpu" else 2e-2
+    torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("top_k, renormalize, local", [
+    (1, False, None), (2, True, range(3, 8)), (3, False, range(0, 4))])
+def test_vector_path_routes_as_route_does_and_writes_its_ids_and_weights(top_k, renormalize, local):
+    x, logits, w13, w2, local_of, _ = _routed_case(4, 8, top_k, local)
+    logits[1] = torch.tensor([1.0, 3.0, 0.5, 3.0, 3.0, -2.0, 0.0, 1.0])  # ties: the lowest id first
+    config = {"gate_up": (16, 32, 4), "down": (8, 32, 4)}
+    got, got_w, got_ids = fused_moe_vec_routed(x, logits, w13, w2, top_k, renormalize, local_of, config)
+    want_w, want_ids = route(logits, top_k, renormalize, local_of)
+    assert torch.equal(got_ids, want_ids) and torch.equal(got_w, want_w)  # to the bit: the same routing code
+    assert (got_ids < 0).any() == (local is not None)
+    torch.testing.assert_close(got, fused_moe_vec(x, w13, w2, want_w, want_ids, config), rtol=0, atol=0)
+    assert fused_moe_routed(x[:0], logits[:0], w13, w2, top_k, renormalize, local_of).shape == (0, x.shape[1])

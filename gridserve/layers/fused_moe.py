@@ -10,6 +10,10 @@
 Decode batches (a few tokens, so a few slots, each mostly on its own expert) skip the sort: one program per
 (slot, row tile) reads its expert's rows straight from the router's ids, a matrix-vector product with no padding
 and no sorting kernels, and the down kernel sums a token's k slots itself, so no zeroed output and no sum follow.
+From the router's logits (fused_moe_routed, what layers.moe.FusedMoE calls) that gate/up kernel also routes: each
+program runs its token's softmax and top-k (the same jitted code as the route kernel) and takes its slot's
+expert, which saves the route kernel's launch, a fixed cost per layer at decode. Larger batches route first, as
+the sort needs every slot's expert.
 """
 
 import torch
@@ -18,31 +22,57 @@ import triton.language as tl
 
 
 @triton.jit
-def _route_kernel(logits_ptr, map_ptr, weights_ptr, ids_ptr, num_experts, stride_l,
-                  TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Token program_id(0): softmax over the experts in float32, the top k (the lowest id among ties), optionally
-    renormalised, and each chosen expert's local id through map_ptr (-1 for another rank's)."""
-    t = tl.program_id(0)
-    es = tl.arange(0, BLOCK_E)
+def _route_token(logits_ptr, map_ptr, num_experts, num_chosen, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
+                 RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr):
+    """One token's routing from its row of logits at logits_ptr: softmax over the experts in float32, the top k
+    (the lowest id among ties), optionally renormalised, and each chosen expert's local id through map_ptr (-1 for
+    another rank's). Returns (weights, local ids), each (K_PAD,), entries from TOP_K on 0 and -1. The one copy of
+    the routing math: _route_kernel and the vector gate/up kernel both call it, so they route alike, to the bit.
+    num_chosen is TOP_K, or less where only the first experts are wanted (then the weights mean nothing).
+
+    Every gate/up program repeats this before its first weight load, hundreds of them at once, so it is kept
+    cheap: each expert gets one int64 key, ordered as the top k wants (probability, then the lower id) and
+    carrying its local id, so a choice is one max; and the logits are held ROWS times (ROWS = the program's warps),
+    a row per warp, so that the reductions along a row stay inside a warp (shuffles, no barriers)."""
+    es = tl.broadcast_to(tl.arange(0, BLOCK_E)[None, :], (ROWS, BLOCK_E))
     ok = es < num_experts
-    logits = tl.load(logits_ptr + t.to(tl.int64) * stride_l + es, mask=ok, other=-float("inf")).to(tl.float32)
-    p = tl.where(ok, tl.exp(logits - tl.max(logits, axis=0)), 0.0)
-    p = tl.where(ok, p / tl.sum(p, axis=0), -1.0)  # padding below every probability: never chosen
-    ks = tl.arange(0, K_PAD)
-    chosen_w = tl.zeros((K_PAD,), dtype=tl.float32)
-    chosen_e = tl.zeros((K_PAD,), dtype=tl.int32)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(p, axis=0)
-        e = tl.min(tl.where(p == best, es, BLOCK_E), axis=0)
-        chosen_w = tl.where(ks == j, best, chosen_w)
-        chosen_e = tl.where(ks == j, e, chosen_e)
-        p = tl.where(es == e, -1.0, p)
+    logits = tl.load(logits_ptr + es, mask=ok, other=-float("inf")).to(tl.float32)
+    local_of = tl.load(map_ptr + es, mask=ok, other=-1)  # read now, not after the choice: no second wait
+    p = tl.where(ok, tl.exp(logits - tl.max(logits, axis=1)[:, None]), 0.0)
+    p = p / tl.sum(p, axis=1)[:, None]
+    # a probability's bits order as it does (it is >= 0); then the lower id; then the local id (+ 1 >= 0); 16 bits
+    # each for the two ids
+    key = ((p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | ((BLOCK_E - 1 - es).to(tl.int64) << 16)
+           | (local_of + 1).to(tl.int64))
+    key = tl.where(ok, key, -1)  # padding: below every expert, never chosen
+    ks = tl.arange(0, K_PAD)[None, :]
+    chosen = tl.full((ROWS, K_PAD), -1, dtype=tl.int64)
+    for j in range(0, num_chosen):  # TOP_K; fewer where only the first ones are needed (then weights are not)
+        best = tl.max(key, axis=1)[:, None]
+        chosen = tl.where(ks == j, best, chosen)
+        key = tl.where(key == best, -1, key)  # keys are distinct: only the chosen one goes
+    chosen = tl.max(chosen, axis=0)  # the rows agree
+    k_ok = tl.arange(0, K_PAD) < TOP_K
+    chosen_w = tl.where(k_ok, (chosen >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
     if RENORMALIZE:
         chosen_w = chosen_w / tl.sum(chosen_w, axis=0)
+    return chosen_w, tl.where(k_ok, (chosen & 0xFFFF).to(tl.int32) - 1, -1)
+
+
+@triton.jit
+def _route_kernel(logits_ptr, map_ptr, weights_ptr, ids_ptr, num_experts, stride_l, TOP_K: tl.constexpr,
+                  K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr):
+    """Token program_id(0)'s routing (_route_token), stored as its TOP_K weights and local ids."""
+    t = tl.program_id(0)
+    chosen_w, local = _route_token(logits_ptr + t.to(tl.int64) * stride_l, map_ptr, num_experts, TOP_K, TOP_K,
+                                   K_PAD, RENORMALIZE, BLOCK_E, ROWS)
+    ks = tl.arange(0, K_PAD)
     k_ok = ks < TOP_K
-    local = tl.load(map_ptr + chosen_e, mask=k_ok, other=-1)
     tl.store(weights_ptr + t * TOP_K + ks, chosen_w, mask=k_ok)
     tl.store(ids_ptr + t * TOP_K + ks, local, mask=k_ok)
+
+
+ROUTE_WARPS = 4  # the route kernel's warps, and so its ROWS
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
@@ -55,7 +85,7 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     if m:
         _route_kernel[(m,)](router_logits, local_of_expert, weights, ids, num_experts, router_logits.stride(0),
                             TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
-                            BLOCK_E=triton.next_power_of_2(num_experts))
+                            BLOCK_E=triton.next_power_of_2(num_experts), ROWS=ROUTE_WARPS, num_warps=ROUTE_WARPS)
     return weights, ids
 
 
@@ -176,19 +206,36 @@ def _down_kernel(a_ptr, w_ptr, s_ptr, out_ptr, sorted_ptr, expert_ptr, weight_pt
 
 
 @triton.jit
-def _gate_up_vec_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, top_k, hidden, inter, stride_xm, stride_we,
-                        stride_wn, stride_se, stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        HAS_SCALE: tl.constexpr):
-    """Slot program_id(0)'s rows [n, n + BLOCK_N) of silu(gate) * up, as a matrix-vector product."""
+def _gate_up_vec_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, logits_ptr, map_ptr, hidden, inter,
+                        num_experts, stride_xm, stride_lm, stride_we, stride_wn, stride_se, stride_om,
+                        TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr,
+                        ROUTE: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
+                        ROWS: tl.constexpr):
+    """Slot program_id(0)'s rows [n, n + BLOCK_N) of silu(gate) * up, as a matrix-vector product. Its expert is
+    read from ids_ptr, or with ROUTE found here from its token's logits (_route_token, as _route_kernel does: no
+    route launch before this kernel); then the programs of row tile 0 store the slot's weight and local id to
+    weights_ptr and ids_ptr, which the down kernel, next on the stream, reads."""
     slot, pid_n = tl.program_id(0), tl.program_id(1)
-    e = tl.load(ids_ptr + slot)
+    token = slot // TOP_K
+    if ROUTE:
+        # row tile 0 stores the weight, which needs all k; the others only need the experts up to their slot's
+        num_chosen = tl.where(pid_n == 0, TOP_K, slot % TOP_K + 1)
+        chosen_w, local = _route_token(logits_ptr + token.to(tl.int64) * stride_lm, map_ptr, num_experts,
+                                       num_chosen, TOP_K, K_PAD, RENORMALIZE, BLOCK_E, ROWS)
+        mine = tl.arange(0, K_PAD) == slot % TOP_K  # this slot's entry: the others are summed in as zeros
+        e = tl.sum(tl.where(mine, local, 0), axis=0)
+        if pid_n == 0:
+            tl.store(ids_ptr + slot, e)
+            tl.store(weights_ptr + slot, tl.sum(tl.where(mine, chosen_w, 0.0), axis=0))
+    else:
+        e = tl.load(ids_ptr + slot)
     if e < 0:  # another rank's expert: the down kernel skips this slot too
         return
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < inter
     w_gate = w_ptr + e.to(tl.int64) * stride_we + rows[:, None] * stride_wn
     w_up = w_gate + inter * stride_wn
-    x_row = x_ptr + (slot // top_k).to(tl.int64) * stride_xm
+    x_row = x_ptr + token.to(tl.int64) * stride_xm
     acc_gate = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
@@ -251,27 +298,52 @@ def _scales(w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None, w13: 
     return w13_scale.contiguous(), w2_scale.contiguous(), w13_scale.stride(0), w2_scale.stride(0), True
 
 
+def _moe_vec(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+             config: dict | None, w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None,
+             routing: tuple[torch.Tensor, torch.Tensor, bool] | None) -> torch.Tensor:
+    """The two matrix-vector kernels. weights (float32) and ids (int32) are contiguous (tokens, top_k); with
+    routing = (router logits, local id of each expert, renormalize) the gate/up kernel fills them first."""
+    bn_gu, bk_gu, warps_gu = (config or VEC_CONFIG)["gate_up"]
+    bn_d, bk_d, warps_d = (config or VEC_CONFIG)["down"]
+    s13, s2, stride_s13, stride_s2, has_scale = _scales(w13_scale, w2_scale, w13)
+    m, hidden = x.shape
+    inter, top_k = w2.shape[2], ids.shape[1]
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    logits, local_of_expert, renormalize = routing or (weights, ids, False)  # stand-ins when not routing
+    num_experts = logits.shape[1]
+    act = torch.empty(m * top_k, inter, dtype=x.dtype, device=x.device)
+    out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
+    _gate_up_vec_kernel[(m * top_k, triton.cdiv(inter, bn_gu))](
+        x, w13, s13, act, ids, weights, logits, local_of_expert, hidden, inter, num_experts, x.stride(0),
+        logits.stride(0), w13.stride(0), w13.stride(1), stride_s13, act.stride(0), TOP_K=top_k, BLOCK_N=bn_gu,
+        BLOCK_K=bk_gu, HAS_SCALE=has_scale, ROUTE=routing is not None, K_PAD=triton.next_power_of_2(top_k),
+        RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(num_experts), ROWS=warps_gu, num_warps=warps_gu)
+    _down_vec_kernel[(m, triton.cdiv(hidden, bn_d))](
+        act, w2, s2, out, ids, weights, top_k, hidden, inter, act.stride(0), w2.stride(0), w2.stride(1), stride_s2,
+        out.stride(0), BLOCK_N=bn_d, BLOCK_K=bk_d, HAS_SCALE=has_scale, num_warps=warps_d)
+    return out
+
+
 def fused_moe_vec(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                   local_ids: torch.Tensor, config: dict | None = None, w13_scale: torch.Tensor | None = None,
                   w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """fused_moe for few tokens: matrix-vector products per slot, no sort; same arguments and result."""
-    config = config or VEC_CONFIG
-    s13, s2, stride_s13, stride_s2, has_scale = _scales(w13_scale, w2_scale, w13)
-    m, hidden = x.shape
-    inter, top_k = w2.shape[2], local_ids.shape[1]
-    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
-    ids = local_ids.contiguous()
-    act = torch.empty(m * top_k, inter, dtype=x.dtype, device=x.device)
-    out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
-    bn, bk, warps = config["gate_up"]
-    _gate_up_vec_kernel[(m * top_k, triton.cdiv(inter, bn))](
-        x, w13, s13, act, ids, top_k, hidden, inter, x.stride(0), w13.stride(0), w13.stride(1), stride_s13,
-        act.stride(0), BLOCK_N=bn, BLOCK_K=bk, HAS_SCALE=has_scale, num_warps=warps)
-    bn, bk, warps = config["down"]
-    _down_vec_kernel[(m, triton.cdiv(hidden, bn))](
-        act, w2, s2, out, ids, weights.float().contiguous(), top_k, hidden, inter, act.stride(0), w2.stride(0),
-        w2.stride(1), stride_s2, out.stride(0), BLOCK_N=bn, BLOCK_K=bk, HAS_SCALE=has_scale, num_warps=warps)
-    return out
+    return _moe_vec(x, w13, w2, weights.float().contiguous(), local_ids.to(torch.int32).contiguous(), config,
+                    w13_scale, w2_scale, None)
+
+
+def fused_moe_vec_routed(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                         top_k: int, renormalize: bool, local_of_expert: torch.Tensor, config: dict | None = None,
+                         w13_scale: torch.Tensor | None = None,
+                         w2_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """route + fused_moe_vec with the routing done inside the gate/up kernel, one launch fewer: (output, and the
+    weights and local ids it routed to, as route returns them)."""
+    m = x.shape[0]
+    weights = torch.empty(m, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(m, top_k, dtype=torch.int32, device=x.device)
+    out = _moe_vec(x, w13, w2, weights, ids, config, w13_scale, w2_scale, (router_logits, local_of_expert,
+                                                                           renormalize))
+    return out, weights, ids
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
@@ -283,6 +355,19 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     if local_ids.numel() <= VEC_MAX_SLOTS:
         return fused_moe_vec(x, w13, w2, weights, local_ids, None, w13_scale, w2_scale)
     return fused_moe_sorted(x, w13, w2, weights, local_ids, block_n, block_k, w13_scale, w2_scale)
+
+
+def fused_moe_routed(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                     top_k: int, renormalize: bool, local_of_expert: torch.Tensor,
+                     w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """fused_moe from the router's logits (M, num_experts): route(router_logits, top_k, renormalize,
+    local_of_expert) then fused_moe, except that few slots route inside fused_moe_vec_routed's gate/up kernel
+    (at decode the route kernel's launch is a fixed cost worth saving; larger batches need route's ids to sort)."""
+    if x.shape[0] * top_k <= VEC_MAX_SLOTS:
+        return fused_moe_vec_routed(x, router_logits, w13, w2, top_k, renormalize, local_of_expert, None,
+                                    w13_scale, w2_scale)[0]
+    weights, local_ids = route(router_logits, top_k, renormalize, local_of_expert)
+    return fused_moe_sorted(x, w13, w2, weights, local_ids, w13_scale=w13_scale, w2_scale=w2_scale)
 
 
 def fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,

@@ -6,7 +6,8 @@ every expert's slice, what SGLang does without EP). Every rank sees every token 
 its output replicated), routes all of them the same way, runs only its own experts on the tokens routed to
 them, and one all-reduce over the TP group sums the partial outputs: of other experts, and of other slices.
 
-On CUDA the experts run in the fused Triton kernel (fused_moe.py); elsewhere in the PyTorch reference below.
+On CUDA the router's top-k and the experts run in the fused Triton kernels (fused_moe.py); elsewhere in the
+PyTorch reference below.
 """
 
 import torch
@@ -99,11 +100,11 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            from gridserve.layers.fused_moe import fused_moe, route
+            from gridserve.layers.fused_moe import fused_moe_routed
 
-            weights, local_ids = route(router_logits, self.top_k, self.renormalize, self.local_ids)
-            return fused_moe(x, self.w13_weight, self.w2_weight, weights, local_ids, w13_scale=self.w13_scale,
-                             w2_scale=self.w2_scale)
+            # routing included: at decode it runs inside the experts' first kernel, saving a launch per layer
+            return fused_moe_routed(x, router_logits, self.w13_weight, self.w2_weight, self.top_k, self.renormalize,
+                                    self.local_ids, w13_scale=self.w13_scale, w2_scale=self.w2_scale)
         weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
         return moe_reference(x, self.w13_weight, self.w2_weight, weights, self.local_ids[ids], self.w13_scale,
                              self.w2_scale)
