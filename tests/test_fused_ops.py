@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 from gridserve.layers import activation  # noqa: E402
 from gridserve.layers.fused_ops import (  # noqa: E402
     decode_linear,
+    decode_linear_after_norm,
     per_token_quant_fp8,
     qk_norm_rope_,
     rms_norm,
@@ -238,3 +239,49 @@ def test_apply_linear_equals_the_unfused_product_on_every_path(rows, k, gated):
     got = apply_linear(x, w, None, b, gated=gated)
     assert got.shape == (2, rows, 24)
     torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DECODE_GEMM_DTYPES)
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("m,n,k,has_res,bias", [(1, 40, 96, True, False), (5, 72, 300, True, True),
+                                                 (3, 24, 200, False, False)])  # 300, 200: the last block is partial
+def test_decode_linear_after_norm_is_rms_norm_then_the_product(dtype, fp8, m, n, k, has_res, bias):
+    from gridserve.layers.quantization import quantize_per_channel
+
+    x, res = rand(m, k, dtype=dtype), rand(m, k, dtype=dtype) if has_res else None
+    norm = RMSNorm(k, eps=1e-5)
+    norm.weight.data = (torch.rand(k) + 0.5).to(dtype)
+    b = rand(n, dtype=dtype) if bias else None
+    w = torch.randn(n, k) / 8
+    if fp8:
+        q, scale = quantize_per_channel(w)
+        args, w = (q.to(DEVICE), scale.to(DEVICE)), q.float() * scale[:, None]
+    else:
+        args, w = (w.to(dtype).to(DEVICE), None), w.to(dtype).float()
+    y, res_out = decode_linear_after_norm(x, res, norm.weight.to(DEVICE), norm.eps, *args, b, config=(16, 64, 4, 2))
+    # the unfused reference: the norm on CPU (rounded to x's dtype), then the product in float
+    h, want_res = norm(x.cpu(), res.cpu()) if has_res else (norm(x.cpu()), x.cpu())
+    want = h.float() @ w.T + (b.float().cpu() if bias else 0)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[dtype]
+    assert y.shape == (m, n) and y.dtype == dtype
+    torch.testing.assert_close(y.float().cpu(), want, **tol)
+    assert torch.equal(res_out.cpu(), want_res)  # the residual sum is exact: one rounding, as rms_norm rounds
+    if has_res:
+        with pytest.raises(ValueError, match="residual's shape"):
+            decode_linear_after_norm(x, res[:, 1:], norm.weight.to(DEVICE), norm.eps, *args)
+
+
+@pytest.mark.parametrize("rows,has_res", [(1, True), (2, False), (20, True)])
+def test_apply_linear_after_norm_equals_norm_then_linear(rows, has_res):
+    """On CUDA up to 16 rows run the one-kernel path, 20 the two kernels; on CPU all run in torch."""
+    from gridserve.layers.linear import apply_linear_after_norm
+
+    k = 96
+    x, res = rand(rows, k, dtype=torch.float32), rand(rows, k, dtype=torch.float32) if has_res else None
+    norm = RMSNorm(k, eps=1e-6).to(DEVICE)
+    norm.weight.data = torch.rand(k, device=DEVICE) + 0.5
+    w = rand(24, k, dtype=torch.float32)
+    y, res_out = apply_linear_after_norm(x, res, norm, w)
+    h, want_res = norm(x, res) if has_res else (norm(x), x)
+    torch.testing.assert_close(y.cpu(), torch.nn.functional.linear(h, w).cpu(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(res_out.cpu(), want_res.cpu(), atol=1e-6, rtol=0)

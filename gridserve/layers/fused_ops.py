@@ -1,7 +1,8 @@
 """Triton kernels that fuse the elementwise work around the matmuls: RMSNorm (with the residual add), rotary
 embedding (alone, or after Qwen3's per-head q/k norms; in decode it also stores K/V into the paged cache),
 SiLU-and-mul and FP8 per-token quantization; and the decode GEMM (`decode_linear`: a few rows, weights in bf16
-or FP8, one pass over the weights).
+or FP8, one pass over the weights), which can also compute its input: the SiLU-and-mul before a down projection,
+or the residual add and RMSNorm before a projection (`decode_linear_after_norm`).
 
 Written in plain PyTorch these are 5-20 kernels each; a decode step of a 28-layer model launched ~2,000
 kernels of 1-2 us, which cost more than its matmuls (profile in docs/benchmarks.md). Each function here is one
@@ -244,27 +245,54 @@ def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
-def _decode_gemm_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_SCALE: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _gemm_input(X, R, ms, ks, ok, stride_xm, K, GATED: tl.constexpr, HAS_RES: tl.constexpr):
+    """A (BLOCK_M, BLOCK_K) tile of the decode GEMM's input before any norm: x; silu(gate) * up (GATED, X = [gate |
+    up]); or x + residual (HAS_RES, R laid out as X). Rounded to X's dtype where the unfused kernels round."""
+    x_ptrs = X + ms[:, None] * stride_xm + ks[None, :]
+    x = tl.load(x_ptrs, mask=ok, other=0.0)
+    if GATED:
+        gate = x.to(tl.float32)
+        up = tl.load(x_ptrs + K, mask=ok, other=0.0).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(x.dtype).to(tl.float32)
+        x = (act * up).to(x.dtype)
+    if HAS_RES:
+        r = tl.load(R + ms[:, None] * stride_xm + ks[None, :], mask=ok, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _decode_gemm_kernel(X, R, RO, NW, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, eps,
+                        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
+                        HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
     """Y[:, n-tile] = (X @ W[n-tile].T) (* S[n-tile]) (+ B): W in X's dtype, or FP8 widened to it in registers.
-    GATED: X is [gate | up] (M, 2K) and the product takes silu(gate) * up, rounded as silu_and_mul rounds it."""
+    The input is X as _gemm_input reads it; with NORM, then RMSNorm(that) with weight NW, as rms_norm computes it,
+    and the programs of tile 0 store the residual sum (HAS_RES) to RO for the next layer."""
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     ms = tl.arange(0, BLOCK_M)
     m_ok = ms < M
+    if NORM:  # a row's RMS needs all of the row before its first product: one more pass over x (from L2)
+        sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            xs = _gemm_input(X, R, ms, ks, m_ok[:, None] & (ks < K)[None, :], stride_xm, K, GATED, HAS_RES)
+            xs = xs.to(tl.float32)
+            sum_sq += tl.sum(xs * xs, 1)
+        inv = tl.rsqrt(sum_sq / K + eps)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        x_ptrs = X + ms[:, None] * stride_xm + ks[None, :]
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if GATED:
-            gate = x.to(tl.float32)
-            up = tl.load(x_ptrs + K, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            act = (gate / (1.0 + tl.exp(-gate))).to(x.dtype).to(tl.float32)
-            x = (act * up).to(x.dtype)
+        x = _gemm_input(X, R, ms, ks, m_ok[:, None] & k_ok[None, :], stride_xm, K, GATED, HAS_RES)
+        if NORM:
+            if HAS_RES:
+                if pid_n == 0:
+                    tl.store(RO + ms[:, None] * stride_xm + ks[None, :], x, mask=m_ok[:, None] & k_ok[None, :])
+            nw = tl.load(NW + ks, mask=k_ok, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * inv[:, None] * nw[None, :]).to(x.dtype)
         w = tl.load(W + rows[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0)
         if HAS_SCALE:
@@ -290,6 +318,29 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
     decode, where reading the weights is the whole cost. An FP8 weight needs its per-row `weight_scale` and is
     widened in registers (W8A16: the activations are not quantized); otherwise the weight has x's dtype.
     gated: x is [gate | up] (M, 2K) and the input is silu_and_mul(x), computed as it loads (one kernel fewer)."""
+    return _decode_gemm(x, weight, weight_scale, bias, config, gated=gated)
+
+
+def decode_linear_after_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                             weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
+                             bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(decode_linear(rms_norm(x + residual)), x + residual) in one kernel: the residual add and the RMSNorm before a
+    projection, computed as the GEMM loads its input (two kernels fewer than rms_norm then the GEMM). Without a
+    residual (a first layer), the norm of x, and x itself as the residual."""
+    x = x.contiguous()  # the residual shares x's row stride
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"the residual's shape {tuple(residual.shape)} is not x's {tuple(x.shape)}")
+        residual = residual.contiguous()
+    residual_out = torch.empty_like(x) if residual is not None else x
+    y = _decode_gemm(x, weight, weight_scale, bias, config, norm=(norm_weight, eps, residual, residual_out))
+    return y, residual_out
+
+
+def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
+                 bias: torch.Tensor | None, config: tuple[int, int, int, int] | None, gated: bool = False,
+                 norm: tuple | None = None) -> torch.Tensor:
     m, k = x.shape
     if gated:
         k //= 2
@@ -302,13 +353,15 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
         raise ValueError("an FP8 weight needs its weight_scale, and only an FP8 weight takes one")
     if x.stride(-1) != 1:
         x = x.contiguous()
+    norm_weight, eps, residual, residual_out = norm or (None, 0.0, None, None)
     n = weight.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages = config or DECODE_GEMM_CONFIG
     if m:
         _decode_gemm_kernel[(triton.cdiv(n, block_n),)](
-            x, weight, weight_scale, bias, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-            HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, GATED=gated, BLOCK_M=DECODE_GEMM_MAX_M,
+            x, residual, residual_out, norm_weight, weight, weight_scale, bias, y, m, n, k, x.stride(0),
+            weight.stride(0), y.stride(0), eps, HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
+            GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, BLOCK_M=DECODE_GEMM_MAX_M,
             BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             num_warps=warps, num_stages=stages)
     return y

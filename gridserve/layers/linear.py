@@ -7,7 +7,8 @@ LazyTensor: narrow() then reads only this rank's slice from disk.
 With `--quantization fp8` the weight becomes FP8 with a `weight_scale` per row after loading
 (layers/quantization.py); a layer that must stay exact sets `quantizable = False`.
 
-`apply_linear` is the one place that picks the kernel for a product.
+`apply_linear` is the one place that picks the kernel for a product (`apply_linear_after_norm` for one that an
+RMSNorm precedes).
 """
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from gridserve.distributed.parallel_state import get_tp_group
 from gridserve.layers.activation import silu_and_mul
+from gridserve.layers.norm import RMSNorm
 from gridserve.layers.quantization import DECODE_GEMM_MAX_M, fp8_linear
 from gridserve.layers.weight_utils import materialize
 
@@ -43,6 +45,24 @@ def apply_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     if weight_scale is None:
         return F.linear(x, weight, bias)
     return fp8_linear(x, weight, weight_scale, bias)
+
+
+def apply_linear_after_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, weight: torch.Tensor,
+                            weight_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(apply_linear(norm(x + residual)), x + residual); no residual: (apply_linear(norm(x)), x). Up to
+    DECODE_GEMM_MAX_M rows on CUDA one kernel adds, normalises and multiplies (fused_ops.decode_linear_after_norm),
+    where rms_norm and the GEMM are two launches of a few microseconds each; otherwise the two."""
+    rows = x.numel() // x.shape[-1]
+    if x.is_cuda and rows <= DECODE_GEMM_MAX_M:
+        from gridserve.layers.fused_ops import decode_linear_after_norm
+
+        x2 = x.reshape(rows, x.shape[-1])
+        r2 = None if residual is None else residual.reshape(rows, x.shape[-1])
+        y, residual_out = decode_linear_after_norm(x2, r2, norm.weight, norm.eps, weight, weight_scale, bias)
+        return y.view(*x.shape[:-1], weight.shape[0]), residual_out.view(x.shape)
+    h, residual_out = (norm(x), x) if residual is None else norm(x, residual)
+    return apply_linear(h, weight, weight_scale, bias), residual_out
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -99,6 +119,12 @@ class ColumnParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
+
+    def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                           norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(x + residual)), x + residual): the pre-norm folded into this projection (apply_linear_after_norm);
+        the input is replicated over the TP ranks, as a column-parallel input is."""
+        return apply_linear_after_norm(x, residual, norm, self.weight, self.weight_scale, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):

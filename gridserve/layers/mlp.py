@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from gridserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from gridserve.layers.norm import RMSNorm
 
 
 class GatedMLP(nn.Module):
@@ -19,3 +20,9 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj(x), gated=True)
+
+    def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor,
+                           norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(x + residual)), x + residual), the norm folded into gate/up at decode sizes on CUDA."""
+        h, residual = self.gate_up_proj.forward_after_norm(x, residual, norm)
+        return self.down_proj(h, gated=True), residual

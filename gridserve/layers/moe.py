@@ -17,6 +17,7 @@ from torch import nn
 from gridserve.distributed.parallel_state import get_tp_group, moe_split
 from gridserve.layers.linear import ReplicatedLinear
 from gridserve.layers.mlp import GatedMLP
+from gridserve.layers.norm import RMSNorm
 from gridserve.layers.weight_utils import materialize
 
 
@@ -127,6 +128,13 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = ReplicatedLinear(hidden_size, 1)
             self.shared_expert_gate.quantizable = False
         self.tp = get_tp_group()
+
+    def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor,
+                           norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(x + residual)), x + residual). The router and the experts both read the normed x, so the
+        norm stays a kernel of its own here."""
+        x, residual = norm(x, residual)
+        return self(x), residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.experts(x, self.gate(x))

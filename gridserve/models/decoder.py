@@ -41,15 +41,18 @@ class DecoderAttention(nn.Module):
             self.q_norm = self.k_norm = None
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, layer_id, cfg.head_dim**-0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention(norm(x + residual)), x + residual): the layer's input norm runs with the qkv projection."""
+        qkv, residual = self.qkv_proj.forward_after_norm(x, residual, norm)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         kv_cache = self.attn.fused_kv_store(fb, v)
         q, k = self._norm_and_rotate(positions, q, k, kv_cache)
         if kv_cache is not None:  # the rotary kernel has stored k and v
-            return self.o_proj(self.attn(q.reshape(-1, self.q_size), None, None, fb))
-        return self.o_proj(self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, fb))
+            return self.o_proj(self.attn(q.reshape(-1, self.q_size), None, None, fb)), residual
+        return self.o_proj(self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, fb)), residual
 
     def _norm_and_rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, kv_cache: tuple | None):
         if self.q_norm is None:
@@ -72,14 +75,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions, x, residual, fb: ForwardBatch):
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, fb)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        """(this layer's output, the residual stream); residual None on the first layer. Each RMSNorm (with the
+        residual add) goes to the projection after it, which at decode sizes on CUDA does both in one kernel."""
+        x, residual = self.self_attn(positions, x, residual, self.input_layernorm, fb)
+        return self.mlp.forward_after_norm(x, residual, self.post_attention_layernorm)
 
 
 class DecoderModel(nn.Module):
