@@ -3,10 +3,12 @@ decode GEMM (fused_ops.decode_linear) on bf16 weights, and on FP8 weights agains
 quantization + torch._scaled_mm). Each timing replays a CUDA graph over `--layers` copies of the weights (no L2
 reuse). GB/s counts the weights' bytes.
 
-    python3 scripts/bench_fp8_gemm.py [--shapes llama8b,qwen3-0.6b,qwen3-30b-a3b] [--batches 1,4,16] [--sweep]
+    python3 scripts/bench_fp8_gemm.py [--shapes llama8b,qwen3-0.6b,qwen3-30b-a3b] [--batches 1,4,16] [--sweep] [--fused]
 
 --sweep first times decode_linear's tile settings at batch 1 on the first model's shapes, for FP8 and for bf16
-weights, and uses the fastest of each."""
+weights, and uses the fastest of each. --fused instead times, at batch 1 in bf16, each projection with the work
+before it: the residual add + RMSNorm then qkv or gate/up, and the SiLU-and-mul then down, as separate kernels
+(rms_norm / silu_and_mul, then cuBLAS) against the one decode GEMM that does both."""
 
 import argparse
 import itertools
@@ -58,15 +60,46 @@ def time_shape(x: torch.Tensor, bf16: list, fp8: list, cfg16: tuple, cfg8: tuple
     return tuple(graph_us(fn) / len(bf16) for fn in runs)
 
 
+def _fused_pair(name: str, ws: list, x: torch.Tensor, res: torch.Tensor, norm_w: torch.Tensor) -> tuple:
+    """(separate kernels, one decode GEMM) over the weight copies ws for projection `name`."""
+    if name == "down":
+        a = torch.randn(1, 2 * ws[0].shape[1], device=x.device, dtype=x.dtype)
+        return (lambda: [F.linear(fused_ops.silu_and_mul(a), w) for w in ws],
+                lambda: [fused_ops.decode_linear(a, w, gated=True) for w in ws])
+    return (lambda: [F.linear(fused_ops.rms_norm(x, norm_w, 1e-6, res)[0], w) for w in ws],
+            lambda: [fused_ops.decode_linear_after_norm(x, res, norm_w, 1e-6, w) for w in ws])
+
+
+def time_fused(model: str, layers: int, dev: str = "cuda") -> None:
+    """Microseconds per layer copy of each projection with its preceding work, unfused against fused."""
+    shapes = SHAPES[model]
+    hidden = shapes["qkv"][1]
+    x, res = (torch.randn(1, hidden, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    norm_w = torch.rand(hidden, device=dev, dtype=torch.bfloat16) + 0.5
+    for name in ("qkv", "gate_up", "down"):
+        if name not in shapes:
+            continue
+        ws = [torch.randn(shapes[name], device=dev, dtype=torch.bfloat16) / 64 for _ in range(layers)]
+        tu, tf = (graph_us(fn) / layers for fn in _fused_pair(name, ws, x, res, norm_w))
+        work = "SiLU-and-mul + " if name == "down" else "add + RMSNorm + "
+        print(f"{model} | {work}{name} | {tu:.1f} | {tf:.1f} | {tu - tf:+.1f}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="llama8b,qwen3-0.6b,qwen3-30b-a3b")
     p.add_argument("--batches", default="1,4,16")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--fused", action="store_true")
     a = p.parse_args()
     dev, models = "cuda", a.shapes.split(",")
     print(f"{torch.cuda.get_device_name()}: each shape x {a.layers} copies; times per copy")
+    if a.fused:
+        print("model | work | separate kernels us | one decode GEMM us | saved us")
+        for model in models:
+            time_fused(model, a.layers)
+        return
 
     def xs(m, shapes):
         return {k: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for k in {c for _, c in shapes.values()}}
