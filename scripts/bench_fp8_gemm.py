@@ -3,12 +3,15 @@ decode GEMM (fused_ops.decode_linear) on bf16 weights, and on FP8 weights agains
 quantization + torch._scaled_mm). Each timing replays a CUDA graph over `--layers` copies of the weights (no L2
 reuse). GB/s counts the weights' bytes.
 
-    python3 scripts/bench_fp8_gemm.py [--shapes llama8b,qwen3-0.6b,qwen3-30b-a3b] [--batches 1,4,16] [--sweep] [--fused]
+    python3 scripts/bench_fp8_gemm.py [--shapes llama8b,qwen3-0.6b,qwen3-30b-a3b] [--batches 1,4,16]
+        [--sweep | --sweep-shapes | --fused]
 
 --sweep first times decode_linear's tile settings at batch 1 on the first model's shapes, for FP8 and for bf16
-weights, and uses the fastest of each. --fused instead times, at batch 1 in bf16, each projection with the work
-before it: the residual add + RMSNorm then qkv or gate/up, and the SiLU-and-mul then down, as separate kernels
-(rms_norm / silu_and_mul, then cuBLAS) against the one decode GEMM that does both."""
+weights, and uses the fastest of each. --sweep-shapes times them on every shape alone (bf16, batch 1), to see
+whether narrow reductions (K <= 2,048) want other tiles than the 8B shapes' winner. --fused instead times, at
+batch 1 in bf16, each projection with the work before it (the residual add + RMSNorm then qkv or gate/up; the
+SiLU-and-mul then down) as separate kernels (rms_norm or silu_and_mul, then cuBLAS) against the one decode GEMM
+that does both."""
 
 import argparse
 import itertools
@@ -32,9 +35,10 @@ def graph_us(fn) -> float:
     return time_ms(fn, graph=True, iters=20) * 1e3
 
 
-def sweep(weights: list, x: dict, scaled: bool) -> tuple:
+def sweep(weights: list, x: dict, scaled: bool,
+          grid: tuple = ((8, 16, 32), (128, 256, 512), (4, 8), (3, 4)), label: str = "") -> tuple:
     timed = []
-    for cfg in itertools.product((8, 16, 32), (128, 256, 512), (4, 8), (3, 4)):
+    for cfg in itertools.product(*grid):
         try:
             timed.append((graph_us(lambda cfg=cfg: [
                 fused_ops.decode_linear(x[w[0].shape[1]], *(w if scaled else w[:1]), config=cfg)
@@ -42,7 +46,7 @@ def sweep(weights: list, x: dict, scaled: bool) -> tuple:
         except Exception as e:  # out of shared memory or registers: skip the setting
             print(f"  skip {cfg}: {type(e).__name__}")
     timed.sort()
-    print(f"sweep {'FP8' if scaled else 'bf16'} (BLOCK_N, BLOCK_K, warps, stages): "
+    print(f"sweep {label}{'FP8' if scaled else 'bf16'} (BLOCK_N, BLOCK_K, warps, stages): "
           + ", ".join(f"{c} {us:.0f} us" for us, c in timed[:5]), flush=True)
     return timed[0][1]
 
@@ -92,6 +96,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--fused", action="store_true")
+    p.add_argument("--sweep-shapes", action="store_true")
     a = p.parse_args()
     dev, models = "cuda", a.shapes.split(",")
     print(f"{torch.cuda.get_device_name()}: each shape x {a.layers} copies; times per copy")
@@ -109,6 +114,13 @@ def main() -> None:
                 for n, s in shapes.items()}
         return bf16, {n: [quantize_per_channel(w) for w in ws] for n, ws in bf16.items()}
 
+    if a.sweep_shapes:
+        for model in models:
+            for name, shape in SHAPES[model].items():
+                ws = [(torch.randn(shape, device=dev, dtype=torch.bfloat16) / 64,) for _ in range(a.layers)]
+                sweep(ws, {shape[1]: torch.randn(1, shape[1], device=dev, dtype=torch.bfloat16)}, False,
+                      ((16, 32, 64), (128, 256, 512), (4,), (2, 4)), f"{model} {name} {shape}: ")
+        return
     cfg8 = cfg16 = fused_ops.DECODE_GEMM_CONFIG
     if a.sweep:
         bf16, fp8 = make(SHAPES[models[0]])

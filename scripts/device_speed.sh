@@ -136,8 +136,10 @@ if has burst; then  # issue 24: 2,000 one-token requests at once on the 0.6B sha
     kill $SERVER; wait $SERVER
   done
 fi
-if has fusedgemm; then  # issue 20: the decode GEMM with the norm or the SiLU-and-mul folded in, against both apart
+if has fusedgemm; then  # issue 20: the decode GEMM with the norm or the SiLU-and-mul folded in, against both apart;
+  # then its tiles shape by shape (do narrow reductions want their own?)
   python3 scripts/bench_fp8_gemm.py --fused 2>&1 | grep -v Warning | tee $OUT/fused_gemm.txt
+  python3 scripts/bench_fp8_gemm.py --sweep-shapes 2>&1 | grep -v Warning | tee $OUT/gemm_tiles_per_shape.txt
 fi
 if has gemm; then  # issues 19 and 20: decode-sized linear layers (cuBLAS, Triton bf16, Triton FP8), FP8 experts
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py tests/test_fused_ops.py \
