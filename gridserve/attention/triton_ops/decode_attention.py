@@ -262,6 +262,12 @@ class DecodeWorkspace:
                 self.attn_lse[:n].view(batch_size, self.num_heads, splits))
 
 
+def _merge_chunk(heads: int, block_s: int, block_dv: int) -> int:
+    """Splits merged at a time: a (heads, splits, head_dim_v) fp32 chunk of at most 8K values, 64 registers a
+    thread at 4 warps."""
+    return min(block_s, max(1, 8192 // (heads * block_dv)))
+
+
 def decode_attention(
     q: torch.Tensor,
     k_buffer: torch.Tensor,
@@ -316,8 +322,6 @@ def decode_attention(
 
     block_h = max(16, triton.next_power_of_2(sh.group))
     block_s = triton.next_power_of_2(num_kv_splits)
-    # a merge chunk of (heads, splits, head_dim_v) fp32 of at most 8K values: 64 registers a thread at 4 warps
-    chunk = lambda heads: min(block_s, max(1, 8192 // (heads * sh.block_dv)))  # noqa: E731
     block_g = triton.next_power_of_2(sh.group)
 
     _decode_stage1[(bs, sh.num_kv_heads, num_kv_splits)](
@@ -335,7 +339,8 @@ def decode_attention(
         MIN_SPLIT_LEN=MIN_SPLIT_LEN, HEAD_DIM=sh.head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_H=block_h, BLOCK_D=sh.block_d, BLOCK_DV=sh.block_dv, BLOCK_N=block_n,
         DOT_PRECISION=sh.dot_precision, DOT_FP32=sh.dot_fp32,
-        MERGE=merge_in_stage1, BLOCK_G=block_g, CHUNK_S=chunk(block_g), num_warps=num_warps, num_stages=num_stages,
+        MERGE=merge_in_stage1, BLOCK_G=block_g, CHUNK_S=_merge_chunk(block_g, block_s, sh.block_dv),
+        num_warps=num_warps, num_stages=num_stages,
     )
     if merge_in_stage1:
         return out
@@ -345,6 +350,6 @@ def decode_attention(
         attn_lse.stride(0), attn_lse.stride(1),
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_kv_splits, BASE_SPLITS=min(num_kv_splits, MAX_KV_SPLITS), MIN_SPLIT_LEN=MIN_SPLIT_LEN,
-        HEAD_DIM_V=head_dim_v, CHUNK_S=chunk(1), BLOCK_DV=sh.block_dv,
+        HEAD_DIM_V=head_dim_v, CHUNK_S=_merge_chunk(1, block_s, sh.block_dv), BLOCK_DV=sh.block_dv,
     )
     return out
