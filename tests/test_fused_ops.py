@@ -266,6 +266,12 @@ def test_decode_linear_after_norm_is_rms_norm_then_the_product(dtype, fp8, m, n,
     assert y.shape == (m, n) and y.dtype == dtype
     torch.testing.assert_close(y.float().cpu(), want, **tol)
     assert torch.equal(res_out.cpu(), want_res)  # the residual sum is exact: one rounding, as rms_norm rounds
+    # the normed input handed back too (an MoE block's experts read what its router reads)
+    y2, res2, normed = decode_linear_after_norm(x, res, norm.weight.to(DEVICE), norm.eps, *args, b,
+                                                config=(16, 64, 4, 2), return_normed=True)
+    assert torch.equal(y2, y) and torch.equal(res2.cpu(), want_res)
+    torch.testing.assert_close(normed.float().cpu(), h.float(), **(dict(atol=1e-5, rtol=1e-5) if dtype ==
+                                                                   torch.float32 else TOL[dtype]))
     if has_res:
         with pytest.raises(ValueError, match="residual's shape"):
             decode_linear_after_norm(x, res[:, 1:], norm.weight.to(DEVICE), norm.eps, *args)
@@ -281,7 +287,9 @@ def test_apply_linear_after_norm_equals_norm_then_linear(rows, has_res):
     norm = RMSNorm(k, eps=1e-6).to(DEVICE)
     norm.weight.data = torch.rand(k, device=DEVICE) + 0.5
     w = rand(24, k, dtype=torch.float32)
-    y, res_out = apply_linear_after_norm(x, res, norm, w)
+    y, res_out, normed = apply_linear_after_norm(x, res, norm, w, return_normed=True)
     h, want_res = norm(x, res) if has_res else (norm(x), x)
     torch.testing.assert_close(y.cpu(), torch.nn.functional.linear(h, w).cpu(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(res_out.cpu(), want_res.cpu(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(normed.cpu(), h.cpu(), atol=1e-5, rtol=1e-5)
+    assert len(apply_linear_after_norm(x, res, norm, w)) == 2

@@ -262,13 +262,14 @@ def _gemm_input(X, R, ms, ks, ok, stride_xm, K, GATED: tl.constexpr, HAS_RES: tl
 
 
 @triton.jit
-def _decode_gemm_kernel(X, R, RO, NW, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, eps,
+def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, eps,
                         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
-                        HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        HAS_RES: tl.constexpr, STORE_NORMED: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Y[:, n-tile] = (X @ W[n-tile].T) (* S[n-tile]) (+ B): W in X's dtype, or FP8 widened to it in registers.
     The input is X as _gemm_input reads it; with NORM, then RMSNorm(that) with weight NW, as rms_norm computes it,
-    and the programs of tile 0 store the residual sum (HAS_RES) to RO for the next layer."""
+    and the programs of tile 0 store the residual sum (HAS_RES) to RO for the next layer and, with STORE_NORMED, the
+    normed input to NO (for other readers of it: an MoE block's experts read what its router GEMM reads)."""
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -293,6 +294,9 @@ def _decode_gemm_kernel(X, R, RO, NW, W, S, B, Y, M, N, K, stride_xm, stride_wn,
                     tl.store(RO + ms[:, None] * stride_xm + ks[None, :], x, mask=m_ok[:, None] & k_ok[None, :])
             nw = tl.load(NW + ks, mask=k_ok, other=0.0).to(tl.float32)
             x = (x.to(tl.float32) * inv[:, None] * nw[None, :]).to(x.dtype)
+            if STORE_NORMED:
+                if pid_n == 0:
+                    tl.store(NO + ms[:, None] * stride_xm + ks[None, :], x, mask=m_ok[:, None] & k_ok[None, :])
         w = tl.load(W + rows[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0)
         if HAS_SCALE:
@@ -323,19 +327,21 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
 
 def decode_linear_after_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                              weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
-                             bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+                             bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
+                             return_normed: bool = False) -> tuple[torch.Tensor, ...]:
     """(decode_linear(rms_norm(x + residual)), x + residual) in one kernel: the residual add and the RMSNorm before a
     projection, computed as the GEMM loads its input (two kernels fewer than rms_norm then the GEMM). Without a
-    residual (a first layer), the norm of x, and x itself as the residual."""
+    residual (a first layer), the norm of x, and x itself as the residual. return_normed: the normed input too,
+    third, for other layers that read it."""
     x = x.contiguous()  # the residual shares x's row stride
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(f"the residual's shape {tuple(residual.shape)} is not x's {tuple(x.shape)}")
         residual = residual.contiguous()
     residual_out = torch.empty_like(x) if residual is not None else x
-    y = _decode_gemm(x, weight, weight_scale, bias, config, norm=(norm_weight, eps, residual, residual_out))
-    return y, residual_out
+    normed = torch.empty_like(x) if return_normed else None
+    y = _decode_gemm(x, weight, weight_scale, bias, config, norm=(norm_weight, eps, residual, residual_out, normed))
+    return (y, residual_out, normed) if return_normed else (y, residual_out)
 
 
 def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
@@ -353,15 +359,15 @@ def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         raise ValueError("an FP8 weight needs its weight_scale, and only an FP8 weight takes one")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    norm_weight, eps, residual, residual_out = norm or (None, 0.0, None, None)
+    norm_weight, eps, residual, residual_out, normed = norm or (None, 0.0, None, None, None)
     n = weight.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages = config or DECODE_GEMM_CONFIG
     if m:
         _decode_gemm_kernel[(triton.cdiv(n, block_n),)](
-            x, residual, residual_out, norm_weight, weight, weight_scale, bias, y, m, n, k, x.stride(0),
+            x, residual, residual_out, norm_weight, normed, weight, weight_scale, bias, y, m, n, k, x.stride(0),
             weight.stride(0), y.stride(0), eps, HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
-            GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, BLOCK_M=DECODE_GEMM_MAX_M,
-            BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=warps, num_stages=stages)
+            GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, STORE_NORMED=normed is not None,
+            BLOCK_M=DECODE_GEMM_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
     return y

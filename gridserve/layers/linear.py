@@ -48,21 +48,24 @@ def apply_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 
 
 def apply_linear_after_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, weight: torch.Tensor,
-                            weight_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(apply_linear(norm(x + residual)), x + residual); no residual: (apply_linear(norm(x)), x). Up to
-    DECODE_GEMM_MAX_M rows on CUDA one kernel adds, normalises and multiplies (fused_ops.decode_linear_after_norm),
-    where rms_norm and the GEMM are two launches of a few microseconds each; otherwise the two."""
+                            weight_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                            return_normed: bool = False) -> tuple[torch.Tensor, ...]:
+    """(apply_linear(norm(x + residual)), x + residual); no residual: (apply_linear(norm(x)), x). return_normed adds
+    the normed input, third. Up to DECODE_GEMM_MAX_M rows on CUDA one kernel adds, normalises and multiplies
+    (fused_ops.decode_linear_after_norm), where rms_norm and the GEMM are two launches of a few microseconds each;
+    otherwise the two."""
     rows = x.numel() // x.shape[-1]
     if x.is_cuda and rows <= DECODE_GEMM_MAX_M:
         from gridserve.layers.fused_ops import decode_linear_after_norm
 
         x2 = x.reshape(rows, x.shape[-1])
         r2 = None if residual is None else residual.reshape(rows, x.shape[-1])
-        y, residual_out = decode_linear_after_norm(x2, r2, norm.weight, norm.eps, weight, weight_scale, bias)
-        return y.view(*x.shape[:-1], weight.shape[0]), residual_out.view(x.shape)
+        y, *rest = decode_linear_after_norm(x2, r2, norm.weight, norm.eps, weight, weight_scale, bias,
+                                            return_normed=return_normed)
+        return (y.view(*x.shape[:-1], weight.shape[0]), *(t.view(x.shape) for t in rest))
     h, residual_out = (norm(x), x) if residual is None else norm(x, residual)
-    return apply_linear(h, weight, weight_scale, bias), residual_out
+    y = apply_linear(h, weight, weight_scale, bias)
+    return (y, residual_out, h) if return_normed else (y, residual_out)
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -94,6 +97,13 @@ class LinearBase(nn.Module):
         """x @ weight.T (+ bias): in FP8 once the weight has been quantized; `apply_linear` says what gated means."""
         return apply_linear(x, self.weight, self.weight_scale, bias, gated)
 
+    def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                           return_normed: bool = False) -> tuple[torch.Tensor, ...]:
+        """(self(norm(x + residual)), x + residual[, the normed x]): the norm folded into this projection
+        (apply_linear_after_norm). For layers whose input is the whole row on every rank (replicated and
+        column-parallel ones); a row-parallel input is split, so RowParallelLinear has no such method."""
+        return apply_linear_after_norm(x, residual, norm, self.weight, self.weight_scale, self.bias, return_normed)
+
 
 class ReplicatedLinear(LinearBase):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, params_dtype=None):
@@ -119,12 +129,6 @@ class ColumnParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
-
-    def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
-                           norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """(self(norm(x + residual)), x + residual): the pre-norm folded into this projection (apply_linear_after_norm);
-        the input is replicated over the TP ranks, as a column-parallel input is."""
-        return apply_linear_after_norm(x, residual, norm, self.weight, self.weight_scale, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -189,6 +193,8 @@ class RowParallelLinear(LinearBase):
             return
         cols = param.shape[1]
         param.data.copy_(loaded.narrow(1, self.tp.rank * cols, cols))
+
+    forward_after_norm = None  # its input is split over the ranks: a norm needs the whole row
 
     def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         y = self.matmul(x, None, gated)

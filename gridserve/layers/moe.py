@@ -131,13 +131,17 @@ class SparseMoeBlock(nn.Module):
 
     def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor,
                            norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """(self(norm(x + residual)), x + residual). The router and the experts both read the normed x, so the
-        norm stays a kernel of its own here."""
-        x, residual = norm(x, residual)
-        return self(x), residual
+        """(self(norm(x + residual)), x + residual). The norm is folded into the router's GEMM, which also hands
+        back the normed x for the experts (at decode sizes on CUDA: one kernel for the add, the norm and the
+        router)."""
+        router_logits, residual, x = self.gate.forward_after_norm(x, residual, norm, return_normed=True)
+        return self._experts(x, router_logits), residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.experts(x, self.gate(x))
+        return self._experts(x, self.gate(x))
+
+    def _experts(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        y = self.experts(x, router_logits)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return self.tp.all_reduce(y)
