@@ -6,9 +6,10 @@ reuse). GB/s counts the weights' bytes.
     python3 scripts/bench_fp8_gemm.py [--shapes llama8b,qwen3-0.6b,qwen3-30b-a3b] [--batches 1,4,16]
         [--sweep | --sweep-shapes | --fused]
 
---sweep first times decode_linear's tile settings at batch 1 on the first model's shapes, for FP8 and for bf16
-weights, and uses the fastest of each. --sweep-shapes times them on every shape alone (bf16, batch 1), to see
-whether narrow reductions (K <= 2,048) want other tiles than the 8B shapes' winner. --fused instead times, at
+--sweep first times decode_linear's tile settings for 2-16 rows (tl.dot) at batch 16 on the first model's shapes,
+for FP8 and for bf16 weights, and uses the fastest of each above batch 1 (batch 1 takes decode_gemm_config's
+tiles). --sweep-shapes times the one-row tiles on every shape alone (bf16) against decode_gemm_config's pick and
+cuBLAS. --fused instead times, at
 batch 1 in bf16, each projection with the work before it (the residual add + RMSNorm then qkv or gate/up; the
 SiLU-and-mul then down) as separate kernels (rms_norm or silu_and_mul, then cuBLAS) against the one decode GEMM
 that does both."""
@@ -37,12 +38,13 @@ def graph_us(fn) -> float:
 
 def sweep(weights: list, x: dict, scaled: bool,
           grid: tuple = ((8, 16, 32), (128, 256, 512), (4, 8), (3, 4)), label: str = "") -> tuple:
+    """The fastest tiles over the weights, whose times are per copy (len(weights) of them)."""
     timed = []
     for cfg in itertools.product(*grid):
         try:
             timed.append((graph_us(lambda cfg=cfg: [
                 fused_ops.decode_linear(x[w[0].shape[1]], *(w if scaled else w[:1]), config=cfg)
-                for w in weights]), cfg))
+                for w in weights]) / len(weights), cfg))
         except Exception as e:  # out of shared memory or registers: skip the setting
             print(f"  skip {cfg}: {type(e).__name__}")
     timed.sort()
@@ -114,17 +116,22 @@ def main() -> None:
                 for n, s in shapes.items()}
         return bf16, {n: [quantize_per_channel(w) for w in ws] for n, ws in bf16.items()}
 
-    if a.sweep_shapes:
+    if a.sweep_shapes:  # one row (the dot-product path): the tiles per shape against decode_gemm_config's pick
         for model in models:
             for name, shape in SHAPES[model].items():
                 ws = [(torch.randn(shape, device=dev, dtype=torch.bfloat16) / 64,) for _ in range(a.layers)]
-                sweep(ws, {shape[1]: torch.randn(1, shape[1], device=dev, dtype=torch.bfloat16)}, False,
-                      ((16, 32, 64), (128, 256, 512), (4,), (2, 4)), f"{model} {name} {shape}: ")
+                x1 = torch.randn(1, shape[1], device=dev, dtype=torch.bfloat16)
+                pick = fused_ops.decode_gemm_config(1, ws[0][0])
+                best = sweep(ws, {shape[1]: x1}, False, ((8, 16, 32), (256, 512, 1024), (4, 8), (4,)),
+                             f"{model} {name} {shape}: ")
+                t_pick, t_cublas = (graph_us(lambda f=f, x1=x1, ws=ws: [f(x1, w[0]) for w in ws]) / len(ws)
+                                    for f in (fused_ops.decode_linear, F.linear))
+                print(f"  pick {pick}: {t_pick:.1f} us; cuBLAS {t_cublas:.1f} us; best {best}", flush=True)
         return
     cfg8 = cfg16 = fused_ops.DECODE_GEMM_CONFIG
     if a.sweep:
         bf16, fp8 = make(SHAPES[models[0]])
-        x = xs(1, SHAPES[models[0]])
+        x = xs(16, SHAPES[models[0]])
         cfg8 = sweep([w for ws in fp8.values() for w in ws], x, True)
         cfg16 = sweep([(w,) for ws in bf16.values() for w in ws], x, False)
     print("model | shape | batch | cuBLAS bf16 us | Triton bf16 us | GB/s (best bf16) | Triton FP8 us | W8A8 us "
@@ -135,7 +142,8 @@ def main() -> None:
         for m in map(int, a.batches.split(",")):
             x = xs(m, shapes)
             for name, (rows, cols) in shapes.items():
-                tb, tt, t8, t88 = time_shape(x[cols], bf16[name], fp8[name], cfg16, cfg8)
+                cfgs = (cfg16, cfg8) if m > 1 else (None, None)
+                tb, tt, t8, t88 = time_shape(x[cols], bf16[name], fp8[name], *cfgs)
                 print(f"{model} | {name} | {m} | {tb:.1f} | {tt:.1f} | {2 * rows * cols / min(tb, tt) / 1e3:.0f} | "
                       f"{t8:.1f} | {t88:.1f} | {rows * cols / t8 / 1e3:.0f}", flush=True)
 

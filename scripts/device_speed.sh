@@ -17,7 +17,7 @@ fi
 if has kernels; then  # the Triton kernels on the GPU against their references
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py \
     tests/test_triton_decode_attention.py tests/test_triton_extend_attention.py tests/test_race_kernel.py \
-    tests/test_piecewise_graphs.py tests/test_kv_store.py 2>&1 | tail -3
+    tests/test_piecewise_graphs.py tests/test_kv_store.py -rf 2>&1 | tee $OUT/kernels.log | grep -E "^FAILED|passed|failed" | cut -c1-400 | tail -12
 fi
 if has check; then  # eager normal loop vs CUDA graphs + overlap loop (the defaults)
   python3 scripts/greedy_agreement.py $Q --baseline disable_cuda_graph=true disable_overlap_schedule=true \

@@ -279,7 +279,7 @@ def test_decode_linear_after_norm_is_rms_norm_then_the_product(dtype, fp8, m, n,
 
 @pytest.mark.parametrize("rows,has_res", [(1, True), (2, False), (20, True)])
 def test_apply_linear_after_norm_equals_norm_then_linear(rows, has_res):
-    """On CUDA up to 16 rows run the one-kernel path, 20 the two kernels; on CPU all run in torch."""
+    """On CUDA one row runs the one-kernel path, 2 and 20 the two kernels; on CPU all run in torch."""
     from gridserve.layers.linear import apply_linear_after_norm
 
     k = 96
@@ -293,3 +293,15 @@ def test_apply_linear_after_norm_equals_norm_then_linear(rows, has_res):
     torch.testing.assert_close(res_out.cpu(), want_res.cpu(), atol=1e-6, rtol=0)
     torch.testing.assert_close(normed.cpu(), h.cpu(), atol=1e-5, rtol=1e-5)
     assert len(apply_linear_after_norm(x, res, norm, w)) == 2
+
+
+def test_decode_gemm_tiles_fit_float32_weights():
+    from gridserve.layers.fused_ops import DECODE_GEMM_CONFIG, ONE_ROW_CONFIG, decode_gemm_config
+
+    bf16, f32 = torch.empty(8, 8, dtype=torch.bfloat16), torch.empty(8, 8)
+    assert decode_gemm_config(1, bf16) == ONE_ROW_CONFIG and decode_gemm_config(2, bf16) == DECODE_GEMM_CONFIG
+    assert decode_gemm_config(2, f32)[1] == DECODE_GEMM_CONFIG[1] // 2  # 4 stages of 32 x 512 x 4 bytes: 256 KB
+    # the default tiles (no config) on widths that are no multiple of them, on both paths
+    for m in (1, 3):
+        x, w = rand(m, 600, dtype=torch.float32), rand(100, 600, dtype=torch.float32)
+        torch.testing.assert_close(decode_linear(x, w), x @ w.T, atol=1e-4, rtol=1e-4)

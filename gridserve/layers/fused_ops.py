@@ -269,7 +269,8 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, M, N, K, stride_xm, stride
     """Y[:, n-tile] = (X @ W[n-tile].T) (* S[n-tile]) (+ B): W in X's dtype, or FP8 widened to it in registers.
     The input is X as _gemm_input reads it; with NORM, then RMSNorm(that) with weight NW, as rms_norm computes it,
     and the programs of tile 0 store the residual sum (HAS_RES) to RO for the next layer and, with STORE_NORMED, the
-    normed input to NO (for other readers of it: an MoE block's experts read what its router GEMM reads)."""
+    normed input to NO (for other readers of it: an MoE block's experts read what its router GEMM reads).
+    BLOCK_M 1 (one row) multiplies on the CUDA cores, a dot product per weight row; 16 (2-16 rows) runs tl.dot."""
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -299,9 +300,12 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, M, N, K, stride_xm, stride
                     tl.store(NO + ms[:, None] * stride_xm + ks[None, :], x, mask=m_ok[:, None] & k_ok[None, :])
         w = tl.load(W + rows[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0)
-        if HAS_SCALE:
-            w = w.to(tl.float32).to(x.dtype)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if BLOCK_M == 1:  # one row: a dot product per weight row (tl.dot would pad the row to 16)
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), 1)[None, :]
+        else:
+            if HAS_SCALE:
+                w = w.to(tl.float32).to(x.dtype)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_SCALE:
         acc = acc * tl.load(S + rows, mask=row_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -310,9 +314,18 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, M, N, K, stride_xm, stride
              mask=m_ok[:, None] & row_ok[None, :])
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the decode GEMM: the fastest of scripts/bench_fp8_gemm.py --sweep on
-# an H100 (the 8B shapes at batch 1), for FP8 weights and for bf16 alike
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the decode GEMM, the fastest of scripts/bench_fp8_gemm.py on an H100
+# for 2-byte weights: on 2-16 rows (tl.dot on 16-row tiles; --sweep, the 8B shapes, FP8 and bf16 alike), and on one
+# row (the dot-product path; --sweep-shapes: the fastest or within 1 us of it on each 8B, 0.6B and 30B-A3B shape)
 DECODE_GEMM_CONFIG = (32, 512, 4, 4)
+ONE_ROW_CONFIG = (8, 1024, 8, 4)
+
+
+def decode_gemm_config(m: int, weight: torch.Tensor) -> tuple[int, int, int, int]:
+    """The decode GEMM's tiles for m rows of input. float32 weights take half as wide a K tile, so that the stages
+    fit in shared memory."""
+    block_n, block_k, warps, stages = ONE_ROW_CONFIG if m == 1 else DECODE_GEMM_CONFIG
+    return block_n, block_k // max(1, weight.element_size() // 2), warps, stages
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
@@ -362,12 +375,12 @@ def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     norm_weight, eps, residual, residual_out, normed = norm or (None, 0.0, None, None, None)
     n = weight.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages = config or DECODE_GEMM_CONFIG
+    block_n, block_k, warps, stages = config or decode_gemm_config(m, weight)
     if m:
         _decode_gemm_kernel[(triton.cdiv(n, block_n),)](
             x, residual, residual_out, norm_weight, normed, weight, weight_scale, bias, y, m, n, k, x.stride(0),
             weight.stride(0), y.stride(0), eps, HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
             GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, STORE_NORMED=normed is not None,
-            BLOCK_M=DECODE_GEMM_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k,
+            BLOCK_M=1 if m == 1 else DECODE_GEMM_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
     return y

@@ -32,16 +32,16 @@ def apply_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     """x @ weight.T (+ bias); weight_scale: the weight is FP8 with a scale per row. gated: x is [gate | up] and
     the product takes silu(gate) * up. Up to DECODE_GEMM_MAX_M rows on CUDA, one Triton kernel reads the weights
     once (fused_ops.decode_linear) where it is the faster choice: FP8 weights (no activation quantization), a
-    gated input (the SiLU-and-mul in the same kernel), or a reduction of DECODE_GEMM_MIN_K or more."""
+    reduction of DECODE_GEMM_MIN_K or more, or one gated row (the SiLU-and-mul in the same kernel)."""
     rows = x.numel() // x.shape[-1]
+    if gated and not (x.is_cuda and rows == 1):  # folded, every program recomputes the input: it pays on one row
+        x, gated = silu_and_mul(x), False
     k = x.shape[-1] // 2 if gated else x.shape[-1]
     if x.is_cuda and rows <= DECODE_GEMM_MAX_M and (weight_scale is not None or gated or k >= DECODE_GEMM_MIN_K):
         from gridserve.layers.fused_ops import decode_linear
 
         y = decode_linear(x.reshape(rows, x.shape[-1]), weight, weight_scale, bias, gated=gated)
         return y.view(*x.shape[:-1], weight.shape[0])
-    if gated:
-        x = silu_and_mul(x)
     if weight_scale is None:
         return F.linear(x, weight, bias)
     return fp8_linear(x, weight, weight_scale, bias)
@@ -51,15 +51,15 @@ def apply_linear_after_norm(x: torch.Tensor, residual: torch.Tensor | None, norm
                             weight_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                             return_normed: bool = False) -> tuple[torch.Tensor, ...]:
     """(apply_linear(norm(x + residual)), x + residual); no residual: (apply_linear(norm(x)), x). return_normed adds
-    the normed input, third. Up to DECODE_GEMM_MAX_M rows on CUDA one kernel adds, normalises and multiplies
+    the normed input, third. For one row on CUDA one kernel adds, normalises and multiplies
     (fused_ops.decode_linear_after_norm), where rms_norm and the GEMM are two launches of a few microseconds each;
-    otherwise the two."""
-    rows = x.numel() // x.shape[-1]
-    if x.is_cuda and rows <= DECODE_GEMM_MAX_M:
+    otherwise the two (folded, every program of the GEMM recomputes the norm: 16 rows of it cost more than a
+    launch)."""
+    if x.is_cuda and x.numel() == x.shape[-1]:
         from gridserve.layers.fused_ops import decode_linear_after_norm
 
-        x2 = x.reshape(rows, x.shape[-1])
-        r2 = None if residual is None else residual.reshape(rows, x.shape[-1])
+        x2 = x.reshape(1, x.shape[-1])
+        r2 = None if residual is None else residual.reshape(1, x.shape[-1])
         y, *rest = decode_linear_after_norm(x2, r2, norm.weight, norm.eps, weight, weight_scale, bias,
                                             return_normed=return_normed)
         return (y.view(*x.shape[:-1], weight.shape[0]), *(t.view(x.shape) for t in rest))
