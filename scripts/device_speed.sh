@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst fusedgemm gemm fp8 bigbs longctx sharedprefix;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst fusedgemm gemmtiles gemm fp8 bigbs longctx sharedprefix;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -136,9 +136,10 @@ if has burst; then  # issue 24: 2,000 one-token requests at once on the 0.6B sha
     kill $SERVER; wait $SERVER
   done
 fi
-if has fusedgemm; then  # issue 20: the decode GEMM with the norm or the SiLU-and-mul folded in, against both apart;
-  # then its tiles shape by shape (do narrow reductions want their own?)
+if has fusedgemm; then  # issue 20: the decode GEMM with the norm or the SiLU-and-mul folded in, against both apart
   python3 scripts/bench_fp8_gemm.py --fused 2>&1 | grep -v Warning | tee $OUT/fused_gemm.txt
+fi
+if has gemmtiles; then  # the one-row decode GEMM's tiles shape by shape, against the default and cuBLAS (~150 s)
   python3 scripts/bench_fp8_gemm.py --sweep-shapes 2>&1 | grep -v Warning | tee $OUT/gemm_tiles_per_shape.txt
 fi
 if has gemm; then  # issues 19 and 20: decode-sized linear layers (cuBLAS, Triton bf16, Triton FP8), FP8 experts

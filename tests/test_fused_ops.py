@@ -227,10 +227,11 @@ def test_decode_linear_with_a_gated_input_is_silu_and_mul_then_the_product(dtype
         decode_linear(x, w.to(dtype).to(DEVICE))  # x's full width is not the weight's
 
 
-@pytest.mark.parametrize("rows,k,gated", [(1, 96, True), (3, 4096, False), (1, 64, False), (20, 96, True)])
+@pytest.mark.parametrize("rows,k,gated", [(1, 96, True), (3, 4096, False), (1, 64, False), (4, 64, False),
+                                          (20, 96, True)])
 def test_apply_linear_equals_the_unfused_product_on_every_path(rows, k, gated):
-    """On CUDA the first two cases run the decode GEMM (gated; K >= DECODE_GEMM_MIN_K), the last two cuBLAS; on
-    CPU all run in torch."""
+    """On CUDA the first three cases run the decode GEMM (a gated row; K >= DECODE_GEMM_MIN_K; one row), the last
+    two cuBLAS (the last after silu_and_mul); on CPU all run in torch."""
     from gridserve.layers.linear import apply_linear
 
     x = rand(2, rows, 2 * k if gated else k, dtype=torch.float32)  # (batch, tokens, features): any leading shape

@@ -267,37 +267,29 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, M, N, K, stride_xm, stride
                         HAS_RES: tl.constexpr, STORE_NORMED: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Y[:, n-tile] = (X @ W[n-tile].T) (* S[n-tile]) (+ B): W in X's dtype, or FP8 widened to it in registers.
-    The input is X as _gemm_input reads it; with NORM, then RMSNorm(that) with weight NW, as rms_norm computes it,
-    and the programs of tile 0 store the residual sum (HAS_RES) to RO for the next layer and, with STORE_NORMED, the
-    normed input to NO (for other readers of it: an MoE block's experts read what its router GEMM reads).
+    The input is X as _gemm_input reads it; with NORM, then RMSNorm(that) with weight NW (the weight applied as x
+    loads, the row's 1/RMS to the sums, so that one pass over x suffices), and the programs of tile 0 store the
+    residual sum (HAS_RES) to RO for the next layer and, with STORE_NORMED, the normed input to NO (for other
+    readers of it: an MoE block's experts read what its router GEMM reads).
     BLOCK_M 1 (one row) multiplies on the CUDA cores, a dot product per weight row; 16 (2-16 rows) runs tl.dot."""
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     ms = tl.arange(0, BLOCK_M)
     m_ok = ms < M
-    if NORM:  # a row's RMS needs all of the row before its first product: one more pass over x (from L2)
-        sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            xs = _gemm_input(X, R, ms, ks, m_ok[:, None] & (ks < K)[None, :], stride_xm, K, GATED, HAS_RES)
-            xs = xs.to(tl.float32)
-            sum_sq += tl.sum(xs * xs, 1)
-        inv = tl.rsqrt(sum_sq / K + eps)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         x = _gemm_input(X, R, ms, ks, m_ok[:, None] & k_ok[None, :], stride_xm, K, GATED, HAS_RES)
-        if NORM:
+        if NORM:  # the norm's weight now, the row's 1/RMS on the sums: one pass over x, none before the products
             if HAS_RES:
                 if pid_n == 0:
                     tl.store(RO + ms[:, None] * stride_xm + ks[None, :], x, mask=m_ok[:, None] & k_ok[None, :])
-            nw = tl.load(NW + ks, mask=k_ok, other=0.0).to(tl.float32)
-            x = (x.to(tl.float32) * inv[:, None] * nw[None, :]).to(x.dtype)
-            if STORE_NORMED:
-                if pid_n == 0:
-                    tl.store(NO + ms[:, None] * stride_xm + ks[None, :], x, mask=m_ok[:, None] & k_ok[None, :])
+            xf = x.to(tl.float32)
+            sum_sq += tl.sum(xf * xf, 1)
+            x = (xf * tl.load(NW + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
         w = tl.load(W + rows[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0)
         if BLOCK_M == 1:  # one row: a dot product per weight row (tl.dot would pad the row to 16)
@@ -306,6 +298,18 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, M, N, K, stride_xm, stride
             if HAS_SCALE:
                 w = w.to(tl.float32).to(x.dtype)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if NORM:
+        inv = tl.rsqrt(sum_sq / K + eps)
+        acc = acc * inv[:, None]
+        if STORE_NORMED:
+            if pid_n == 0:  # the normed input as rms_norm computes it, for the layers that read it next
+                for k0 in range(0, K, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    ok = m_ok[:, None] & (ks < K)[None, :]
+                    xs = _gemm_input(X, R, ms, ks, ok, stride_xm, K, GATED, HAS_RES).to(tl.float32)
+                    nw = tl.load(NW + ks, mask=ks < K, other=0.0).to(tl.float32)
+                    tl.store(NO + ms[:, None] * stride_xm + ks[None, :],
+                             (xs * inv[:, None] * nw[None, :]).to(NO.dtype.element_ty), mask=ok)
     if HAS_SCALE:
         acc = acc * tl.load(S + rows, mask=row_ok, other=0.0)[None, :]
     if HAS_BIAS:

@@ -30,14 +30,16 @@ DECODE_GEMM_MIN_K = 4096
 def apply_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
     """x @ weight.T (+ bias); weight_scale: the weight is FP8 with a scale per row. gated: x is [gate | up] and
-    the product takes silu(gate) * up. Up to DECODE_GEMM_MAX_M rows on CUDA, one Triton kernel reads the weights
-    once (fused_ops.decode_linear) where it is the faster choice: FP8 weights (no activation quantization), a
-    reduction of DECODE_GEMM_MIN_K or more, or one gated row (the SiLU-and-mul in the same kernel)."""
+    the product takes silu(gate) * up. On CUDA one Triton kernel reads the weights once (fused_ops.decode_linear)
+    where it is the faster choice: one row (its dot-product path beat cuBLAS on every decode shape swept; a gated
+    row's SiLU-and-mul in the same kernel), and up to DECODE_GEMM_MAX_M rows of FP8 weights (no activation
+    quantization) or of a reduction of DECODE_GEMM_MIN_K or more."""
     rows = x.numel() // x.shape[-1]
     if gated and not (x.is_cuda and rows == 1):  # folded, every program recomputes the input: it pays on one row
         x, gated = silu_and_mul(x), False
     k = x.shape[-1] // 2 if gated else x.shape[-1]
-    if x.is_cuda and rows <= DECODE_GEMM_MAX_M and (weight_scale is not None or gated or k >= DECODE_GEMM_MIN_K):
+    few_rows = rows <= DECODE_GEMM_MAX_M and (weight_scale is not None or k >= DECODE_GEMM_MIN_K)
+    if x.is_cuda and (rows == 1 or few_rows):
         from gridserve.layers.fused_ops import decode_linear
 
         y = decode_linear(x.reshape(rows, x.shape[-1]), weight, weight_scale, bias, gated=gated)
