@@ -278,12 +278,12 @@ def test_decode_linear_after_norm_is_rms_norm_then_the_product(dtype, fp8, m, n,
             decode_linear_after_norm(x, res[:, 1:], norm.weight.to(DEVICE), norm.eps, *args)
 
 
-@pytest.mark.parametrize("rows,has_res", [(1, True), (2, False), (20, True)])
-def test_apply_linear_after_norm_equals_norm_then_linear(rows, has_res):
-    """On CUDA one row runs the one-kernel path, 2 and 20 the two kernels; on CPU all run in torch."""
+@pytest.mark.parametrize("rows,has_res,k", [(1, True, 96), (2, False, 96), (20, True, 96), (1, True, 4096)])
+def test_apply_linear_after_norm_equals_norm_then_linear(rows, has_res, k):
+    """On CUDA one row runs the one-kernel path, 2 and 20 rows and a row wider than NORM_FOLD_MAX_K the two
+    kernels; on CPU all run in torch."""
     from gridserve.layers.linear import apply_linear_after_norm
 
-    k = 96
     x, res = rand(rows, k, dtype=torch.float32), rand(rows, k, dtype=torch.float32) if has_res else None
     norm = RMSNorm(k, eps=1e-6).to(DEVICE)
     norm.weight.data = torch.rand(k, device=DEVICE) + 0.5

@@ -21,10 +21,14 @@ from gridserve.layers.norm import RMSNorm
 from gridserve.layers.quantization import DECODE_GEMM_MAX_M, fp8_linear
 from gridserve.layers.weight_utils import materialize
 
-# A decode-sized product on bf16 weights goes to the Triton decode GEMM from this reduction width: on an H100 it beat
+# 2-16 rows on bf16 weights go to the Triton decode GEMM (tl.dot tiles) from this reduction width: on an H100 it beat
 # cuBLAS by 2-9% on every shape with K >= 4,096 (cuBLAS splits K there) and lost or tied on narrower ones
-# (scripts/bench_fp8_gemm.py, docs/benchmarks.md).
+# (scripts/bench_fp8_gemm.py, docs/benchmarks.md). One row always goes there.
 DECODE_GEMM_MIN_K = 4096
+# The residual add and RMSNorm fold into the one-row decode GEMM up to this width. Every program re-reads the input,
+# the residual and the norm weight beside its weight rows: on an H200 that saved 1.3-1.8 us on Qwen3-0.6B's
+# projections (K = 1,024), nothing on Qwen3-30B-A3B's qkv (2,048), and cost 1.1 and 6.6 us on the 8B's (4,096).
+NORM_FOLD_MAX_K = 2048
 
 
 def apply_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
@@ -53,11 +57,11 @@ def apply_linear_after_norm(x: torch.Tensor, residual: torch.Tensor | None, norm
                             weight_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                             return_normed: bool = False) -> tuple[torch.Tensor, ...]:
     """(apply_linear(norm(x + residual)), x + residual); no residual: (apply_linear(norm(x)), x). return_normed adds
-    the normed input, third. For one row on CUDA one kernel adds, normalises and multiplies
-    (fused_ops.decode_linear_after_norm), where rms_norm and the GEMM are two launches of a few microseconds each;
-    otherwise the two (folded, every program of the GEMM recomputes the norm: 16 rows of it cost more than a
-    launch)."""
-    if x.is_cuda and x.numel() == x.shape[-1]:
+    the normed input, third. For one row of up to NORM_FOLD_MAX_K features on CUDA one kernel adds, normalises and
+    multiplies (fused_ops.decode_linear_after_norm), where rms_norm and the GEMM are two launches of a few
+    microseconds each; otherwise the two (folded, every program of the GEMM recomputes the norm: 16 rows of it, or
+    a wide row, cost more than a launch)."""
+    if x.is_cuda and x.numel() == x.shape[-1] <= NORM_FOLD_MAX_K:
         from gridserve.layers.fused_ops import decode_linear_after_norm
 
         x2 = x.reshape(1, x.shape[-1])
