@@ -1,5 +1,5 @@
 """Linear layers at decode batch sizes on the GPU, shape by shape: cuBLAS (F.linear) in bf16 against the Triton
-decode GEMM (fused_ops.decode_linear) on bf16 weights, and on FP8 weights against the W8A8 path (per-token
+decode GEMM (decode_gemm.decode_linear) on bf16 weights, and on FP8 weights against the W8A8 path (per-token
 quantization + torch._scaled_mm). Each timing replays a CUDA graph over `--layers` copies of the weights (no L2
 reuse). GB/s counts the weights' bytes.
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from gpu_timing import time_ms
 
-from gridserve.layers import fused_ops
+from gridserve.layers import decode_gemm, fused_ops
 from gridserve.layers.quantization import quantize_per_channel, quantize_per_token
 
 # (rows, columns) of each linear layer at tp 1
@@ -43,7 +43,7 @@ def sweep(weights: list, x: dict, scaled: bool,
     for cfg in itertools.product(*grid):
         try:
             timed.append((graph_us(lambda cfg=cfg: [
-                fused_ops.decode_linear(x[w[0].shape[1]], *(w if scaled else w[:1]), config=cfg)
+                decode_gemm.decode_linear(x[w[0].shape[1]], *(w if scaled else w[:1]), config=cfg)
                 for w in weights]) / len(weights), cfg))
         except Exception as e:  # out of shared memory or registers: skip the setting
             print(f"  skip {cfg}: {type(e).__name__}")
@@ -61,8 +61,9 @@ def time_shape(x: torch.Tensor, bf16: list, fp8: list, cfg16: tuple, cfg8: tuple
             q, x_scale = quantize_per_token(x)
             torch._scaled_mm(q, w.t(), scale_a=x_scale, scale_b=s.view(1, -1), out_dtype=torch.bfloat16)
 
-    runs = (lambda: [F.linear(x, w) for w in bf16], lambda: [fused_ops.decode_linear(x, w, config=cfg16) for w in bf16],
-            lambda: [fused_ops.decode_linear(x, w, s, config=cfg8) for w, s in fp8], w8a8)
+    dl = decode_gemm.decode_linear
+    runs = (lambda: [F.linear(x, w) for w in bf16], lambda: [dl(x, w, config=cfg16) for w in bf16],
+            lambda: [dl(x, w, s, config=cfg8) for w, s in fp8], w8a8)
     return tuple(graph_us(fn) / len(bf16) for fn in runs)
 
 
@@ -71,9 +72,9 @@ def _fused_pair(name: str, ws: list, x: torch.Tensor, res: torch.Tensor, norm_w:
     if name == "down":
         a = torch.randn(1, 2 * ws[0].shape[1], device=x.device, dtype=x.dtype)
         return (lambda: [F.linear(fused_ops.silu_and_mul(a), w) for w in ws],
-                lambda: [fused_ops.decode_linear(a, w, gated=True) for w in ws])
+                lambda: [decode_gemm.decode_linear(a, w, gated=True) for w in ws])
     return (lambda: [F.linear(fused_ops.rms_norm(x, norm_w, 1e-6, res)[0], w) for w in ws],
-            lambda: [fused_ops.decode_linear_after_norm(x, res, norm_w, 1e-6, w) for w in ws])
+            lambda: [decode_gemm.decode_linear_after_norm(x, res, norm_w, 1e-6, w) for w in ws])
 
 
 def time_fused(model: str, layers: int, dev: str = "cuda") -> None:
@@ -121,14 +122,14 @@ def main() -> None:
             for name, shape in SHAPES[model].items():
                 ws = [(torch.randn(shape, device=dev, dtype=torch.bfloat16) / 64,) for _ in range(a.layers)]
                 x1 = torch.randn(1, shape[1], device=dev, dtype=torch.bfloat16)
-                pick = fused_ops.decode_gemm_config(1, ws[0][0])
+                pick = decode_gemm.decode_gemm_config(1, ws[0][0])
                 best = sweep(ws, {shape[1]: x1}, False, ((8, 16, 32), (256, 512, 1024), (4, 8), (4,)),
                              f"{model} {name} {shape}: ")
                 t_pick, t_cublas = (graph_us(lambda f=f, x1=x1, ws=ws: [f(x1, w[0]) for w in ws]) / len(ws)
-                                    for f in (fused_ops.decode_linear, F.linear))
+                                    for f in (decode_gemm.decode_linear, F.linear))
                 print(f"  pick {pick}: {t_pick:.1f} us; cuBLAS {t_cublas:.1f} us; best {best}", flush=True)
         return
-    cfg8 = cfg16 = fused_ops.DECODE_GEMM_CONFIG
+    cfg8 = cfg16 = decode_gemm.DECODE_GEMM_CONFIG
     if a.sweep:
         bf16, fp8 = make(SHAPES[models[0]])
         x = xs(16, SHAPES[models[0]])

@@ -15,7 +15,7 @@ if has imports; then  # where the front end's and a scheduler's start-up imports
   for f in tokenizer scheduler; do echo "== $f"; sort -t'|' -k2 -n $OUT/importtime_$f.txt | tail -25 | cut -c1-110; done
 fi
 if has kernels; then  # the Triton kernels on the GPU against their references
-  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py \
+  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py tests/test_decode_gemm.py \
     tests/test_triton_decode_attention.py tests/test_triton_extend_attention.py tests/test_race_kernel.py \
     tests/test_piecewise_graphs.py tests/test_kv_store.py -rf 2>&1 | tee $OUT/kernels.log | grep -E "^FAILED|passed|failed" | cut -c1-400 | tail -12
 fi
@@ -143,7 +143,7 @@ if has gemmtiles; then  # the one-row decode GEMM's tiles shape by shape, agains
   python3 scripts/bench_fp8_gemm.py --sweep-shapes 2>&1 | grep -v Warning | tee $OUT/gemm_tiles_per_shape.txt
 fi
 if has gemm; then  # issues 19 and 20: decode-sized linear layers (cuBLAS, Triton bf16, Triton FP8), FP8 experts
-  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py tests/test_fused_ops.py \
+  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py tests/test_decode_gemm.py \
     -k "cuda or quant or w8a16 or decode_linear" 2>&1 | tail -2
   python3 scripts/bench_fp8_gemm.py --sweep 2>&1 | grep -v Warning | tee $OUT/fp8_gemm.txt
   python3 scripts/bench_moe_kernel.py --fp8 --sweep --batches 1,8,64,256 2>&1 | grep -v Warning | tee $OUT/moe_kernel_fp8.txt

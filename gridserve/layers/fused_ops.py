@@ -1,8 +1,7 @@
 """Triton kernels that fuse the elementwise work around the matmuls: RMSNorm (with the residual add), rotary
 embedding (alone, or after Qwen3's per-head q/k norms; in decode it also stores K/V into the paged cache),
-SiLU-and-mul and FP8 per-token quantization; and the decode GEMM (`decode_linear`: a few rows, weights in bf16
-or FP8, one pass over the weights), which can also compute its input: the SiLU-and-mul before a down projection,
-or the residual add and RMSNorm before a projection (`decode_linear_after_norm`).
+SiLU-and-mul and FP8 per-token quantization. The decode GEMM, which can fold the norm or the SiLU-and-mul into
+its input, is in decode_gemm.py.
 
 Written in plain PyTorch these are 5-20 kernels each; a decode step of a 28-layer model launched ~2,000
 kernels of 1-2 us, which cost more than its matmuls (profile in docs/benchmarks.md). Each function here is one
@@ -14,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gridserve.layers.quantization import DECODE_GEMM_MAX_M, FP8, FP8_MAX, MIN_AMAX
+from gridserve.layers.quantization import FP8, FP8_MAX, MIN_AMAX
 
 
 @triton.jit
@@ -242,149 +241,3 @@ def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _per_token_quant_kernel[(m,)](x, q, scale, x.stride(0), q.stride(0), n, FP8_MAX, MIN_AMAX,
                                       BLOCK=min(4096, triton.next_power_of_2(n)), num_warps=8)
     return q, scale
-
-
-@triton.jit
-def _gemm_input(X, R, ms, ks, ok, stride_xm, K, GATED: tl.constexpr, HAS_RES: tl.constexpr):
-    """A (BLOCK_M, BLOCK_K) tile of the decode GEMM's input before any norm: x; silu(gate) * up (GATED, X = [gate |
-    up]); or x + residual (HAS_RES, R laid out as X). Rounded to X's dtype where the unfused kernels round."""
-    x_ptrs = X + ms[:, None] * stride_xm + ks[None, :]
-    x = tl.load(x_ptrs, mask=ok, other=0.0)
-    if GATED:
-        gate = x.to(tl.float32)
-        up = tl.load(x_ptrs + K, mask=ok, other=0.0).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(x.dtype).to(tl.float32)
-        x = (act * up).to(x.dtype)
-    if HAS_RES:
-        r = tl.load(R + ms[:, None] * stride_xm + ks[None, :], mask=ok, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-    return x
-
-
-@triton.jit
-def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, eps,
-                        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
-                        HAS_RES: tl.constexpr, STORE_NORMED: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Y[:, n-tile] = (X @ W[n-tile].T) (* S[n-tile]) (+ B): W in X's dtype, or FP8 widened to it in registers.
-    The input is X as _gemm_input reads it; with NORM, then RMSNorm(that) with weight NW (the weight applied as x
-    loads, the row's 1/RMS to the sums, so that one pass over x suffices), and the programs of tile 0 store the
-    residual sum (HAS_RES) to RO for the next layer and, with STORE_NORMED, the normed input to NO (for other
-    readers of it: an MoE block's experts read what its router GEMM reads).
-    BLOCK_M 1 (one row) multiplies on the CUDA cores, a dot product per weight row; 16 (2-16 rows) runs tl.dot."""
-    pid_n = tl.program_id(0)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    ms = tl.arange(0, BLOCK_M)
-    m_ok = ms < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        x = _gemm_input(X, R, ms, ks, m_ok[:, None] & k_ok[None, :], stride_xm, K, GATED, HAS_RES)
-        if NORM:  # the norm's weight now, the row's 1/RMS on the sums: one pass over x, none before the products
-            if HAS_RES:
-                if pid_n == 0:
-                    tl.store(RO + ms[:, None] * stride_xm + ks[None, :], x, mask=m_ok[:, None] & k_ok[None, :])
-            xf = x.to(tl.float32)
-            sum_sq += tl.sum(xf * xf, 1)
-            x = (xf * tl.load(NW + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
-        w = tl.load(W + rows[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        if BLOCK_M == 1:  # one row: a dot product per weight row (tl.dot would pad the row to 16)
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), 1)[None, :]
-        else:
-            if HAS_SCALE:
-                w = w.to(tl.float32).to(x.dtype)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    if NORM:
-        inv = tl.rsqrt(sum_sq / K + eps)
-        acc = acc * inv[:, None]
-        if STORE_NORMED:
-            if pid_n == 0:  # the normed input as rms_norm computes it, for the layers that read it next
-                for k0 in range(0, K, BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    ok = m_ok[:, None] & (ks < K)[None, :]
-                    xs = _gemm_input(X, R, ms, ks, ok, stride_xm, K, GATED, HAS_RES).to(tl.float32)
-                    nw = tl.load(NW + ks, mask=ks < K, other=0.0).to(tl.float32)
-                    tl.store(NO + ms[:, None] * stride_xm + ks[None, :],
-                             (xs * inv[:, None] * nw[None, :]).to(NO.dtype.element_ty), mask=ok)
-    if HAS_SCALE:
-        acc = acc * tl.load(S + rows, mask=row_ok, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(B + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + ms[:, None] * stride_ym + rows[None, :], acc.to(Y.dtype.element_ty),
-             mask=m_ok[:, None] & row_ok[None, :])
-
-
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the decode GEMM, the fastest of scripts/bench_fp8_gemm.py on an H100
-# for 2-byte weights: on 2-16 rows (tl.dot on 16-row tiles; --sweep, the 8B shapes, FP8 and bf16 alike), and on one
-# row (the dot-product path; --sweep-shapes: the fastest or within 1 us of it on each 8B, 0.6B and 30B-A3B shape)
-DECODE_GEMM_CONFIG = (32, 512, 4, 4)
-ONE_ROW_CONFIG = (8, 1024, 8, 4)
-
-
-def decode_gemm_config(m: int, weight: torch.Tensor) -> tuple[int, int, int, int]:
-    """The decode GEMM's tiles for m rows of input. float32 weights take half as wide a K tile, so that the stages
-    fit in shared memory."""
-    block_n, block_k, warps, stages = ONE_ROW_CONFIG if m == 1 else DECODE_GEMM_CONFIG
-    return block_n, block_k // max(1, weight.element_size() // 2), warps, stages
-
-
-def decode_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
-                  gated: bool = False) -> torch.Tensor:
-    """x (M <= DECODE_GEMM_MAX_M, K) @ weight (N, K).T + bias, in x's dtype, in one kernel with no split over K: for
-    decode, where reading the weights is the whole cost. An FP8 weight needs its per-row `weight_scale` and is
-    widened in registers (W8A16: the activations are not quantized); otherwise the weight has x's dtype.
-    gated: x is [gate | up] (M, 2K) and the input is silu_and_mul(x), computed as it loads (one kernel fewer)."""
-    return _decode_gemm(x, weight, weight_scale, bias, config, gated=gated)
-
-
-def decode_linear_after_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                             weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
-                             bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
-                             return_normed: bool = False) -> tuple[torch.Tensor, ...]:
-    """(decode_linear(rms_norm(x + residual)), x + residual) in one kernel: the residual add and the RMSNorm before a
-    projection, computed as the GEMM loads its input (two kernels fewer than rms_norm then the GEMM). Without a
-    residual (a first layer), the norm of x, and x itself as the residual. return_normed: the normed input too,
-    third, for other layers that read it."""
-    x = x.contiguous()  # the residual shares x's row stride
-    if residual is not None:
-        if residual.shape != x.shape:
-            raise ValueError(f"the residual's shape {tuple(residual.shape)} is not x's {tuple(x.shape)}")
-        residual = residual.contiguous()
-    residual_out = torch.empty_like(x) if residual is not None else x
-    normed = torch.empty_like(x) if return_normed else None
-    y = _decode_gemm(x, weight, weight_scale, bias, config, norm=(norm_weight, eps, residual, residual_out, normed))
-    return (y, residual_out, normed) if return_normed else (y, residual_out)
-
-
-def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
-                 bias: torch.Tensor | None, config: tuple[int, int, int, int] | None, gated: bool = False,
-                 norm: tuple | None = None) -> torch.Tensor:
-    m, k = x.shape
-    if gated:
-        k //= 2
-    if m > DECODE_GEMM_MAX_M:
-        raise ValueError(f"decode_linear takes at most {DECODE_GEMM_MAX_M} rows, got {m}")
-    if weight.shape[1] != k:
-        gated_note = " (half the gated input)" if gated else ""
-        raise ValueError(f"decode_linear: input width {k}{gated_note} != the weight's {weight.shape[1]} columns")
-    if (weight.dtype == FP8) != (weight_scale is not None):
-        raise ValueError("an FP8 weight needs its weight_scale, and only an FP8 weight takes one")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    norm_weight, eps, residual, residual_out, normed = norm or (None, 0.0, None, None, None)
-    n = weight.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages = config or decode_gemm_config(m, weight)
-    if m:
-        _decode_gemm_kernel[(triton.cdiv(n, block_n),)](
-            x, residual, residual_out, norm_weight, normed, weight, weight_scale, bias, y, m, n, k, x.stride(0),
-            weight.stride(0), y.stride(0), eps, HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
-            GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, STORE_NORMED=normed is not None,
-            BLOCK_M=1 if m == 1 else DECODE_GEMM_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
-    return y

@@ -34,7 +34,7 @@ NORM_FOLD_MAX_K = 2048
 def apply_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
     """x @ weight.T (+ bias); weight_scale: the weight is FP8 with a scale per row. gated: x is [gate | up] and
-    the product takes silu(gate) * up. On CUDA one Triton kernel reads the weights once (fused_ops.decode_linear)
+    the product takes silu(gate) * up. On CUDA one Triton kernel reads the weights once (decode_gemm.decode_linear)
     where it is the faster choice: one row (its dot-product path beat cuBLAS on every decode shape swept; a gated
     row's SiLU-and-mul in the same kernel), and up to DECODE_GEMM_MAX_M rows of FP8 weights (no activation
     quantization) or of a reduction of DECODE_GEMM_MIN_K or more."""
@@ -44,7 +44,7 @@ def apply_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     k = x.shape[-1] // 2 if gated else x.shape[-1]
     few_rows = rows <= DECODE_GEMM_MAX_M and (weight_scale is not None or k >= DECODE_GEMM_MIN_K)
     if x.is_cuda and (rows == 1 or few_rows):
-        from gridserve.layers.fused_ops import decode_linear
+        from gridserve.layers.decode_gemm import decode_linear
 
         y = decode_linear(x.reshape(rows, x.shape[-1]), weight, weight_scale, bias, gated=gated)
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -58,11 +58,11 @@ def apply_linear_after_norm(x: torch.Tensor, residual: torch.Tensor | None, norm
                             return_normed: bool = False) -> tuple[torch.Tensor, ...]:
     """(apply_linear(norm(x + residual)), x + residual); no residual: (apply_linear(norm(x)), x). return_normed adds
     the normed input, third. For one row of up to NORM_FOLD_MAX_K features on CUDA one kernel adds, normalises and
-    multiplies (fused_ops.decode_linear_after_norm), where rms_norm and the GEMM are two launches of a few
+    multiplies (decode_gemm.decode_linear_after_norm), where rms_norm and the GEMM are two launches of a few
     microseconds each; otherwise the two (folded, every program of the GEMM recomputes the norm: 16 rows of it, or
     a wide row, cost more than a launch)."""
     if x.is_cuda and x.numel() == x.shape[-1] <= NORM_FOLD_MAX_K:
-        from gridserve.layers.fused_ops import decode_linear_after_norm
+        from gridserve.layers.decode_gemm import decode_linear_after_norm
 
         x2 = x.reshape(1, x.shape[-1])
         r2 = None if residual is None else residual.reshape(1, x.shape[-1])

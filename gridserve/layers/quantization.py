@@ -23,7 +23,7 @@ from torch import nn
 from gridserve.layers.weight_utils import materialize
 
 FP8 = torch.float8_e4m3fn
-# Up to this many tokens (decode) a product on CUDA may run in the decode GEMM (fused_ops.decode_linear, picked by
+# Up to this many tokens (decode) a product on CUDA may run in the decode GEMM (decode_gemm.decode_linear, picked by
 # linear.apply_linear), which skips the activations' quantization; it is also the row tile of that kernel's tl.dot.
 DECODE_GEMM_MAX_M = 16
 FP8_MAX = torch.finfo(FP8).max
