@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst fusedgemm gemmtiles gemm fp8 bigbs longctx sharedprefix;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl fusedgemm gemmtiles gemm fp8 bigbs longctx sharedprefix;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -135,6 +135,17 @@ if has burst; then  # issue 24: 2,000 one-token requests at once on the 0.6B sha
       --output-file $OUT/burst.jsonl 2>&1 | grep -E "TTFT|prefill|order|throughput" | tee -a $OUT/burst.txt
     kill $SERVER; wait $SERVER
   done
+fi
+if has pdl; then  # issue 20: programmatic dependent launch (--enable-pdl): a kernel chain in a graph, the greedy
+  # tokens against PDL off, batch-1 latency with and without it (PDL_MODELS: which shapes)
+  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py -rf 2>&1 | grep -E "^FAILED|passed|failed"
+  python3 scripts/greedy_agreement.py $Q --candidate enable_pdl=true --num-prompts 24 \
+    --output-json $OUT/agreement_pdl.json > $OUT/agreement_pdl.log 2>&1; tail -4 $OUT/agreement_pdl.log
+  for m in ${PDL_MODELS:-Q L M}; do for flag in "--enable-pdl" ""; do
+    $GS bench latency ${!m} $flag --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
+      --output-json $OUT/latency_$m${flag:+_pdl}.json 2>&1 | tee $OUT/latency_$m${flag:+_pdl}.log \
+      | grep -E "TPOT|rror" | sed "s/^/$m ${flag:-no-pdl}: /"
+  done; done
 fi
 if has fusedgemm; then  # issue 20: the decode GEMM with the norm or the SiLU-and-mul folded in, against both apart
   python3 scripts/bench_fp8_gemm.py --fused 2>&1 | grep -v Warning | tee $OUT/fused_gemm.txt

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from gridserve.layers.quantization import DECODE_GEMM_MAX_M, FP8
+from gridserve.pdl import launch_args as pdl_args
 
 
 @triton.jit
@@ -36,13 +37,16 @@ def _gemm_input(X, R, ms, ks, ok, stride_xm, K, GATED: tl.constexpr, HAS_RES: tl
 def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, eps,
                         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
                         HAS_RES: tl.constexpr, STORE_NORMED: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Y[:, n-tile] = (X @ W[n-tile].T) (* S[n-tile]) (+ B): W in X's dtype, or FP8 widened to it in registers.
     The input is X as _gemm_input reads it; with NORM, then RMSNorm(that) with weight NW (the weight applied as x
     loads, the row's 1/RMS to the sums, so that one pass over x suffices), and the programs of tile 0 store the
     residual sum (HAS_RES) to RO for the next layer and, with STORE_NORMED, the normed input to NO (for other
     readers of it: an MoE block's experts read what its router GEMM reads).
     BLOCK_M 1 (one row) multiplies on the CUDA cores, a dot product per weight row; 16 (2-16 rows) runs tl.dot."""
+    if PDL:  # programmatic dependent launch (gridserve/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -157,5 +161,6 @@ def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
             weight.stride(0), y.stride(0), eps, HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
             GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, STORE_NORMED=normed is not None,
             BLOCK_M=1 if m == 1 else DECODE_GEMM_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
+            **pdl_args(x.device))
     return y

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gridserve.pdl import launch_args as pdl_args
+
 
 @triton.jit
 def _route_token(logits_ptr, map_ptr, num_experts, num_chosen, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
@@ -61,8 +63,12 @@ def _route_token(logits_ptr, map_ptr, num_experts, num_chosen, TOP_K: tl.constex
 
 @triton.jit
 def _route_kernel(logits_ptr, map_ptr, weights_ptr, ids_ptr, num_experts, stride_l, TOP_K: tl.constexpr,
-                  K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr):
+                  K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr,
+                  PDL: tl.constexpr):
     """Token program_id(0)'s routing (_route_token), stored as its TOP_K weights and local ids."""
+    if PDL:  # programmatic dependent launch (gridserve/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0)
     chosen_w, local = _route_token(logits_ptr + t.to(tl.int64) * stride_l, map_ptr, num_experts, TOP_K, TOP_K,
                                    K_PAD, RENORMALIZE, BLOCK_E, ROWS)
@@ -85,7 +91,8 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     if m:
         _route_kernel[(m,)](router_logits, local_of_expert, weights, ids, num_experts, router_logits.stride(0),
                             TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
-                            BLOCK_E=triton.next_power_of_2(num_experts), ROWS=ROUTE_WARPS, num_warps=ROUTE_WARPS)
+                            BLOCK_E=triton.next_power_of_2(num_experts), ROWS=ROUTE_WARPS, num_warps=ROUTE_WARPS,
+                            **pdl_args(router_logits.device))
     return weights, ids
 
 
@@ -210,11 +217,14 @@ def _gate_up_vec_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, logi
                         num_experts, stride_xm, stride_lm, stride_we, stride_wn, stride_se, stride_om,
                         TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr,
                         ROUTE: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
-                        ROWS: tl.constexpr):
+                        ROWS: tl.constexpr, PDL: tl.constexpr):
     """Slot program_id(0)'s rows [n, n + BLOCK_N) of silu(gate) * up, as a matrix-vector product. Its expert is
     read from ids_ptr, or with ROUTE found here from its token's logits (_route_token, as _route_kernel does: no
     route launch before this kernel); then the programs of row tile 0 store the slot's weight and local id to
     weights_ptr and ids_ptr, which the down kernel, next on the stream, reads."""
+    if PDL:  # programmatic dependent launch (gridserve/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     slot, pid_n = tl.program_id(0), tl.program_id(1)
     token = slot // TOP_K
     if ROUTE:
@@ -257,10 +267,13 @@ def _gate_up_vec_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, logi
 @triton.jit
 def _down_vec_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weight_ptr, hidden, inter, stride_am, stride_we,
                      stride_wn, stride_se, stride_om, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, PDL: tl.constexpr):
     """Token program_id(0)'s output rows [n, n + BLOCK_N): the sum over its k slots of weight * down(act). Each
     step loads the k experts' rows as one (K_PAD, BLOCK_N, BLOCK_K) tile, so all k loads are in flight together
     (a loop over the slots waited for each expert in turn: 46% of copy bandwidth at batch 1 on an H100)."""
+    if PDL:  # programmatic dependent launch (gridserve/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     token, pid_n = tl.program_id(0), tl.program_id(1)
     j = tl.arange(0, K_PAD)
     slots = token * TOP_K + j
@@ -317,11 +330,12 @@ def _moe_vec(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torc
         x, w13, s13, act, ids, weights, logits, local_of_expert, hidden, inter, num_experts, x.stride(0),
         logits.stride(0), w13.stride(0), w13.stride(1), stride_s13, act.stride(0), TOP_K=top_k, BLOCK_N=bn_gu,
         BLOCK_K=bk_gu, HAS_SCALE=has_scale, ROUTE=routing is not None, K_PAD=triton.next_power_of_2(top_k),
-        RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(num_experts), ROWS=warps_gu, num_warps=warps_gu)
+        RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(num_experts), ROWS=warps_gu, num_warps=warps_gu,
+        **pdl_args(x.device))
     _down_vec_kernel[(m, triton.cdiv(hidden, bn_d))](
         act, w2, s2, out, ids, weights, hidden, inter, act.stride(0), w2.stride(0), w2.stride(1), stride_s2,
         out.stride(0), TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK_N=bn_d, BLOCK_K=bk_d,
-        HAS_SCALE=has_scale, num_warps=warps_d)
+        HAS_SCALE=has_scale, num_warps=warps_d, **pdl_args(x.device))
     return out
 
 

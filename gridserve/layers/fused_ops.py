@@ -14,11 +14,15 @@ import triton
 import triton.language as tl
 
 from gridserve.layers.quantization import FP8, FP8_MAX, MIN_AMAX
+from gridserve.pdl import launch_args as pdl_args
 
 
 @triton.jit
 def _rmsnorm_kernel(X, R, W, Y, RO, stride_xt, stride_xh, stride_r, stride_y, stride_ro, H, N, eps,
-                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # programmatic dependent launch (gridserve/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)  # one row = one (token, head); heads = 1 for hidden-size norms
     t, h = row // H, row % H
     cols = tl.arange(0, BLOCK)
@@ -55,7 +59,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         _rmsnorm_kernel[(rows,)](
             x3, r if r is not None else x3, weight, y, res_out if res_out is not None else y,
             x3.stride(0), x3.stride(1), n, n, n, heads, n, eps,
-            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n))
+            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n), **pdl_args(x.device))
     return y if residual is None else (y, res_out)
 
 
@@ -88,7 +92,11 @@ def _head_to_cache(k1, k2, v_row, kc_row, vc_row, offs, mask, HALF: tl.constexpr
 
 @triton.jit(do_not_specialize_on_alignment=["Pos", "Loc"])  # slices of the batch's one input copy
 def _rope_kernel(Q, K, Pos, InvFreq, V, KC, VC, Loc, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-                 stride_c, HQ, scaling, HALF: tl.constexpr, BLOCK: tl.constexpr, STORE_KV: tl.constexpr):
+                 stride_c, HQ, scaling, HALF: tl.constexpr, BLOCK: tl.constexpr, STORE_KV: tl.constexpr,
+                 PDL: tl.constexpr):
+    if PDL:  # programmatic dependent launch (gridserve/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
@@ -132,16 +140,19 @@ def rotary_embedding_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         _rope_kernel[(n, hq + k.shape[1])](
             q, k, positions, inv_freq, v, kc, vc, loc, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             stride_vt, stride_c, hq, float(scaling), HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
-            STORE_KV=store)
+            STORE_KV=store, **pdl_args(q.device))
     return q, k
 
 
 @triton.jit(do_not_specialize_on_alignment=["Pos", "Loc"])
 def _qk_norm_rope_kernel(Q, K, Pos, InvFreq, WQ, WK, V, KC, VC, Loc, stride_qt, stride_qh, stride_kt, stride_kh,
                          stride_vt, stride_c, HQ, scaling, eps, HALF: tl.constexpr, BLOCK: tl.constexpr,
-                         STORE_KV: tl.constexpr):
+                         STORE_KV: tl.constexpr, PDL: tl.constexpr):
     """One (token, head) of q or k: RMSNorm over the head (rounded to the activation dtype, as the separate
     norm's output is), then the rotary embedding, in place; a k head (and its v) also to the cache if STORE_KV."""
+    if PDL:  # programmatic dependent launch (gridserve/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
@@ -181,12 +192,15 @@ def qk_norm_rope_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_w
         _qk_norm_rope_kernel[(n, hq + k.shape[1])](
             q, k, positions, inv_freq, q_weight, k_weight, v, kc, vc, loc, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), stride_vt, stride_c, hq, float(scaling), eps, HALF=d // 2,
-            BLOCK=triton.next_power_of_2(d // 2), STORE_KV=store)
+            BLOCK=triton.next_power_of_2(d // 2), STORE_KV=store, **pdl_args(q.device))
     return q, k
 
 
 @triton.jit
-def _silu_and_mul_kernel(X, Y, stride_x, stride_y, N, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(X, Y, stride_x, stride_y, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # programmatic dependent launch (gridserve/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -207,14 +221,17 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(n))
     if x2.shape[0]:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, y, x2.stride(0), y.stride(0), n,
-                                                                   BLOCK=block)
+                                                                   BLOCK=block, **pdl_args(x.device))
     return y.view(*x.shape[:-1], n)
 
 
 @triton.jit
-def _per_token_quant_kernel(X, Q, S, stride_x, stride_q, N, fp8_max, min_amax, BLOCK: tl.constexpr):
+def _per_token_quant_kernel(X, Q, S, stride_x, stride_q, N, fp8_max, min_amax, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Row program_id(0): amax over the row, scale = amax / fp8_max, q = x / scale in FP8 (two passes over the
     row; the second reads it from L2)."""
+    if PDL:  # programmatic dependent launch (gridserve/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
     for c0 in range(0, N, BLOCK):
@@ -239,5 +256,6 @@ def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
         _per_token_quant_kernel[(m,)](x, q, scale, x.stride(0), q.stride(0), n, FP8_MAX, MIN_AMAX,
-                                      BLOCK=min(4096, triton.next_power_of_2(n)), num_warps=8)
+                                      BLOCK=min(4096, triton.next_power_of_2(n)), num_warps=8,
+                                      **pdl_args(x.device))
     return q, scale

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from gridserve.attention.triton_ops.common import check_paged_inputs
+from gridserve.pdl import launch_args as pdl_args
 
 
 @triton.jit
@@ -111,7 +112,11 @@ def _decode_stage1(
     MERGE: tl.constexpr,  # the last program of each (request, KV head) merges its splits: no stage 2
     BLOCK_G: tl.constexpr,
     CHUNK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch (gridserve/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -197,7 +202,11 @@ def _decode_stage2(
     HEAD_DIM_V: tl.constexpr,
     CHUNK_S: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch (gridserve/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     _merge_splits(AttnOut + b * stride_ob, AttnLse + b * stride_lb, Out + b * stride_outb,
@@ -340,7 +349,7 @@ def decode_attention(
         BLOCK_H=block_h, BLOCK_D=sh.block_d, BLOCK_DV=sh.block_dv, BLOCK_N=block_n,
         DOT_PRECISION=sh.dot_precision, DOT_FP32=sh.dot_fp32,
         MERGE=merge_in_stage1, BLOCK_G=block_g, CHUNK_S=_merge_chunk(block_g, block_s, sh.block_dv),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl_args(q.device),
     )
     if merge_in_stage1:
         return out
@@ -351,5 +360,6 @@ def decode_attention(
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_kv_splits, BASE_SPLITS=min(num_kv_splits, MAX_KV_SPLITS), MIN_SPLIT_LEN=MIN_SPLIT_LEN,
         HEAD_DIM_V=head_dim_v, CHUNK_S=_merge_chunk(1, block_s, sh.block_dv), BLOCK_DV=sh.block_dv,
+        **pdl_args(q.device),
     )
     return out

@@ -9,10 +9,16 @@ import torch
 import triton
 import triton.language as tl
 
+from gridserve.pdl import launch_args as pdl_args
+
 
 @triton.jit(do_not_specialize_on_alignment=["Loc"])  # a slice of the batch's one input copy
 def _store_kv_kernel(K, V, KCache, VCache, Loc, stride_k, stride_v, stride_kc, stride_vc,
-                     K_WIDTH: tl.constexpr, V_WIDTH: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+                     K_WIDTH: tl.constexpr, V_WIDTH: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+                     PDL: tl.constexpr):
+    if PDL:  # programmatic dependent launch (gridserve/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     i = tl.program_id(0).to(tl.int64)
     slot = tl.load(Loc + i).to(tl.int64)
     ok = tl.arange(0, BLOCK_K)
@@ -44,4 +50,4 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor, k:
         raise ValueError(f"K/V rows of {k2.shape[1]}/{v2.shape[1]} values do not fit cache rows of {kw}/{vw}")
     _store_kv_kernel[(n,)](k2, v2, k_cache, v_cache, loc, k2.stride(0), v2.stride(0), kw, vw,
                            K_WIDTH=kw, V_WIDTH=vw, BLOCK_K=triton.next_power_of_2(kw),
-                           BLOCK_V=triton.next_power_of_2(vw))
+                           BLOCK_V=triton.next_power_of_2(vw), **pdl_args(k_cache.device))

@@ -1,0 +1,46 @@
+"""Programmatic dependent launch (PDL; Hopper and later GPUs), for the Triton kernels of a decode step.
+
+A kernel launched with PDL may be scheduled while the kernel before it on the stream is still running. It calls
+`gdc_wait` before it reads anything (which returns once that kernel has finished and its writes are visible), so
+what it computes does not change; and it calls `gdc_launch_dependents` at once, so the kernel after it may be
+scheduled early in turn. A kernel without PDL before or after it is an ordinary boundary. At batch 1 a decode step
+is a chain of 150-400 kernels of a few microseconds each, where the gap between two kernels is a sizable share.
+
+Off unless `--enable-pdl` (the model runner calls `set_enabled`); never under TRITON_INTERPRET, which has no
+`gdc_wait`, nor on GPUs before compute capability 9.0. A kernel that takes PDL starts with
+
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+and is launched with `**pdl.launch_args(device)`. This module imports no Triton: importing Triton before a test
+sets TRITON_INTERPRET would leave the kernels unable to run on the interpreter.
+"""
+
+import functools
+import os
+
+import torch
+
+_enabled = False
+
+
+def set_enabled(on: bool) -> None:
+    global _enabled
+    _enabled = on
+
+
+@functools.cache
+def _supported(device_index: int) -> bool:
+    return os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether kernels on this device launch with PDL."""
+    return _enabled and device.type == "cuda" and _supported(device.index or 0)
+
+
+def launch_args(device: torch.device) -> dict:
+    """The launch's keyword arguments for a kernel that takes PDL: its PDL flag and Triton's launch_pdl option."""
+    on = enabled(device)
+    return {"PDL": on, "launch_pdl": on}
