@@ -146,6 +146,9 @@ if has pdl; then  # issue 20: programmatic dependent launch (--enable-pdl): a ke
       --output-json $OUT/latency_$m${flag:+_pdl}.json 2>&1 | tee $OUT/latency_$m${flag:+_pdl}.log \
       | grep -E "TPOT|rror" | sed "s/^/$m ${flag:-no-pdl}: /"
   done; done
+  # does the host keep ahead of a shorter step? (cProfile: the time not in Event.synchronize is the host's)
+  python3 scripts/profile_scheduler.py $Q --enable-pdl --batch-size 1 --no-show-progress --top 12 2>&1 \
+    | grep -v Warning > $OUT/profile_Q_pdl.txt; head -12 $OUT/profile_Q_pdl.txt
 fi
 if has fusedgemm; then  # issue 20: the decode GEMM with the norm or the SiLU-and-mul folded in, against both apart
   python3 scripts/bench_fp8_gemm.py --fused 2>&1 | grep -v Warning | tee $OUT/fused_gemm.txt
