@@ -299,9 +299,10 @@ def _down_vec_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weight_ptr, hidden, 
 
 # Up to this many (token, k) slots the matrix-vector path runs; above it, the sorted grouped GEMM.
 VEC_MAX_SLOTS = 64
-# (BLOCK_N, BLOCK_K, num_warps) of the matrix-vector kernels, gate/up and down: the fastest of a sweep on an H100
-# (scripts/bench_moe_kernel.py --sweep, Qwen3-30B-A3B layer, batch 1)
-VEC_CONFIG = {"gate_up": (8, 128, 8), "down": (4, 128, 8)}
+# (BLOCK_N, BLOCK_K, num_warps) of the matrix-vector kernels, gate/up and down: the fastest of a sweep
+# (scripts/bench_moe_kernel.py --sweep, Qwen3-30B-A3B layer, batch 1); gate/up on an H100 and again on an H200,
+# down (all k experts in one tile) on an H200, where (4, 128, 8) was not among the five fastest
+VEC_CONFIG = {"gate_up": (8, 128, 8), "down": (8, 256, 4)}
 
 
 def _scales(w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None, w13: torch.Tensor):
