@@ -32,7 +32,10 @@ def set_enabled(on: bool) -> None:
 
 @functools.cache
 def _supported(device_index: int) -> bool:
-    return os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(device_index)[0] >= 9
+    """NVIDIA Hopper and later (ROCm's "cuda" devices have no launch_pdl), and not the interpreter."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def enabled(device: torch.device) -> bool:
@@ -41,6 +44,6 @@ def enabled(device: torch.device) -> bool:
 
 
 def launch_args(device: torch.device) -> dict:
-    """The launch's keyword arguments for a kernel that takes PDL: its PDL flag and Triton's launch_pdl option."""
-    on = enabled(device)
-    return {"PDL": on, "launch_pdl": on}
+    """The launch's keyword arguments for a kernel that takes PDL: its PDL flag, and Triton's launch_pdl option
+    where it is on (Triton before 3.3 has no such option)."""
+    return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}

@@ -16,7 +16,7 @@ def pdl_on():
 
 
 def test_off_unless_enabled_and_never_on_cpu(pdl_on, monkeypatch):
-    assert pdl.launch_args(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
+    assert pdl.launch_args(torch.device("cpu")) == {"PDL": False}
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     pdl._supported.cache_clear()
     assert not pdl.enabled(torch.device("cuda", 0))  # the interpreter has no gdc_wait; no GPU is asked
@@ -42,7 +42,7 @@ def _chain(x, res, norm_w, w1, w2, w3):
 def test_a_chain_of_pdl_kernels_in_a_cuda_graph_equals_the_chain_without(pdl_on, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     pdl._supported.cache_clear()
-    assert pdl.enabled(torch.device("cuda", 0))
+    assert pdl.launch_args(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
     torch.manual_seed(0)
     d, inter = 1024, 3072
     x, res = (torch.randn(1, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
