@@ -43,6 +43,7 @@ def _case(tokens: int, experts: int, top_k: int, hidden: int, inter: int, local:
     (40, 8, 2, 64, 96, None),  # several blocks per expert, dims not multiples of the tiles
     (17, 8, 2, 32, 48, range(4, 8)),  # half the experts on this rank
     (9, 4, 1, 32, 16, None),
+    (2, 16, 8, 32, 48, range(0, 8)),  # k = 8 as Qwen3-30B-A3B routes: the down kernel's (8, rows, K) tile
 ])
 @pytest.mark.parametrize("method", ["sorted", "vec"])
 def test_fused_moe_equals_the_reference(tokens, experts, top_k, hidden, inter, local, method):
