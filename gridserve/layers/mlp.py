@@ -1,5 +1,5 @@
 """The gated MLP of the decoder family, down(silu(gate(x)) * up(x)), with gate and up in one column-parallel
-matrix and down row-parallel. The SiLU-and-mul is the down projection's gated input: at decode sizes on CUDA it is
+matrix and down row-parallel. The SiLU-and-mul is the down projection's gated input: for one row on CUDA it is
 computed inside the down GEMM (layers/linear.py)."""
 
 import torch
@@ -23,6 +23,7 @@ class GatedMLP(nn.Module):
 
     def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor,
                            norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """(self(norm(x + residual)), x + residual), the norm folded into gate/up at decode sizes on CUDA."""
+        """(self(norm(x + residual)), x + residual), the norm folded into gate/up where apply_linear_after_norm
+        folds it (one row on CUDA)."""
         h, residual = self.gate_up_proj.forward_after_norm(x, residual, norm)
         return self.down_proj(h, gated=True), residual

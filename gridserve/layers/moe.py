@@ -132,8 +132,7 @@ class SparseMoeBlock(nn.Module):
     def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor,
                            norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(norm(x + residual)), x + residual). The norm is folded into the router's GEMM, which also hands
-        back the normed x for the experts (at decode sizes on CUDA: one kernel for the add, the norm and the
-        router)."""
+        back the normed x for the experts (for one row on CUDA: one kernel for the add, the norm and the router)."""
         router_logits, residual, x = self.gate.forward_after_norm(x, residual, norm, return_normed=True)
         return self._experts(x, router_logits), residual
 

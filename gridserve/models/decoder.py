@@ -76,7 +76,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions, x, residual, fb: ForwardBatch):
         """(this layer's output, the residual stream); residual None on the first layer. Each RMSNorm (with the
-        residual add) goes to the projection after it, which at decode sizes on CUDA does both in one kernel."""
+        residual add) goes to the projection after it, which for one row on CUDA may do both in one kernel
+        (layers/linear.apply_linear_after_norm)."""
         x, residual = self.self_attn(positions, x, residual, self.input_layernorm, fb)
         return self.mlp.forward_after_norm(x, residual, self.post_attention_layernorm)
 

@@ -248,7 +248,6 @@ class DecodeWorkspace:
     max_bs: int
     num_heads: int
     head_dim_v: int
-    num_kv_heads: int
 
     @classmethod
     def allocate(cls, max_bs: int, num_heads: int, head_dim_v: int, num_kv_splits: int = MAX_KV_SPLITS,
@@ -259,7 +258,11 @@ class DecodeWorkspace:
         return cls(attn_out=torch.empty(pairs * num_heads * head_dim_v, dtype=torch.float32, device=device),
                    attn_lse=torch.empty(pairs * num_heads, dtype=torch.float32, device=device),
                    counters=torch.zeros(max_bs * num_kv_heads, dtype=torch.int32, device=device),
-                   max_bs=max_bs, num_heads=num_heads, head_dim_v=head_dim_v, num_kv_heads=num_kv_heads)
+                   max_bs=max_bs, num_heads=num_heads, head_dim_v=head_dim_v)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.counters.numel() // self.max_bs
 
     def max_splits(self, batch_size: int) -> int:
         return self.attn_lse.numel() // (self.num_heads * max(1, batch_size))
