@@ -73,7 +73,9 @@ class FastTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.decode_only:
             raise RuntimeError("this tokenizer was loaded to decode only")
-        return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works; encode holds it (tokenizers 0.23), and a megabyte prompt
+        # tokenized on the front end's worker thread then stalled its event loop, /health included, for seconds.
+        return self.backend_tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
