@@ -64,6 +64,15 @@ def test_partial_match_splits_node():
     assert cache.match_prefix([1, 2, 3, 4])[0].tolist() == v.tolist()
 
 
+def test_match_len_looks_without_splitting():
+    alloc, cache = make()
+    put(alloc, cache, [1, 2, 3, 4])
+    put(alloc, cache, [1, 2, 5])
+    before = sizes(cache), cache.root_node.children[1].key
+    assert [cache.match_len(k) for k in ([1, 2, 3, 9], [1, 2, 5, 6], [1, 9], [7], [])] == [3, 3, 1, 0, 0]
+    assert (sizes(cache), cache.root_node.children[1].key) == before
+
+
 def test_insert_returns_already_present_length():
     alloc, cache = make()
     assert put(alloc, cache, [1, 2, 3, 4])[0] == 0
@@ -283,8 +292,10 @@ class CacheMachine(RuleBasedStateMachine):
 
     @rule(key=tokens_st)
     def match(self, key):
+        n = self.cache.match_len(key)  # a look first: it must not split what match_prefix then walks
         idx, node = self.cache.match_prefix(key)
         self._check_match(key, idx, node)
+        assert idx.numel() == n == self.cache.match_len(key)
 
     @precondition(lambda self: self.inserted)
     @rule(i=st.integers(0, 100))

@@ -90,6 +90,18 @@ class RadixCache:
         value = torch.cat(values) if values else self._empty()
         return value, node
 
+    def match_len(self, key: list[int]) -> int:
+        """How many leading tokens of key the cache holds: match_prefix's length, without its slots, splits or
+        access-time updates (a look that changes nothing)."""
+        node, i = self.root_node, 0
+        while i < len(key) and key[i] in node.children:
+            node = node.children[key[i]]
+            n = _common_len(node.key, key, i)
+            i += n
+            if n < len(node.key):
+                break
+        return i
+
     def insert(self, key: list[int], value: torch.Tensor) -> int:
         if len(key) != value.numel():
             raise ValueError(f"key has {len(key)} tokens but value has {value.numel()} slots")

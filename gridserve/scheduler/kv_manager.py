@@ -49,8 +49,8 @@ class KVManager:
         return self.req_pool.req_to_token[req.req_pool_idx, : req.kv_len].long()
 
     def cache_unfinished(self, req: Req) -> None:
-        """At a chunk boundary: publish the computed prefix to the cache and continue from the cached copy,
-        so a later request can share it and eviction accounting stays exact."""
+        """After a prefill (of a chunk or of the whole prompt): publish the computed prefix to the cache and continue
+        from the cached copy, so a later request can share it and eviction accounting stays exact."""
         if self.tree is None:
             return
         tokens, slots = req.fill_ids[: req.kv_len], self._row(req)

@@ -43,6 +43,24 @@ def preemption_victim(waiting_first: Req, running: list[Req], priority_sign: int
     return victim if priority_sign * (waiting_first.priority - victim.priority) > threshold else None
 
 
+# A waiting request whose prompt shares at least this many not-yet-cached tokens with a request already in the
+# prefill batch being built, and at least half of what it would compute, waits one step and then finds them in the
+# prefix cache (SGLang's in-batch prefix caching uses the same 32). Requests of one group that arrive together
+# (a shared system prompt) then compute it once, not once each.
+IN_BATCH_SHARED_MIN = 32
+
+
+def _common_prefix_len(a: list[int], b: list[int], start: int = 0) -> int:
+    """Length of the common prefix of a and b, given that their first `start` tokens agree; slice compares run in
+    C, a block at a time."""
+    n, limit, block = start, min(len(a), len(b)), 256
+    while n + block <= limit and a[n : n + block] == b[n : n + block]:
+        n += block
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
 class PrefillAdder:
     """Builds one prefill batch. At most one request is split (the chunked request) per batch."""
 
@@ -97,6 +115,25 @@ class PrefillAdder:
         self.kv.release(req)
         return ok
 
+    def waits_for_batch(self, req: Req) -> bool:
+        """Whether req should wait a step: a request in this batch computes most of its uncached prompt."""
+        if self.kv.tree is None or not self.batch:
+            return False
+        ids = req.fill_ids
+        cached = self.kv.tree.match_len(ids[:-1])
+        head = ids[: cached + IN_BATCH_SHARED_MIN]
+        for other in self.batch:
+            end = other.kv_len + other.extend_len  # the batch computes other's tokens [kv_len, end)
+            if other.kv_len > cached or end - cached < IN_BATCH_SHARED_MIN:
+                continue
+            other_ids = other.fill_ids
+            if other_ids[: len(head)] != head:
+                continue
+            gain = min(_common_prefix_len(ids, other_ids, len(head)), end) - cached
+            if gain >= IN_BATCH_SHARED_MIN and 2 * gain >= len(ids) - cached:
+                return True
+        return False
+
     def _open(self) -> bool:
         return (self.budget > 0 and self.slots_left > 0 and self.new_chunked is None
                 and self.kv.req_pool.available_size() > 0)
@@ -120,12 +157,15 @@ class PrefillAdder:
 
 
 def admit(adder: PrefillAdder, ordered: list[Req]) -> list[Req]:
-    """The longest prefix of `ordered` (skipping requests still pending on the device) that the adder takes.
+    """The longest prefix of `ordered` that the adder takes, skipping requests still pending on the device and
+    those whose prompt a request in the batch mostly computes.
     The caller removes them from its queue afterwards: removing while iterating the same list skipped every
     other request (a burst was admitted half per step, out of order)."""
     admitted = []
     for req in ordered:
         if req.pending:  # retracted while its newest token was still on the device: next time
+            continue
+        if adder.waits_for_batch(req):  # its prompt is mostly computed in this batch: cached next step
             continue
         if not adder.add(req):
             break

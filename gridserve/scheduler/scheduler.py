@@ -408,8 +408,12 @@ class Scheduler:
             req.kv_len += req.extend_len
             samples = req.kv_len == req.num_tokens
             batch.samples.append(samples)
-            if not samples:  # a chunk of a longer prompt: publish it to the prefix cache
+            if batch.mode.is_extend():
+                # Publish the prompt (or the chunk so far) to the prefix cache now, not when the request finishes:
+                # requests sharing it that arrive while this one decodes reuse it. Stream order makes any batch
+                # that reads these slots run after the forward that writes them.
                 self.kv.cache_unfinished(req)
+            if not samples:
                 continue
             req.pending += 1
             req.last_row = i
