@@ -169,3 +169,51 @@ def test_triton_backend_model_logits_equal_torch_backend(kind, tmp_path):
     got = run_script(make_runner(str(tmp_path), attention_backend="triton", device=DEVICE))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_prep_in_the_kernel_equals_the_rotary_kernel_then_attention(qk_norm, dtype, atol):
+    """DecodePrep: q and the new token's k/v arrive raw; the kernel norms and rotates them and stores the new K/V.
+    Against the separate path (the rotary or q/k norm + rotary kernel with its KV store, then the kernel): the
+    same output and the same cache, with splits that do and do not hold the newest key, a GQA group of 4, and a
+    seq_len 0 row (a padded CUDA-graph row: it stores nothing)."""
+    from gridserve.attention.triton_ops.decode_attention import DecodePrep
+    from gridserve.layers.fused_ops import qk_norm_rope_, rotary_embedding_
+
+    lens, hq, hk, d = [9, 0, 70, 1], 8, 2, 64
+    q, k_buf, v_buf, r2t, rpi, sl = make_case([max(n, 1) for n in lens], hq, hk, d, dtype, seed=5)
+    sl = torch.tensor(lens, device=DEVICE)
+    g = torch.Generator().manual_seed(6)
+    k_new, v_new = (torch.randn(len(lens), hk, d, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    loc = torch.stack([r2t[rpi[i], max(n, 1) - 1] for i, n in enumerate(lens)]).long()
+    positions = (sl - 1).clamp(min=0)
+    inv_freq = (1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)).to(DEVICE)
+    w_q, w_k = (torch.rand(d, generator=g).to(dtype).to(DEVICE) + 0.5 for _ in range(2))
+    norm = {"q_weight": w_q, "k_weight": w_k, "eps": 1e-6} if qk_norm else {}
+
+    def separate():
+        kc, vc = k_buf.clone(), v_buf.clone()
+        qr, kr = q.clone(), k_new.clone()
+        live = sl > 0  # a padded row's K/V goes nowhere the test reads: keep the caches comparable
+        cache = (kc, vc, loc[live], v_new[live].reshape(-1, hk * d))
+        if qk_norm:
+            qk_norm_rope_(positions[live], qr[live], kr[live], w_q, w_k, 1e-6, inv_freq, 1.0, cache)
+            qr[live] = qk_norm_rope_(positions[live], q[live].clone(), k_new[live].clone(), w_q, w_k, 1e-6, inv_freq,
+                                     1.0)[0]
+        else:
+            qr[live] = rotary_embedding_(positions[live], q[live].clone(), kr[live], inv_freq, 1.0, cache)[0]
+        return decode_attention(qr, kc, vc, r2t, rpi, sl, d**-0.5, num_kv_splits=4), kc, vc
+
+    want, kc_want, vc_want = separate()
+    kc, vc = k_buf.clone(), v_buf.clone()
+    prep = DecodePrep(k_new, v_new.reshape(len(lens), hk * d), loc, positions, inv_freq, **norm)
+    got = decode_attention(q.clone(), kc, vc, r2t, rpi, sl, d**-0.5, num_kv_splits=4, prep=prep)
+    torch.testing.assert_close(got.float().cpu(), want.float().cpu(), atol=atol, rtol=atol)
+    assert torch.equal(got[1].cpu(), torch.zeros(hq, d, dtype=dtype))
+    live = loc[sl > 0].cpu()
+    torch.testing.assert_close(kc.cpu()[live].float(), kc_want.cpu()[live].float(), atol=atol, rtol=atol)
+    assert torch.equal(vc.cpu()[live], v_new.cpu()[(sl > 0).cpu()])
+    others = torch.ones(kc.shape[0], dtype=torch.bool)
+    others[live] = False
+    assert torch.equal(kc.cpu()[others].nan_to_num(7.0), k_buf.cpu()[others].nan_to_num(7.0))  # nothing else written

@@ -8,10 +8,24 @@ captured batch.
 """
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 
 from gridserve.forward_batch import ForwardBatch
+
+
+@dataclass
+class QKRotation:
+    """The rotary embedding, and the per-head q/k RMSNorm where the model has one (Qwen3), that a backend whose
+    `rotates_in_decode` is true applies to a decode step's raw q and new k itself, storing the new K/V too."""
+
+    positions: torch.Tensor  # (B,)
+    inv_freq: torch.Tensor  # (head_dim / 2,) float32
+    scaling: float = 1.0
+    q_weight: torch.Tensor | None = None
+    k_weight: torch.Tensor | None = None
+    eps: float = 1e-6
 
 
 class AttentionBackend(ABC):
@@ -42,10 +56,21 @@ class AttentionBackend(ABC):
         """One new token per request; k and v None when the caller stored them already (the fused rotary
         kernel, layers/attention.py)."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch
-                ) -> torch.Tensor:
-        """q: (N, Hq*D), k/v: (N, Hkv*D); returns (N, Hq*D)."""
+    def rotates_in_decode(self, fb: ForwardBatch) -> bool:
+        """Whether this batch's decode kernel takes q and k raw (forward's `rotation`): one kernel fewer a layer."""
+        return False
+
+    def forward_decode_rotating(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch,
+                                rotation: QKRotation) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not rotate q and k in its decode kernel")
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch,
+                rotation: QKRotation | None = None) -> torch.Tensor:
+        """q: (N, Hq*D), k/v: (N, Hkv*D); returns (N, Hq*D). With `rotation` (decode, where rotates_in_decode),
+        q and k are raw: the backend norms and rotates them and stores the new K/V in its decode kernel."""
         if fb.forward_mode.is_decode():
+            if rotation is not None:
+                return self.forward_decode_rotating(q, k, v, layer, fb, rotation)
             return self.forward_decode(q, k, v, layer, fb)
         return self.forward_extend(q, k, v, layer, fb)
 

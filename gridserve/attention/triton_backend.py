@@ -3,7 +3,7 @@ cached prefix, causal over the new tokens) and the fused KV store."""
 
 import torch
 
-from gridserve.attention.base import AttentionBackend
+from gridserve.attention.base import AttentionBackend, QKRotation
 from gridserve.forward_batch import ForwardBatch
 
 
@@ -12,6 +12,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     def __init__(self, num_kv_splits: int | None = None):
         from gridserve.attention.triton_ops import DecodeWorkspace, decode_attention, extend_attention, store_kv
+        from gridserve.attention.triton_ops.decode_attention import DecodePrep
 
         self._decode = decode_attention
         self._extend = extend_attention
@@ -19,6 +20,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.extend_lens = self.extend_start_loc = None
         self.max_extend_len = 0
         self._workspace_cls = DecodeWorkspace
+        self._prep_cls = DecodePrep
         self.num_kv_splits = num_kv_splits  # None: chosen per batch size (decode_attention's default)
         self.workspace = None
 
@@ -55,12 +57,23 @@ class TritonAttentionBackend(AttentionBackend):
             self.workspace = ws
         return ws
 
-    def forward_decode(self, q, k, v, layer, fb: ForwardBatch) -> torch.Tensor:
-        if k is not None:
+    def forward_decode(self, q, k, v, layer, fb: ForwardBatch, prep=None) -> torch.Tensor:
+        if k is not None and prep is None:
             self.store_kv(k, v, layer, fb)
         k_buf, v_buf = fb.kv_cache.get_kv(layer.layer_id)
         b = fb.batch_size
         ws = self._workspace_for(b, layer.num_heads, layer.head_dim, q.device)
         out = self._decode(q.view(b, layer.num_heads, layer.head_dim), k_buf, v_buf, fb.req_to_token,
-                           fb.req_pool_indices, fb.seq_lens, layer.scaling, self.num_kv_splits, workspace=ws)
+                           fb.req_pool_indices, fb.seq_lens, layer.scaling, self.num_kv_splits, workspace=ws,
+                           prep=prep)
         return out.reshape(b, layer.num_heads * layer.head_dim)
+
+    def rotates_in_decode(self, fb: ForwardBatch) -> bool:
+        return fb.forward_mode.is_decode()
+
+    def forward_decode_rotating(self, q, k, v, layer, fb: ForwardBatch, rotation: QKRotation) -> torch.Tensor:
+        """The decode kernel norms and rotates q and the new k, and stores the new K/V (DecodePrep)."""
+        prep = self._prep_cls(k.view(fb.batch_size, layer.num_kv_heads, layer.head_dim), v, fb.out_cache_loc,
+                              rotation.positions, rotation.inv_freq, rotation.scaling, rotation.q_weight,
+                              rotation.k_weight, rotation.eps)
+        return self.forward_decode(q, None, None, layer, fb, prep)

@@ -1,6 +1,7 @@
 import torch
 from torch import nn
 
+from gridserve.attention.base import QKRotation
 from gridserve.forward_batch import ForwardBatch
 
 
@@ -16,10 +17,16 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.scaling = scaling
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, fb: ForwardBatch
-                ) -> torch.Tensor:
-        """k and v None: the caller has written them into the cache already (see fused_kv_store)."""
-        return fb.attn_backend.forward(q, k, v, self, fb)
+    def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, fb: ForwardBatch,
+                rotation: QKRotation | None = None) -> torch.Tensor:
+        """k and v None: the caller has written them into the cache already (see fused_kv_store). `rotation`:
+        q and k are raw and the backend's decode kernel norms and rotates them (see rotates_in_decode)."""
+        return fb.attn_backend.forward(q, k, v, self, fb, rotation)
+
+    def rotates_in_decode(self, fb: ForwardBatch) -> bool:
+        """Whether the backend's decode kernel applies the rotary embedding (and q/k norm) and stores the new K/V
+        itself this batch: the caller then passes q, k and v raw, with a QKRotation."""
+        return fb.attn_backend.rotates_in_decode(fb)
 
     def fused_kv_store(self, fb: ForwardBatch, v: torch.Tensor) -> tuple | None:
         """(k_cache, v_cache, slots, v) for the rotary kernel to write this layer's new K/V itself, or None.

@@ -43,7 +43,11 @@ class _CutAtAttention:
         self.owner = owner
         self.layers: list = []  # the attention layers in the order the forward meets them
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch) -> torch.Tensor:
+    def rotates_in_decode(self, fb: ForwardBatch) -> bool:
+        return False  # prefill only: the layers rotate q and k themselves
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch,
+                rotation=None) -> torch.Tensor:
         o = self.owner
         o.backend.store_kv(k, v, layer, fb)
         n = q.shape[0]

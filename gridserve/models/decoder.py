@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from gridserve.attention.base import QKRotation
 from gridserve.distributed.parallel_state import get_pp_group, get_tp_group, pp_layer_range
 from gridserve.distributed.pipeline import IntermediateTensors, PPMissingLayer, partition_layers
 from gridserve.forward_batch import ForwardBatch
@@ -46,6 +47,8 @@ class DecoderAttention(nn.Module):
         """(attention(norm(x + residual)), x + residual): the layer's input norm runs with the qkv projection."""
         qkv, residual = self.qkv_proj.forward_after_norm(x, residual, norm)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.attn.rotates_in_decode(fb):  # q/k norm, rotary, KV store and attention in one kernel
+            return self.o_proj(self.attn(q, k, v, fb, self._rotation(positions))), residual
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         kv_cache = self.attn.fused_kv_store(fb, v)
@@ -53,6 +56,13 @@ class DecoderAttention(nn.Module):
         if kv_cache is not None:  # the rotary kernel has stored k and v
             return self.o_proj(self.attn(q.reshape(-1, self.q_size), None, None, fb)), residual
         return self.o_proj(self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, fb)), residual
+
+    def _rotation(self, positions: torch.Tensor) -> QKRotation:
+        rope = self.rotary_emb
+        if self.q_norm is None:
+            return QKRotation(positions, rope.inv_freq, rope.attention_scaling)
+        return QKRotation(positions, rope.inv_freq, rope.attention_scaling, self.q_norm.weight, self.k_norm.weight,
+                          self.q_norm.eps)
 
     def _norm_and_rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, kv_cache: tuple | None):
         if self.q_norm is None:

@@ -83,12 +83,37 @@ def _merge_splits(
              mask=mask_g[:, None] & mask_dv[None, :])
 
 
+@triton.jit
+def _norm_rotate(base, rows, mask_r, stride_r, offs_d, mask_d, pos, InvFreq, W, eps, scaling,
+                 QK_NORM: tl.constexpr, HALF: tl.constexpr):
+    """Rows (heads) of one token: RMSNorm over each head (QK_NORM; rounded to the activations' dtype, as the
+    separate norm's output is), then the Neox rotary embedding at position pos; returns them in that dtype, the
+    values the separate kernels (layers/fused_ops) leave. Each lane also loads its rotation partner, d +- HALF."""
+    partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
+    m = mask_r[:, None] & mask_d[None, :]
+    row = base + rows[:, None] * stride_r
+    x = tl.load(row + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    xp = tl.load(row + partner[None, :], mask=m, other=0.0).to(tl.float32)
+    dt = base.dtype.element_ty
+    if QK_NORM:
+        inv = tl.rsqrt(tl.sum(x * x, 1) / (2 * HALF) + eps)[:, None]
+        x = (x * inv * tl.load(W + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]).to(dt).to(tl.float32)
+        xp = (xp * inv * tl.load(W + partner, mask=mask_d, other=0.0).to(tl.float32)[None, :]).to(dt)
+        xp = xp.to(tl.float32)
+    f = pos * tl.load(InvFreq + offs_d % HALF, mask=mask_d, other=0.0)
+    sign = tl.where(offs_d < HALF, -1.0, 1.0)
+    return (x * (tl.cos(f) * scaling)[None, :] + (sign[None, :] * xp) * (tl.sin(f) * scaling)[None, :]).to(dt)
+
+
 # Per-request index tensors are slices of one host-to-device copy, so their 16-byte alignment changes with the
 # batch; specialising on it compiled new kernel variants in the middle of a run (seen in bench offline).
-@triton.jit(do_not_specialize_on_alignment=["ReqPoolIdx", "SeqLens"])
+@triton.jit(do_not_specialize_on_alignment=["ReqPoolIdx", "SeqLens", "Pos", "Loc"])
 def _decode_stage1(
     Q, K, V, ReqToToken, ReqPoolIdx, SeqLens, AttnOut, AttnLse, Out, Counters,
+    KNew, VNew, Loc, Pos, InvFreq, WQ, WK,  # PREP only: the new token's raw k and v, its slot and position
     sm_scale,
+    eps, rope_scaling,
+    stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_qb, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -112,6 +137,9 @@ def _decode_stage1(
     MERGE: tl.constexpr,  # the last program of each (request, KV head) merges its splits: no stage 2
     BLOCK_G: tl.constexpr,
     CHUNK_S: tl.constexpr,
+    PREP: tl.constexpr,  # q and the new k arrive raw: norm (QK_NORM) and rotate them, store the new K/V first
+    QK_NORM: tl.constexpr,
+    HALF: tl.constexpr,
     PDL: tl.constexpr,
 ):
     if PDL:  # programmatic dependent launch (gridserve/pdl.py)
@@ -135,8 +163,25 @@ def _decode_stage1(
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_dv = offs_dv < HEAD_DIM_V
 
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+    if PREP:
+        pos = tl.load(Pos + b).to(tl.float32)
+        q = _norm_rotate(Q + b.to(tl.int64) * stride_qb, heads, mask_h, stride_qh, offs_d, mask_d, pos, InvFreq,
+                         WQ, eps, rope_scaling, QK_NORM, HALF)
+        # The split that holds the newest key stores it (and its value) first; the barrier makes the stores
+        # visible to the whole program before its loop loads that slot back. No other program reads it.
+        if seq_len > 0 and split == (seq_len - 1) // split_len:
+            one = tl.arange(0, 1)
+            k_new = _norm_rotate(KNew + b.to(tl.int64) * stride_knt, kvh + one, one < 1, stride_knh, offs_d,
+                                 mask_d, pos, InvFreq, WK, eps, rope_scaling, QK_NORM, HALF)
+            slot = tl.load(Loc + b).to(tl.int64)
+            tl.store(K + slot * stride_kt + kvh * stride_kh + offs_d[None, :], k_new.to(K.dtype.element_ty),
+                     mask=mask_d[None, :])
+            v_new = tl.load(VNew + b.to(tl.int64) * stride_vnt + kvh * stride_vnh + offs_dv, mask=mask_dv)
+            tl.store(V + slot * stride_vt + kvh * stride_vh + offs_dv, v_new.to(V.dtype.element_ty), mask=mask_dv)
+            tl.debug_barrier()
+    else:
+        q_ptrs = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
 
@@ -274,6 +319,39 @@ class DecodeWorkspace:
                 self.attn_lse[:n].view(batch_size, self.num_heads, splits))
 
 
+@dataclass
+class DecodePrep:
+    """What the decode kernel does before attending, in place of the rotary (or q/k norm + rotary) kernel and
+    the KV store: q arrives raw; the new token's raw k (B, Hk, D) and v (B, Hk, Dv) are normed (when the weights
+    are given) and rotated at `positions`, then stored at the `loc` slots, which req_to_token already lists last
+    for each request. One kernel fewer per decode layer."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    loc: torch.Tensor  # (B,) the new token's KV slot
+    positions: torch.Tensor  # (B,)
+    inv_freq: torch.Tensor  # (D / 2,) float32
+    rope_scaling: float = 1.0
+    q_weight: torch.Tensor | None = None  # per-head RMSNorm weights (Qwen3), or None
+    k_weight: torch.Tensor | None = None
+    eps: float = 1e-6
+
+    def launch_args(self, q: torch.Tensor) -> tuple[tuple, dict]:
+        """(pointer and scalar args, constexprs) of _decode_stage1 for this prep; q's (B, H, D) fixes the shapes."""
+        bs, _, d = q.shape
+        k, v = self.k.view(bs, -1, d), self.v.view(bs, self.k.numel() // (bs * d), -1)
+        if k.stride(-1) != 1 or v.stride(-1) != 1 or self.loc.shape != (bs,) or self.positions.shape != (bs,):
+            raise ValueError("prep needs k and v contiguous in their last dimension and one slot and position a row")
+        norm = self.q_weight is not None
+        w_q, w_k = (self.q_weight, self.k_weight) if norm else (self.inv_freq, self.inv_freq)
+        return ((k, v, self.loc, self.positions, self.inv_freq, w_q, w_k, float(self.eps), float(self.rope_scaling),
+                 k.stride(0), k.stride(1), v.stride(0), v.stride(1)), {"PREP": True, "QK_NORM": norm, "HALF": d // 2})
+
+
+def _no_prep(q: torch.Tensor) -> tuple[tuple, dict]:
+    return (q, q, q, q, q, q, q, 0.0, 1.0, 0, 0, 0, 0), {"PREP": False, "QK_NORM": False, "HALF": 1}
+
+
 def _merge_chunk(heads: int, block_s: int, block_dv: int) -> int:
     """Splits merged at a time: a (heads, splits, head_dim_v) fp32 chunk of at most 8K values, 64 registers a
     thread at 4 warps."""
@@ -295,6 +373,7 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     merge_in_stage1: bool = True,
+    prep: DecodePrep | None = None,
 ) -> torch.Tensor:
     """One decode query per request attended over its paged KV, ``req_to_token[req_pool_indices[i], :seq_lens[i]]``.
 
@@ -306,6 +385,7 @@ def decode_attention(
 
     ``merge_in_stage1`` (default): one kernel, the last program of each (request, KV head) merges the splits and
     leaves the workspace's counters at zero again; False: a second kernel merges (kept to compare the two).
+    ``prep``: q is raw; the kernel norms and rotates it and stores the new token's K/V itself (``DecodePrep``).
     """
     q, sh = check_paged_inputs(q, k_buffer, v_buffer, req_to_token)
     bs, num_heads, head_dim_v = q.shape[0], sh.num_heads, sh.head_dim_v
@@ -336,9 +416,10 @@ def decode_attention(
     block_s = triton.next_power_of_2(num_kv_splits)
     block_g = triton.next_power_of_2(sh.group)
 
+    prep_args, prep_consts = _no_prep(q) if prep is None else prep.launch_args(q)
     _decode_stage1[(bs, sh.num_kv_heads, num_kv_splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, attn_out, attn_lse, out,
-        workspace.counters, float(sm_scale),
+        workspace.counters, *prep_args[:7], float(sm_scale), *prep_args[7:],
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1),
@@ -352,7 +433,7 @@ def decode_attention(
         BLOCK_H=block_h, BLOCK_D=sh.block_d, BLOCK_DV=sh.block_dv, BLOCK_N=block_n,
         DOT_PRECISION=sh.dot_precision, DOT_FP32=sh.dot_fp32,
         MERGE=merge_in_stage1, BLOCK_G=block_g, CHUNK_S=_merge_chunk(block_g, block_s, sh.block_dv),
-        num_warps=num_warps, num_stages=num_stages, **pdl_args(q.device),
+        **prep_consts, num_warps=num_warps, num_stages=num_stages, **pdl_args(q.device),
     )
     if merge_in_stage1:
         return out
