@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl fusedgemm gemmtiles gemm fp8 bigbs longctx sharedprefix;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl fusedgemm gemmtiles gemm fp8 bigbs longctx sharedprefix;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -135,6 +135,14 @@ if has burst; then  # issue 24: 2,000 one-token requests at once on the 0.6B sha
       --output-file $OUT/burst.jsonl 2>&1 | grep -E "TTFT|prefill|order|throughput" | tee -a $OUT/burst.txt
     kill $SERVER; wait $SERVER
   done
+fi
+if has ab; then  # batch-1 TPOT at this tree and at AB_BASE (another commit's tree, copied in untracked), same lease
+  ROOT=$PWD
+  for tree in ${AB_BASE:?AB_BASE names the other tree} $PWD; do for m in ${AB_MODELS:-Q L M}; do
+    (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec python3 -m gridserve.cli bench latency ${!m} --input-len 256 \
+      --output-len 128 --num-runs 3 --no-show-progress --output-json $OUT/ab_${m}_$(basename $tree).json) 2>&1 \
+      | grep -E "TPOT|rror" | sed "s/^/$m $(basename $tree): /"
+  done; done
 fi
 if has pdl; then  # issue 20: programmatic dependent launch (--enable-pdl): a kernel chain in a graph, the greedy
   # tokens against PDL off, batch-1 latency with and without it (PDL_MODELS: which shapes)
