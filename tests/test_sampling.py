@@ -223,6 +223,22 @@ def test_all_greedy_batch():
     assert out.dtype == torch.int64 and out.shape == (4,)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_all_greedy_on_half_logits_equals_greedy_on_their_float_copy(dtype):
+    """All-greedy batches without penalties or logprobs take the argmax of the logits as they come; ties (common
+    in bf16) go to the first token either way, and a penalty still sees float logits."""
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(5, 300, generator=g) * 4).round().to(dtype)  # few distinct values: many ties
+    logits[2, 17] = logits[2, 230] = 99  # a tie at the top
+    params = [SamplingParams(temperature=0.0)] * 5
+    out = sample(logits, params)
+    assert torch.equal(out, logits.float().argmax(-1)) and out[2] == 17
+    penalised = sample(logits, [SamplingParams(temperature=0.0, repetition_penalty=2.0)] * 5,
+                       prompt=[[17]] * 5)
+    assert penalised[2] == 230 and torch.equal(penalised, sample(logits.float(), [SamplingParams(
+        temperature=0.0, repetition_penalty=2.0)] * 5, prompt=[[17]] * 5))
+
+
 def test_top_k_one_is_argmax_for_many_seeds():
     torch.manual_seed(1)
     logits = torch.randn(1, 100).repeat(64, 1)

@@ -281,6 +281,11 @@ class Sampler:
         """
         if logits.dim() != 2 or logits.shape[1] != info.vocab_size or logits.shape[0] != info.seeds.shape[0]:
             raise ValueError(f"logits shape {tuple(logits.shape)} does not match the batch info")
+        if (info.is_all_greedy and info.repetition_mask is None and info.output_counts is None
+                and not (return_logprob or top_logprobs_num > 0)):
+            # The argmax of the model's own dtype: widening bf16 to float is exact and keeps order and ties, so
+            # this is the same token without the float copy (a kernel of a batch-1 step).
+            return SampleOutput(logits.argmax(dim=-1), None, None, None)
         logits = logits.float()
         penalised = apply_penalties(logits, info)
 
