@@ -197,3 +197,25 @@ def test_an_engine_batch_reaches_the_scheduler_whole_and_takes_ceil_n_over_cap_s
                           sampling_params={"max_new_tokens": 1, "ignore_eos": True})
         assert len(outs) == 300 and all(o["meta_info"]["completion_tokens"] == 1 for o in outs)
         assert steps() - before == math.ceil(300 / 64)
+
+
+@pytest.mark.parametrize("pending", [(1, 1, 1), (1, 0, 1), (0, 0, 0)])
+def test_the_model_inputs_resolve_tokens_still_on_the_device(pending):
+    """A request whose newest token is still on the device (the overlap loop) has a placeholder id that the
+    batch's inputs take from the previous step's tokens; the others keep their own; req_to_token gets the slots."""
+    from gridserve.forward_batch import ForwardMode
+    from gridserve.scheduler.schedule_batch import ScheduleBatch
+
+    prev_tokens = torch.tensor([70, 71, 72, 73])
+    reqs = []
+    for i, p in enumerate(pending):
+        r = Req(f"r{i}", [5 + i, 6, 7], SamplingParams(max_new_tokens=9), 0)
+        r.output_ids, r.pending, r.last_row = [40 + i], p, 3 - i
+        r.req_pool_idx, r.kv_len, r.extend_len = i + 1, r.num_tokens - 1, 1
+        reqs.append(r)
+    table = torch.zeros(4, 8, dtype=torch.int32)
+    batch = ScheduleBatch(reqs, ForwardMode.DECODE)
+    fb = batch.to_forward_batch(table, torch.tensor([11, 12, 13]), torch.device("cpu"), prev_tokens)
+    assert fb.input_ids.tolist() == [73 - i if p else 40 + i for i, p in enumerate(pending)]
+    assert fb.positions.tolist() == [r.kv_len for r in reqs]
+    assert [table[i + 1, r.kv_len].item() for i, r in enumerate(reqs)] == [11, 12, 13]

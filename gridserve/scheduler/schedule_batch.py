@@ -91,20 +91,26 @@ class ScheduleBatch:
         A request's newest token may still be on the device (sampled by the previous, unprocessed batch); its
         id is then a placeholder -1 - row, resolved here from that batch's `prev_tokens` without a host sync.
         """
-        ids, pos, rows = [], [], []
+        ids, pos, rows, holes, hole_rows = [], [], [], [], []
         for r in self.reqs:
-            ids += r.token_ids(r.kv_len, r.kv_len + r.extend_len)
+            part = r.token_ids(r.kv_len, r.kv_len + r.extend_len)
+            ids += part
+            if part and part[-1] < 0:  # only a request's newest token can be a placeholder
+                holes.append(len(ids) - 1)
+                hole_rows.append(-1 - part[-1])
             pos += range(r.kv_len, r.kv_len + r.extend_len)
             rows += [r.req_pool_idx] * r.extend_len
-        n, b = len(ids), len(self.reqs)
+        n, b, h = len(ids), len(self.reqs), len(holes)
         seq_lens = [r.kv_len + r.extend_len for r in self.reqs]
         ext_lens = [r.extend_len for r in self.reqs]
         flat = to_device(ids + pos + rows + [r.req_pool_idx for r in self.reqs] + seq_lens + ext_lens
-                         + start_offsets(ext_lens), torch.int64, device)
+                         + start_offsets(ext_lens) + holes + hole_rows, torch.int64, device)
         input_ids, positions, token_rows = flat[:n], flat[n : 2 * n], flat[2 * n : 3 * n]
-        req_pool_indices, dev_seq_lens, dev_ext_lens, dev_starts = flat[3 * n :].view(4, b)
-        if any(r.pending for r in self.reqs):  # some ids may be placeholders
-            input_ids = torch.where(input_ids < 0, prev_tokens[(-1 - input_ids).clamp(min=0)], input_ids)
+        req_pool_indices, dev_seq_lens, dev_ext_lens, dev_starts = flat[3 * n : 3 * n + 4 * b].view(4, b)
+        if h == n and h:  # every id is still on the device (a decode step of the overlap loop): one gather
+            input_ids = prev_tokens[flat[-h:]]
+        elif h:
+            input_ids[flat[-2 * h : -h]] = prev_tokens[flat[-h:]]
         req_to_token[token_rows, positions] = out_cache_loc.to(torch.int32)
         is_extend = self.mode.is_extend()
         return ForwardBatch(
