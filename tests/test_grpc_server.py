@@ -15,6 +15,7 @@ from gridserve.entrypoints.engine import Engine
 from gridserve.entrypoints.grpc import gridserve_pb2 as pb
 from gridserve.entrypoints.grpc import gridserve_pb2_grpc as pb_grpc
 from gridserve.entrypoints.grpc.grpc_server import serve_grpc_forever
+from gridserve.entrypoints.request_flow import max_prompt_chars
 from gridserve.messages import AbortReq
 from tests.server_utils import free_port
 
@@ -140,8 +141,9 @@ def test_health_and_model_info(served):
     ({"text": PROMPT, "params": {"top_p": 0.0}}, "top_p"),
     ({"text": PROMPT, "params": {"max_new_tokens": -1}}, "max_new_tokens"),
     ({"text": PROMPT, "params": {"max_new_tokens": 100_000}}, "max_new_tokens"),  # too long
-    ({"input_ids": pb.TokenIds(ids=[1] * 5000)}, "max_new_tokens"),  # too long
+    ({"input_ids": pb.TokenIds(ids=[1] * 5000)}, "prompt"),  # more ids than the server accepts, as HTTP says
     ({"text": ""}, "prompt"),
+    ({"text": "a" * 1_400_000}, "prompt"),  # more characters than 4,096 tokens can hold: refused untokenized
     ({}, "input"),
     ({"input_ids": pb.TokenIds(ids=[1, 10**6])}, "input_ids"),
     ({"input_ids": pb.TokenIds(ids=[1, -2])}, "input_ids"),
@@ -158,6 +160,37 @@ def test_bad_requests_are_invalid_argument(served, kwargs, field):
     # the server still serves
     [r] = list(stub.Generate(_request(stream=False, text=PROMPT, params={"max_new_tokens": 1}), timeout=30))
     assert len(r.token_ids) == 1 and r.finish_reason.type == "length"
+
+
+def test_a_huge_prompt_does_not_stall_other_rpcs(served):
+    """A multi-megabyte text is tokenized off the event loop: Health keeps answering meanwhile (the whole process
+    counts: probes that could not even start count too), and the prompt is then refused as too long."""
+    engine, stub = served
+    unit = "漢字かな交じり文 "  # ~1.7 tokens a character: a slow text to tokenize, 3.7 MB in UTF-8 here
+    text = unit * (max_prompt_chars(engine.tokenizer_manager) // len(unit))
+    result: dict = {}
+
+    def big() -> None:
+        start = time.monotonic()
+        try:
+            list(stub.Generate(_request(stream=False, text=text), timeout=120))
+        except grpc.RpcError as e:
+            result["code"], result["details"] = e.code(), e.details()
+        result["seconds"] = time.monotonic() - start
+
+    t = threading.Thread(target=big)
+    t.start()
+    worst, last = 0.0, time.monotonic()
+    while t.is_alive():
+        assert stub.Health(pb.HealthRequest(), timeout=10).ok
+        now = time.monotonic()
+        worst, last = max(worst, now - last), now
+        time.sleep(0.05)
+        last += 0.05
+    t.join()
+    assert result["code"] == grpc.StatusCode.INVALID_ARGUMENT, result
+    assert result["seconds"] > 0.5  # the tokenizing took a while: the probes above ran during it
+    assert worst < 0.5, worst
 
 
 def test_dead_scheduler_is_unavailable(served):

@@ -124,18 +124,23 @@ def max_prompt_chars(tm) -> int | None:
     return None if longest is None else (token_room(tm.info) - 1) * longest * _CHARS_PER_TOKEN_MARGIN
 
 
-def tokenize(tm, prompt: str | None = None, input_ids: list[int] | None = None, param: str = "prompt") -> list[int]:
-    """The prompt's token ids; too long a prompt (text or ids) is refused before the tokenizer or the id checks
-    spend time on it."""
+def check_prompt_size(tm, prompt: str | None = None, input_ids: list[int] | None = None) -> None:
+    """Refuses (InvalidParamError) a prompt that cannot fit, text or ids, before the tokenizer or the id checks
+    spend time on it: any front end calls this first."""
     room = token_room(tm.info)
     limit = max_prompt_chars(tm) if prompt is not None else None
     if limit is not None and len(prompt) > limit:
-        raise OpenAIError(400, f"{param}: the prompt has {len(prompt)} characters, more than fit in the {room - 1} "
-                          f"tokens this server accepts", param=param)
+        raise InvalidParamError("prompt", f"the prompt has {len(prompt)} characters, more than fit in the "
+                                f"{room - 1} tokens this server accepts")
     if input_ids is not None and len(input_ids) >= room:
-        raise OpenAIError(400, f"{param}: the prompt has {len(input_ids)} tokens, more than the {room - 1} this "
-                          f"server accepts", param=param)
+        raise InvalidParamError("prompt", f"the prompt has {len(input_ids)} tokens, more than the {room - 1} this "
+                                f"server accepts")
+
+
+def tokenize(tm, prompt: str | None = None, input_ids: list[int] | None = None, param: str = "prompt") -> list[int]:
+    """The prompt's token ids (check_prompt_size first); errors are 400s naming `param`."""
     try:
+        check_prompt_size(tm, prompt, input_ids)
         return tm.tokenize(prompt, input_ids)
     except InvalidParamError as e:
         raise bad_request(e, {"prompt": param, "input_ids": param}) from e

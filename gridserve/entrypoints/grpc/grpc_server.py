@@ -16,6 +16,7 @@ import grpc
 
 from gridserve.entrypoints.grpc import gridserve_pb2 as pb
 from gridserve.entrypoints.grpc import gridserve_pb2_grpc as pb_grpc
+from gridserve.entrypoints.request_flow import check_prompt_size, off_loop_if_large
 from gridserve.errors import InvalidParamError
 from gridserve.managers.tokenizer_manager import SchedulerDeadError, TokenizerManager
 from gridserve.messages import TokenizedGenerateReq
@@ -79,7 +80,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             logger.exception("gRPC Generate failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {e!r}")
 
-    def _make_request(self, request: pb.GenerateRequest) -> TokenizedGenerateReq:
+    async def _make_request(self, request: pb.GenerateRequest) -> TokenizedGenerateReq:
         tm = self.tm
         if tm.dead_reason:
             raise SchedulerDeadError(tm.dead_reason)
@@ -88,18 +89,27 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             raise InvalidParamError("input", "give one of text, input_ids or messages")
         if kind == "messages":
             messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-            input_ids = tm.tokenize(tm.apply_chat_template(messages), None)
+            chars = sum(len(m["content"]) for m in messages)
+            input_ids = await off_loop_if_large(chars, lambda: self._tokenize(tm.apply_chat_template(messages)))
         elif kind == "text":
-            input_ids = tm.tokenize(request.text, None)
+            input_ids = await off_loop_if_large(len(request.text), lambda: self._tokenize(request.text))
         else:
-            input_ids = tm.tokenize(None, list(request.input_ids.ids))
+            ids = list(request.input_ids.ids)
+            check_prompt_size(tm, None, ids)
+            input_ids = tm.tokenize(None, ids)
         params = sampling_params_from_proto(request.sampling_params)
         [req] = tm.make_requests(input_ids, params, request.return_logprob, request.top_logprobs_num,
                                  priority=request.priority if request.HasField("priority") else None)
         return req
 
+    def _tokenize(self, text: str) -> list[int]:
+        """A text's ids (refused untokenized when it cannot fit). Callers run it on the tokenizing thread when the
+        text is large, so the event loop keeps serving other RPCs meanwhile."""
+        check_prompt_size(self.tm, text)
+        return self.tm.tokenize(text, None)
+
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
-        req = self._make_request(request)
+        req = await self._make_request(request)
         sent = 0  # tokens already written (stream mode)
         # aclosing: when the client cancels (this task is cancelled) the stream closes, which aborts the request
         async with contextlib.aclosing(self.tm.generate(req)) as outs:
