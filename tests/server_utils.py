@@ -1,4 +1,4 @@
-"""Start a real `gridserve serve` process and inspect its process tree."""
+"""Start a real `gridserve serve` process and inspect its process tree; time how long a server stalls."""
 
 import json
 import os
@@ -240,3 +240,17 @@ class InFlight:
         if errors:
             return f"error: {json.loads(errors[-1][len('data: '):])['error']['message']}"
         return "done" if self.events and self.events[-1] == "data: [DONE]" else f"cut: {self.events[-1:]}"
+
+
+def longest_stall(busy: threading.Thread, probe: Callable[[], None], pause: float = 0.05) -> float:
+    """Calls probe() every `pause` s while `busy` runs; returns the longest time from one answered probe to the next,
+    the pause taken off. A probe that could not even start (the whole process stalled: a thread holding the GIL)
+    counts too, which timing each probe alone would miss."""
+    worst, last = 0.0, time.monotonic()
+    while busy.is_alive():
+        probe()
+        now = time.monotonic()
+        worst, last = max(worst, now - last), now
+        time.sleep(pause)
+        last += pause
+    return worst

@@ -19,6 +19,7 @@ from gridserve.entrypoints.engine import Engine
 from gridserve.entrypoints.http_server import create_app
 from gridserve.entrypoints.request_flow import max_prompt_chars, prepare_requests
 from gridserve.sampling.sampling_params import SamplingParams
+from tests.server_utils import longest_stall
 
 MAX_TOTAL_TOKENS = 4096
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -691,16 +692,8 @@ def test_a_huge_prompt_does_not_stall_other_requests(engine, url):
 
     t = threading.Thread(target=big)
     t.start()
-    # Time from one answered probe to the next, the pause between them taken off: a probe that cannot even start
-    # (the whole process stalled: the tokenizer holding the GIL) counts too.
-    worst, last = 0.0, time.monotonic()
     with httpx.Client(base_url=url, timeout=10) as probe:
-        while t.is_alive():
-            assert probe.get("/health").status_code == 200
-            now = time.monotonic()
-            worst, last = max(worst, now - last), now
-            time.sleep(0.05)
-            last += 0.05
+        worst = longest_stall(t, lambda: probe.get("/health").raise_for_status())
     t.join()
     assert result["status"] == 400
     assert result["seconds"] > 0.5  # the tokenizing took a while: the probes above ran during it
