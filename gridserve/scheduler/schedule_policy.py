@@ -72,6 +72,8 @@ class PrefillAdder:
         self.ratio = ratio
         self.max_running, self.max_batch = max_running, max_batch
         self.batch: list[Req] = []
+        # batch members that compute >= IN_BATCH_SHARED_MIN tokens, by (first computed position, its token id)
+        self._computing: dict[tuple[int, int], list[Req]] = {}
         self.new_chunked: Req | None = None
         self.set_running(running)
 
@@ -116,19 +118,21 @@ class PrefillAdder:
         return ok
 
     def waits_for_batch(self, req: Req) -> bool:
-        """Whether req should wait a step: a request in this batch computes most of its uncached prompt."""
-        if self.kv.tree is None or not self.batch:
+        """Whether req should wait a step: a request in this batch computes most of its uncached prompt. Within
+        one admission the cache does not change, so such a request starts computing where req's cached prefix
+        ends (a shorter match would have matched req's prefix too): only those are compared."""
+        if self.kv.tree is None or not self._computing:
             return False
         ids = req.fill_ids
         cached = self.kv.tree.match_len(ids[:-1])
+        if len(ids) - cached < IN_BATCH_SHARED_MIN:
+            return False
         head = ids[: cached + IN_BATCH_SHARED_MIN]
-        for other in self.batch:
-            end = other.kv_len + other.extend_len  # the batch computes other's tokens [kv_len, end)
-            if other.kv_len > cached or end - cached < IN_BATCH_SHARED_MIN:
-                continue
+        for other in self._computing.get((cached, ids[cached]), ()):
             other_ids = other.fill_ids
             if other_ids[: len(head)] != head:
                 continue
+            end = other.kv_len + other.extend_len  # the batch computes other's tokens [kv_len, end)
             gain = min(_common_prefix_len(ids, other_ids, len(head)), end) - cached
             if gain >= IN_BATCH_SHARED_MIN and 2 * gain >= len(ids) - cached:
                 return True
@@ -154,6 +158,8 @@ class PrefillAdder:
             self.new_chunked = req
         self.budget -= req.extend_len
         self.batch.append(req)
+        if self.kv.tree is not None and req.extend_len >= IN_BATCH_SHARED_MIN:
+            self._computing.setdefault((req.kv_len, req.fill_ids[req.kv_len]), []).append(req)
 
 
 def admit(adder: PrefillAdder, ordered: list[Req]) -> list[Req]:

@@ -408,10 +408,11 @@ class Scheduler:
             req.kv_len += req.extend_len
             samples = req.kv_len == req.num_tokens
             batch.samples.append(samples)
-            if batch.mode.is_extend():
+            if batch.mode.is_extend() and (not samples or req.num_generated + 1 < req.params.max_new_tokens):
                 # Publish the prompt (or the chunk so far) to the prefix cache now, not when the request finishes:
                 # requests sharing it that arrive while this one decodes reuse it. Stream order makes any batch
-                # that reads these slots run after the forward that writes them.
+                # that reads these slots run after the forward that writes them. (One that ends with this step's
+                # token is published as it is released.)
                 self.kv.cache_unfinished(req)
             if not samples:
                 continue
