@@ -100,6 +100,7 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--fused", action="store_true")
     p.add_argument("--sweep-shapes", action="store_true")
+    p.add_argument("--fp8", action="store_true", help="with --sweep-shapes: FP8 weights")
     a = p.parse_args()
     dev, models = "cuda", a.shapes.split(",")
     print(f"{torch.cuda.get_device_name()}: each shape x {a.layers} copies; times per copy")
@@ -118,16 +119,18 @@ def main() -> None:
         return bf16, {n: [quantize_per_channel(w) for w in ws] for n, ws in bf16.items()}
 
     if a.sweep_shapes:  # one row (the dot-product path): the tiles per shape against decode_gemm_config's pick
+        # FP8 (--fp8): per-channel scaled weights, half the bytes an element, so K tiles up to 2,048
+        grid = ((8, 16, 32), (512, 1024, 2048) if a.fp8 else (256, 512, 1024), (4, 8), (4,))
         for model in models:
             for name, shape in SHAPES[model].items():
-                ws = [(torch.randn(shape, device=dev, dtype=torch.bfloat16) / 64,) for _ in range(a.layers)]
+                w16 = [torch.randn(shape, device=dev, dtype=torch.bfloat16) / 64 for _ in range(a.layers)]
+                ws = [quantize_per_channel(w) for w in w16] if a.fp8 else [(w,) for w in w16]
                 x1 = torch.randn(1, shape[1], device=dev, dtype=torch.bfloat16)
                 pick = decode_gemm.decode_gemm_config(1, ws[0][0])
-                best = sweep(ws, {shape[1]: x1}, False, ((8, 16, 32), (256, 512, 1024), (4, 8), (4,)),
-                             f"{model} {name} {shape}: ")
-                t_pick, t_cublas = (graph_us(lambda f=f, x1=x1, ws=ws: [f(x1, w[0]) for w in ws]) / len(ws)
-                                    for f in (decode_gemm.decode_linear, F.linear))
-                print(f"  pick {pick}: {t_pick:.1f} us; cuBLAS {t_cublas:.1f} us; best {best}", flush=True)
+                best = sweep(ws, {shape[1]: x1}, a.fp8, grid, f"{model} {name} {shape}: ")
+                t_pick = graph_us(lambda x1=x1, ws=ws: [decode_gemm.decode_linear(x1, *w) for w in ws]) / len(ws)
+                t_cublas = graph_us(lambda x1=x1, w16=w16: [F.linear(x1, w) for w in w16]) / len(w16)
+                print(f"  pick {pick}: {t_pick:.1f} us; cuBLAS bf16 {t_cublas:.1f} us; best {best}", flush=True)
         return
     cfg8 = cfg16 = decode_gemm.DECODE_GEMM_CONFIG
     if a.sweep:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl fusedgemm gemmtiles gemm fp8 bigbs longctx sharedprefix;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -163,6 +163,9 @@ if has fusedgemm; then  # issue 20: the decode GEMM with the norm or the SiLU-an
 fi
 if has gemmtiles; then  # the one-row decode GEMM's tiles shape by shape, against the default and cuBLAS (~150 s)
   python3 scripts/bench_fp8_gemm.py --sweep-shapes 2>&1 | grep -v Warning | tee $OUT/gemm_tiles_per_shape.txt
+fi
+if has gemmtiles8; then  # the same with FP8 weights (issue 20's FP8 L target), K tiles up to 2,048 (~150 s)
+  python3 scripts/bench_fp8_gemm.py --sweep-shapes --fp8 2>&1 | grep -v Warning | tee $OUT/gemm_tiles_fp8.txt
 fi
 if has gemm; then  # issues 19 and 20: decode-sized linear layers (cuBLAS, Triton bf16, Triton FP8), FP8 experts
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py tests/test_decode_gemm.py \
