@@ -169,16 +169,17 @@ def _decode_stage1(
                          WQ, eps, rope_scaling, QK_NORM, HALF)
         # The split that holds the newest key stores it (and its value) first; the barrier makes the stores
         # visible to the whole program before its loop loads that slot back. No other program reads it.
-        if seq_len > 0 and split == (seq_len - 1) // split_len:
-            one = tl.arange(0, 1)
-            k_new = _norm_rotate(KNew + b.to(tl.int64) * stride_knt, kvh + one, one < 1, stride_knh, offs_d,
-                                 mask_d, pos, InvFreq, WK, eps, rope_scaling, QK_NORM, HALF)
-            slot = tl.load(Loc + b).to(tl.int64)
-            tl.store(K + slot * stride_kt + kvh * stride_kh + offs_d[None, :], k_new.to(K.dtype.element_ty),
-                     mask=mask_d[None, :])
-            v_new = tl.load(VNew + b.to(tl.int64) * stride_vnt + kvh * stride_vnh + offs_dv, mask=mask_dv)
-            tl.store(V + slot * stride_vt + kvh * stride_vh + offs_dv, v_new.to(V.dtype.element_ty), mask=mask_dv)
-            tl.debug_barrier()
+        if seq_len > 0:  # (nested: split_len is 0 for an empty row, and a compiled `and` evaluates both sides)
+            if split == (seq_len - 1) // split_len:
+                one = tl.arange(0, 1)
+                k_new = _norm_rotate(KNew + b.to(tl.int64) * stride_knt, kvh + one, one < 1, stride_knh, offs_d,
+                                     mask_d, pos, InvFreq, WK, eps, rope_scaling, QK_NORM, HALF)
+                slot = tl.load(Loc + b).to(tl.int64)
+                tl.store(K + slot * stride_kt + kvh * stride_kh + offs_d[None, :], k_new.to(K.dtype.element_ty),
+                         mask=mask_d[None, :])
+                v_new = tl.load(VNew + b.to(tl.int64) * stride_vnt + kvh * stride_vnh + offs_dv, mask=mask_dv)
+                tl.store(V + slot * stride_vt + kvh * stride_vh + offs_dv, v_new.to(V.dtype.element_ty), mask=mask_dv)
+                tl.debug_barrier()
     else:
         q_ptrs = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
         q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0)
