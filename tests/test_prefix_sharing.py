@@ -1,6 +1,7 @@
 """Requests that share a prompt prefix share its KV, through a real scheduler (a tiny model, in-process): a prompt
 is in the prefix cache as soon as its prefill is launched, not when its request finishes, and requests of one group
-that arrive together compute their shared prefix once (the others wait a step, then find it cached)."""
+that arrive together compute their shared prefix once (the others wait a step, then find it cached). A property
+over random queues bounds when a request may be passed over."""
 
 import pytest
 import torch
