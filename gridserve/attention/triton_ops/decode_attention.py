@@ -337,20 +337,23 @@ class DecodePrep:
     k_weight: torch.Tensor | None = None
     eps: float = 1e-6
 
-    def launch_args(self, q: torch.Tensor) -> tuple[tuple, dict]:
-        """(pointer and scalar args, constexprs) of _decode_stage1 for this prep; q's (B, H, D) fixes the shapes."""
+    def launch_args(self, q: torch.Tensor) -> tuple[tuple, tuple, dict]:
+        """_decode_stage1's (pointers, scalars and strides, constexprs) for this prep; q's (B, H, D) fixes the
+        shapes."""
         bs, _, d = q.shape
         k, v = self.k.view(bs, -1, d), self.v.view(bs, self.k.numel() // (bs * d), -1)
         if k.stride(-1) != 1 or v.stride(-1) != 1 or self.loc.shape != (bs,) or self.positions.shape != (bs,):
             raise ValueError("prep needs k and v contiguous in their last dimension and one slot and position a row")
         norm = self.q_weight is not None
         w_q, w_k = (self.q_weight, self.k_weight) if norm else (self.inv_freq, self.inv_freq)
-        return ((k, v, self.loc, self.positions, self.inv_freq, w_q, w_k, float(self.eps), float(self.rope_scaling),
-                 k.stride(0), k.stride(1), v.stride(0), v.stride(1)), {"PREP": True, "QK_NORM": norm, "HALF": d // 2})
+        return ((k, v, self.loc, self.positions, self.inv_freq, w_q, w_k),
+                (float(self.eps), float(self.rope_scaling), k.stride(0), k.stride(1), v.stride(0), v.stride(1)),
+                {"PREP": True, "QK_NORM": norm, "HALF": d // 2})
 
 
-def _no_prep(q: torch.Tensor) -> tuple[tuple, dict]:
-    return (q, q, q, q, q, q, q, 0.0, 1.0, 0, 0, 0, 0), {"PREP": False, "QK_NORM": False, "HALF": 1}
+def _no_prep(q: torch.Tensor) -> tuple[tuple, tuple, dict]:
+    """Placeholders for the PREP-only arguments (q stands in for every pointer; the kernel reads none of them)."""
+    return (q,) * 7, (0.0, 1.0, 0, 0, 0, 0), {"PREP": False, "QK_NORM": False, "HALF": 1}
 
 
 def _merge_chunk(heads: int, block_s: int, block_dv: int) -> int:
@@ -417,10 +420,10 @@ def decode_attention(
     block_s = triton.next_power_of_2(num_kv_splits)
     block_g = triton.next_power_of_2(sh.group)
 
-    prep_args, prep_consts = _no_prep(q) if prep is None else prep.launch_args(q)
+    prep_ptrs, prep_scalars, prep_consts = _no_prep(q) if prep is None else prep.launch_args(q)
     _decode_stage1[(bs, sh.num_kv_heads, num_kv_splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, attn_out, attn_lse, out,
-        workspace.counters, *prep_args[:7], float(sm_scale), *prep_args[7:],
+        workspace.counters, *prep_ptrs, float(sm_scale), *prep_scalars,
         q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1),
