@@ -58,7 +58,7 @@ class TritonAttentionBackend(AttentionBackend):
         return ws
 
     def forward_decode(self, q, k, v, layer, fb: ForwardBatch, prep=None) -> torch.Tensor:
-        if k is not None and prep is None:
+        if k is not None:  # None: stored already, by the rotary kernel or by the decode kernel itself (prep)
             self.store_kv(k, v, layer, fb)
         k_buf, v_buf = fb.kv_cache.get_kv(layer.layer_id)
         b = fb.batch_size
