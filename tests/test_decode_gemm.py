@@ -142,6 +142,82 @@ def test_apply_linear_after_norm_equals_norm_then_linear(rows, has_res, k):
     assert len(apply_linear_after_norm(x, res, norm, w)) == 2
 
 
+@pytest.mark.parametrize("dtype", DECODE_GEMM_DTYPES)
+@pytest.mark.parametrize("fp8,gated,normed", [(False, False, False), (True, True, False), (False, True, True)])
+def test_a_norm_split_over_two_gemms_is_the_add_and_rms_norm_between_them(dtype, fp8, gated, normed):
+    """o_proj (or down) adds the residual and writes its tiles' sums of squares; the GEMM after the norm sums those:
+    together the unfused product, residual add, RMSNorm and product. 300 outputs in tiles of 16: the last partial."""
+    from gridserve.layers.decode_gemm import decode_linear_add_residual
+    from gridserve.layers.quantization import quantize_per_channel
+
+    k_in, hidden, n = 96, 300, 40
+    x, res = rand(1, 2 * k_in if gated else k_in, dtype=dtype), rand(1, hidden, dtype=dtype)
+    w1 = torch.randn(hidden, k_in) / 8
+    if fp8:
+        q, scale = quantize_per_channel(w1)
+        args1, w1 = (q.to(DEVICE), scale.to(DEVICE)), q.float() * scale[:, None]
+    else:
+        args1, w1 = (w1.to(dtype).to(DEVICE), None), w1.to(dtype).float()
+    w2 = (torch.randn(n, hidden) / 8).to(dtype)
+    norm = RMSNorm(hidden, eps=1e-5)
+    norm.weight.data = (torch.rand(hidden) + 0.5).to(dtype)
+    h, partials = decode_linear_add_residual(x, res, *args1, config=(16, 64, 4, 2), gated=gated)
+    assert partials.shape == (19,) and partials.dtype == torch.float32
+    y, res_out, *normed_out = decode_linear_after_norm(h, None, norm.weight.to(DEVICE), norm.eps, w2.to(DEVICE),
+                                                       config=(16, 64, 4, 2), return_normed=normed,
+                                                       sum_sq_partials=partials)
+    # the unfused reference on CPU: the product rounded to x's dtype, then rms_norm's add and norm, then the product
+    x_in = activation.silu_and_mul(x.cpu()) if gated else x.cpu()
+    o = (x_in.float() @ w1.T).to(dtype)
+    want_normed, want_res = norm(o, res.cpu())
+    want = want_normed.float() @ w2.float().T
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(h.float().cpu(), want_res.float(), **tol)
+    torch.testing.assert_close(partials.sum().cpu(), want_res.float().pow(2).sum(), rtol=1e-4, atol=1e-4)
+    assert res_out is h  # the sum is the residual stream
+    torch.testing.assert_close(y.float().cpu(), want, **tol)
+    if normed:
+        torch.testing.assert_close(normed_out[0].float().cpu(), want_normed.float(), **tol)
+    with pytest.raises(ValueError, match="one row"):
+        decode_linear_add_residual(rand(2, k_in, dtype=dtype), rand(2, hidden, dtype=dtype), *args1)
+    with pytest.raises(ValueError, match="no residual"):
+        decode_linear_after_norm(h, res, norm.weight.to(DEVICE), norm.eps, w2.to(DEVICE), sum_sq_partials=partials)
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 4096), (1, 96), (3, 4096)])
+def test_a_decoder_layer_chain_with_the_split_norm_equals_the_unfused_one(rows, hidden):
+    """A row-parallel o_proj's forward_add_residual, then apply_linear_after_norm and RMSNorm on what it hands over,
+    against the plain product, add and norm. On CUDA one row of 4,096 outputs takes the split (a SummedResidual); the
+    others, and all on CPU, hand the residual on."""
+    from gridserve.layers.linear import (
+        NORM_FOLD_MAX_K,
+        RowParallelLinear,
+        apply_linear_add_residual,
+        apply_linear_after_norm,
+    )
+    from gridserve.layers.norm import SummedResidual
+
+    x, res = rand(rows, 64, dtype=torch.float32), rand(rows, hidden, dtype=torch.float32)
+    w1, w2 = rand(hidden, 64, dtype=torch.float32) / 4, rand(24, hidden, dtype=torch.float32) / 8
+    norm = RMSNorm(hidden, eps=1e-6).to(DEVICE)
+    norm.weight.data = torch.rand(hidden, device=DEVICE) + 0.5
+    o_proj = RowParallelLinear(64, hidden).to(DEVICE)
+    o_proj.weight.data.copy_(w1)
+    h, handed = o_proj.forward_add_residual(x, res)
+    split = DEVICE == "cuda" and rows == 1 and hidden > NORM_FOLD_MAX_K
+    assert isinstance(handed, SummedResidual) == split
+    if not split:
+        with pytest.raises(ValueError, match="only for one row on CUDA"):
+            apply_linear_add_residual(x, res, w1)
+    y, res_out = apply_linear_after_norm(h, handed, norm, w2)
+    final, final_res = norm(h, handed)  # the model's last norm takes the same pair
+    want_normed, want_res = norm(x @ w1.T, res)
+    torch.testing.assert_close(res_out.cpu(), want_res.cpu(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final_res.cpu(), want_res.cpu(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final.cpu(), want_normed.cpu(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y.cpu(), (want_normed @ w2.T).cpu(), atol=1e-4, rtol=1e-4)
+
+
 def test_decode_gemm_tiles_fit_float32_weights():
     from gridserve.layers.decode_gemm import DECODE_GEMM_CONFIG, ONE_ROW_CONFIG, decode_gemm_config
 

@@ -34,15 +34,19 @@ def _gemm_input(X, R, ms, ks, ok, stride_xm, K, GATED: tl.constexpr, HAS_RES: tl
 
 
 @triton.jit
-def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, eps,
+def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride_xm, stride_wn, stride_ym, eps,
                         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
-                        HAS_RES: tl.constexpr, STORE_NORMED: tl.constexpr, BLOCK_M: tl.constexpr,
+                        HAS_RES: tl.constexpr, STORE_NORMED: tl.constexpr, SUM_OUT: tl.constexpr,
+                        SQ_FROM_P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Y[:, n-tile] = (X @ W[n-tile].T) (* S[n-tile]) (+ B): W in X's dtype, or FP8 widened to it in registers.
     The input is X as _gemm_input reads it; with NORM, then RMSNorm(that) with weight NW (the weight applied as x
     loads, the row's 1/RMS to the sums, so that one pass over x suffices), and the programs of tile 0 store the
     residual sum (HAS_RES) to RO for the next layer and, with STORE_NORMED, the normed input to NO (for other
     readers of it: an MoE block's experts read what its router GEMM reads).
+    The RMSNorm split over two GEMMs (one row): with SUM_OUT this GEMM adds the residual RY to its output and each
+    program writes the sum of squares of its output tile to P[pid]; with SQ_FROM_P the next GEMM (NORM, X already
+    that sum) takes the row's sum of squares from the NP partials in P instead of summing its own input.
     BLOCK_M 1 (one row) multiplies on the CUDA cores, a dot product per weight row; 16 (2-16 rows) runs tl.dot."""
     if PDL:  # programmatic dependent launch (gridserve/pdl.py)
         tl.extra.cuda.gdc_wait()
@@ -63,7 +67,8 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, M, N, K, stride_xm, stride
                 if pid_n == 0:
                     tl.store(RO + ms[:, None] * stride_xm + ks[None, :], x, mask=m_ok[:, None] & k_ok[None, :])
             xf = x.to(tl.float32)
-            sum_sq += tl.sum(xf * xf, 1)
+            if not SQ_FROM_P:
+                sum_sq += tl.sum(xf * xf, 1)
             x = (xf * tl.load(NW + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
         w = tl.load(W + rows[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0)
@@ -74,6 +79,9 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, M, N, K, stride_xm, stride
                 w = w.to(tl.float32).to(x.dtype)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if NORM:
+        if SQ_FROM_P:  # the previous GEMM's partials, summed in a fixed order (BLOCK_M is 1)
+            ps = tl.arange(0, BLOCK_P)
+            sum_sq += tl.sum(tl.load(P + ps, mask=ps < NP, other=0.0))
         inv = tl.rsqrt(sum_sq / K + eps)
         acc = acc * inv[:, None]
         if STORE_NORMED:
@@ -89,8 +97,14 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, M, N, K, stride_xm, stride
         acc = acc * tl.load(S + rows, mask=row_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(B + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + ms[:, None] * stride_ym + rows[None, :], acc.to(Y.dtype.element_ty),
-             mask=m_ok[:, None] & row_ok[None, :])
+    out_ok = m_ok[:, None] & row_ok[None, :]
+    y = acc.to(Y.dtype.element_ty)
+    if SUM_OUT:  # the residual add after this GEMM, rounded as the unfused add rounds, and its squares' partial sum
+        ry = tl.load(RY + ms[:, None] * stride_ym + rows[None, :], mask=out_ok, other=0.0)
+        y = (y.to(tl.float32) + ry.to(tl.float32)).to(Y.dtype.element_ty)
+        yf = y.to(tl.float32)
+        tl.store(P + pid_n, tl.sum(tl.sum(yf * yf, 1), 0))
+    tl.store(Y + ms[:, None] * stride_ym + rows[None, :], y, mask=out_ok)
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the decode GEMM, the fastest of scripts/bench_fp8_gemm.py on an H100
@@ -120,25 +134,51 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
 def decode_linear_after_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                              weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
                              bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
-                             return_normed: bool = False) -> tuple[torch.Tensor, ...]:
+                             return_normed: bool = False,
+                             sum_sq_partials: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """(decode_linear(rms_norm(x + residual)), x + residual) in one kernel: the residual add and the RMSNorm before a
     projection, computed as the GEMM loads its input (two kernels fewer than rms_norm then the GEMM). Without a
     residual (a first layer), the norm of x, and x itself as the residual. return_normed: the normed input too,
-    third, for other layers that read it."""
+    third, for other layers that read it. sum_sq_partials: x is one row that decode_linear_add_residual made, and
+    these are its partial sums of squares; the kernel sums them instead of x's squares (no residual then)."""
     x = x.contiguous()  # the residual shares x's row stride
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(f"the residual's shape {tuple(residual.shape)} is not x's {tuple(x.shape)}")
+        if sum_sq_partials is not None:
+            raise ValueError("sum_sq_partials are those of x with its residual already added: no residual then")
         residual = residual.contiguous()
+    if sum_sq_partials is not None and x.shape[0] != 1:
+        raise ValueError(f"sum_sq_partials are for one row, got {x.shape[0]}")
     residual_out = torch.empty_like(x) if residual is not None else x
     normed = torch.empty_like(x) if return_normed else None
-    y = _decode_gemm(x, weight, weight_scale, bias, config, norm=(norm_weight, eps, residual, residual_out, normed))
+    y = _decode_gemm(x, weight, weight_scale, bias, config, norm=(norm_weight, eps, residual, residual_out, normed),
+                     sum_sq_partials=sum_sq_partials)
     return (y, residual_out, normed) if return_normed else (y, residual_out)
+
+
+def decode_linear_add_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                               weight_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                               config: tuple[int, int, int, int] | None = None,
+                               gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(decode_linear(x) + residual, partial sums of squares of that row), for one row: the first half of an RMSNorm
+    split over two GEMMs. Each program writes the sum of squares of its output tile (float32, one per program); the
+    GEMM after takes them (decode_linear_after_norm's sum_sq_partials) in place of a norm kernel between the two.
+    Folding the whole norm into the GEMM after would make each of its programs recompute the row's sum of squares."""
+    if x.shape[0] != 1:
+        raise ValueError(f"decode_linear_add_residual takes one row, got {x.shape[0]}")
+    if residual.shape != (1, weight.shape[0]):
+        raise ValueError(f"the residual's shape {tuple(residual.shape)} is not the output's {(1, weight.shape[0])}")
+    block_n = (config or decode_gemm_config(1, weight))[0]
+    partials = torch.empty(triton.cdiv(weight.shape[0], block_n), dtype=torch.float32, device=x.device)
+    y = _decode_gemm(x, weight, weight_scale, bias, config, gated=gated, sum_out=(residual.contiguous(), partials))
+    return y, partials
 
 
 def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
                  bias: torch.Tensor | None, config: tuple[int, int, int, int] | None, gated: bool = False,
-                 norm: tuple | None = None) -> torch.Tensor:
+                 norm: tuple | None = None, sum_out: tuple | None = None,
+                 sum_sq_partials: torch.Tensor | None = None) -> torch.Tensor:
     m, k = x.shape
     if gated:
         k //= 2
@@ -152,15 +192,18 @@ def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     if x.stride(-1) != 1:
         x = x.contiguous()
     norm_weight, eps, residual, residual_out, normed = norm or (None, 0.0, None, None, None)
+    residual_y, partials = sum_out or (None, sum_sq_partials)
     n = weight.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages = config or decode_gemm_config(m, weight)
+    num_partials = 0 if partials is None else partials.numel()
     if m:
         _decode_gemm_kernel[(triton.cdiv(n, block_n),)](
-            x, residual, residual_out, norm_weight, normed, weight, weight_scale, bias, y, m, n, k, x.stride(0),
-            weight.stride(0), y.stride(0), eps, HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
-            GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, STORE_NORMED=normed is not None,
-            BLOCK_M=1 if m == 1 else DECODE_GEMM_MAX_M, BLOCK_N=block_n, BLOCK_K=block_k,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
-            **pdl_args(x.device))
+            x, residual, residual_out, norm_weight, normed, weight, weight_scale, bias, y, residual_y, partials, m, n,
+            k, num_partials, x.stride(0), weight.stride(0), y.stride(0), eps, HAS_SCALE=weight_scale is not None,
+            HAS_BIAS=bias is not None, GATED=gated, NORM=norm is not None, HAS_RES=residual is not None,
+            STORE_NORMED=normed is not None, SUM_OUT=sum_out is not None, SQ_FROM_P=sum_sq_partials is not None,
+            BLOCK_P=triton.next_power_of_2(max(num_partials, 1)), BLOCK_M=1 if m == 1 else DECODE_GEMM_MAX_M,
+            BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=warps, num_stages=stages, **pdl_args(x.device))
     return y

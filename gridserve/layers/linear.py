@@ -8,7 +8,7 @@ With `--quantization fp8` the weight becomes FP8 with a `weight_scale` per row a
 (layers/quantization.py); a layer that must stay exact sets `quantizable = False`.
 
 `apply_linear` is the one place that picks the kernel for a product (`apply_linear_after_norm` for one that an
-RMSNorm precedes).
+RMSNorm precedes, `apply_linear_add_residual` for one that a residual add and a wide RMSNorm follow).
 """
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 
 from gridserve.distributed.parallel_state import get_tp_group
 from gridserve.layers.activation import silu_and_mul
-from gridserve.layers.norm import RMSNorm
+from gridserve.layers.norm import RMSNorm, SummedResidual
 from gridserve.layers.quantization import DECODE_GEMM_MAX_M, fp8_linear
 from gridserve.layers.weight_utils import materialize
 
@@ -28,7 +28,12 @@ DECODE_GEMM_MIN_K = 4096
 # The residual add and RMSNorm fold into the one-row decode GEMM up to this width. Every program re-reads the input,
 # the residual and the norm weight beside its weight rows: on an H200 that saved 1.3-1.8 us on Qwen3-0.6B's
 # projections (K = 1,024), nothing on Qwen3-30B-A3B's qkv (2,048), and cost 1.1 and 6.6 us on the 8B's (4,096).
+# Wider rows split the norm over the GEMMs before and after it instead (apply_linear_add_residual).
 NORM_FOLD_MAX_K = 2048
+
+
+def _one_cuda_row(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.numel() == x.shape[-1]
 
 
 def apply_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
@@ -53,25 +58,49 @@ def apply_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     return fp8_linear(x, weight, weight_scale, bias)
 
 
-def apply_linear_after_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, weight: torch.Tensor,
-                            weight_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                            return_normed: bool = False) -> tuple[torch.Tensor, ...]:
+def apply_linear_after_norm(x: torch.Tensor, residual: torch.Tensor | SummedResidual | None, norm: RMSNorm,
+                            weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
+                            bias: torch.Tensor | None = None, return_normed: bool = False) -> tuple[torch.Tensor, ...]:
     """(apply_linear(norm(x + residual)), x + residual); no residual: (apply_linear(norm(x)), x). return_normed adds
-    the normed input, third. For one row of up to NORM_FOLD_MAX_K features on CUDA one kernel adds, normalises and
-    multiplies (decode_gemm.decode_linear_after_norm), where rms_norm and the GEMM are two launches of a few
-    microseconds each; otherwise the two (folded, every program of the GEMM recomputes the norm: 16 rows of it, or
-    a wide row, cost more than a launch)."""
-    if x.is_cuda and x.numel() == x.shape[-1] <= NORM_FOLD_MAX_K:
+    the normed input, third. For one row on CUDA one kernel adds, normalises and multiplies
+    (decode_gemm.decode_linear_after_norm), where rms_norm and the GEMM are two launches of a few microseconds each:
+    up to NORM_FOLD_MAX_K features it sums the row's squares itself; a wider row comes with the partial sums that
+    the GEMM before computed (a SummedResidual). Otherwise the two kernels (folded, every program of the GEMM
+    recomputes the norm: 16 rows of it, or a wide row, cost more than a launch)."""
+    summed = isinstance(residual, SummedResidual)
+    if _one_cuda_row(x) and (summed or x.shape[-1] <= NORM_FOLD_MAX_K):
         from gridserve.layers.decode_gemm import decode_linear_after_norm
 
         x2 = x.reshape(1, x.shape[-1])
-        r2 = None if residual is None else residual.reshape(1, x.shape[-1])
+        r2 = None if residual is None or summed else residual.reshape(1, x.shape[-1])
         y, *rest = decode_linear_after_norm(x2, r2, norm.weight, norm.eps, weight, weight_scale, bias,
-                                            return_normed=return_normed)
+                                            return_normed=return_normed,
+                                            sum_sq_partials=residual.partials if summed else None)
         return (y.view(*x.shape[:-1], weight.shape[0]), *(t.view(x.shape) for t in rest))
     h, residual_out = (norm(x), x) if residual is None else norm(x, residual)
     y = apply_linear(h, weight, weight_scale, bias)
     return (y, residual_out, h) if return_normed else (y, residual_out)
+
+
+def splits_norm_after(residual: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the RMSNorm after a product with this weight splits over it and the next GEMM: one row on CUDA, of
+    more outputs than NORM_FOLD_MAX_K (narrower rows fold whole into the GEMM after)."""
+    return _one_cuda_row(residual) and weight.shape[0] > NORM_FOLD_MAX_K
+
+
+def apply_linear_add_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                              weight_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                              gated: bool = False) -> tuple[torch.Tensor, SummedResidual]:
+    """(apply_linear(x) + residual, SummedResidual) where splits_norm_after: the GEMM adds the residual and sums the
+    squares of its tiles (decode_gemm.decode_linear_add_residual), and the GEMM after the norm finishes the norm
+    (apply_linear_after_norm). That removes the norm's own kernel without each program recomputing a wide row."""
+    if not splits_norm_after(residual, weight):
+        raise ValueError("the norm splits over two GEMMs only for one row on CUDA wider than NORM_FOLD_MAX_K")
+    from gridserve.layers.decode_gemm import decode_linear_add_residual
+
+    y, partials = decode_linear_add_residual(x.reshape(1, x.shape[-1]), residual.reshape(1, -1), weight,
+                                             weight_scale, bias, gated=gated)
+    return y.view(residual.shape), SummedResidual(partials)
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -201,6 +230,14 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(1, self.tp.rank * cols, cols))
 
     forward_after_norm = None  # its input is split over the ranks: a norm needs the whole row
+
+    def forward_add_residual(self, x: torch.Tensor, residual: torch.Tensor,
+                             gated: bool = False) -> tuple[torch.Tensor, torch.Tensor | SummedResidual]:
+        """(self(x), residual) for the RMSNorm after it, or (self(x) + residual, SummedResidual) where the norm
+        splits over this GEMM and the next (apply_linear_add_residual): only when no all-reduce comes between."""
+        if self.tp.size == 1 and self.reduce_results and splits_norm_after(residual, self.weight):
+            return apply_linear_add_residual(x, residual, self.weight, self.weight_scale, self.bias, gated)
+        return self(x, gated), residual
 
     def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         y = self.matmul(x, None, gated)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from gridserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
-from gridserve.layers.norm import RMSNorm
+from gridserve.layers.norm import RMSNorm, SummedResidual
 
 
 class GatedMLP(nn.Module):
@@ -21,9 +21,10 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj(x), gated=True)
 
-    def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor,
-                           norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor | SummedResidual,
+                           norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor | SummedResidual]:
         """(self(norm(x + residual)), x + residual), the norm folded into gate/up where apply_linear_after_norm
-        folds it (one row on CUDA)."""
+        folds it (one row on CUDA), and the pair that down_proj.forward_add_residual returns (the sum already made,
+        where it splits the next layer's norm)."""
         h, residual = self.gate_up_proj.forward_after_norm(x, residual, norm)
-        return self.down_proj(h, gated=True), residual
+        return self.down_proj.forward_add_residual(h, residual, gated=True)

@@ -15,7 +15,7 @@ from gridserve.layers.attention import Attention
 from gridserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from gridserve.layers.linear import QKVParallelLinear, RowParallelLinear
 from gridserve.layers.mlp import GatedMLP
-from gridserve.layers.norm import RMSNorm
+from gridserve.layers.norm import RMSNorm, SummedResidual
 from gridserve.layers.rotary import RotaryEmbedding
 from gridserve.layers.weight_utils import materialize
 from gridserve.models.base import AttentionShape, CausalLM
@@ -44,18 +44,25 @@ class DecoderAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
                 fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(attention(norm(x + residual)), x + residual): the layer's input norm runs with the qkv projection."""
+        """(attention(norm(x + residual)), x + residual): the layer's input norm runs with the qkv projection; the
+        pair that o_proj.forward_add_residual returns (the sum already made, where it splits the next norm)."""
         qkv, residual = self.qkv_proj.forward_after_norm(x, residual, norm)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.attn.rotates_in_decode(fb):  # q/k norm, rotary, KV store and attention in one kernel
-            return self.o_proj(self.attn(q, k, v, fb, self._rotation(positions))), residual
+            out = self.attn(q, k, v, fb, self._rotation(positions))
+        else:
+            out = self._attend(positions, q, k, v, fb)
+        return self.o_proj.forward_add_residual(out, residual)
+
+    def _attend(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                fb: ForwardBatch) -> torch.Tensor:
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         kv_cache = self.attn.fused_kv_store(fb, v)
         q, k = self._norm_and_rotate(positions, q, k, kv_cache)
         if kv_cache is not None:  # the rotary kernel has stored k and v
-            return self.o_proj(self.attn(q.reshape(-1, self.q_size), None, None, fb)), residual
-        return self.o_proj(self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, fb)), residual
+            return self.attn(q.reshape(-1, self.q_size), None, None, fb)
+        return self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, fb)
 
     def _rotation(self, positions: torch.Tensor) -> QKRotation:
         rope = self.rotary_emb
@@ -117,6 +124,8 @@ class DecoderModel(nn.Module):
         for layer in self.layers[self.start_layer : self.end_layer]:
             x, residual = layer(positions, x, residual, fb)
         if not self.is_last:
+            if isinstance(residual, SummedResidual):  # x is already the sum; the next stage adds its residual
+                residual = torch.zeros_like(x)
             return IntermediateTensors(x, residual)
         x, _ = self.norm(x, residual)
         return x
