@@ -219,3 +219,20 @@ def test_the_model_inputs_resolve_tokens_still_on_the_device(pending):
     assert fb.input_ids.tolist() == [73 - i if p else 40 + i for i, p in enumerate(pending)]
     assert fb.positions.tolist() == [r.kv_len for r in reqs]
     assert [table[i + 1, r.kv_len].item() for i, r in enumerate(reqs)] == [11, 12, 13]
+
+
+@settings(max_examples=200, deadline=None)
+@given(prompt=st.integers(1, 12), out=st.integers(0, 12), pending=st.booleans(), data=st.data())
+def test_token_ids_are_the_known_tokens_and_the_newest_placeholder(prompt, out, pending, data):
+    """token_ids(start, end) slices prompt + output without building it; one past the known tokens is the device
+    placeholder of the request's newest token."""
+    req = Req("r", list(range(100, 100 + prompt)), SamplingParams(max_new_tokens=64), seed=0)
+    req.output_ids = list(range(500, 500 + out))
+    req.pending, req.last_row = int(pending), 3
+    known = prompt + out
+    end = data.draw(st.integers(0, known + int(pending)))
+    start = data.draw(st.integers(0, end))
+    want = (req.origin_input_ids + req.output_ids)[start:end]
+    if end > known:
+        want.append(-1 - 3)
+    assert req.token_ids(start, end) == want

@@ -58,8 +58,13 @@ class Req:
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Ids of tokens [start, end); a token still on the device is the placeholder -1 - last_row."""
-        known = len(self.origin_input_ids) + len(self.output_ids)
-        ids = self.fill_ids[start:min(end, known)]
+        prompt, out = self.origin_input_ids, self.output_ids
+        known = len(prompt) + len(out)
+        stop = min(end, known)
+        if start >= len(prompt):  # a decode step: no copy of the whole context
+            ids = out[start - len(prompt) : stop - len(prompt)]
+        else:
+            ids = prompt[start:stop] + out[: max(0, stop - len(prompt))]
         if end > known:
             assert self.pending == 1 and end == known + 1, "only the newest token can be unresolved"
             ids.append(-1 - self.last_row)
