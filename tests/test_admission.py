@@ -236,3 +236,25 @@ def test_token_ids_are_the_known_tokens_and_the_newest_placeholder(prompt, out, 
     if end > known:
         want.append(-1 - 3)
     assert req.token_ids(start, end) == want
+
+
+def test_a_full_cache_evicts_a_slice_of_the_pool_at_once_least_recently_used_first():
+    """With the cache full, one slot more evicts 1/EVICT_SLACK of the pool (here four 4-token prompts, not the one
+    that one slot needs), so the next steps need no eviction (each walks the whole tree); oldest first."""
+    from gridserve.scheduler.kv_manager import EVICT_SLACK
+
+    size = 16 * EVICT_SLACK
+    kv = KVManager(ReqToTokenPool(4, 64), TokenToKVPoolAllocator(size), use_radix_cache=True)
+    prompts = [[k, k + 1, k + 2, k + 3] for k in range(0, size, 4)]
+    for ids in prompts:  # fill the pool with cached prompts
+        slots = kv.alloc(len(ids))
+        kv.allocator.free(slots[: kv.tree.insert(ids, slots)])
+    assert kv.allocator.available_size() == 0 and kv.tree.evictable_size() == size
+    kv.alloc(1)
+    assert kv.num_evicted_tokens == 16
+    assert [kv.tree.match_len(p) for p in prompts[:5]] == [0, 0, 0, 0, 4] and kv.tree.match_len(prompts[-1]) == 4
+    for _ in range(15):  # the rest of the slice: no further eviction
+        kv.alloc(1)
+    assert kv.num_evicted_tokens == 16
+    kv.alloc(1)
+    assert kv.num_evicted_tokens == 32

@@ -2,12 +2,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import event, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from gridserve.mem_cache.memory_pool import TokenToKVPoolAllocator
-from gridserve.mem_cache.radix_cache import RadixCache, TreeNode
+from gridserve.mem_cache.radix_cache import RadixCache, TreeNode, _common_len
 
 
 def make(size: int = 32) -> tuple[TokenToKVPoolAllocator, RadixCache]:
@@ -28,6 +28,20 @@ def sizes(cache: RadixCache) -> tuple[int, int, int]:
 
 
 # ---- unit tests ------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(seg=st.lists(st.integers(0, 2), max_size=200), shared=st.integers(0, 200),
+       tail=st.lists(st.integers(0, 2), max_size=80), start=st.integers(0, 20))
+def test_common_len_is_the_length_of_the_common_prefix(seg, shared, tail, start):
+    """The chunked comparison equals a token-by-token walk, for keys that share up to 200 tokens with the segment
+    from `start` (lengths around the 64-token chunks included)."""
+    key = [7] * start + seg[:shared] + tail
+    n = 0
+    while n < len(seg) and start + n < len(key) and seg[n] == key[start + n]:
+        n += 1
+    assert _common_len(seg, key, start) == n
+    assert _common_len(key[start:], key, start) == len(key) - start
 
 
 def test_match_empty_tree():
