@@ -120,7 +120,8 @@ def main() -> None:
 
     if a.sweep_shapes:  # one row (the dot-product path): the tiles per shape against decode_gemm_config's pick
         # FP8 (--fp8): per-channel scaled weights, half the bytes an element, so K tiles up to 2,048
-        grid = ((8, 16, 32), (512, 1024, 2048) if a.fp8 else (256, 512, 1024), (4, 8), (4,))
+        grid = ((4, 8, 16, 32), (512, 1024, 2048) if a.fp8 else (256, 512, 1024), (4, 8), (4,))
+        tiles = {}
         for model in models:
             for name, shape in SHAPES[model].items():
                 w16 = [torch.randn(shape, device=dev, dtype=torch.bfloat16) / 64 for _ in range(a.layers)]
@@ -129,8 +130,14 @@ def main() -> None:
                 pick = decode_gemm.decode_gemm_config(1, ws[0][0])
                 best = sweep(ws, {shape[1]: x1}, a.fp8, grid, f"{model} {name} {shape}: ")
                 t_pick = graph_us(lambda x1=x1, ws=ws: [decode_gemm.decode_linear(x1, *w) for w in ws]) / len(ws)
+                t_best = graph_us(lambda x1=x1, ws=ws, c=best: [decode_gemm.decode_linear(x1, *w, config=c)
+                                                                for w in ws]) / len(ws)
                 t_cublas = graph_us(lambda x1=x1, w16=w16: [F.linear(x1, w) for w in w16]) / len(w16)
-                print(f"  pick {pick}: {t_pick:.1f} us; cuBLAS bf16 {t_cublas:.1f} us; best {best}", flush=True)
+                print(f"  pick {pick}: {t_pick:.1f} us; best {best}: {t_best:.1f} us; cuBLAS bf16 {t_cublas:.1f} us",
+                      flush=True)
+                if t_best < t_pick - 1.0:
+                    tiles[(*shape, ws[0][0].element_size())] = best
+        print(f"ONE_ROW_TILES entries (more than 1 us faster than the pick): {tiles}")
         return
     cfg8 = cfg16 = decode_gemm.DECODE_GEMM_CONFIG
     if a.sweep:

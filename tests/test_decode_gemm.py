@@ -219,11 +219,16 @@ def test_a_decoder_layer_chain_with_the_split_norm_equals_the_unfused_one(rows, 
 
 
 def test_decode_gemm_tiles_fit_float32_weights():
+    from gridserve.layers import decode_gemm
     from gridserve.layers.decode_gemm import DECODE_GEMM_CONFIG, ONE_ROW_CONFIG, decode_gemm_config
 
     bf16, f32 = torch.empty(8, 8, dtype=torch.bfloat16), torch.empty(8, 8)
     assert decode_gemm_config(1, bf16) == ONE_ROW_CONFIG and decode_gemm_config(2, bf16) == DECODE_GEMM_CONFIG
     assert decode_gemm_config(2, f32)[1] == DECODE_GEMM_CONFIG[1] // 2  # 4 stages of 32 x 512 x 4 bytes: 256 KB
+    with pytest.MonkeyPatch.context() as mp:  # a shape the sweep tuned takes its own one-row tiles
+        mp.setitem(decode_gemm.ONE_ROW_TILES, (8, 8, 2), (4, 512, 4, 4))
+        assert decode_gemm_config(1, bf16) == (4, 512, 4, 4)
+        assert decode_gemm_config(1, f32) == (8, 512, 8, 4)  # another dtype: the default, K tile halved
     # the default tiles (no config) on widths that are no multiple of them, on both paths
     for m in (1, 3):
         x, w = rand(m, 600, dtype=torch.float32), rand(100, 600, dtype=torch.float32)

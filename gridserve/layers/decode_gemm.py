@@ -112,12 +112,19 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
 # row (the dot-product path; --sweep-shapes: the fastest or within 1 us of it on each 8B, 0.6B and 30B-A3B shape)
 DECODE_GEMM_CONFIG = (32, 512, 4, 4)
 ONE_ROW_CONFIG = (8, 1024, 8, 4)
+# One-row tiles for a weight of (rows, columns, bytes an element) where `bench_fp8_gemm.py --sweep-shapes` found
+# tiles faster than ONE_ROW_CONFIG by more than a microsecond (it prints these entries)
+ONE_ROW_TILES: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
 
 
 def decode_gemm_config(m: int, weight: torch.Tensor) -> tuple[int, int, int, int]:
     """The decode GEMM's tiles for m rows of input. float32 weights take half as wide a K tile, so that the stages
     fit in shared memory."""
-    block_n, block_k, warps, stages = ONE_ROW_CONFIG if m == 1 else DECODE_GEMM_CONFIG
+    if m == 1:
+        n, k = weight.shape
+        block_n, block_k, warps, stages = ONE_ROW_TILES.get((n, k, weight.element_size()), ONE_ROW_CONFIG)
+    else:
+        block_n, block_k, warps, stages = DECODE_GEMM_CONFIG
     return block_n, block_k // max(1, weight.element_size() // 2), warps, stages
 
 
