@@ -112,6 +112,25 @@ def test_fp16_and_workspace_reuse():
         torch.testing.assert_close(out.float().cpu(), reference(q, k, v, r2t, rpi, sl, 0.125), atol=2e-2, rtol=2e-2)
 
 
+def test_a_larger_eager_batch_never_frees_the_workspace_the_graphs_captured():
+    """Batches above --cuda-graph-max-bs run eagerly and need a larger workspace. The one the CUDA graphs captured
+    must stay allocated: replays write to its addresses (freed, its memory went to other tensors, and the 1,024-prompt
+    offline run hit an illegal memory access once the batch fell back under 256)."""
+    import gc
+    import weakref
+
+    from gridserve.attention.triton_backend import TritonAttentionBackend
+
+    backend = TritonAttentionBackend()
+    backend.init_cuda_graph_state(4, 8, 64, torch.device(DEVICE))
+    captured = weakref.ref(backend.workspace.attn_out)
+    grown = backend._workspace_for(300, 8, 64, torch.device(DEVICE))  # an eager batch of 300
+    assert grown.max_bs >= 300 and grown is backend.workspace
+    gc.collect()
+    assert captured() is not None
+    assert backend._workspace_for(7, 8, 64, torch.device(DEVICE)) is grown  # smaller batches use the grown one
+
+
 @pytest.mark.parametrize("merge_in_stage1", [True, False])
 def test_value_head_dim_differs_and_zero_length_row(merge_in_stage1):
     # head_dim_v != head_dim; a seq_len 0 row (padded CUDA-graph batch) gives zeros, not NaN
