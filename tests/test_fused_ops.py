@@ -61,11 +61,16 @@ def test_rms_norm_per_head_on_a_strided_view(dtype):
         torch.testing.assert_close(rms_norm(t, w, 1e-6).cpu(), norm(t.cpu().contiguous()), **TOL[dtype])
 
 
+# heads: one block of 16 (padded), or two with q and k heads in the first and padding in the second
+HEADS = [(4, 2), (14, 6)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scaling", [None, {"rope_type": "yarn", "factor": 4.0,
                                             "original_max_position_embeddings": 256}])
-def test_rotary_in_place_matches_reference(dtype, scaling):
-    tokens, hq, hk, d = 6, 4, 2, 64
+@pytest.mark.parametrize("hq,hk", HEADS)
+def test_rotary_in_place_matches_reference(dtype, scaling, hq, hk):
+    tokens, d = 6, 64
     rope = RotaryEmbedding(d, 10000.0, 1024, scaling)
     qkv = rand(tokens, (hq + 2 * hk) * d, dtype=dtype)
     q = qkv[:, : hq * d].reshape(tokens, hq, d)
@@ -82,8 +87,9 @@ def test_rotary_in_place_matches_reference(dtype, scaling):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 128])
-def test_qk_norm_then_rotary_in_place_matches_the_separate_layers(dtype, d):
-    tokens, hq, hk = 5, 4, 2
+@pytest.mark.parametrize("hq,hk", HEADS)
+def test_qk_norm_then_rotary_in_place_matches_the_separate_layers(dtype, d, hq, hk):
+    tokens = 5
     rope = RotaryEmbedding(d, 1000000.0, 4096, None)
     q_norm, k_norm = RMSNorm(d, eps=1e-6), RMSNorm(d, eps=1e-6)
     q_norm.weight.data.uniform_(0.5, 1.5)
@@ -105,12 +111,13 @@ def test_qk_norm_then_rotary_in_place_matches_the_separate_layers(dtype, d):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_rotary_also_stores_k_and_v_into_the_paged_cache(dtype, qk_norm):
+@pytest.mark.parametrize("hq,hk", HEADS)
+def test_rotary_also_stores_k_and_v_into_the_paged_cache(dtype, qk_norm, hq, hk):
     """Decode's fused KV store: the rotated k and the v rows land at their slots, exactly what the unfused
     kernels (rotary, then store_kv) write; q and k come out the same, other slots stay untouched."""
     from gridserve.attention.triton_ops import store_kv
 
-    tokens, hq, hk, d, slots = 5, 4, 2, 64, 32
+    tokens, d, slots = 5, 64, 32
     rope = RotaryEmbedding(d, 10000.0, 4096, None)
     norm_w = [rand(d, dtype=dtype) + 1 for _ in range(2)]
     positions = torch.tensor([0, 3, 64, 777, 4000], device=DEVICE)
