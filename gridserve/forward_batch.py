@@ -37,6 +37,8 @@ class ForwardBatch:
     extend_start_loc: torch.Tensor | None = None  # (B,) int64: where each request's new tokens start
     # logits of every position instead of only the last one per request (tests, prompt logprobs)
     return_all_logits: bool = False
+    # where the LM head writes the logits, (B, vocab), if given: the decode graphs share one output buffer
+    logits_out: torch.Tensor | None = None
     # filled by the model runner
     req_to_token: torch.Tensor | None = None
     kv_cache: object = None

@@ -54,3 +54,20 @@ def test_captured_pieces_match_eager_on_cuda(backend, tmp_path):
     runner = _compare(str(tmp_path), "cuda", 64, capture=True, backend=backend)
     assert sorted(runner.prefill_graphs.pieces) == [16, 32, 64]
     assert all(len(p) == 4 for p in runner.prefill_graphs.pieces.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
+def test_decode_graphs_write_their_logits_into_one_buffer(tmp_path):
+    """Every captured decode batch size writes its logits into the largest graph's output, so the graph pool holds
+    one logits buffer, not one per size (69 of them up to 1,024 rows did not fit); the replays equal eager."""
+    from gridserve.model_executor.cuda_graph_runner import CudaGraphRunner
+
+    make_tiny_model("qwen3", tmp_path)
+    want = run_script(make_runner(str(tmp_path), device="cuda", attention_backend="triton"))
+    runner = make_runner(str(tmp_path), device="cuda", attention_backend="triton")
+    runner.graph_runner = CudaGraphRunner(runner, 8)
+    largest = runner.graph_runner.outputs[8]
+    for bs, out in runner.graph_runner.outputs.items():
+        assert out.data_ptr() == largest.data_ptr() and out.shape[0] == bs
+    for w, g in zip(want, run_script(runner), strict=True):  # the decode steps (3 rows) replay the 4-row graph
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

@@ -40,7 +40,10 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Computes this rank's slice of the logits, gathers them, and trims the vocab padding."""
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits in the weights' dtype; `out` (rows, vocab), when given at tp 1, receives them."""
+        if out is not None and self.tp.size == 1 and out.shape == (hidden.shape[0], self.shard_size):
+            return torch.matmul(hidden, self.weight.t(), out=out)
         logits = F.linear(hidden, self.weight)
         logits = self.tp.all_gather(logits, dim=-1)
         return logits[..., : self.vocab_size]

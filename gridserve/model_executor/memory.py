@@ -91,8 +91,9 @@ class MemoryPlan:
              graph_max_bs: int, prefill_graph_tokens: int, vocab_size: int, bytes_per_token: int) -> MemoryPlan:
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
-        # The decode graphs' pool holds decode activations and fp32 logits (plus sampling temporaries) at the
-        # largest batch; decode activations are tiny next to a prefill's, so the logits term dominates. The
+        # The decode graphs' pool holds decode activations and the logits at the largest batch (one buffer that
+        # every size writes into), and the sampler's float copy and temporaries come on top; decode activations are
+        # tiny next to a prefill's, so the logits terms dominate (12 bytes a logit: generous). The
         # prefill pieces' pool holds the activations of their largest token count (scaled from the measured peak;
         # it overestimates, as the measured peak includes the logits).
         graph_reserve = graph_max_bs * vocab_size * 4 * 3

@@ -57,7 +57,8 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        """float32 logits: one row per request (its last token), or every new token's with return_all_logits."""
+        """Logits in the model's dtype (the sampler widens them where it must): one row per request (its last
+        token), or every new token's with return_all_logits; into fb.logits_out when it is given."""
         raise NotImplementedError
 
     @torch.inference_mode()

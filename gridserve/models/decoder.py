@@ -231,7 +231,7 @@ class DecoderLM(CausalLM):
     def compute_logits(self, hidden: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         if fb.forward_mode.is_extend() and not fb.return_all_logits:
             hidden = hidden[fb.extend_start_loc + fb.extend_seq_lens - 1]
-        return self.lm_head.compute_logits(hidden).float()
+        return self.lm_head.compute_logits(hidden, fb.logits_out)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copies checkpoint tensors into the (sharded) parameters; returns the parameter names loaded."""
