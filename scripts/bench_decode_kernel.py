@@ -1,6 +1,8 @@
 """Achieved memory bandwidth of the Triton decode attention kernel over a grid of launch settings (GPU only).
 Reads every K and V row of the batch's contexts once; bytes / time is compared with a device copy's rate.
-Usage: python scripts/bench_decode_kernel.py [--heads 16 --kv-heads 8 --head-dim 128 --splits 1,2,4,8,16,32,64]"""
+Usage: python scripts/bench_decode_kernel.py [--heads 16 --kv-heads 8 --head-dim 128 --splits 1,2,4,8,16,32,64]
+    [--contexts 512,2048 | --contexts mixed:100-2048] (mixed: each request's context uniform in the range, as in
+    bench offline's workload, where short and long contexts share a batch)"""
 
 import argparse
 import functools
@@ -35,14 +37,24 @@ def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     bw = measure_device(dev, dt).mem_bw
     print(f"device copy rate {bw / 1e9:.0f} GB/s")
-    for bs, ctx in itertools.product(ints(a.batches), ints(a.contexts)):
-        slots = bs * ctx
+    mixed = a.contexts.startswith("mixed:")
+    contexts = [a.contexts] if mixed else ints(a.contexts)
+    for bs, ctx in itertools.product(ints(a.batches), contexts):
+        if mixed:  # per-request lengths in [lo, hi]; req_to_token rows are hi wide
+            lo, hi = (int(x) for x in ctx.split(":")[1].split("-"))
+            seq_lens = torch.randint(lo, hi + 1, (bs,), generator=torch.Generator().manual_seed(0)).to(dev)
+            width = hi
+        else:
+            seq_lens, width = torch.full((bs,), ctx, device=dev, dtype=torch.int64), ctx
+        slots = int(seq_lens.sum())
         k = torch.randn(slots + 1, a.kv_heads, a.head_dim, device=dev, dtype=dt)
         v = torch.randn_like(k)
         # Shuffled slots: a real pool after many requests is not contiguous.
-        req_to_token = (torch.randperm(slots, device=dev, dtype=torch.int32) + 1).view(bs, ctx)
+        perm = torch.randperm(slots, device=dev, dtype=torch.int32) + 1
+        req_to_token = torch.zeros(bs, width, device=dev, dtype=torch.int32)
+        for r, part in enumerate(perm.split(seq_lens.tolist())):
+            req_to_token[r, : part.numel()] = part
         idx = torch.arange(bs, device=dev, dtype=torch.int64)
-        seq_lens = torch.full((bs,), ctx, device=dev, dtype=torch.int64)
         q = torch.randn(bs, a.heads, a.head_dim, device=dev, dtype=dt)
         moved = 2 * slots * a.kv_heads * a.head_dim * k.element_size()
         rows = []

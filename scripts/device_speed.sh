@@ -78,8 +78,10 @@ if has bigbs; then  # issue 20: 1,024 prompts, so decode batches pass the 256 th
       | grep -vE "Warning|warn\(" | tail -5
   done
 fi
-if has decodek; then  # the decode attention kernel's bandwidth over launch settings
+if has decodek; then  # the decode attention kernel's bandwidth over launch settings, uniform and mixed contexts
   python3 scripts/bench_decode_kernel.py --contexts 512,2048 2>&1 | tee $OUT/decode_kernel.txt | grep -v Warning
+  python3 scripts/bench_decode_kernel.py --batches 64,256 --contexts mixed:100-2048 --splits 2,4,8 2>&1 \
+    | tee $OUT/decode_kernel_mixed.txt | grep -v Warning
 fi
 if has offprof; then  # device time of the offline workload by phase, and a kernel table at large batch
   python3 scripts/profile_scheduler.py $Q --offline --kernels --no-show-progress --top 30 2>&1 | grep -v Warning \
