@@ -80,7 +80,7 @@ if has bigbs; then  # issue 20: 1,024 prompts, so decode batches pass the 256 th
 fi
 if has decodek; then  # the decode attention kernel's bandwidth over launch settings, uniform and mixed contexts
   python3 scripts/bench_decode_kernel.py --contexts 512,2048 2>&1 | tee $OUT/decode_kernel.txt | grep -v Warning
-  python3 scripts/bench_decode_kernel.py --batches 64,256 --contexts mixed:100-2048 --splits 2,4,8 2>&1 \
+  python3 scripts/bench_decode_kernel.py --batches 64,256 --contexts mixed:100-2048 --splits 1,2,4,8 2>&1 \
     | tee $OUT/decode_kernel_mixed.txt | grep -v Warning
 fi
 if has offprof; then  # device time of the offline workload by phase, and a kernel table at large batch
