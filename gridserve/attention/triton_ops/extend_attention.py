@@ -6,7 +6,7 @@ K/V are already stored in the paged cache. Query j of request i sits at absolute
 ``req_to_token[req_pool_indices[i], p]``.
 
 One kernel, grid (B, num_heads, cdiv(max_extend_len, BLOCK_M)): a program owns BLOCK_M queries of one head of one
-request (a program past its request's extend length exits at once). It walks the KV positions in BLOCK_N blocks up
+request (a program past its request's extend length exits at once), the last row blocks (the most keys) first. It walks the KV positions in BLOCK_N blocks up
 to the causal limit of its last query, with ``tl.dot`` for QK^T and PV and an online softmax in fp32 (base 2). The
 blocks all its queries see whole (the prefix, most of it for a long prompt's later chunks) skip the masks; the
 last few, across the causal diagonal, are masked. A query head maps to KV head ``head // (num_heads // num_kv_heads)``.
@@ -78,7 +78,9 @@ def _extend_fwd(
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    mblk = tl.program_id(2)
+    # The last row blocks see the most keys (causal): launch them first, so that the light ones fill the tail
+    # (blocks launch with the last grid axis slowest; in order, a long prompt's heaviest tiles ran last)
+    mblk = tl.num_programs(2) - 1 - tl.program_id(2)
 
     extend_len = tl.load(ExtendLens + b).to(tl.int32)
     if mblk * BLOCK_M >= extend_len:
