@@ -1,6 +1,8 @@
 """The Triton extend attention kernel on a long prompt's chunks (GPU only): one request, a chunk of --chunk new
 tokens after prefixes of 0, 1, 2, 3 chunks (a 32k prompt in 8k chunks), over launch settings. Prints ms and
 TFLOP/s (causal: the chunk's queries times the keys each sees, QK^T and PV) per setting; --sweep tries the grid.
+Each setting runs per query head and, marked "grouped", with a program per GQA group (extend_attention's
+group_heads: each K/V block gathered once for the group's heads).
 
     python3 scripts/bench_extend_kernel.py [--heads 32 --kv-heads 8 --head-dim 128 --chunk 8192] [--sweep]"""
 
@@ -30,9 +32,10 @@ def main() -> None:
     q = torch.randn(a.chunk, a.heads, d, device=dev, dtype=dt)
     one = lambda x: torch.tensor([x], device=dev)  # noqa: E731
     default = extend_config(a.chunk)
-    configs = [default]
+    configs = [(default, False), (default, True)]
     if a.sweep:
-        configs += [c for c in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3)) if c != default]
+        configs += [(c, False) for c in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3)) if c != default]
+        configs += [(c, True) for c in ((128, 64, 8, 3), (128, 128, 8, 2), (256, 64, 8, 3), (256, 32, 8, 3))]
     print(f"{torch.cuda.get_device_name()}: {a.heads} heads / {a.kv_heads} KV heads x {d}, chunks of {a.chunk}; "
           f"default (BLOCK_M, BLOCK_N, warps, stages) {default}")
     print("prefix | config | ms | TFLOP/s")
@@ -40,22 +43,21 @@ def main() -> None:
         prefix = i * a.chunk
         flops = 4 * a.heads * d * a.chunk * (prefix + (a.chunk + 1) / 2)
         timed = []
-        for cfg in configs:
+        for cfg, grouped in configs:
             try:
-                ms = time_ms(lambda cfg=cfg, prefix=prefix: extend_attention(
+                ms = time_ms(lambda cfg=cfg, grouped=grouped, prefix=prefix: extend_attention(
                     q, k, v, req_to_token, one(0), one(prefix + a.chunk), one(a.chunk), one(0), d**-0.5, a.chunk,
-                    config=cfg), graph=False, iters=5)
+                    config=cfg, group_heads=grouped), graph=False, iters=5)
             except Exception as e:  # out of shared memory or registers: skip the setting
-                print(f"  skip {cfg}: {type(e).__name__}")
+                print(f"  skip {cfg}{' grouped' if grouped else ''}: {type(e).__name__}")
                 continue
-            timed.append((ms, cfg))
+            timed.append((ms, cfg, grouped))
         timed.sort()
-        for ms, cfg in timed[:4] if a.sweep else timed:
-            print(f"{prefix} | {cfg}{' (default)' if cfg == default else ''} | {ms:.2f} | {flops / ms / 1e9:.0f}",
-                  flush=True)
-        if a.sweep and default not in [c for _, c in timed[:4]]:
-            ms = next(m for m, c in timed if c == default)
-            print(f"{prefix} | {default} (default) | {ms:.2f} | {flops / ms / 1e9:.0f}", flush=True)
+        shown = timed[:4] if a.sweep else timed
+        shown += [t for t in timed if t[1] == default and t not in shown]  # the default, both ways
+        for ms, cfg, grouped in shown:
+            label = f"{cfg}{' grouped' if grouped else ''}{' (default)' if cfg == default and not grouped else ''}"
+            print(f"{prefix} | {label} | {ms:.2f} | {flops / ms / 1e9:.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -57,12 +57,13 @@ SHAPES = [
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("prefix_lens,ext_lens,num_heads,num_kv_heads,head_dim", SHAPES)
-def test_matches_reference(prefix_lens, ext_lens, num_heads, num_kv_heads, head_dim, dtype, atol):
+@pytest.mark.parametrize("group_heads", [False, True])  # True: a program per GQA group (groups of 1, 4 and 8 here)
+def test_matches_reference(prefix_lens, ext_lens, num_heads, num_kv_heads, head_dim, dtype, atol, group_heads):
     q, k, v, r2t, rpi, sl, el, esl = make_case(prefix_lens, ext_lens, num_heads, num_kv_heads, head_dim, dtype)
     scale = head_dim**-0.5
     out = torch.full_like(q, float("nan"))
     res = extend_attention(q, k, v, r2t, rpi, sl, el, esl, scale, max(ext_lens), out=out,
-                           config=(BLOCK, BLOCK, 4, 1))
+                           config=(BLOCK, BLOCK, 4, 1), group_heads=group_heads)
     assert res is out and res.dtype == dtype
     assert torch.isfinite(out).all(), "output not fully written or poisoned KV leaked"
     ref = reference(q, k, v, r2t, rpi, sl, el, esl, scale)
@@ -78,12 +79,13 @@ def test_default_blocks_huge_poison_and_loose_max_extend_len():
 
 
 @pytest.mark.parametrize("config", [(32, 16, 4, 1), (16, 32, 4, 1), (128, 64, 8, 2)])
-def test_long_prefix_whole_blocks_and_the_diagonal(config):
+@pytest.mark.parametrize("group_heads", [False, True])
+def test_long_prefix_whole_blocks_and_the_diagonal(config, group_heads):
     """A later chunk of a long prompt: most key blocks are seen whole by every query (the unmasked loop), the
     rest straddle the causal diagonal; block sizes that do not divide the prefix, BLOCK_N above BLOCK_M, and the
-    large tiles long extends get by default."""
+    large tiles long extends get by default (grouped: 8 to 64 queries of each of a group's 2 heads a program)."""
     q, k, v, r2t, rpi, sl, el, esl = make_case([203, 0], [150, 70], 4, 2, 64, torch.float32, seed=3, poison=1e30)
-    out = extend_attention(q, k, v, r2t, rpi, sl, el, esl, 0.125, 150, config=config)
+    out = extend_attention(q, k, v, r2t, rpi, sl, el, esl, 0.125, 150, config=config, group_heads=group_heads)
     torch.testing.assert_close(out.cpu(), reference(q, k, v, r2t, rpi, sl, el, esl, 0.125), atol=1e-4, rtol=1e-4)
 
 

@@ -6,10 +6,11 @@ K/V are already stored in the paged cache. Query j of request i sits at absolute
 ``req_to_token[req_pool_indices[i], p]``.
 
 One kernel, grid (B, num_heads, cdiv(max_extend_len, BLOCK_M)): a program owns BLOCK_M queries of one head of one
-request (a program past its request's extend length exits at once), the last row blocks (the most keys) first. It walks the KV positions in BLOCK_N blocks up
-to the causal limit of its last query, with ``tl.dot`` for QK^T and PV and an online softmax in fp32 (base 2). The
-blocks all its queries see whole (the prefix, most of it for a long prompt's later chunks) skip the masks; the
-last few, across the causal diagonal, are masked. A query head maps to KV head ``head // (num_heads // num_kv_heads)``.
+request (a program past its request's extend length exits at once), the last row blocks (the most keys) first.
+It walks the KV positions in BLOCK_N blocks up to the causal limit of its last query, with ``tl.dot`` for QK^T and
+PV and an online softmax in fp32 (base 2). The blocks all its queries see whole (the prefix, most of it for a long
+prompt's later chunks) skip the masks; the last few, across the causal diagonal, are masked. A query head maps to
+KV head ``head // (num_heads // num_kv_heads)``; with ``group_heads`` a program takes a KV head's whole group.
 head_dim is padded to a power of two >= 16 and masked.
 """
 
@@ -67,9 +68,10 @@ def _extend_fwd(
     stride_ot, stride_oh,
     stride_rt,
     GROUP: tl.constexpr,
+    HEADS: tl.constexpr,  # query heads a program takes: 1, or the GQA group (its K/V blocks gathered once for all)
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # queries of each head a program takes: HEADS * BLOCK_M rows in its tiles
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -77,7 +79,6 @@ def _extend_fwd(
     DOT_FP32: tl.constexpr,
 ):
     b = tl.program_id(0)
-    h = tl.program_id(1)
     # The last row blocks see the most keys (causal): launch them first, so that the light ones fill the tail
     # (blocks launch with the last grid axis slowest; in order, a long prompt's heaviest tiles ran last)
     mblk = tl.num_programs(2) - 1 - tl.program_id(2)
@@ -89,9 +90,11 @@ def _extend_fwd(
     prefix = seq_len - extend_len
     req = tl.load(ReqPoolIdx + b).to(tl.int64)
     q_start = tl.load(ExtendStart + b).to(tl.int64)
-    kvh = h // GROUP
+    kvh = tl.program_id(1) * HEADS // GROUP
+    tile = tl.arange(0, HEADS * BLOCK_M)  # row r: head h[r], query offs_m[r]
+    h = tl.program_id(1) * HEADS + tile // BLOCK_M
 
-    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)  # query index among the request's new tokens
+    offs_m = mblk * BLOCK_M + tile % BLOCK_M  # query index among the request's new tokens
     mask_m = offs_m < extend_len
     pos_m = prefix + offs_m  # absolute position of each query
     offs_d = tl.arange(0, BLOCK_D)
@@ -100,14 +103,14 @@ def _extend_fwd(
     mask_dv = offs_dv < HEAD_DIM_V
 
     rows = q_start + offs_m.to(tl.int64)
-    q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+    q = tl.load(Q + rows[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([HEADS * BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([HEADS * BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([HEADS * BLOCK_M, BLOCK_DV], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 in the softmax
 
     # keys every query of the block sees (the prefix and the new tokens before the block), whole blocks of them
@@ -124,7 +127,7 @@ def _extend_fwd(
                                       qk_scale, BLOCK_N, True, DOT_PRECISION)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    tl.store(Out + rows[:, None] * stride_ot + h * stride_oh + offs_dv[None, :],
+    tl.store(Out + rows[:, None] * stride_ot + h[:, None] * stride_oh + offs_dv[None, :],
              out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
 
 
@@ -152,6 +155,7 @@ def extend_attention(
     max_extend_len: int,
     out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None,
+    group_heads: bool = False,
 ) -> torch.Tensor:
     """Causal attention of each request's new tokens over its whole paged KV (cached prefix + the new tokens).
 
@@ -160,7 +164,9 @@ def extend_attention(
     head_dim) and v_buffer: (num_slots + 1, num_kv_heads, head_dim_v), already holding the new tokens' K/V;
     ``max_extend_len`` >= every ``extend_lens[i]``. Returns (N, num_heads, head_dim_v) in q's dtype (written into
     ``out`` when given); rows of q no request covers are left untouched. ``config``: (BLOCK_M, BLOCK_N, num_warps,
-    num_stages), else ``extend_config(max_extend_len)``.
+    num_stages), else ``extend_config(max_extend_len)``. group_heads: a program takes the whole GQA group of one KV
+    head (when the group is a power of two), BLOCK_M // group queries of each, and gathers each K/V block once for
+    them all instead of once per query head (not yet the default: untimed).
     """
     q, sh = check_paged_inputs(q, k_buffer, v_buffer, req_to_token)
     block_m, block_n, warps, stages = config or extend_config(max_extend_len)
@@ -176,7 +182,9 @@ def extend_attention(
     if bs == 0 or n_tokens == 0 or max_extend_len <= 0:
         return out
 
-    grid = (bs, num_heads, triton.cdiv(max_extend_len, block_m))
+    heads = sh.group if group_heads and sh.group & (sh.group - 1) == 0 and sh.group <= block_m // 2 else 1
+    block_m //= heads  # queries of each head; the tiles keep block_m rows
+    grid = (bs, num_heads // heads, triton.cdiv(max_extend_len, block_m))
     _extend_fwd[grid](
         q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, seq_lens, extend_lens, extend_start_loc,
         float(sm_scale),
@@ -185,7 +193,7 @@ def extend_attention(
         v_buffer.stride(0), v_buffer.stride(1),
         out.stride(0), out.stride(1),
         req_to_token.stride(0),
-        GROUP=sh.group, HEAD_DIM=sh.head_dim, HEAD_DIM_V=head_dim_v,
+        GROUP=sh.group, HEADS=heads, HEAD_DIM=sh.head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=sh.block_d, BLOCK_DV=sh.block_dv,
         DOT_PRECISION=sh.dot_precision, DOT_FP32=sh.dot_fp32, num_warps=warps, num_stages=stages,
     )
