@@ -144,14 +144,16 @@ def test_apply_linear_after_norm_equals_norm_then_linear(rows, has_res, k):
 
 @pytest.mark.parametrize("dtype", DECODE_GEMM_DTYPES)
 @pytest.mark.parametrize("fp8,gated,normed", [(False, False, False), (True, True, False), (False, True, True)])
-def test_a_norm_split_over_two_gemms_is_the_add_and_rms_norm_between_them(dtype, fp8, gated, normed):
-    """o_proj (or down) adds the residual and writes its tiles' sums of squares; the GEMM after the norm sums those:
-    together the unfused product, residual add, RMSNorm and product. 300 outputs in tiles of 16: the last partial."""
+@pytest.mark.parametrize("m", [1, 5])
+def test_a_norm_split_over_two_gemms_is_the_add_and_rms_norm_between_them(dtype, fp8, gated, normed, m):
+    """o_proj (or down) adds the residual and writes its tiles' sums of squares, row by row; the GEMM after the norm
+    sums those: together the unfused product, residual add, RMSNorm and product. 300 outputs in tiles of 16: the
+    last partial. One row (the dot-product path) and five (tl.dot on 16-row tiles)."""
     from gridserve.layers.decode_gemm import decode_linear_add_residual
     from gridserve.layers.quantization import quantize_per_channel
 
     k_in, hidden, n = 96, 300, 40
-    x, res = rand(1, 2 * k_in if gated else k_in, dtype=dtype), rand(1, hidden, dtype=dtype)
+    x, res = rand(m, 2 * k_in if gated else k_in, dtype=dtype), rand(m, hidden, dtype=dtype)
     w1 = torch.randn(hidden, k_in) / 8
     if fp8:
         q, scale = quantize_per_channel(w1)
@@ -162,7 +164,7 @@ def test_a_norm_split_over_two_gemms_is_the_add_and_rms_norm_between_them(dtype,
     norm = RMSNorm(hidden, eps=1e-5)
     norm.weight.data = (torch.rand(hidden) + 0.5).to(dtype)
     h, partials = decode_linear_add_residual(x, res, *args1, config=(16, 64, 4, 2), gated=gated)
-    assert partials.shape == (19,) and partials.dtype == torch.float32
+    assert partials.shape == (m, 19) and partials.dtype == torch.float32
     y, res_out, *normed_out = decode_linear_after_norm(h, None, norm.weight.to(DEVICE), norm.eps, w2.to(DEVICE),
                                                        config=(16, 64, 4, 2), return_normed=normed,
                                                        sum_sq_partials=partials)
@@ -173,22 +175,23 @@ def test_a_norm_split_over_two_gemms_is_the_add_and_rms_norm_between_them(dtype,
     want = want_normed.float() @ w2.float().T
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[dtype]
     torch.testing.assert_close(h.float().cpu(), want_res.float(), **tol)
-    torch.testing.assert_close(partials.sum().cpu(), want_res.float().pow(2).sum(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(partials.sum(1).cpu(), want_res.float().pow(2).sum(1), rtol=1e-4, atol=1e-4)
     assert res_out is h  # the sum is the residual stream
     torch.testing.assert_close(y.float().cpu(), want, **tol)
     if normed:
         torch.testing.assert_close(normed_out[0].float().cpu(), want_normed.float(), **tol)
-    with pytest.raises(ValueError, match="one row"):
-        decode_linear_add_residual(rand(2, k_in, dtype=dtype), rand(2, hidden, dtype=dtype), *args1)
+    with pytest.raises(ValueError, match="residual's shape"):
+        decode_linear_add_residual(rand(2, k_in, dtype=dtype), rand(3, hidden, dtype=dtype), *args1)
     with pytest.raises(ValueError, match="no residual"):
         decode_linear_after_norm(h, res, norm.weight.to(DEVICE), norm.eps, w2.to(DEVICE), sum_sq_partials=partials)
 
 
-@pytest.mark.parametrize("rows,hidden", [(1, 4096), (1, 96), (3, 4096)])
-def test_a_decoder_layer_chain_with_the_split_norm_equals_the_unfused_one(rows, hidden):
+@pytest.mark.parametrize("rows,hidden,k_in", [(1, 4096, 64), (1, 96, 64), (3, 4096, 64), (3, 4096, 4096)])
+def test_a_decoder_layer_chain_with_the_split_norm_equals_the_unfused_one(rows, hidden, k_in):
     """A row-parallel o_proj's forward_add_residual, then apply_linear_after_norm and RMSNorm on what it hands over,
-    against the plain product, add and norm. On CUDA one row of 4,096 outputs takes the split (a SummedResidual); the
-    others, and all on CPU, hand the residual on."""
+    against the plain product, add and norm. On CUDA 4,096 outputs take the split (a SummedResidual) at one row, and
+    at 3 rows where the decode GEMM takes o_proj (a reduction of 4,096); the others, and all on CPU, hand the
+    residual on."""
     from gridserve.layers.linear import (
         NORM_FOLD_MAX_K,
         RowParallelLinear,
@@ -197,17 +200,17 @@ def test_a_decoder_layer_chain_with_the_split_norm_equals_the_unfused_one(rows, 
     )
     from gridserve.layers.norm import SummedResidual
 
-    x, res = rand(rows, 64, dtype=torch.float32), rand(rows, hidden, dtype=torch.float32)
-    w1, w2 = rand(hidden, 64, dtype=torch.float32) / 4, rand(24, hidden, dtype=torch.float32) / 8
+    x, res = rand(rows, k_in, dtype=torch.float32), rand(rows, hidden, dtype=torch.float32)
+    w1, w2 = rand(hidden, k_in, dtype=torch.float32) / 4, rand(24, hidden, dtype=torch.float32) / 8
     norm = RMSNorm(hidden, eps=1e-6).to(DEVICE)
     norm.weight.data = torch.rand(hidden, device=DEVICE) + 0.5
-    o_proj = RowParallelLinear(64, hidden).to(DEVICE)
+    o_proj = RowParallelLinear(k_in, hidden).to(DEVICE)
     o_proj.weight.data.copy_(w1)
     h, handed = o_proj.forward_add_residual(x, res)
-    split = DEVICE == "cuda" and rows == 1 and hidden > NORM_FOLD_MAX_K
+    split = DEVICE == "cuda" and hidden > NORM_FOLD_MAX_K and (rows == 1 or k_in >= 4096)
     assert isinstance(handed, SummedResidual) == split
     if not split:
-        with pytest.raises(ValueError, match="only for one row on CUDA"):
+        with pytest.raises(ValueError, match="only for rows on CUDA"):
             apply_linear_add_residual(x, res, w1)
     y, res_out = apply_linear_after_norm(h, handed, norm, w2)
     final, final_res = norm(h, handed)  # the model's last norm takes the same pair

@@ -44,9 +44,10 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
     loads, the row's 1/RMS to the sums, so that one pass over x suffices), and the programs of tile 0 store the
     residual sum (HAS_RES) to RO for the next layer and, with STORE_NORMED, the normed input to NO (for other
     readers of it: an MoE block's experts read what its router GEMM reads).
-    The RMSNorm split over two GEMMs (one row): with SUM_OUT this GEMM adds the residual RY to its output and each
-    program writes the sum of squares of its output tile to P[pid]; with SQ_FROM_P the next GEMM (NORM, X already
-    that sum) takes the row's sum of squares from the NP partials in P instead of summing its own input.
+    The RMSNorm split over two GEMMs: with SUM_OUT this GEMM adds the residual RY to its output and each program
+    writes the sum of squares of each row of its output tile to P[row, pid] (NP = the grid's programs a row); with
+    SQ_FROM_P the next GEMM (NORM, X already that sum) takes each row's sum of squares from its NP partials in P
+    instead of summing its own input.
     BLOCK_M 1 (one row) multiplies on the CUDA cores, a dot product per weight row; 16 (2-16 rows) runs tl.dot."""
     if PDL:  # programmatic dependent launch (gridserve/pdl.py)
         tl.extra.cuda.gdc_wait()
@@ -79,9 +80,10 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
                 w = w.to(tl.float32).to(x.dtype)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if NORM:
-        if SQ_FROM_P:  # the previous GEMM's partials, summed in a fixed order (BLOCK_M is 1)
+        if SQ_FROM_P:  # the previous GEMM's partials of each row, summed in a fixed order
             ps = tl.arange(0, BLOCK_P)
-            sum_sq += tl.sum(tl.load(P + ps, mask=ps < NP, other=0.0))
+            sum_sq += tl.sum(tl.load(P + ms[:, None] * NP + ps[None, :], mask=m_ok[:, None] & (ps < NP)[None, :],
+                                     other=0.0), 1)
         inv = tl.rsqrt(sum_sq / K + eps)
         acc = acc * inv[:, None]
         if STORE_NORMED:
@@ -103,7 +105,7 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
         ry = tl.load(RY + ms[:, None] * stride_ym + rows[None, :], mask=out_ok, other=0.0)
         y = (y.to(tl.float32) + ry.to(tl.float32)).to(Y.dtype.element_ty)
         yf = y.to(tl.float32)
-        tl.store(P + pid_n, tl.sum(tl.sum(yf * yf, 1), 0))
+        tl.store(P + ms * tl.num_programs(0) + pid_n, tl.sum(yf * yf, 1), mask=m_ok)
     tl.store(Y + ms[:, None] * stride_ym + rows[None, :], y, mask=out_ok)
 
 
@@ -150,7 +152,7 @@ def decode_linear_after_norm(x: torch.Tensor, residual: torch.Tensor | None, nor
     projection, computed as the GEMM loads its input (two kernels fewer than rms_norm then the GEMM). Without a
     residual (a first layer), the norm of x, and x itself as the residual. return_normed: the normed input too,
     third, for other layers that read it. sum_sq_partials: x is one row that decode_linear_add_residual made, and
-    these are its partial sums of squares; the kernel sums them instead of x's squares (no residual then)."""
+    these are its rows' partial sums of squares; the kernel sums them instead of x's squares (no residual then)."""
     x = x.contiguous()  # the residual shares x's row stride
     if residual is not None:
         if residual.shape != x.shape:
@@ -158,8 +160,8 @@ def decode_linear_after_norm(x: torch.Tensor, residual: torch.Tensor | None, nor
         if sum_sq_partials is not None:
             raise ValueError("sum_sq_partials are those of x with its residual already added: no residual then")
         residual = residual.contiguous()
-    if sum_sq_partials is not None and x.shape[0] != 1:
-        raise ValueError(f"sum_sq_partials are for one row, got {x.shape[0]}")
+    if sum_sq_partials is not None and sum_sq_partials.shape[0] != x.shape[0]:
+        raise ValueError(f"sum_sq_partials are for {sum_sq_partials.shape[0]} rows, x has {x.shape[0]}")
     residual_out = torch.empty_like(x) if residual is not None else x
     normed = torch.empty_like(x) if return_normed else None
     y = _decode_gemm(x, weight, weight_scale, bias, config, norm=(norm_weight, eps, residual, residual_out, normed),
@@ -171,16 +173,16 @@ def decode_linear_add_residual(x: torch.Tensor, residual: torch.Tensor, weight: 
                                weight_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                                config: tuple[int, int, int, int] | None = None,
                                gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(decode_linear(x) + residual, partial sums of squares of that row), for one row: the first half of an RMSNorm
-    split over two GEMMs. Each program writes the sum of squares of its output tile (float32, one per program); the
-    GEMM after takes them (decode_linear_after_norm's sum_sq_partials) in place of a norm kernel between the two.
-    Folding the whole norm into the GEMM after would make each of its programs recompute the row's sum of squares."""
-    if x.shape[0] != 1:
-        raise ValueError(f"decode_linear_add_residual takes one row, got {x.shape[0]}")
-    if residual.shape != (1, weight.shape[0]):
-        raise ValueError(f"the residual's shape {tuple(residual.shape)} is not the output's {(1, weight.shape[0])}")
-    block_n = (config or decode_gemm_config(1, weight))[0]
-    partials = torch.empty(triton.cdiv(weight.shape[0], block_n), dtype=torch.float32, device=x.device)
+    """(decode_linear(x) + residual, partial sums of squares of its rows (M, programs)), for up to
+    DECODE_GEMM_MAX_M rows: the first half of an RMSNorm split over two GEMMs. Each program writes the sum of squares
+    of each row of its output tile (float32); the GEMM after takes them (decode_linear_after_norm's
+    sum_sq_partials) in place of a norm kernel between the two. Folding the whole norm into the GEMM after would
+    make each of its programs recompute the rows' sums of squares."""
+    m, n = x.shape[0], weight.shape[0]
+    if residual.shape != (m, n):
+        raise ValueError(f"the residual's shape {tuple(residual.shape)} is not the output's {(m, n)}")
+    block_n = (config or decode_gemm_config(m, weight))[0]
+    partials = torch.empty((m, triton.cdiv(n, block_n)), dtype=torch.float32, device=x.device)
     y = _decode_gemm(x, weight, weight_scale, bias, config, gated=gated, sum_out=(residual.contiguous(), partials))
     return y, partials
 
@@ -206,7 +208,7 @@ def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     n = weight.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages = config or decode_gemm_config(m, weight)
-    num_partials = 0 if partials is None else partials.numel()
+    num_partials = 0 if partials is None else partials.shape[-1]  # a row's
     if m:
         _decode_gemm_kernel[(triton.cdiv(n, block_n),)](
             x, residual, residual_out, norm_weight, normed, weight, weight_scale, bias, y, residual_y, partials, m, n,

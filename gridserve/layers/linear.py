@@ -64,15 +64,16 @@ def apply_linear_after_norm(x: torch.Tensor, residual: torch.Tensor | SummedResi
     """(apply_linear(norm(x + residual)), x + residual); no residual: (apply_linear(norm(x)), x). return_normed adds
     the normed input, third. For one row on CUDA one kernel adds, normalises and multiplies
     (decode_gemm.decode_linear_after_norm), where rms_norm and the GEMM are two launches of a few microseconds each:
-    up to NORM_FOLD_MAX_K features it sums the row's squares itself; a wider row comes with the partial sums that
-    the GEMM before computed (a SummedResidual). Otherwise the two kernels (folded, every program of the GEMM
-    recomputes the norm: 16 rows of it, or a wide row, cost more than a launch)."""
+    up to NORM_FOLD_MAX_K features it sums the row's squares itself. Wider rows (up to DECODE_GEMM_MAX_M of them)
+    come with the partial sums that the GEMM before computed (a SummedResidual), and take that kernel too. Otherwise
+    the two kernels (folded, every program of the GEMM recomputes the norm: 16 rows of it, or a wide row, cost more
+    than a launch)."""
     summed = isinstance(residual, SummedResidual)
-    if _one_cuda_row(x) and (summed or x.shape[-1] <= NORM_FOLD_MAX_K):
+    if summed or (_one_cuda_row(x) and x.shape[-1] <= NORM_FOLD_MAX_K):
         from gridserve.layers.decode_gemm import decode_linear_after_norm
 
-        x2 = x.reshape(1, x.shape[-1])
-        r2 = None if residual is None or summed else residual.reshape(1, x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        r2 = None if residual is None or summed else residual.reshape(x2.shape)
         y, *rest = decode_linear_after_norm(x2, r2, norm.weight, norm.eps, weight, weight_scale, bias,
                                             return_normed=return_normed,
                                             sum_sq_partials=residual.partials if summed else None)
@@ -82,10 +83,16 @@ def apply_linear_after_norm(x: torch.Tensor, residual: torch.Tensor | SummedResi
     return (y, residual_out, h) if return_normed else (y, residual_out)
 
 
-def splits_norm_after(residual: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the RMSNorm after a product with this weight splits over it and the next GEMM: one row on CUDA, of
-    more outputs than NORM_FOLD_MAX_K (narrower rows fold whole into the GEMM after)."""
-    return _one_cuda_row(residual) and weight.shape[0] > NORM_FOLD_MAX_K
+def splits_norm_after(residual: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None
+                      ) -> bool:
+    """Whether the RMSNorm after a product with this weight splits over it and the next GEMM: rows of more outputs
+    than NORM_FOLD_MAX_K on CUDA (narrower rows fold whole into the GEMM after, at one row), where the decode GEMM
+    takes this product (apply_linear's rule: one row, or up to DECODE_GEMM_MAX_M of FP8 weights or of a reduction
+    of DECODE_GEMM_MIN_K or more)."""
+    rows = residual.numel() // residual.shape[-1]
+    decode_gemm = rows == 1 or (rows <= DECODE_GEMM_MAX_M
+                                and (weight_scale is not None or weight.shape[1] >= DECODE_GEMM_MIN_K))
+    return residual.is_cuda and decode_gemm and weight.shape[0] > NORM_FOLD_MAX_K
 
 
 def apply_linear_add_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -94,11 +101,15 @@ def apply_linear_add_residual(x: torch.Tensor, residual: torch.Tensor, weight: t
     """(apply_linear(x) + residual, SummedResidual) where splits_norm_after: the GEMM adds the residual and sums the
     squares of its tiles (decode_gemm.decode_linear_add_residual), and the GEMM after the norm finishes the norm
     (apply_linear_after_norm). That removes the norm's own kernel without each program recomputing a wide row."""
-    if not splits_norm_after(residual, weight):
-        raise ValueError("the norm splits over two GEMMs only for one row on CUDA wider than NORM_FOLD_MAX_K")
+    if not splits_norm_after(residual, weight, weight_scale):
+        raise ValueError("the norm splits over two GEMMs only for rows on CUDA wider than NORM_FOLD_MAX_K that the "
+                         "decode GEMM takes")
     from gridserve.layers.decode_gemm import decode_linear_add_residual
 
-    y, partials = decode_linear_add_residual(x.reshape(1, x.shape[-1]), residual.reshape(1, -1), weight,
+    rows = residual.numel() // residual.shape[-1]
+    if gated and rows > 1:  # folded, every program would recompute the SiLU of all its rows (apply_linear's rule)
+        x, gated = silu_and_mul(x), False
+    y, partials = decode_linear_add_residual(x.reshape(rows, x.shape[-1]), residual.reshape(rows, -1), weight,
                                              weight_scale, bias, gated=gated)
     return y.view(residual.shape), SummedResidual(partials)
 
@@ -235,7 +246,7 @@ class RowParallelLinear(LinearBase):
                              gated: bool = False) -> tuple[torch.Tensor, torch.Tensor | SummedResidual]:
         """(self(x), residual) for the RMSNorm after it, or (self(x) + residual, SummedResidual) where the norm
         splits over this GEMM and the next (apply_linear_add_residual): only when no all-reduce comes between."""
-        if self.tp.size == 1 and self.reduce_results and splits_norm_after(residual, self.weight):
+        if self.tp.size == 1 and self.reduce_results and splits_norm_after(residual, self.weight, self.weight_scale):
             return apply_linear_add_residual(x, residual, self.weight, self.weight_scale, self.bias, gated)
         return self(x, gated), residual
 
