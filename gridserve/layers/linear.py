@@ -36,19 +36,23 @@ def _one_cuda_row(x: torch.Tensor) -> bool:
     return x.is_cuda and x.numel() == x.shape[-1]
 
 
+def _takes_decode_gemm(x: torch.Tensor, rows: int, weight: torch.Tensor, weight_scale: torch.Tensor | None) -> bool:
+    """Where the Triton decode GEMM beats cuBLAS: one row on CUDA (its dot-product path beat cuBLAS on every decode
+    shape swept), and up to DECODE_GEMM_MAX_M rows of FP8 weights (no activation quantization) or of a reduction
+    of DECODE_GEMM_MIN_K or more."""
+    few_rows = rows <= DECODE_GEMM_MAX_M and (weight_scale is not None or weight.shape[1] >= DECODE_GEMM_MIN_K)
+    return x.is_cuda and (rows == 1 or few_rows)
+
+
 def apply_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
     """x @ weight.T (+ bias); weight_scale: the weight is FP8 with a scale per row. gated: x is [gate | up] and
     the product takes silu(gate) * up. On CUDA one Triton kernel reads the weights once (decode_gemm.decode_linear)
-    where it is the faster choice: one row (its dot-product path beat cuBLAS on every decode shape swept; a gated
-    row's SiLU-and-mul in the same kernel), and up to DECODE_GEMM_MAX_M rows of FP8 weights (no activation
-    quantization) or of a reduction of DECODE_GEMM_MIN_K or more."""
+    where it is the faster choice (_takes_decode_gemm; a gated row's SiLU-and-mul in the same kernel)."""
     rows = x.numel() // x.shape[-1]
     if gated and not (x.is_cuda and rows == 1):  # folded, every program recomputes the input: it pays on one row
         x, gated = silu_and_mul(x), False
-    k = x.shape[-1] // 2 if gated else x.shape[-1]
-    few_rows = rows <= DECODE_GEMM_MAX_M and (weight_scale is not None or k >= DECODE_GEMM_MIN_K)
-    if x.is_cuda and (rows == 1 or few_rows):
+    if _takes_decode_gemm(x, rows, weight, weight_scale):
         from gridserve.layers.decode_gemm import decode_linear
 
         y = decode_linear(x.reshape(rows, x.shape[-1]), weight, weight_scale, bias, gated=gated)
@@ -86,13 +90,10 @@ def apply_linear_after_norm(x: torch.Tensor, residual: torch.Tensor | SummedResi
 def splits_norm_after(residual: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None
                       ) -> bool:
     """Whether the RMSNorm after a product with this weight splits over it and the next GEMM: rows of more outputs
-    than NORM_FOLD_MAX_K on CUDA (narrower rows fold whole into the GEMM after, at one row), where the decode GEMM
-    takes this product (apply_linear's rule: one row, or up to DECODE_GEMM_MAX_M of FP8 weights or of a reduction
-    of DECODE_GEMM_MIN_K or more)."""
+    than NORM_FOLD_MAX_K (narrower rows fold whole into the GEMM after, at one row), where the decode GEMM takes
+    this product (_takes_decode_gemm)."""
     rows = residual.numel() // residual.shape[-1]
-    decode_gemm = rows == 1 or (rows <= DECODE_GEMM_MAX_M
-                                and (weight_scale is not None or weight.shape[1] >= DECODE_GEMM_MIN_K))
-    return residual.is_cuda and decode_gemm and weight.shape[0] > NORM_FOLD_MAX_K
+    return _takes_decode_gemm(residual, rows, weight, weight_scale) and weight.shape[0] > NORM_FOLD_MAX_K
 
 
 def apply_linear_add_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
