@@ -23,10 +23,11 @@ class TritonAttentionBackend(AttentionBackend):
         self._prep_cls = DecodePrep
         self.num_kv_splits = num_kv_splits  # None: chosen per batch size (decode_attention's default)
         self.workspace = None
-        # Workspaces that a larger eager batch replaced. CUDA graphs captured with one keep its addresses and write
-        # to it at every replay, so it must never go back to the allocator (freed, it was reused by other tensors
-        # and the next replay corrupted them: an illegal memory access after batches above --cuda-graph-max-bs).
-        self._replaced: list = []
+        # The workspace the CUDA graphs were captured with. They keep its addresses and write to it at every replay,
+        # so it must stay allocated when a larger eager batch replaces self.workspace (freed, it was reused by other
+        # tensors and the next replay corrupted them: an illegal memory access after batches above
+        # --cuda-graph-max-bs). Workspaces only eager batches used may go.
+        self._captured = None
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         """The kernels read req_to_token themselves; extend only needs where each request's new tokens are."""
@@ -47,7 +48,7 @@ class TritonAttentionBackend(AttentionBackend):
         return out.reshape(-1, layer.num_heads * layer.head_dim)
 
     def init_cuda_graph_state(self, max_bs: int, num_heads: int, head_dim: int, device: torch.device) -> None:
-        self._workspace_for(max_bs, num_heads, head_dim, device)
+        self._captured = self._workspace_for(max_bs, num_heads, head_dim, device)
 
     def _workspace_for(self, batch_size: int, num_heads: int, head_dim: int, device: torch.device):
         ws = self.workspace
@@ -56,8 +57,6 @@ class TritonAttentionBackend(AttentionBackend):
 
             # at least the room one request's long grid needs, also before (or without) the CUDA graphs
             least = LONG_KV_SPLITS // MAX_KV_SPLITS
-            if ws is not None:
-                self._replaced.append(ws)
             ws = self._workspace_cls.allocate(max(batch_size, least, 2 * (ws.max_bs if ws else 0)), num_heads,
                                               head_dim, device=device)
             self.workspace = ws
