@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from gridserve.mem_cache.memory_pool import TokenToKVPoolAllocator
-from gridserve.mem_cache.radix_cache import RadixCache, TreeNode, _common_len
+from gridserve.mem_cache.prefix_match import common_prefix_len as _common_len
+from gridserve.mem_cache.radix_cache import RadixCache, TreeNode
 
 
 def make(size: int = 32) -> tuple[TokenToKVPoolAllocator, RadixCache]:

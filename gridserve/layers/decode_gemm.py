@@ -151,8 +151,8 @@ def decode_linear_after_norm(x: torch.Tensor, residual: torch.Tensor | None, nor
     """(decode_linear(rms_norm(x + residual)), x + residual) in one kernel: the residual add and the RMSNorm before a
     projection, computed as the GEMM loads its input (two kernels fewer than rms_norm then the GEMM). Without a
     residual (a first layer), the norm of x, and x itself as the residual. return_normed: the normed input too,
-    third, for other layers that read it. sum_sq_partials: x is one row that decode_linear_add_residual made, and
-    these are its rows' partial sums of squares; the kernel sums them instead of x's squares (no residual then)."""
+    third, for other layers that read it. sum_sq_partials: x is what decode_linear_add_residual made, and these are
+    its rows' partial sums of squares; the kernel sums them instead of x's squares (no residual then)."""
     x = x.contiguous()  # the residual shares x's row stride
     if residual is not None:
         if residual.shape != x.shape:

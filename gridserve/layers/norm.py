@@ -7,8 +7,8 @@ from torch import nn
 @dataclass(frozen=True)
 class SummedResidual:
     """Stands in for the residual where the projection before an RMSNorm has already added it to x
-    (linear.apply_linear_add_residual): x is the residual stream itself, and `partials` are partial sums of the
-    squares of its one row, which the GEMM after the norm adds up in place of a norm kernel."""
+    (linear.apply_linear_add_residual): x is the residual stream itself, and `partials` (rows, programs) are
+    partial sums of the squares of its rows, which the GEMM after the norm adds up in place of a norm kernel."""
     partials: torch.Tensor
 
 

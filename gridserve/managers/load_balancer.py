@@ -32,6 +32,8 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
+from gridserve.mem_cache.prefix_match import common_prefix_len
+
 METHODS = ("round_robin", "total_requests", "total_tokens", "cache_aware")
 
 # A match below half the prompt saves less prefill than running on a less loaded replica gains.
@@ -54,21 +56,6 @@ class _Node:
         self.children: dict[int, _Node] = {}  # keyed by the child's first token
         self.parent = parent
         self.tick = tick  # last access; a node's tick is never older than its children's
-
-
-def _common_len(key: list[int], ids: list[int], start: int) -> int:
-    """Length of the common prefix of key and ids[start:]; slice compares run in C, so long edges are cheap."""
-    n = min(len(key), len(ids) - start)
-    if ids[start : start + n] == key[:n]:
-        return n
-    lo, hi = 0, n - 1  # binary search for the longest equal prefix (equality of prefixes is monotonic)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if ids[start : start + mid] == key[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 class PrefixTree:
@@ -98,7 +85,7 @@ class PrefixTree:
             child = node.children.get(ids[pos])
             if child is None:
                 break
-            n = _common_len(child.key, ids, pos)
+            n = common_prefix_len(child.key, ids, pos)
             if touch:
                 child.tick = self._tick
             pos += n
@@ -118,7 +105,7 @@ class PrefixTree:
                 node.children[ids[pos]] = _Node(ids[pos:], node, self._tick)
                 self._size += len(ids) - pos
                 break
-            n = _common_len(child.key, ids, pos)
+            n = common_prefix_len(child.key, ids, pos)
             if n < len(child.key) and pos + n < len(ids):  # diverges inside the edge
                 child = self._split(child, n)
             child.tick = self._tick

@@ -12,6 +12,7 @@ import itertools
 import torch
 
 from gridserve.mem_cache.memory_pool import TokenToKVPoolAllocator
+from gridserve.mem_cache.prefix_match import common_prefix_len
 
 # Monotonic logical clock: deterministic LRU order, no ties between distinct accesses.
 _clock = itertools.count()
@@ -30,20 +31,6 @@ class TreeNode:
 
     def __repr__(self) -> str:
         return f"TreeNode(key={self.key}, lock_ref={self.lock_ref})"
-
-
-def _common_len(seg: list[int], key: list[int], start: int) -> int:
-    """Length of the common prefix of seg and key[start:]. The list comparisons run in C: a whole segment that
-    matches (the common case) costs one, a mismatch is found 64 tokens at a time, then token by token."""
-    limit = min(len(seg), len(key) - start)
-    if seg[:limit] == key[start : start + limit]:
-        return limit
-    n = 0  # a mismatch lies below limit, so every chunk compared before it is whole
-    while seg[n : n + 64] == key[start + n : start + n + 64]:
-        n += 64
-    while seg[n] == key[start + n]:
-        n += 1
-    return n
 
 
 class RadixCache:
@@ -85,7 +72,7 @@ class RadixCache:
         while i < len(key) and key[i] in node.children:
             child = node.children[key[i]]
             child.last_access_time = next(_clock)
-            n = _common_len(child.key, key, i)
+            n = common_prefix_len(child.key, key, i)
             if n < len(child.key):
                 child = self._split(child, n)
             # After a split the next token differs from the rest of the old segment, so the loop ends.
@@ -101,7 +88,7 @@ class RadixCache:
         node, i = self.root_node, 0
         while i < len(key) and key[i] in node.children:
             node = node.children[key[i]]
-            n = _common_len(node.key, key, i)
+            n = common_prefix_len(node.key, key, i)
             i += n
             if n < len(node.key):
                 break
@@ -121,7 +108,7 @@ class RadixCache:
                 self._evictable += len(leaf.key)
                 return i
             child.last_access_time = next(_clock)
-            n = _common_len(child.key, key, i)
+            n = common_prefix_len(child.key, key, i)
             if n < len(child.key):
                 child = self._split(child, n)
             node = child

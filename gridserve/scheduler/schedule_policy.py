@@ -1,5 +1,6 @@
 """Which waiting requests join the next prefill batch, under the token budgets and the KV memory left."""
 
+from gridserve.mem_cache.prefix_match import common_prefix_len
 from gridserve.scheduler.kv_manager import KVManager
 from gridserve.scheduler.schedule_batch import Req
 
@@ -48,17 +49,6 @@ def preemption_victim(waiting_first: Req, running: list[Req], priority_sign: int
 # prefix cache (SGLang's in-batch prefix caching uses the same 32). Requests of one group that arrive together
 # (a shared system prompt) then compute it once, not once each.
 IN_BATCH_SHARED_MIN = 32
-
-
-def _common_prefix_len(a: list[int], b: list[int], start: int = 0) -> int:
-    """Length of the common prefix of a and b, given that their first `start` tokens agree; slice compares run in
-    C, a block at a time."""
-    n, limit, block = start, min(len(a), len(b)), 256
-    while n + block <= limit and a[n : n + block] == b[n : n + block]:
-        n += block
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
 
 
 class PrefillAdder:
@@ -133,7 +123,8 @@ class PrefillAdder:
             if other_ids[: len(head)] != head:
                 continue
             end = other.kv_len + other.extend_len  # the batch computes other's tokens [kv_len, end)
-            gain = min(_common_prefix_len(ids, other_ids, len(head)), end) - cached
+            shared = len(head) + common_prefix_len(other_ids[len(head):], ids, len(head))
+            gain = min(shared, end) - cached
             if gain >= IN_BATCH_SHARED_MIN and 2 * gain >= len(ids) - cached:
                 return True
         return False
