@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--block-n", default="32,64,128")
     p.add_argument("--warps", default="4,8")
     p.add_argument("--stages", default="1,2,3")
+    p.add_argument("--top", type=int, default=5, help="settings shown a shape (and the slowest)")
     a = p.parse_args()
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -70,7 +71,7 @@ def main() -> None:
             rows.append((moved / ms / 1e6, ms, splits, bn, w, st))
         rows.sort(reverse=True)
         print(f"batch {bs} context {ctx}: {moved / 1e9:.2f} GB of KV")
-        for gbs, ms, splits, bn, w, st in rows[:5] + rows[-1:]:
+        for gbs, ms, splits, bn, w, st in rows[: a.top] + rows[-1:]:
             print(f"  {gbs:7.0f} GB/s ({100 * gbs * 1e9 / bw:3.0f}%) {ms * 1e3:8.1f} us  "
                   f"splits={splits} block_n={bn} warps={w} stages={st}")
         # the server's workspace is sized for its largest graph batch: room for a small batch's long grid
