@@ -133,9 +133,11 @@ def _extend_fwd(
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by the longest extend in the batch: short prefills keep small tiles
 # (more programs to fill the SMs: a 256-token prompt is 8 row blocks a head); from 2,048 tokens (a chunk of a long
-# prompt) there are programs enough for tensor-core-sized tiles: (128, 64, 4, 3) was the fastest of
-# scripts/bench_extend_kernel.py --sweep on an H100, 310-380 TFLOP/s on a 32k prompt's 8k chunks.
-EXTEND_CONFIGS = ((2047, (32, 32, 4, 1)), (1 << 62, (128, 64, 4, 3)))
+# prompt) there are programs enough for tensor-core-sized tiles, and a program takes a KV head's whole GQA group:
+# (256, 64, 8, 3) grouped was the fastest of scripts/bench_extend_kernel.py --sweep on an H100, 388-418 TFLOP/s on
+# a 32k prompt's 8k chunks of the 8B shape (the best per-head tile, (128, 64, 4, 3): 344-386).
+EXTEND_CONFIGS = ((2047, (32, 32, 4, 1)), (1 << 62, (256, 64, 8, 3)))
+GROUP_HEADS_FROM = 2048  # extends this long take a program per GQA group by default
 
 
 def extend_config(max_extend_len: int) -> tuple[int, int, int, int]:
@@ -155,7 +157,7 @@ def extend_attention(
     max_extend_len: int,
     out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None,
-    group_heads: bool = False,
+    group_heads: bool | None = None,
 ) -> torch.Tensor:
     """Causal attention of each request's new tokens over its whole paged KV (cached prefix + the new tokens).
 
@@ -166,7 +168,7 @@ def extend_attention(
     ``out`` when given); rows of q no request covers are left untouched. ``config``: (BLOCK_M, BLOCK_N, num_warps,
     num_stages), else ``extend_config(max_extend_len)``. group_heads: a program takes the whole GQA group of one KV
     head (when the group is a power of two), BLOCK_M // group queries of each, and gathers each K/V block once for
-    them all instead of once per query head (not yet the default: untimed).
+    them all instead of once per query head; None: for extends of GROUP_HEADS_FROM tokens or more.
     """
     q, sh = check_paged_inputs(q, k_buffer, v_buffer, req_to_token)
     block_m, block_n, warps, stages = config or extend_config(max_extend_len)
@@ -182,6 +184,8 @@ def extend_attention(
     if bs == 0 or n_tokens == 0 or max_extend_len <= 0:
         return out
 
+    if group_heads is None:
+        group_heads = max_extend_len >= GROUP_HEADS_FROM
     heads = sh.group if group_heads and sh.group & (sh.group - 1) == 0 and sh.group <= block_m // 2 else 1
     block_m //= heads  # queries of each head; the tiles keep block_m rows
     grid = (bs, num_heads // heads, triton.cdiv(max_extend_len, block_m))
