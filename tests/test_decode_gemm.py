@@ -215,10 +215,12 @@ def test_a_decoder_layer_chain_with_the_split_norm_equals_the_unfused_one(rows, 
     y, res_out = apply_linear_after_norm(h, handed, norm, w2)
     final, final_res = norm(h, handed)  # the model's last norm takes the same pair
     want_normed, want_res = norm(x @ w1.T, res)
-    torch.testing.assert_close(res_out.cpu(), want_res.cpu(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(final_res.cpu(), want_res.cpu(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(final.cpu(), want_normed.cpu(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(y.cpu(), (want_normed @ w2.T).cpu(), atol=1e-4, rtol=1e-4)
+    # fp32 sums of k_in products in another order than cuBLAS's: errors grow with k_in (8e-5 at 4,096 on an H100)
+    tol = 1e-5 * max(1, k_in // 256)
+    torch.testing.assert_close(res_out.cpu(), want_res.cpu(), atol=tol, rtol=tol)
+    torch.testing.assert_close(final_res.cpu(), want_res.cpu(), atol=tol, rtol=tol)
+    torch.testing.assert_close(final.cpu(), want_normed.cpu(), atol=tol, rtol=tol)
+    torch.testing.assert_close(y.cpu(), (want_normed @ w2.T).cpu(), atol=10 * tol, rtol=10 * tol)
 
 
 def test_decode_gemm_tiles_fit_float32_weights():

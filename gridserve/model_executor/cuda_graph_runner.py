@@ -11,8 +11,11 @@ padding slot 0, so they cannot disturb real rows. Prefill has its own runner (pi
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 import logging
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -20,6 +23,22 @@ from gridserve.distributed.pipeline import IntermediateTensors, first_rows
 from gridserve.forward_batch import ForwardBatch, ForwardMode
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's garbage collector stays off while graphs are captured (one collection first, so none is due).
+    A collection in the middle of a capture can free objects in reference cycles, such as an earlier runner's
+    graphs and their memory; a free that synchronises is forbidden while a stream captures, and the capture is then
+    invalidated ("operation failed due to a previous error during capture", seen once in the GPU tests)."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def capture_batch_sizes(max_bs: int) -> list[int]:
@@ -49,6 +68,7 @@ class CudaGraphRunner:
             self.residual_in = torch.zeros_like(self.hidden_in)
         runner.attn_backend.init_cuda_graph_state(max_bs, runner.num_heads, runner.head_dim, dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool = None  # the memory pool of the first (largest) graph, shared by the rest
         self.outputs: dict[int, torch.Tensor | IntermediateTensors] = {}
         if capture:
             self._capture_all()
@@ -66,30 +86,34 @@ class CudaGraphRunner:
 
     def _capture_all(self) -> None:
         start = time.perf_counter()
-        pool = None
         stream = self.runner.stream
         # Largest first: the smaller graphs then fit in the memory the largest one reserved in the shared pool, and
         # write their logits into its output (an output of each would stay allocated: the sum over 69 sizes up to
         # 1,024 rows of a 152k vocabulary is tens of GB).
         largest = None
-        for bs in reversed(self.sizes):
-            fb = self._static_batch(bs)
-            if isinstance(largest, torch.Tensor):
-                fb.logits_out = largest[:bs]
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.runner.forward_eager(fb, self._static_intermediate(bs))  # compile kernels, outside the graph
-                stream.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    out = self.runner.forward_eager(fb, self._static_intermediate(bs))
-            torch.cuda.current_stream().wait_stream(stream)
-            pool = graph.pool()
-            self.graphs[bs], self.outputs[bs] = graph, out
-            largest = out if largest is None else largest
+        with gc_paused():
+            for bs in reversed(self.sizes):
+                largest = self._capture(bs, largest, stream)
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s", self._sizes_text(),
                     time.perf_counter() - start)
+
+    def _capture(self, bs: int, largest: torch.Tensor | None, stream) -> torch.Tensor:
+        """Captures one batch size; returns the largest graph's logits (this one's, when it is the first)."""
+        fb = self._static_batch(bs)
+        if isinstance(largest, torch.Tensor):
+            fb.logits_out = largest[:bs]
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.runner.forward_eager(fb, self._static_intermediate(bs))  # compile kernels, outside the graph
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                out = self.runner.forward_eager(fb, self._static_intermediate(bs))
+        torch.cuda.current_stream().wait_stream(stream)
+        self._pool = graph.pool()
+        self.graphs[bs], self.outputs[bs] = graph, out
+        return out if largest is None else largest
 
     def _sizes_text(self) -> str:
         s = self.sizes

@@ -23,6 +23,7 @@ import torch
 
 from gridserve.distributed.pipeline import IntermediateTensors, first_rows
 from gridserve.forward_batch import ForwardBatch, ForwardMode
+from gridserve.model_executor.cuda_graph_runner import gc_paused
 
 logger = logging.getLogger(__name__)
 
@@ -113,23 +114,27 @@ class PiecewiseGraphRunner:
         stream = self.runner.stream
         self._pool = self._pool or torch.cuda.graph_pool_handle()
         self.out_cache_loc.zero_()  # every captured row writes its K/V to the padding slot
-        for n in reversed(self.counts):  # largest first: the smaller ones fit in the memory it reserved
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._forward(n)  # compile kernels and create cuBLAS handles outside the graphs
-                stream.synchronize()
-                self._pieces = []
-                self._begin_piece()
-                hidden = self._forward(n)
-                self._graph.capture_end()
-                self._pieces.append(self._graph)
-                self._graph = None
-            torch.cuda.current_stream().wait_stream(stream)
-            self.pieces[n], self.hidden[n] = self._pieces, hidden
+        with gc_paused():
+            for n in reversed(self.counts):  # largest first: the smaller ones fit in the memory it reserved
+                self._capture(n, stream)
         torch.cuda.synchronize()
         logger.info("captured piecewise CUDA graphs for prefills of %d..%d tokens (%d counts, %d pieces each) "
                     "in %.1f s", self.counts[0], self.counts[-1], len(self.counts), len(self.layers) + 1,
                     time.perf_counter() - start)
+
+    def _capture(self, n: int, stream) -> None:
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward(n)  # compile kernels and create cuBLAS handles outside the graphs
+            stream.synchronize()
+            self._pieces = []
+            self._begin_piece()
+            hidden = self._forward(n)
+            self._graph.capture_end()
+            self._pieces.append(self._graph)
+            self._graph = None
+        torch.cuda.current_stream().wait_stream(stream)
+        self.pieces[n], self.hidden[n] = self._pieces, hidden
 
     def _begin_piece(self) -> None:
         self._graph = torch.cuda.CUDAGraph()
