@@ -288,10 +288,13 @@ class LatencyFloor:
     kv_bytes: float  # per decode step, at the mean context
 
 
-def latency_floor(cost: ModelCost, input_len: int, output_len: int, rates: DeviceRates) -> LatencyFloor:
+def latency_floor(cost: ModelCost, input_len: int, output_len: int, rates: DeviceRates,
+                  batch_size: int = 1) -> LatencyFloor:
+    """A batch of batch_size prompts prefilled together, then decoded in lockstep."""
     # decode step k = 1..output_len-1 reads input_len + k tokens of KV: the mean is input_len + output_len / 2
-    kv = cost.kv_bytes_per_token * (input_len + output_len / 2)
-    step_bytes = cost.weight_bytes_at(1)  # one token: the routed experts only
+    kv = batch_size * cost.kv_bytes_per_token * (input_len + output_len / 2)
+    step_bytes = cost.weight_bytes_at(batch_size)  # a token a request: at batch 1 the routed experts only
     tpot = (step_bytes + kv) / rates.mem_bw
-    ttft = cost.prefill_flops(input_len) / rates.matmul_flops + cost.weight_bytes_at(input_len) / rates.mem_bw
+    ttft = (batch_size * cost.prefill_flops(input_len) / rates.matmul_flops
+            + cost.weight_bytes_at(batch_size * input_len) / rates.mem_bw)
     return LatencyFloor(tpot, ttft, step_bytes, kv)
