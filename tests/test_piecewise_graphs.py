@@ -71,3 +71,24 @@ def test_decode_graphs_write_their_logits_into_one_buffer(tmp_path):
         assert out.data_ptr() == largest.data_ptr() and out.shape[0] == bs
     for w, g in zip(want, run_script(runner), strict=True):  # the decode steps (3 rows) replay the 4-row graph
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_captures_run_with_the_garbage_collector_paused():
+    """gc_paused collects once, keeps the collector off inside (a collection mid-capture can free another graph)
+    and restores it, also when the capture raises; a collector already off stays off."""
+    import gc
+
+    from gridserve.model_executor.cuda_graph_runner import gc_paused
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), gc_paused():
+        assert not gc.isenabled()
+        raise RuntimeError("capture failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
