@@ -28,6 +28,9 @@ if has latency; then
     $GS bench latency ${!m} --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
       --output-json $OUT/latency_$m.json 2>&1 | tee $OUT/latency_$m.log | grep -E "TTFT|TPOT|floor|rror|graphs|KV"
   done
+  # four requests decoding in lockstep, as serving at concurrency 4 has them between prefills
+  $GS bench latency $L --batch-size 4 --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
+    --output-json $OUT/latency_L_bs4.json 2>&1 | tee $OUT/latency_L_bs4.log | grep -E "TTFT|TPOT|floor|rror"
 fi
 if has offline; then
   for mode in "" "--disable-overlap-schedule"; do
