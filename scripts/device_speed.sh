@@ -141,11 +141,12 @@ if has burst; then  # issue 24: 2,000 one-token requests at once on the 0.6B sha
     kill $SERVER; wait $SERVER
   done
 fi
-if has ab; then  # batch-1 TPOT at this tree and at AB_BASE (another commit's tree, copied in untracked), same lease
+if has ab; then  # TPOT at this tree and at AB_BASE (another tree, copied in untracked), same lease; AB_ARGS: more
+  # bench latency flags for both (e.g. --batch-size 4, which trees from 45f9bfa on know)
   ROOT=$PWD
   for tree in ${AB_BASE:?AB_BASE names the other tree} $PWD; do for m in ${AB_MODELS:-Q L M}; do
     (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec python3 -m gridserve.cli bench latency ${!m} --input-len 256 \
-      --output-len 128 --num-runs 3 --no-show-progress --output-json $OUT/ab_${m}_$(basename $tree).json) 2>&1 \
+      --output-len 128 --num-runs 3 ${AB_ARGS:-} --no-show-progress --output-json $OUT/ab_${m}_$(basename $tree).json) 2>&1 \
       | grep -E "TPOT|rror" | sed "s/^/$m $(basename $tree): /"
   done; done
 fi

@@ -16,6 +16,7 @@ the size of one layer's activations, and all counts share that pool (they never 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import time
 
@@ -129,12 +130,23 @@ class PiecewiseGraphRunner:
             stream.synchronize()
             self._pieces = []
             self._begin_piece()
-            hidden = self._forward(n)
+            try:
+                hidden = self._forward(n)
+            except BaseException:
+                self._abandon_piece()
+                raise
             self._graph.capture_end()
             self._pieces.append(self._graph)
             self._graph = None
         torch.cuda.current_stream().wait_stream(stream)
         self.pieces[n], self.hidden[n] = self._pieces, hidden
+
+    def _abandon_piece(self) -> None:
+        """Ends the capture a failed forward left open; an open capture would fail every later CUDA call of the
+        process (in the GPU tests, those of the tests after it)."""
+        with contextlib.suppress(RuntimeError):  # ending an invalidated capture raises too
+            self._graph.capture_end()
+        self._graph = None
 
     def _begin_piece(self) -> None:
         self._graph = torch.cuda.CUDAGraph()
