@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -55,6 +55,10 @@ serve_and_bench() {  # $1: tag, $2: extra server flags; 4 client runs against on
 if has serving; then  # ratio 1: every request 256/256, so arrivals come in lockstep; ratio 0: SGLang's default
   serve_and_bench graphs ""
   grep -E "prefill batch" $OUT/serve_L_graphs.log | tail -12 | cut -c1-170
+fi
+if has serving-prefill; then  # the same with one 256-token prompt a prefill batch: four prompts arriving together
+  # then get their first tokens one after another (~6, 12, 18, 24 ms) instead of all at once after ~24 ms
+  serve_and_bench prefill256 "--max-prefill-tokens 256"
 fi
 if has serving-eager; then  # the same without the prefill graphs
   serve_and_bench eager_prefill "--disable-piecewise-cuda-graph"
