@@ -14,16 +14,22 @@ PROMPTS = [[(11 * i + 7 * j) % 200 + 5 for j in range(6 + 5 * i)] for i in range
 NEW_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qwen3-moe")
-    hf = make_tiny_model("qwen3-moe", path)
+def _made_with_reference(kind: str, path) -> list[list[int]]:
+    """Saves a tiny random `kind` model at path; returns transformers' greedy tokens for PROMPTS."""
+    hf = make_tiny_model(kind, path)
     want = []
     with torch.no_grad():
         for p in PROMPTS:
             out = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS,
                               eos_token_id=None, pad_token_id=0)
             want.append(out[0, len(p):].tolist())
+    return want
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3-moe")
+    want = _made_with_reference("qwen3-moe", path)
     args = ("--model", str(path), "--tokenizer-path", qwen_tokenizer_dir(), "--dtype", "float32")  # as saved above
     return args, str(path), want
 
@@ -34,13 +40,23 @@ def _server_ids(server: ServerProcess) -> list[list[int]]:
     return [r["output_ids"] for r in httpx.post(f"{server.url}/generate", json=body, timeout=120).json()]
 
 
-def test_engine_greedy_equals_transformers(model):
-    _, path, want = model
+def _engine_ids(path: str) -> list[list[int]]:
     with Engine(model_path=path, tokenizer_path=qwen_tokenizer_dir(), dtype="float32", max_total_tokens=2048,
                 show_progress=False, log_level="warning") as engine:
         outs = engine.generate(input_ids=PROMPTS, sampling_params={"temperature": 0, "max_new_tokens": NEW_TOKENS,
                                                                    "ignore_eos": True})
-    assert [o["output_ids"] for o in outs] == want
+    return [o["output_ids"] for o in outs]
+
+
+def test_engine_greedy_equals_transformers(model):
+    _, path, want = model
+    assert _engine_ids(path) == want
+
+
+@pytest.mark.parametrize("kind", ["qwen2-moe", "mixtral"])  # a shared expert with its gate; no top-k renorm choice
+def test_engine_greedy_equals_transformers_for_the_other_moe_architectures(kind, tmp_path):
+    want = _made_with_reference(kind, tmp_path)
+    assert _engine_ids(str(tmp_path)) == want
 
 
 @pytest.mark.parametrize("flags", [
