@@ -78,7 +78,7 @@ def test_default_blocks_huge_poison_and_loose_max_extend_len():
     torch.testing.assert_close(out.cpu(), reference(q, k, v, r2t, rpi, sl, el, esl, 0.125), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("config", [(32, 16, 4, 1), (16, 32, 4, 1), (128, 64, 8, 2)])
+@pytest.mark.parametrize("config", [(32, 16, 4, 1), (16, 32, 4, 1), (128, 64, 8, 2), (256, 64, 8, 3)])
 @pytest.mark.parametrize("group_heads", [False, True])
 def test_long_prefix_whole_blocks_and_the_diagonal(config, group_heads):
     """A later chunk of a long prompt: most key blocks are seen whole by every query (the unmasked loop), the
@@ -87,6 +87,19 @@ def test_long_prefix_whole_blocks_and_the_diagonal(config, group_heads):
     q, k, v, r2t, rpi, sl, el, esl = make_case([203, 0], [150, 70], 4, 2, 64, torch.float32, seed=3, poison=1e30)
     out = extend_attention(q, k, v, r2t, rpi, sl, el, esl, 0.125, 150, config=config, group_heads=group_heads)
     torch.testing.assert_close(out.cpu(), reference(q, k, v, r2t, rpi, sl, el, esl, 0.125), atol=1e-4, rtol=1e-4)
+
+
+def test_long_extends_take_a_program_per_gqa_group_by_default():
+    """max_extend_len from GROUP_HEADS_FROM on: the long-extend tiles, grouped (here 2 heads of a KV head a
+    program); the same answer as the reference either way."""
+    from gridserve.attention.triton_ops.extend_attention import GROUP_HEADS_FROM, extend_config
+
+    assert extend_config(GROUP_HEADS_FROM) == (256, 64, 8, 3)
+    q, k, v, r2t, rpi, sl, el, esl = make_case([203, 0], [150, 70], 4, 2, 64, torch.float32, seed=4, poison=1e30)
+    want = reference(q, k, v, r2t, rpi, sl, el, esl, 0.125)
+    for max_len in (150, GROUP_HEADS_FROM):  # per head, small tiles; grouped, long-extend tiles
+        out = extend_attention(q, k, v, r2t, rpi, sl, el, esl, 0.125, max_len)
+        torch.testing.assert_close(out.cpu(), want, atol=1e-4, rtol=1e-4)
 
 
 def test_fp16_and_zero_extend_row():
