@@ -8,6 +8,7 @@ prefill forward, decode forward and sampling (CUDA events around each), against 
 import argparse
 import cProfile
 import io
+import itertools
 import pstats
 import time
 import zlib
@@ -82,6 +83,16 @@ def main() -> None:
         print(kp.key_averages().table(sort_by="cuda_time_total", row_limit=a.top, max_name_column_width=60))
 
 
+def gaps_between(timeline: list[tuple[str, float, float]]) -> dict[str, list[float]]:
+    """The device time (ms) from each span's end to the next span's start (in start order; overlaps count 0), keyed
+    by the two spans' labels: where the device runs neither a forward nor the sampling, or idles."""
+    gaps: dict[str, list[float]] = defaultdict(list)
+    ordered = sorted(timeline, key=lambda t: t[1])
+    for (a, _, a_end), (b, b_start, _) in itertools.pairwise(ordered):
+        gaps[f"{a} -> {b}"].append(max(0.0, b_start - a_end))
+    return gaps
+
+
 def profile_offline(sched: Scheduler, a: argparse.Namespace) -> None:
     """Device time of each phase over the whole offline workload, from CUDA events around each call."""
     w = make_workload(256, (100, 1024), (100, 1024), sched.vocab_size, 0)
@@ -134,6 +145,11 @@ def profile_offline(sched: Scheduler, a: argparse.Namespace) -> None:
     print("decode forward by batch size (rounded up to 32): calls, mean ms")
     for bs, v in sorted(decode_by_bs.items()):
         print(f"  <= {bs:4d}: {len(v):5d} {sum(v) / len(v):7.3f}")
+    ref = spans[0][2]
+    timeline = [(label, ref.elapsed_time(s), ref.elapsed_time(e)) for label, _, s, e in spans]
+    print("device time outside the forwards and sampling, by the spans around it: count, total s, largest ms")
+    for key, v in sorted(gaps_between(timeline).items(), key=lambda kv: -sum(kv[1])):
+        print(f"  {key:36s} {len(v):6d} {sum(v) / 1e3:7.3f} {max(v):8.2f}")
     runner.forward, runner.sample = forward, sample
     if a.kernels:
         from torch.profiler import ProfilerActivity, profile
