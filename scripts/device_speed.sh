@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill fewrows;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -179,6 +179,10 @@ if has gemmtiles; then  # the one-row decode GEMM's tiles shape by shape, agains
 fi
 if has gemmtiles8; then  # the same with FP8 weights (issue 20's FP8 L target), K tiles up to 2,048 (~150 s)
   python3 scripts/bench_fp8_gemm.py --sweep-shapes --fp8 2>&1 | grep -v Warning | tee $OUT/gemm_tiles_fp8.txt
+fi
+if has fewrows; then  # 2-4 rows: tl.dot on 16-row tiles against the one-row kernel's CUDA-core path (~150 s)
+  python3 scripts/bench_fp8_gemm.py --few-rows --shapes llama8b,qwen3-30b-a3b --batches 2,4 2>&1 | grep -v Warning \
+    | tee $OUT/gemm_few_rows.txt
 fi
 if has gemm; then  # issues 19 and 20: decode-sized linear layers (cuBLAS, Triton bf16, Triton FP8), FP8 experts
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py tests/test_decode_gemm.py \
