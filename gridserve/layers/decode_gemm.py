@@ -35,11 +35,19 @@ def _gemm_input(X, R, ms, ks, ok, stride_xm, K, GATED: tl.constexpr, HAS_RES: tl
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """Starts each address's 128-byte line on its way into L2 (PTX prefetch); nothing waits for it."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride_xm, stride_wn, stride_ym, eps,
                         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
                         HAS_RES: tl.constexpr, STORE_NORMED: tl.constexpr, SUM_OUT: tl.constexpr,
                         SQ_FROM_P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+                        PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr):
     """Y[:, n-tile] = (X @ W[n-tile].T) (* S[n-tile]) (+ B): W in X's dtype, or FP8 widened to it in registers.
     The input is X as _gemm_input reads it; with NORM, then RMSNorm(that) with weight NW (the weight applied as x
     loads, the row's 1/RMS to the sums, so that one pass over x suffices), and the programs of tile 0 store the
@@ -50,13 +58,18 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
     SQ_FROM_P the next GEMM (NORM, X already that sum) takes each row's sum of squares from its NP partials in P
     instead of summing its own input.
     BLOCK_M 1 (one row) multiplies on the CUDA cores, a dot product per weight row, and so do 2 and 4 (a few rows);
-    16 (2-16 rows) runs tl.dot."""
-    if PDL:  # programmatic dependent launch (gridserve/pdl.py)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    16 (2-16 rows) runs tl.dot.
+    With PDL the program first starts the first PREFETCH_LINES lines of each of its weight rows into L2: the
+    weights depend on no earlier kernel, so they stream while the kernel before finishes, and gdc_wait then waits
+    only for the input."""
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
+    if PDL:  # programmatic dependent launch (gridserve/pdl.py)
+        lines = tl.minimum(tl.arange(0, PREFETCH_LINES) * LINE_ELEMS, K - 1)  # clamped: every address is valid
+        _prefetch_l2(W + tl.minimum(rows, N - 1)[:, None].to(tl.int64) * stride_wn + lines[None, :])
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     ms = tl.arange(0, BLOCK_M)
     m_ok = ms < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -207,6 +220,14 @@ def decode_linear_add_residual(x: torch.Tensor, residual: torch.Tensor, weight: 
     return y, partials
 
 
+PREFETCH_BYTES = 4096  # of each weight row, prefetched before gdc_wait: 32 KB for a program of 8 rows
+
+
+def _prefetch_lines(k: int, element_size: int) -> int:
+    """128-byte lines of each weight row a PDL program prefetches (a power of two for tl.arange)."""
+    return triton.next_power_of_2(max(1, min(PREFETCH_BYTES, k * element_size) // 128))
+
+
 def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
                  bias: torch.Tensor | None, config: tuple[int, int, int, int] | None, gated: bool = False,
                  norm: tuple | None = None, sum_out: tuple | None = None,
@@ -237,5 +258,6 @@ def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
             STORE_NORMED=normed is not None, SUM_OUT=sum_out is not None, SQ_FROM_P=sum_sq_partials is not None,
             BLOCK_P=triton.next_power_of_2(max(num_partials, 1)), BLOCK_M=row_tile(m),
             BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            PREFETCH_LINES=_prefetch_lines(k, weight.element_size()), LINE_ELEMS=128 // weight.element_size(),
             num_warps=warps, num_stages=stages, **pdl_args(x.device))
     return y
