@@ -12,7 +12,7 @@ tiles). --sweep-shapes times the one-row tiles on every shape alone (bf16) again
 cuBLAS. --fused instead times, at
 batch 1 in bf16, each projection with the work before it (the residual add + RMSNorm then qkv or gate/up; the
 SiLU-and-mul then down) as separate kernels (rms_norm or silu_and_mul, then cuBLAS) against the one decode GEMM
-that does both. --few-rows times, at each of --batches above 1 (2-4 rows) and on every shape, the tl.dot path's
+that does both. --few-rows times, at each of --batches above 1 (2-8 rows) and on every shape, the tl.dot path's
 default tiles against the CUDA-core path of one row (decode_gemm.FEW_ROWS_MAX, off by default) over a few tiles,
 for bf16 and FP8 weights, with cuBLAS and the same shape at one row for scale."""
 
@@ -112,7 +112,7 @@ def time_few_rows(models: list, batches: list, layers: int, dev: str = "cuda") -
                     x = torch.randn(m, shape[1], device=dev, dtype=torch.bfloat16)
                     t_cublas = graph_us(lambda x=x, w16=w16: [F.linear(x, w) for w in w16]) / layers
                     t_dot = graph_us(lambda x=x, ws=ws: [decode_gemm.decode_linear(x, *w) for w in ws]) / layers
-                    decode_gemm.FEW_ROWS_MAX = 4
+                    decode_gemm.FEW_ROWS_MAX = m
                     try:
                         timed = {}
                         for cfg in grid:

@@ -223,15 +223,15 @@ def test_a_decoder_layer_chain_with_the_split_norm_equals_the_unfused_one(rows, 
     torch.testing.assert_close(y.cpu(), (want_normed @ w2.T).cpu(), atol=10 * tol, rtol=10 * tol)
 
 
-@pytest.mark.parametrize("m", [2, 3, 4])
-def test_a_few_rows_on_the_cuda_core_path_equal_the_references(m, monkeypatch):
-    """With FEW_ROWS_MAX at 4, 2-4 rows take the one-row kernel's CUDA-core path (row tiles of 2 and 4, the third
-    row of 4 masked): the plain, gated, normed and split-norm products against the unfused ones, bf16 and FP8
-    weights alike (float32 activations on CPU)."""
+@pytest.mark.parametrize("m,few_rows_max,tile", [(2, 4, 2), (3, 4, 4), (4, 4, 4), (6, 8, 8)])
+def test_a_few_rows_on_the_cuda_core_path_equal_the_references(m, few_rows_max, tile, monkeypatch):
+    """With FEW_ROWS_MAX raised, up to that many rows take the one-row kernel's CUDA-core path (row tiles of 2, 4
+    and 8; the rows past m masked): the plain, gated, normed and split-norm products against the unfused ones,
+    bf16 and FP8 weights alike (float32 activations on CPU)."""
     from gridserve.layers import decode_gemm
 
-    monkeypatch.setattr(decode_gemm, "FEW_ROWS_MAX", 4)
-    assert decode_gemm.row_tile(m) == (2 if m == 2 else 4) and decode_gemm.row_tile(5) == 16
+    monkeypatch.setattr(decode_gemm, "FEW_ROWS_MAX", few_rows_max)
+    assert decode_gemm.row_tile(m) == tile and decode_gemm.row_tile(few_rows_max + 1) == 16
     assert decode_gemm.decode_gemm_config(m, torch.empty(8, 8, dtype=torch.bfloat16)) == decode_gemm.FEW_ROWS_CONFIG
     for dtype in DECODE_GEMM_DTYPES:
         test_w8a16_linear_widens_fp8_weights_in_the_kernel(dtype, m, 100, 300, True)

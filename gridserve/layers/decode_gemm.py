@@ -57,7 +57,7 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
     writes the sum of squares of each row of its output tile to P[row, pid] (NP = the grid's programs a row); with
     SQ_FROM_P the next GEMM (NORM, X already that sum) takes each row's sum of squares from its NP partials in P
     instead of summing its own input.
-    BLOCK_M 1 (one row) multiplies on the CUDA cores, a dot product per weight row, and so do 2 and 4 (a few rows);
+    BLOCK_M 1 (one row) multiplies on the CUDA cores, a dot product per weight row, and so do 2, 4 and 8 (a few rows);
     16 (2-16 rows) runs tl.dot.
     With PDL the program first starts the first PREFETCH_LINES lines of each of its weight rows into L2: the
     weights depend on no earlier kernel, so they stream while the kernel before finishes, and gdc_wait then waits
