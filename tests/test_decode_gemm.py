@@ -223,7 +223,7 @@ def test_a_decoder_layer_chain_with_the_split_norm_equals_the_unfused_one(rows, 
     torch.testing.assert_close(y.cpu(), (want_normed @ w2.T).cpu(), atol=10 * tol, rtol=10 * tol)
 
 
-@pytest.mark.parametrize("m,few_rows_max,tile", [(2, 4, 2), (3, 4, 4), (4, 4, 4), (6, 8, 8)])
+@pytest.mark.parametrize("m,few_rows_max,tile", [(2, 4, 2), (3, 4, 4), (6, 8, 8)])
 def test_a_few_rows_on_the_cuda_core_path_equal_the_references(m, few_rows_max, tile, monkeypatch):
     """With FEW_ROWS_MAX raised, up to that many rows take the one-row kernel's CUDA-core path (row tiles of 2, 4
     and 8; the rows past m masked): the plain, gated, normed and split-norm products against the unfused ones,
