@@ -62,40 +62,25 @@ def test_a_chain_of_pdl_kernels_in_a_cuda_graph_equals_the_chain_without(pdl_on,
         torch.testing.assert_close(out, want[i - 1], rtol=0, atol=0)
 
 
-_COMPILE_FOR_HOPPER = '''
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from gridserve.layers.decode_gemm import _decode_gemm_kernel
-
-names = ["X", "R", "RO", "NW", "NO", "W", "S", "B", "Y", "RY", "P", "M", "N", "K", "NP", "stride_xm", "stride_wn",
-         "stride_ym", "eps"]
-for fp8, m in ((False, 1), (True, 1), (False, 4), (True, 16)):
-    sig = dict(zip(names, ["*bf16"] * 5 + ["*fp8e4nv" if fp8 else "*bf16", "*fp32", "*bf16", "*bf16", "*bf16",
-                                           "*fp32"] + ["i32"] * 7 + ["fp32"]))
-    consts = dict(HAS_SCALE=fp8, HAS_BIAS=False, GATED=False, NORM=True, HAS_RES=True, STORE_NORMED=False,
-                  SUM_OUT=False, SQ_FROM_P=False, BLOCK_P=1, BLOCK_M=m, BLOCK_N=8 if m < 16 else 32,
-                  BLOCK_K=512, DOT_PRECISION="tf32", PDL=True, PREFETCH_LINES=32, LINE_ELEMS=128 if fp8 else 64)
-    sig.update(dict.fromkeys(consts, "constexpr"))
-    kernel = triton.compile(ASTSource(fn=_decode_gemm_kernel, signature=sig, constexprs=consts),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 4})
-    ptx = kernel.asm["ptx"]
-    assert "prefetch.global.L2" in ptx and "griddepcontrol.wait" in ptx, (fp8, m)
-    assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait"), (fp8, m)
-print("compiled")
-'''
-
 
 def test_the_decode_gemms_pdl_variants_compile_for_hopper_with_the_prefetch_before_the_wait():
-    """No GPU needed: Triton compiles the PDL variants (one row, FP8, a few rows, tl.dot) for sm_90 with its own
-    ptxas, and the weights' L2 prefetch comes before gdc_wait in the PTX. A separate process: this one's kernels
-    may be the interpreter's."""
+    """No GPU needed: scripts/kernel_resources.py compiles the PDL variants (one row, a few rows, tl.dot; bf16 and
+    FP8 weights) for sm_90 with Triton's own ptxas; the weights' L2 prefetch comes before gdc_wait in each, and
+    the default tiles spill no registers. A separate process: this one's kernels may be the interpreter's."""
     import os
     import subprocess
     import sys
 
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+    from gridserve.layers.decode_gemm import DECODE_GEMM_CONFIG, FEW_ROWS_CONFIG, ONE_ROW_CONFIG
+
+    tiles = [":".join(map(str, (m, *cfg))) for m, cfg in ((1, ONE_ROW_CONFIG), (4, FEW_ROWS_CONFIG),
+                                                          (16, DECODE_GEMM_CONFIG))]
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "kernel_resources.py")
+    out = subprocess.run([sys.executable, script, "--pdl", "--tiles", *tiles], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split(" | ") for line in out.stdout.splitlines()[1:]]
+    assert len(rows) == 6  # three tiles, bf16 and FP8 weights
+    for tile, weights, *_, spilled, _loads, prefetch_first in rows:
+        assert prefetch_first == "True" and spilled == "0", (tile, weights)
