@@ -63,7 +63,7 @@ def one_run(engine, batch: list[list[int]], output_len: int) -> tuple[float, flo
 
 
 def report_floor(args: argparse.Namespace, server_args: ServerArgs, result: dict) -> dict:
-    """Measures the device, prints the batch-1 floors and the fraction achieved; returns them for the JSON."""
+    """Measures the device, prints the batch's floors and the fraction achieved; returns them for the JSON."""
     from gridserve.model_executor.model_runner import resolve_device
     from gridserve.model_loader.loader import load_model_config, resolve_dtype, resolve_model_path
 

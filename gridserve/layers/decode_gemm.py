@@ -223,9 +223,13 @@ def decode_linear_add_residual(x: torch.Tensor, residual: torch.Tensor, weight: 
 PREFETCH_BYTES = 4096  # of each weight row, prefetched before gdc_wait: 32 KB for a program of 8 rows
 
 
-def _prefetch_lines(k: int, element_size: int) -> int:
-    """128-byte lines of each weight row a PDL program prefetches (a power of two for tl.arange)."""
-    return triton.next_power_of_2(max(1, min(PREFETCH_BYTES, k * element_size) // 128))
+def _prefetch_args(pdl: bool, k: int, element_size: int) -> dict:
+    """The kernel's PREFETCH_LINES (128-byte lines of each weight row a PDL program prefetches; a power of two for
+    tl.arange) and LINE_ELEMS (elements a line). Without PDL both are 1: no compiled variant per K."""
+    if not pdl:
+        return {"PREFETCH_LINES": 1, "LINE_ELEMS": 1}
+    lines = triton.next_power_of_2(max(1, min(PREFETCH_BYTES, k * element_size) // 128))
+    return {"PREFETCH_LINES": lines, "LINE_ELEMS": 128 // element_size}
 
 
 def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
@@ -250,6 +254,7 @@ def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages = config or decode_gemm_config(m, weight)
     num_partials = 0 if partials is None else partials.shape[-1]  # a row's
+    pdl = pdl_args(x.device)
     if m:
         _decode_gemm_kernel[(triton.cdiv(n, block_n),)](
             x, residual, residual_out, norm_weight, normed, weight, weight_scale, bias, y, residual_y, partials, m, n,
@@ -258,6 +263,5 @@ def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
             STORE_NORMED=normed is not None, SUM_OUT=sum_out is not None, SQ_FROM_P=sum_sq_partials is not None,
             BLOCK_P=triton.next_power_of_2(max(num_partials, 1)), BLOCK_M=row_tile(m),
             BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            PREFETCH_LINES=_prefetch_lines(k, weight.element_size()), LINE_ELEMS=128 // weight.element_size(),
-            num_warps=warps, num_stages=stages, **pdl_args(x.device))
+            **_prefetch_args(pdl["PDL"], k, weight.element_size()), num_warps=warps, num_stages=stages, **pdl)
     return y

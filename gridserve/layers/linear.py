@@ -44,14 +44,21 @@ def _takes_decode_gemm(x: torch.Tensor, rows: int, weight: torch.Tensor, weight_
     return x.is_cuda and (rows == 1 or few_rows)
 
 
+def _gate_input(x: torch.Tensor, rows: int, gated: bool) -> tuple[torch.Tensor, bool]:
+    """(x, gated) as the decode GEMM takes them: the SiLU-and-mul of [gate | up] folds into its kernel only for one
+    row on CUDA (folded, every program recomputes the input: it pays on one row); else it runs first."""
+    if gated and not (x.is_cuda and rows == 1):
+        return silu_and_mul(x), False
+    return x, gated
+
+
 def apply_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
     """x @ weight.T (+ bias); weight_scale: the weight is FP8 with a scale per row. gated: x is [gate | up] and
     the product takes silu(gate) * up. On CUDA one Triton kernel reads the weights once (decode_gemm.decode_linear)
     where it is the faster choice (_takes_decode_gemm; a gated row's SiLU-and-mul in the same kernel)."""
     rows = x.numel() // x.shape[-1]
-    if gated and not (x.is_cuda and rows == 1):  # folded, every program recomputes the input: it pays on one row
-        x, gated = silu_and_mul(x), False
+    x, gated = _gate_input(x, rows, gated)
     if _takes_decode_gemm(x, rows, weight, weight_scale):
         from gridserve.layers.decode_gemm import decode_linear
 
@@ -108,8 +115,7 @@ def apply_linear_add_residual(x: torch.Tensor, residual: torch.Tensor, weight: t
     from gridserve.layers.decode_gemm import decode_linear_add_residual
 
     rows = residual.numel() // residual.shape[-1]
-    if gated and rows > 1:  # folded, every program would recompute the SiLU of all its rows (apply_linear's rule)
-        x, gated = silu_and_mul(x), False
+    x, gated = _gate_input(x, rows, gated)
     y, partials = decode_linear_add_residual(x.reshape(rows, x.shape[-1]), residual.reshape(rows, -1), weight,
                                              weight_scale, bias, gated=gated)
     return y.view(residual.shape), SummedResidual(partials)
