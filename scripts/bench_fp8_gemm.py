@@ -12,9 +12,9 @@ tiles). --sweep-shapes times the one-row tiles on every shape alone (bf16) again
 cuBLAS. --fused instead times, at
 batch 1 in bf16, each projection with the work before it (the residual add + RMSNorm then qkv or gate/up; the
 SiLU-and-mul then down) as separate kernels (rms_norm or silu_and_mul, then cuBLAS) against the one decode GEMM
-that does both. --few-rows times, at each of --batches above 1 (2-8 rows) and on every shape, the tl.dot path's
-default tiles against the CUDA-core path of one row (decode_gemm.FEW_ROWS_MAX, off by default) over a few tiles,
-for bf16 and FP8 weights, with cuBLAS and the same shape at one row for scale."""
+that does both. --few-rows times, at 4 rows (2-16 rows share the tl.dot path's 16-row tiles) and on every shape,
+that path's tiles (BLOCK_N, BLOCK_K, warps, stages) against its default, for bf16 and FP8 weights, with cuBLAS
+and the same shape at one row for scale."""
 
 import argparse
 import itertools
@@ -94,45 +94,38 @@ def time_fused(model: str, layers: int, dev: str = "cuda") -> None:
         print(f"{model} | {work}{name} | {tu:.1f} | {tf:.1f} | {tu - tf:+.1f}", flush=True)
 
 
-def time_few_rows(models: list, batches: list, layers: int, dev: str = "cuda") -> None:
-    """decode_linear at m rows: tl.dot on 16-row tiles (DECODE_GEMM_CONFIG) against the CUDA-core path with each of
-    a few tiles (FEW_ROWS_MAX raised for the timing); us per weight copy, and one row's time for scale."""
-    grid = list(itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (4,)))
-    print("model | shape | weights | rows | cuBLAS bf16 | tl.dot (default) | one row | few-rows best (tiles) "
-          "| few-rows default tiles")
-    best_overall: dict[tuple, list[float]] = {}
+def time_few_rows(models: list, layers: int, m: int = 4, dev: str = "cuda") -> None:
+    """decode_linear at m rows (tl.dot on 16-row tiles) over a grid of tiles against its default
+    (DECODE_GEMM_CONFIG); us per weight copy, with cuBLAS and one row's time for scale."""
+    grid = list(itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4)))
+    print(f"model | shape | weights | cuBLAS bf16, {m} rows | one row | default tiles | best (tiles)")
+    ranks: dict[tuple, list[float]] = {}
     for model in models:
         for name, shape in SHAPES[model].items():
             w16 = [torch.randn(shape, device=dev, dtype=torch.bfloat16) / 64 for _ in range(layers)]
+            x = torch.randn(m, shape[1], device=dev, dtype=torch.bfloat16)
+            t_cublas = graph_us(lambda x=x, w16=w16: [F.linear(x, w) for w in w16]) / layers
             for fp8 in (False, True):
                 ws = [quantize_per_channel(w) for w in w16] if fp8 else [(w,) for w in w16]
-                one = torch.randn(1, shape[1], device=dev, dtype=torch.bfloat16)
+                one = x[:1].clone()
                 t_one = graph_us(lambda ws=ws, one=one: [decode_gemm.decode_linear(one, *w) for w in ws]) / layers
-                for m in batches:
-                    x = torch.randn(m, shape[1], device=dev, dtype=torch.bfloat16)
-                    t_cublas = graph_us(lambda x=x, w16=w16: [F.linear(x, w) for w in w16]) / layers
-                    t_dot = graph_us(lambda x=x, ws=ws: [decode_gemm.decode_linear(x, *w) for w in ws]) / layers
-                    decode_gemm.FEW_ROWS_MAX = m
+                t_dot = graph_us(lambda ws=ws, x=x: [decode_gemm.decode_linear(x, *w) for w in ws]) / layers
+                timed = {}
+                for cfg in grid:
                     try:
-                        timed = {}
-                        for cfg in grid:
-                            try:
-                                timed[cfg] = graph_us(lambda x=x, ws=ws, c=cfg: [
-                                    decode_gemm.decode_linear(x, *w, config=c) for w in ws]) / layers
-                            except Exception as e:  # out of shared memory or registers: skip the setting
-                                print(f"  skip {cfg}: {type(e).__name__}")
-                    finally:
-                        decode_gemm.FEW_ROWS_MAX = 0
-                    for cfg, us in timed.items():
-                        best_overall.setdefault((fp8, m, cfg), []).append(us / t_dot)
-                    best = min(timed, key=timed.get)
-                    default = timed.get(decode_gemm.FEW_ROWS_CONFIG, float("nan"))
-                    print(f"{model} | {name} {shape} | {'FP8' if fp8 else 'bf16'} | {m} | {t_cublas:.1f} | "
-                          f"{t_dot:.1f} | {t_one:.1f} | {timed[best]:.1f} {best} | {default:.1f}", flush=True)
-    print("tiles by mean time against tl.dot's over the shapes (lower is better), best three per weights and rows:")
-    for fp8, m in sorted({(f, m) for f, m, _ in best_overall}):
-        ranked = sorted((sum(v) / len(v), cfg) for (f, mm, cfg), v in best_overall.items() if (f, mm) == (fp8, m))
-        print(f"  {'FP8' if fp8 else 'bf16'} {m} rows: " + ", ".join(f"{cfg} {r:.2f}" for r, cfg in ranked[:3]))
+                        timed[cfg] = graph_us(lambda ws=ws, x=x, c=cfg: [
+                            decode_gemm.decode_linear(x, *w, config=c) for w in ws]) / layers
+                    except Exception as e:  # out of shared memory or registers: skip the setting
+                        print(f"  skip {cfg}: {type(e).__name__}")
+                for cfg, us in timed.items():
+                    ranks.setdefault((fp8, cfg), []).append(us / t_dot)
+                best = min(timed, key=timed.get)
+                print(f"{model} | {name} {shape} | {'FP8' if fp8 else 'bf16'} | {t_cublas:.1f} | {t_one:.1f} | "
+                      f"{t_dot:.1f} | {timed[best]:.1f} {best}", flush=True)
+    print("tiles by mean time against the default's over the shapes (lower is better), best five per weights:")
+    for fp8 in (False, True):
+        ranked = sorted((sum(v) / len(v), cfg) for (f, cfg), v in ranks.items() if f == fp8)
+        print(f"  {'FP8' if fp8 else 'bf16'}: " + ", ".join(f"{cfg} {r:.3f}" for r, cfg in ranked[:5]))
 
 
 def main() -> None:
@@ -149,7 +142,7 @@ def main() -> None:
     dev, models = "cuda", a.shapes.split(",")
     print(f"{torch.cuda.get_device_name()}: each shape x {a.layers} copies; times per copy")
     if a.few_rows:
-        time_few_rows(models, [m for m in map(int, a.batches.split(",")) if m > 1], a.layers)
+        time_few_rows(models, a.layers)
         return
     if a.fused:
         print("model | work | separate kernels us | one decode GEMM us | saved us")

@@ -1,7 +1,7 @@
 """What the decode GEMM's variants cost a Hopper SM, without a GPU: each is compiled for sm_90 with Triton's own
 ptxas (as a launch would specialise it: pointers, N, K and strides divisible by 16), and cuobjdump reports its
-registers, shared memory and spills; the PTX tells how it loads the weights and, with PDL, whether the weights'
-L2 prefetch comes before gdc_wait. A GPU lease is scarce; this shows before one whether a tile fits.
+registers, shared memory and spills; the PTX tells how it loads the weights and, with PDL, that it waits for the
+kernel before (gdc_wait). A GPU lease is scarce; this shows before one whether a tile fits.
 
     TRITON_INTERPRET=0 python3 scripts/kernel_resources.py [--pdl] [--tiles M:BLOCK_N:BLOCK_K:WARPS:STAGES ...]
 """
@@ -16,13 +16,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from gridserve.layers.decode_gemm import _decode_gemm_kernel, _prefetch_args
+from gridserve.layers.decode_gemm import _decode_gemm_kernel
 
 ARGS = ["X", "R", "RO", "NW", "NO", "W", "S", "B", "Y", "RY", "P", "M", "N", "K", "NP", "stride_xm", "stride_wn",
         "stride_ym", "eps"]
 NOT_DIVISIBLE = {"M", "NP", "eps"}  # any value; tensors (even unused ones) are 16-byte aligned, as torch's are
-# (rows, BLOCK_N, BLOCK_K, warps, stages): one row, a few rows on the CUDA cores, 2-16 rows on tl.dot
-DEFAULT_TILES = ["1:8:1024:8:4", "4:8:512:8:4", "8:8:512:8:4", "16:32:512:4:4"]
+# (rows, BLOCK_N, BLOCK_K, warps, stages): one row on the CUDA cores, 2-16 rows on tl.dot
+DEFAULT_TILES = ["1:8:1024:8:4", "16:32:512:4:4"]
 
 
 def compile_variant(m: int, block_n: int, block_k: int, warps: int, stages: int, fp8: bool, pdl: bool):
@@ -32,7 +32,7 @@ def compile_variant(m: int, block_n: int, block_k: int, warps: int, stages: int,
                    strict=True))
     consts = dict(HAS_SCALE=fp8, HAS_BIAS=False, GATED=False, NORM=True, HAS_RES=True, STORE_NORMED=False,
                   SUM_OUT=False, SQ_FROM_P=False, BLOCK_P=1, BLOCK_M=m, BLOCK_N=block_n, BLOCK_K=block_k,
-                  DOT_PRECISION="tf32", PDL=pdl, **_prefetch_args(pdl, 4096, 1 if fp8 else 2))
+                  DOT_PRECISION="tf32", PDL=pdl)
     sig.update(dict.fromkeys(consts, "constexpr"))
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(ARGS) if name not in NOT_DIVISIBLE}
     return triton.compile(ASTSource(fn=_decode_gemm_kernel, signature=sig, constexprs=consts, attrs=attrs),
@@ -41,7 +41,7 @@ def compile_variant(m: int, block_n: int, block_k: int, warps: int, stages: int,
 
 def resources(kernel) -> dict:
     """Registers and local (spilled) bytes from cuobjdump, shared memory (dynamic, as Triton allocates it) from the
-    kernel's metadata; the PTX's global loads; PDL's order."""
+    kernel's metadata; the PTX's global loads; whether it waits for the kernel before (PDL)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -50,25 +50,24 @@ def resources(kernel) -> dict:
     found = dict(re.findall(r"(REG|LOCAL):(\d+)", usage))
     ptx = kernel.asm["ptx"]
     loads = re.findall(r"(cp\.async\.cg|ld\.global(?:\.v\d)?\.b\d+)", ptx)
-    prefetch, wait = ptx.find("prefetch.global.L2"), ptx.find("griddepcontrol.wait")
     return {"registers": int(found.get("REG", 0)), "shared": kernel.metadata.shared,
             "spilled": int(found.get("LOCAL", 0)), "loads": {k: loads.count(k) for k in sorted(set(loads))},
-            "prefetch_before_wait": None if wait < 0 else 0 <= prefetch < wait}
+            "waits": "griddepcontrol.wait" in ptx}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tiles", nargs="+", default=DEFAULT_TILES, help="rows:BLOCK_N:BLOCK_K:warps:stages")
-    p.add_argument("--pdl", action="store_true", help="the PDL variants (the weights' prefetch before gdc_wait)")
+    p.add_argument("--pdl", action="store_true", help="the PDL variants (gdc_wait first)")
     a = p.parse_args()
     print("rows, BLOCK_N, BLOCK_K, warps, stages | weights | registers | shared B | spilled B | loads in the PTX "
-          "| prefetch before wait")
+          "| waits (PDL)")
     for tile in a.tiles:
         m, block_n, block_k, warps, stages = map(int, tile.split(":"))
         for fp8 in (False, True):
             r = resources(compile_variant(m, block_n, block_k, warps, stages, fp8, a.pdl))
             print(f"{tile} | {'FP8' if fp8 else 'bf16'} | {r['registers']} | {r['shared']} | {r['spilled']} | "
-                  f"{r['loads']} | {r['prefetch_before_wait']}", flush=True)
+                  f"{r['loads']} | {r['waits']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -223,25 +223,6 @@ def test_a_decoder_layer_chain_with_the_split_norm_equals_the_unfused_one(rows, 
     torch.testing.assert_close(y.cpu(), (want_normed @ w2.T).cpu(), atol=10 * tol, rtol=10 * tol)
 
 
-@pytest.mark.parametrize("m,few_rows_max,tile", [(2, 4, 2), (3, 4, 4), (6, 8, 8)])
-def test_a_few_rows_on_the_cuda_core_path_equal_the_references(m, few_rows_max, tile, monkeypatch):
-    """With FEW_ROWS_MAX raised, up to that many rows take the one-row kernel's CUDA-core path (row tiles of 2, 4
-    and 8; the rows past m masked): the plain, gated, normed and split-norm products against the unfused ones,
-    bf16 and FP8 weights alike (float32 activations on CPU)."""
-    from gridserve.layers import decode_gemm
-
-    monkeypatch.setattr(decode_gemm, "FEW_ROWS_MAX", few_rows_max)
-    assert decode_gemm.row_tile(m) == tile and decode_gemm.row_tile(few_rows_max + 1) == 16
-    assert decode_gemm.decode_gemm_config(m, torch.empty(8, 8, dtype=torch.bfloat16)) == decode_gemm.FEW_ROWS_CONFIG
-    for dtype in DECODE_GEMM_DTYPES:
-        test_w8a16_linear_widens_fp8_weights_in_the_kernel(dtype, m, 100, 300, True)
-        test_decode_linear_takes_weights_in_the_activations_dtype(dtype, m, 100, 300, True)
-        for fp8 in (False, True):
-            test_decode_linear_with_a_gated_input_is_silu_and_mul_then_the_product(dtype, fp8, m, 72, 600)
-            test_decode_linear_after_norm_is_rms_norm_then_the_product(dtype, fp8, m, 72, 300, True, True)
-            test_a_norm_split_over_two_gemms_is_the_add_and_rms_norm_between_them(dtype, fp8, fp8, not fp8, m)
-
-
 def test_decode_gemm_tiles_fit_float32_weights():
     from gridserve.layers import decode_gemm
     from gridserve.layers.decode_gemm import DECODE_GEMM_CONFIG, ONE_ROW_CONFIG, decode_gemm_config

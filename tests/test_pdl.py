@@ -63,24 +63,23 @@ def test_a_chain_of_pdl_kernels_in_a_cuda_graph_equals_the_chain_without(pdl_on,
 
 
 
-def test_the_decode_gemms_pdl_variants_compile_for_hopper_with_the_prefetch_before_the_wait():
-    """No GPU needed: scripts/kernel_resources.py compiles the PDL variants (one row, a few rows, tl.dot; bf16 and
-    FP8 weights) for sm_90 with Triton's own ptxas; the weights' L2 prefetch comes before gdc_wait in each, and
-    the default tiles spill no registers. A separate process: this one's kernels may be the interpreter's."""
+def test_the_decode_gemms_pdl_variants_compile_for_hopper_and_spill_nothing():
+    """No GPU needed: scripts/kernel_resources.py compiles the PDL variants (one row, tl.dot; bf16 and FP8 weights)
+    for sm_90 with Triton's own ptxas; each waits for the kernel before (gdc_wait), and the default tiles spill no
+    registers. A separate process: this one's kernels may be the interpreter's."""
     import os
     import subprocess
     import sys
 
     pytest.importorskip("triton")
-    from gridserve.layers.decode_gemm import DECODE_GEMM_CONFIG, FEW_ROWS_CONFIG, ONE_ROW_CONFIG
+    from gridserve.layers.decode_gemm import DECODE_GEMM_CONFIG, ONE_ROW_CONFIG
 
-    tiles = [":".join(map(str, (m, *cfg))) for m, cfg in ((1, ONE_ROW_CONFIG), (4, FEW_ROWS_CONFIG),
-                                                          (16, DECODE_GEMM_CONFIG))]
+    tiles = [":".join(map(str, (m, *cfg))) for m, cfg in ((1, ONE_ROW_CONFIG), (16, DECODE_GEMM_CONFIG))]
     script = os.path.join(os.path.dirname(__file__), "..", "scripts", "kernel_resources.py")
     out = subprocess.run([sys.executable, script, "--pdl", "--tiles", *tiles], capture_output=True, text=True,
                          timeout=300, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split(" | ") for line in out.stdout.splitlines()[1:]]
-    assert len(rows) == 6  # three tiles, bf16 and FP8 weights
-    for tile, weights, *_, spilled, _loads, prefetch_first in rows:
-        assert prefetch_first == "True" and spilled == "0", (tile, weights)
+    assert len(rows) == 4  # two tiles, bf16 and FP8 weights
+    for tile, weights, *_, spilled, _loads, waits in rows:
+        assert waits == "True" and spilled == "0", (tile, weights)

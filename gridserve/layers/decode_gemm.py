@@ -2,8 +2,8 @@
 Triton kernel that reads the weights once with no split of K. Reading the weights is the whole cost there, and
 cuBLAS at one row (and W8A8 FP8) left bandwidth on the table (docs/benchmarks.md).
 
-One row is a dot product per weight row on the CUDA cores; up to FEW_ROWS_MAX rows can take the same path (each
-weight tile multiplied with every row as it loads); more rows run tl.dot on 16-row tiles. The kernel can
+One row is a dot product per weight row on the CUDA cores; 2-16 rows run tl.dot on 16-row tiles (a CUDA-core path
+for 2-8 rows lost to it on an H100: docs/benchmarks.md, the tenth session's lease). The kernel can
 compute its own input as it loads: the SiLU-and-mul before a down projection (`decode_linear(gated=True)`), or the
 residual add and RMSNorm before a projection (`decode_linear_after_norm`). `linear.apply_linear` decides where it
 runs and where it folds. Tested on CPU under TRITON_INTERPRET=1 (tests/test_decode_gemm.py).
@@ -35,19 +35,11 @@ def _gemm_input(X, R, ms, ks, ok, stride_xm, K, GATED: tl.constexpr, HAS_RES: tl
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """Starts each address's 128-byte line on its way into L2 (PTX prefetch); nothing waits for it."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride_xm, stride_wn, stride_ym, eps,
                         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
                         HAS_RES: tl.constexpr, STORE_NORMED: tl.constexpr, SUM_OUT: tl.constexpr,
                         SQ_FROM_P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
-                        PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Y[:, n-tile] = (X @ W[n-tile].T) (* S[n-tile]) (+ B): W in X's dtype, or FP8 widened to it in registers.
     The input is X as _gemm_input reads it; with NORM, then RMSNorm(that) with weight NW (the weight applied as x
     loads, the row's 1/RMS to the sums, so that one pass over x suffices), and the programs of tile 0 store the
@@ -57,17 +49,11 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
     writes the sum of squares of each row of its output tile to P[row, pid] (NP = the grid's programs a row); with
     SQ_FROM_P the next GEMM (NORM, X already that sum) takes each row's sum of squares from its NP partials in P
     instead of summing its own input.
-    BLOCK_M 1 (one row) multiplies on the CUDA cores, a dot product per weight row, and so do 2, 4 and 8 (a few rows);
-    16 (2-16 rows) runs tl.dot.
-    With PDL the program first starts the first PREFETCH_LINES lines of each of its weight rows into L2: the
-    weights depend on no earlier kernel, so they stream while the kernel before finishes, and gdc_wait then waits
-    only for the input."""
+    BLOCK_M 1 (one row) multiplies on the CUDA cores, a dot product per weight row; 16 (2-16 rows) runs tl.dot."""
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     if PDL:  # programmatic dependent launch (gridserve/pdl.py)
-        lines = tl.minimum(tl.arange(0, PREFETCH_LINES) * LINE_ELEMS, K - 1)  # clamped: every address is valid
-        _prefetch_l2(W + tl.minimum(rows, N - 1)[:, None].to(tl.int64) * stride_wn + lines[None, :])
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     ms = tl.arange(0, BLOCK_M)
@@ -90,8 +76,6 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
                     other=0.0)
         if BLOCK_M == 1:  # one row: a dot product per weight row (tl.dot would pad the row to 16)
             acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), 1)[None, :]
-        elif BLOCK_M < 16:  # a few rows: the same on the CUDA cores, the weight tile loaded once for all of them
-            acc += tl.sum(w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :], 2)
         else:
             if HAS_SCALE:
                 w = w.to(tl.float32).to(x.dtype)
@@ -139,28 +123,12 @@ ONE_ROW_TILES: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
     (4096, 14336, 1): (8, 2048, 8, 4), (2048, 4096, 1): (4, 2048, 4, 4)}
 
 
-# Up to this many rows take the CUDA-core path of one row (FEW_ROWS_CONFIG's tiles) instead of tl.dot on 16-row
-# tiles, whose BLOCK_N of 32 leaves a narrow weight (the 8B's o and down: 128 programs) under one wave of the SMs.
-# 0, off, until timed on a GPU (`bench_fp8_gemm.py --few-rows`).
-FEW_ROWS_MAX = 0
-FEW_ROWS_CONFIG = (8, 512, 8, 4)
-
-
-def row_tile(m: int) -> int:
-    """The kernel's BLOCK_M for m rows: 1; a power of two up to FEW_ROWS_MAX (the CUDA-core path); else 16 (tl.dot)."""
-    if m == 1:
-        return 1
-    return triton.next_power_of_2(m) if m <= FEW_ROWS_MAX else DECODE_GEMM_MAX_M
-
-
 def decode_gemm_config(m: int, weight: torch.Tensor) -> tuple[int, int, int, int]:
     """The decode GEMM's tiles for m rows of input. float32 weights take half as wide a K tile, so that the stages
     fit in shared memory."""
     if m == 1:
         n, k = weight.shape
         block_n, block_k, warps, stages = ONE_ROW_TILES.get((n, k, weight.element_size()), ONE_ROW_CONFIG)
-    elif row_tile(m) < DECODE_GEMM_MAX_M:
-        block_n, block_k, warps, stages = FEW_ROWS_CONFIG
     else:
         block_n, block_k, warps, stages = DECODE_GEMM_CONFIG
     return block_n, block_k // max(1, weight.element_size() // 2), warps, stages
@@ -220,18 +188,6 @@ def decode_linear_add_residual(x: torch.Tensor, residual: torch.Tensor, weight: 
     return y, partials
 
 
-PREFETCH_BYTES = 4096  # of each weight row, prefetched before gdc_wait: 32 KB for a program of 8 rows
-
-
-def _prefetch_args(pdl: bool, k: int, element_size: int) -> dict:
-    """The kernel's PREFETCH_LINES (128-byte lines of each weight row a PDL program prefetches; a power of two for
-    tl.arange) and LINE_ELEMS (elements a line). Without PDL both are 1: no compiled variant per K."""
-    if not pdl:
-        return {"PREFETCH_LINES": 1, "LINE_ELEMS": 1}
-    lines = triton.next_power_of_2(max(1, min(PREFETCH_BYTES, k * element_size) // 128))
-    return {"PREFETCH_LINES": lines, "LINE_ELEMS": 128 // element_size}
-
-
 def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
                  bias: torch.Tensor | None, config: tuple[int, int, int, int] | None, gated: bool = False,
                  norm: tuple | None = None, sum_out: tuple | None = None,
@@ -254,14 +210,13 @@ def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages = config or decode_gemm_config(m, weight)
     num_partials = 0 if partials is None else partials.shape[-1]  # a row's
-    pdl = pdl_args(x.device)
     if m:
         _decode_gemm_kernel[(triton.cdiv(n, block_n),)](
             x, residual, residual_out, norm_weight, normed, weight, weight_scale, bias, y, residual_y, partials, m, n,
             k, num_partials, x.stride(0), weight.stride(0), y.stride(0), eps, HAS_SCALE=weight_scale is not None,
             HAS_BIAS=bias is not None, GATED=gated, NORM=norm is not None, HAS_RES=residual is not None,
             STORE_NORMED=normed is not None, SUM_OUT=sum_out is not None, SQ_FROM_P=sum_sq_partials is not None,
-            BLOCK_P=triton.next_power_of_2(max(num_partials, 1)), BLOCK_M=row_tile(m),
+            BLOCK_P=triton.next_power_of_2(max(num_partials, 1)), BLOCK_M=1 if m == 1 else DECODE_GEMM_MAX_M,
             BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            **_prefetch_args(pdl["PDL"], k, weight.element_size()), num_warps=warps, num_stages=stages, **pdl)
+            num_warps=warps, num_stages=stages, **pdl_args(x.device))
     return y
