@@ -79,25 +79,29 @@ def test_split_counts_and_huge_poison(num_kv_splits, merge_in_stage1):
     torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_a_long_grid_splits_only_long_contexts_finely():
-    """64 splits in the grid: a context of up to 16 x MIN_SPLIT_LEN keys still uses at most 16 (the rest are empty
-    and skipped), a longer one all 64; a workspace for 4 requests x 16 splits holds 1 request x 64."""
+@pytest.mark.parametrize("merge_in_stage1", [True, False])
+def test_a_long_grid_splits_only_long_contexts_finely(merge_in_stage1):
+    """64 splits in the grid: a context of up to 16 x MIN_SPLIT_LEN keys still uses at most 16, none shorter than a
+    block (so 300 keys take 5 splits of 64, 3 keys one), a longer one splits of MIN_SPLIT_LEN (19 for 4,796 keys)
+    up to all 64; the unused splits' programs leave without writing to the workspace. A workspace for 4 requests x
+    16 splits holds 1 request x 64."""
     from gridserve.attention.triton_ops.decode_attention import MIN_SPLIT_LEN
 
     lens = [3, 300, 16 * MIN_SPLIT_LEN + 700, 64 * MIN_SPLIT_LEN + 100]
     q, k, v, r2t, rpi, sl = make_case(lens, 4, 2, 32, torch.float32, seed=5)
     ws = DecodeWorkspace.allocate(max_bs=4, num_heads=4, head_dim_v=32, device=DEVICE)
     assert ws.max_splits(1) == 64 and ws.max_splits(3) == 21
-    ws.attn_out.fill_(float("nan"))
-    for i in range(len(lens)):  # one request at a time, as batch 1 runs
+    for i, want_used in enumerate([1, 5, 19, 64]):  # one request at a time, as batch 1 runs
+        ws.attn_out.fill_(float("nan"))
+        ws.attn_lse.fill_(float("nan"))
         one = slice(i, i + 1)
-        out = decode_attention(q[one], k, v, r2t, rpi[one], sl[one], 0.125, num_kv_splits=64, workspace=ws)
+        out = decode_attention(q[one], k, v, r2t, rpi[one], sl[one], 0.125, num_kv_splits=64, workspace=ws,
+                               block_n=64, merge_in_stage1=merge_in_stage1)
         torch.testing.assert_close(out.cpu(), reference(q[one], k, v, r2t, rpi[one], sl[one], 0.125),
                                    atol=1e-4, rtol=1e-4)
         assert not ws.counters.any()
-        used = torch.isfinite(ws.views(1, 64)[1][0, 0]).sum().item()
-        assert used == min(64, -(-lens[i] // max(-(-lens[i] // 64), min(MIN_SPLIT_LEN, -(-lens[i] // 16)))))
-    assert used == 64
+        lse = ws.views(1, 64)[1][0]
+        assert torch.isfinite(lse[:, :want_used]).all() and lse[:, want_used:].isnan().all(), lens[i]
 
 
 def test_fp16_and_workspace_reuse():

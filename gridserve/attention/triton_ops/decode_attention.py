@@ -4,12 +4,13 @@ Stage 1, grid (B, num_kv_heads, num_kv_splits): a program owns one KV head of on
 KV length. It handles every query head of that KV head's GQA group at once (the group is padded to a power of
 two >= 16 so scores come from ``tl.dot``), walks its split in BLOCK_N blocks of KV slots read from
 ``req_to_token``, loads each K/V row once, and keeps an online softmax (running max and sum in fp32). It writes
-the normalised partial output and its log-sum-exp to fp32 scratch; an empty split writes lse = -inf.
+the normalised partial output and its log-sum-exp to fp32 scratch. The grid has splits for a long context; a
+short one uses the first few (none shorter than a block), and the programs of the others leave at once.
 
 The merge weighs the splits of one (request, head) by their LSEs into the output, in the output's dtype (no
 split with keys, as for a padded row of seq_len 0: zeros). By default stage 1 does it itself: after its stores
-every program adds 1 to a per-(request, KV head) counter in the workspace (an acq_rel atomic at GPU scope), and
-the one whose add is the NUM_SPLITS-th, the last, merges that KV head's group (reading the partials from L2) and
+every program of a used split adds 1 to a per-(request, KV head) counter in the workspace (an acq_rel atomic at
+GPU scope), and the one whose add is the last, merges that KV head's group (reading the partials from L2) and
 sets the counter back to 0 for the next call or CUDA-graph replay. This saves the second launch: in a CUDA graph
 on an H100, 0.5-1 us of a batch-1 call's 7-20 us, and 2-4% at batch 64 (scripts/bench_decode_kernel.py), in every
 layer of a decode step. Stage 2, grid (B, num_heads), runs the same merge as a kernel of its own
@@ -33,10 +34,21 @@ from gridserve.pdl import launch_args as pdl_args
 
 
 @triton.jit
-def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BASE_SPLITS: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr):
+def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BASE_SPLITS: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     # BASE_SPLITS splits up to BASE_SPLITS * MIN_SPLIT_LEN keys; beyond, up to NUM_SPLITS of at least
-    # MIN_SPLIT_LEN: a short context is not cut into many tiny splits when the grid has room for a long one
-    return tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), tl.minimum(MIN_SPLIT_LEN, tl.cdiv(seq_len, BASE_SPLITS)))
+    # MIN_SPLIT_LEN: a short context is not cut into many tiny splits when the grid has room for a long one. No
+    # split is shorter than a block (BLOCK_N keys) either: a program walks at least one block anyway, and fewer
+    # splits leave less to merge and fewer programs to wait for.
+    return tl.maximum(tl.cdiv(seq_len, NUM_SPLITS),
+                      tl.minimum(MIN_SPLIT_LEN, tl.maximum(tl.cdiv(seq_len, BASE_SPLITS), BLOCK_N)))
+
+
+@triton.jit
+def _used_splits(seq_len, NUM_SPLITS: tl.constexpr, BASE_SPLITS: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """The splits that hold keys: the first n of the grid's NUM_SPLITS (0 for an empty row)."""
+    return tl.cdiv(seq_len, _split_len(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N))
 
 
 @triton.jit
@@ -48,6 +60,7 @@ def _merge_splits(
     NUM_SPLITS: tl.constexpr,
     BASE_SPLITS: tl.constexpr,
     MIN_SPLIT_LEN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_G: tl.constexpr,
     CHUNK_S: tl.constexpr,
@@ -57,7 +70,7 @@ def _merge_splits(
     """Weighs the splits of each head by their LSEs. Only the first n splits have keys (stage 1 wrote their
     partial outputs and finite LSEs), so LSEs and partials load together, CHUNK_S splits of every head at a time,
     and the chunks merge as an online softmax does; no split with keys (seq_len 0): zeros."""
-    n = tl.cdiv(seq_len, tl.maximum(_split_len(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN), 1))  # 0 if empty
+    n = _used_splits(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_dv = offs_dv < HEAD_DIM_V
     m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
@@ -150,8 +163,13 @@ def _decode_stage1(
     split = tl.program_id(2)
 
     seq_len = tl.load(SeqLens + b).to(tl.int32)
+    # The grid has splits for the longest context; a shorter one's splits past those with keys leave at once, so
+    # the merge waits for fewer arrivals. At least split 0 stays: an empty row (seq_len 0) still merges, to zeros.
+    used = tl.maximum(_used_splits(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N), 1)
+    if split >= used:
+        return
     req = tl.load(ReqPoolIdx + b).to(tl.int64)
-    split_len = _split_len(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN)
+    split_len = _split_len(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -221,19 +239,19 @@ def _decode_stage1(
     tl.store(AttnLse + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
 
     if MERGE:
-        # Every program of the grid, empty split or not, arrives once; the one that sees NUM_SPLITS - 1 earlier
-        # arrivals merges. The barrier makes all threads' stores precede the arrival, which releases them at GPU
-        # scope; the arrival's acquire and the L2 (.cg) loads after it make the others' partials visible.
+        # Every program still here arrives once; the one that sees `used` - 1 earlier arrivals merges. The barrier
+        # makes all threads' stores precede the arrival, which releases them at GPU scope; the arrival's acquire
+        # and the L2 (.cg) loads after it make the others' partials visible.
         tl.debug_barrier()
         counter = Counters + b * stride_cb + kvh
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == used - 1:
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # no program of this call uses it any more
             g = tl.arange(0, BLOCK_G)  # BLOCK_H pads the group to 16 for tl.dot; the merge needs no padding
             b64 = b.to(tl.int64)
             _merge_splits(AttnOut + b64 * stride_ob, AttnLse + b64 * stride_lb, Out + b64 * stride_outb,
                           kvh * GROUP + g, g < GROUP, seq_len, stride_oh, stride_os, stride_lh,
-                          stride_outh, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, HEAD_DIM_V, BLOCK_G, CHUNK_S,
-                          BLOCK_DV, ".cg")
+                          stride_outh, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N, HEAD_DIM_V, BLOCK_G,
+                          CHUNK_S, BLOCK_DV, ".cg")
 
 
 @triton.jit(do_not_specialize_on_alignment=["SeqLens"])
@@ -245,6 +263,7 @@ def _decode_stage2(
     NUM_SPLITS: tl.constexpr,
     BASE_SPLITS: tl.constexpr,
     MIN_SPLIT_LEN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     CHUNK_S: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -257,7 +276,7 @@ def _decode_stage2(
     h = tl.program_id(1)
     _merge_splits(AttnOut + b * stride_ob, AttnLse + b * stride_lb, Out + b * stride_outb,
                   h + tl.arange(0, 1), tl.full([1], True, tl.int1), tl.load(SeqLens + b).to(tl.int32),
-                  stride_oh, stride_os, stride_lh, stride_outh, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN,
+                  stride_oh, stride_os, stride_lh, stride_outh, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N,
                   HEAD_DIM_V, 1, CHUNK_S, BLOCK_DV, "")
 
 
@@ -448,7 +467,7 @@ def decode_attention(
         attn_lse.stride(0), attn_lse.stride(1),
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_kv_splits, BASE_SPLITS=min(num_kv_splits, MAX_KV_SPLITS), MIN_SPLIT_LEN=MIN_SPLIT_LEN,
-        HEAD_DIM_V=head_dim_v, CHUNK_S=_merge_chunk(1, block_s, sh.block_dv), BLOCK_DV=sh.block_dv,
+        BLOCK_N=block_n, HEAD_DIM_V=head_dim_v, CHUNK_S=_merge_chunk(1, block_s, sh.block_dv), BLOCK_DV=sh.block_dv,
         **pdl_args(q.device),
     )
     return out
