@@ -147,9 +147,12 @@ def profile_offline(sched: Scheduler, a: argparse.Namespace) -> None:
         print(f"  <= {bs:4d}: {len(v):5d} {sum(v) / len(v):7.3f}")
     ref = spans[0][2]
     timeline = [(label, ref.elapsed_time(s), ref.elapsed_time(e)) for label, _, s, e in spans]
-    print("device time outside the forwards and sampling, by the spans around it: count, total s, largest ms")
+    print("device time outside the forwards and sampling, by the spans around it: count, total s, median / p90 / "
+          "largest ms, and the largest one's index among them (its decode step for the busiest key)")
     for key, v in sorted(gaps_between(timeline).items(), key=lambda kv: -sum(kv[1])):
-        print(f"  {key:36s} {len(v):6d} {sum(v) / 1e3:7.3f} {max(v):8.2f}")
+        ranked = sorted(v)
+        print(f"  {key:36s} {len(v):6d} {sum(v) / 1e3:7.3f} {ranked[len(v) // 2]:7.3f} {ranked[9 * len(v) // 10]:7.3f}"
+              f" {ranked[-1]:8.2f}  #{v.index(ranked[-1])}")
     runner.forward, runner.sample = forward, sample
     if a.kernels:
         from torch.profiler import ProfilerActivity, profile

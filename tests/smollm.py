@@ -1,5 +1,6 @@
 """Shared fixtures' helpers for tests on the embedded SmolLM2-135M-Instruct GGUF."""
 
+import functools
 import os
 
 import torch
@@ -15,9 +16,10 @@ QUESTIONS = [
     "Say hello in Spanish.",
     "What is 12 times 12?",
 ]
-MAX_NEW = 20
+MAX_NEW = 12  # enough to stop some prompts early and run others to the limit; each token is CI time
 
 
+@functools.cache  # transformers takes ~15 s to dequantize the GGUF on CI's cores: once a session (read-only)
 def load_hf_model():
     path = default_model_path()
     return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),

