@@ -9,12 +9,12 @@ reuse). GB/s counts the weights' bytes.
 --sweep first times decode_linear's tile settings for 2-16 rows (tl.dot) at batch 16 on the first model's shapes,
 for FP8 and for bf16 weights, and uses the fastest of each above batch 1 (batch 1 takes decode_gemm_config's
 tiles). --sweep-shapes times the one-row tiles on every shape alone (bf16) against decode_gemm_config's pick and
-cuBLAS. --fused instead times, at
-batch 1 in bf16, each projection with the work before it (the residual add + RMSNorm then qkv or gate/up; the
-SiLU-and-mul then down) as separate kernels (rms_norm or silu_and_mul, then cuBLAS) against the one decode GEMM
-that does both. --few-rows times, at 4 rows (2-16 rows share the tl.dot path's 16-row tiles) and on every shape,
-that path's tiles (BLOCK_N, BLOCK_K, warps, stages) against its default, for bf16 and FP8 weights, with cuBLAS
-and the same shape at one row for scale."""
+cuBLAS. --fused instead times, in bf16 at each of --batches, each projection with the work before it (the residual
+add + RMSNorm then qkv or gate/up; the SiLU-and-mul then down) as separate kernels (rms_norm or silu_and_mul, then
+the product as linear.apply_linear picks it) against the one decode GEMM that does both: the model folds only at
+one row, and this shows whether the fold would pay at more. --few-rows times, at 4 rows (2-16 rows share the
+tl.dot path's 16-row tiles) and on every shape, that path's tiles (BLOCK_N, BLOCK_K, warps, stages) against its
+default, for bf16 and FP8 weights, with cuBLAS and the same shape at one row for scale."""
 
 import argparse
 import itertools
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from gpu_timing import time_ms
 
 from gridserve.layers import decode_gemm, fused_ops
+from gridserve.layers.linear import apply_linear
 from gridserve.layers.quantization import quantize_per_channel, quantize_per_token
 
 # (rows, columns) of each linear layer at tp 1
@@ -70,20 +71,22 @@ def time_shape(x: torch.Tensor, bf16: list, fp8: list, cfg16: tuple, cfg8: tuple
 
 
 def _fused_pair(name: str, ws: list, x: torch.Tensor, res: torch.Tensor, norm_w: torch.Tensor) -> tuple:
-    """(separate kernels, one decode GEMM) over the weight copies ws for projection `name`."""
+    """(separate kernels, one decode GEMM) over the weight copies ws for projection `name`, at x's rows. The
+    separate path is the norm or the SiLU-and-mul kernel, then the product as linear.apply_linear picks it."""
     if name == "down":
-        a = torch.randn(1, 2 * ws[0].shape[1], device=x.device, dtype=x.dtype)
-        return (lambda: [F.linear(fused_ops.silu_and_mul(a), w) for w in ws],
+        a = torch.randn(x.shape[0], 2 * ws[0].shape[1], device=x.device, dtype=x.dtype)
+        return (lambda: [apply_linear(fused_ops.silu_and_mul(a), w) for w in ws],
                 lambda: [decode_gemm.decode_linear(a, w, gated=True) for w in ws])
-    return (lambda: [F.linear(fused_ops.rms_norm(x, norm_w, 1e-6, res)[0], w) for w in ws],
+    return (lambda: [apply_linear(fused_ops.rms_norm(x, norm_w, 1e-6, res)[0], w) for w in ws],
             lambda: [decode_gemm.decode_linear_after_norm(x, res, norm_w, 1e-6, w) for w in ws])
 
 
-def time_fused(model: str, layers: int, dev: str = "cuda") -> None:
-    """Microseconds per layer copy of each projection with its preceding work, unfused against fused."""
+def time_fused(model: str, layers: int, rows: int, dev: str = "cuda") -> None:
+    """Microseconds per layer copy of each projection with its preceding work, unfused against fused, at `rows`
+    rows (where the model folds the work only at one row: whether the fold would pay at more)."""
     shapes = SHAPES[model]
     hidden = shapes["qkv"][1]
-    x, res = (torch.randn(1, hidden, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    x, res = (torch.randn(rows, hidden, device=dev, dtype=torch.bfloat16) for _ in range(2))
     norm_w = torch.rand(hidden, device=dev, dtype=torch.bfloat16) + 0.5
     for name in ("qkv", "gate_up", "down"):
         if name not in shapes:
@@ -91,7 +94,7 @@ def time_fused(model: str, layers: int, dev: str = "cuda") -> None:
         ws = [torch.randn(shapes[name], device=dev, dtype=torch.bfloat16) / 64 for _ in range(layers)]
         tu, tf = (graph_us(fn) / layers for fn in _fused_pair(name, ws, x, res, norm_w))
         work = "SiLU-and-mul + " if name == "down" else "add + RMSNorm + "
-        print(f"{model} | {work}{name} | {tu:.1f} | {tf:.1f} | {tu - tf:+.1f}", flush=True)
+        print(f"{model} | {rows} | {work}{name} | {tu:.1f} | {tf:.1f} | {tu - tf:+.1f}", flush=True)
 
 
 def time_few_rows(models: list, layers: int, m: int = 4, dev: str = "cuda") -> None:
@@ -145,9 +148,9 @@ def main() -> None:
         time_few_rows(models, a.layers)
         return
     if a.fused:
-        print("model | work | separate kernels us | one decode GEMM us | saved us")
-        for model in models:
-            time_fused(model, a.layers)
+        print("model | rows | work | separate kernels us | one decode GEMM us | saved us")
+        for model, rows in itertools.product(models, map(int, a.batches.split(","))):
+            time_fused(model, a.layers, rows)
         return
 
     def xs(m, shapes):

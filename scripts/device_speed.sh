@@ -171,8 +171,9 @@ fi
 if has rope; then  # the prefill's rotary kernels (q/k norm + rotary; rotary) on an 8,192-token chunk
   python3 scripts/bench_rope_kernel.py 2>&1 | grep -v Warning | tee $OUT/rope_kernel.txt
 fi
-if has fusedgemm; then  # issue 20: the decode GEMM with the norm or the SiLU-and-mul folded in, against both apart
-  python3 scripts/bench_fp8_gemm.py --fused 2>&1 | grep -v Warning | tee $OUT/fused_gemm.txt
+if has fusedgemm; then  # issue 20: the decode GEMM with the norm or the SiLU-and-mul folded in, against both apart,
+  # at 1, 2, 4 and 8 rows (the model folds at one row only: would it pay at serving's few rows?)
+  python3 scripts/bench_fp8_gemm.py --fused --batches 1,2,4,8 2>&1 | grep -v Warning | tee $OUT/fused_gemm.txt
 fi
 if has gemmtiles; then  # the one-row decode GEMM's tiles shape by shape, against the default and cuBLAS (~150 s)
   python3 scripts/bench_fp8_gemm.py --sweep-shapes 2>&1 | grep -v Warning | tee $OUT/gemm_tiles_per_shape.txt
