@@ -37,13 +37,6 @@ def one(model_args):
 
 
 @pytest.fixture(scope="module")
-def embedded_one():
-    server = ServerProcess()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def round_robin():
     """Two replicas of the embedded model (a real vocabulary: the shared-prefix benchmark draws ids up to 10k)."""
     server = ServerProcess("--dp", "2", "--load-balance-method", "round_robin")
@@ -76,11 +69,10 @@ def _received(server: ServerProcess) -> list[int]:
 SEEDED = dict(temperature=0.9, top_p=0.95, seed=11)
 
 
-def test_dp2_equals_one_replica_and_round_robin_alternates(embedded_one, round_robin):
-    want = _complete_all(embedded_one, PROMPTS, temperature=0)
+def test_dp2_equals_one_replica_and_round_robin_alternates(embedded_server, round_robin):
+    want = _complete_all(embedded_server, PROMPTS, temperature=0)
     assert _complete_all(round_robin, PROMPTS, temperature=0) == want
-    assert _complete_all(round_robin, PROMPTS[:4], **SEEDED) == _complete_all(embedded_one, PROMPTS[:4], **SEEDED)
-    embedded_one.stop()  # no longer needed: one fewer server on the CPU
+    assert _complete_all(round_robin, PROMPTS[:4], **SEEDED) == _complete_all(embedded_server, PROMPTS[:4], **SEEDED)
     states = _states(round_robin)
     assert [s["dp_rank"] for s in states] == [0, 1]
     assert [s["num_received"] for s in states] == [6, 6]  # 12 requests, concurrent or not

@@ -94,13 +94,9 @@ def _ends_naming_node1(node0: ServerProcess, within: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def embedded_want() -> list[str]:
+def embedded_want(embedded_server) -> list[str]:
     """The embedded model's greedy completions of PROMPTS on one node."""
-    one = ServerProcess()
-    try:
-        return _complete_all_one_node(one, PROMPTS)
-    finally:
-        one.stop()
+    return _complete_all_one_node(embedded_server, PROMPTS)
 
 
 def test_pp2_across_two_nodes_then_node0_is_killed(embedded_want):

@@ -34,10 +34,9 @@ def _pp_state(server: ServerProcess) -> dict:
 
 
 @pytest.fixture(scope="module")
-def embedded():
-    one, two = ServerProcess(), ServerProcess("--pp", "2")
-    yield one, two
-    one.stop()
+def embedded(embedded_server):
+    two = ServerProcess("--pp", "2")
+    yield embedded_server, two
     two.stop()
 
 

@@ -17,10 +17,9 @@ MESSAGES = [{"role": "user", "content": "Give me two facts about the moon."}]
 
 
 @pytest.fixture(scope="module")
-def servers():
-    tp1, tp3 = ServerProcess(), ServerProcess("--tp", "3")
-    yield tp1, tp3
-    tp1.stop()
+def servers(embedded_server):
+    tp3 = ServerProcess("--tp", "3")
+    yield embedded_server, tp3
     tp3.stop()
 
 
