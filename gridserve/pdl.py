@@ -16,8 +16,8 @@ Off unless `--enable-pdl` (the model runner calls `set_enabled`); never under TR
 and is launched with `**pdl.launch_args(device)`. On an H100 it bought nothing on the 0.6B and cost 0.07-0.2 ms a
 step on the 8B and 30B-A3B shapes, also with the decode GEMM prefetching its weights into L2 before `gdc_wait`
 (docs/benchmarks.md): programs waiting early hold SM slots the kernel before still needs. This module imports no
-Triton: importing Triton before a test
-sets TRITON_INTERPRET would leave the kernels unable to run on the interpreter.
+Triton: importing Triton before a test sets TRITON_INTERPRET would leave the kernels unable to run on the
+interpreter.
 """
 
 import functools

@@ -62,7 +62,6 @@ def test_a_chain_of_pdl_kernels_in_a_cuda_graph_equals_the_chain_without(pdl_on,
         torch.testing.assert_close(out, want[i - 1], rtol=0, atol=0)
 
 
-
 def test_the_decode_gemms_pdl_variants_compile_for_hopper_and_spill_nothing():
     """No GPU needed: scripts/kernel_resources.py compiles the PDL variants (one row, tl.dot; bf16 and FP8 weights)
     for sm_90 with Triton's own ptxas; each waits for the kernel before (gdc_wait), and the default tiles spill no

@@ -165,11 +165,11 @@ def _decode_stage1(
     seq_len = tl.load(SeqLens + b).to(tl.int32)
     # The grid has splits for the longest context; a shorter one's splits past those with keys leave at once, so
     # the merge waits for fewer arrivals. At least split 0 stays: an empty row (seq_len 0) still merges, to zeros.
-    used = tl.maximum(_used_splits(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N), 1)
+    split_len = _split_len(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N)
+    used = tl.maximum(tl.cdiv(seq_len, split_len), 1)  # _used_splits, at least 1
     if split >= used:
         return
     req = tl.load(ReqPoolIdx + b).to(tl.int64)
-    split_len = _split_len(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
