@@ -121,23 +121,16 @@ ONE_ROW_CONFIG = (8, 1024, 8, 4)
 ONE_ROW_TILES: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
     (6144, 4096, 1): (8, 1024, 4, 4), (4096, 4096, 1): (8, 2048, 8, 4), (28672, 4096, 1): (4, 2048, 4, 4),
     (4096, 14336, 1): (8, 2048, 8, 4), (2048, 4096, 1): (4, 2048, 4, 4)}
-# The same for 2-16 rows (tl.dot on 16-row tiles, so the tiles that win at 4 rows win at all of them), where
-# `bench_fp8_gemm.py --few-rows` found tiles 1 us or more faster than DECODE_GEMM_CONFIG (H100, 2026-12-06): the 8B's
-# bf16 qkv 22.5 -> 19.8 us and gate_up 80.7 -> 78.5 (fewer waves of programs on the 132 SMs), its FP8 gate_up
-# 48.6 -> 42.8, the 30B-A3B's bf16 o 10.4 -> 9.4
-FEW_ROWS_TILES: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
-    (6144, 4096, 2): (64, 256, 4, 3), (28672, 4096, 2): (32, 128, 4, 3), (28672, 4096, 1): (32, 128, 4, 3),
-    (2048, 4096, 2): (16, 512, 4, 4)}
 
 
 def decode_gemm_config(m: int, weight: torch.Tensor) -> tuple[int, int, int, int]:
-    """The decode GEMM's tiles for m rows of input: the weight shape's entry in ONE_ROW_TILES or FEW_ROWS_TILES, else
-    the default. float32 weights take half as wide a K tile, so that the stages fit in shared memory."""
-    key = (*weight.shape, weight.element_size())
+    """The decode GEMM's tiles for m rows of input. float32 weights take half as wide a K tile, so that the stages
+    fit in shared memory."""
     if m == 1:
-        block_n, block_k, warps, stages = ONE_ROW_TILES.get(key, ONE_ROW_CONFIG)
+        n, k = weight.shape
+        block_n, block_k, warps, stages = ONE_ROW_TILES.get((n, k, weight.element_size()), ONE_ROW_CONFIG)
     else:
-        block_n, block_k, warps, stages = FEW_ROWS_TILES.get(key, DECODE_GEMM_CONFIG)
+        block_n, block_k, warps, stages = DECODE_GEMM_CONFIG
     return block_n, block_k // max(1, weight.element_size() // 2), warps, stages
 
 
