@@ -8,7 +8,6 @@ process dies, after a short grace period in which /health (or the Health RPC) re
 import argparse
 import asyncio
 import contextlib
-import gc
 import importlib
 import logging
 import signal
@@ -18,7 +17,7 @@ import time
 
 from gridserve import preflight
 from gridserve.launch import ChildFailedError, launch_subprocesses
-from gridserve.process_utils import in_main_thread
+from gridserve.process_utils import freeze_startup_objects, in_main_thread
 from gridserve.server_args import ServerArgs
 
 logger = logging.getLogger("gridserve")
@@ -32,14 +31,6 @@ def _announce_ready(started: float, is_ready) -> None:
         logger.info("server ready in %.1f s", time.perf_counter() - started)
 
     threading.Thread(target=watch, daemon=True).start()
-
-
-def _freeze_startup_objects() -> None:
-    """Everything imported and built at start-up (torch, the HTTP stack, the tokenizer) lives as long as the process:
-    frozen, the collector never walks it again, neither in the full collections while serving nor in the final one
-    at exit, which otherwise takes a second, and over ten on a busy CPU, after the deployment has stopped. (No
-    collection first: it would cost a third of a second of start-up to free a handful of objects.)"""
-    gc.freeze()
 
 
 def _exit_code(failed: list[str]) -> int:
@@ -79,7 +70,7 @@ def launch_server(args: ServerArgs) -> int:
                                        log_level=(args.log_level_http or args.log_level).lower(),
                                        timeout_graceful_shutdown=3))
         _announce_ready(started, lambda: server.started)
-        _freeze_startup_objects()
+        freeze_startup_objects()
         with _signals_survived():
             server.run()
     finally:
@@ -107,7 +98,7 @@ def serve_grpc(args: ServerArgs) -> int:
     failed: list[str] = []
     deployment = launch_subprocesses(args, lambda reason: failed.append(reason))
 
-    _freeze_startup_objects()
+    freeze_startup_objects()
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
@@ -153,7 +144,7 @@ def serve_node(args: ServerArgs) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    _freeze_startup_objects()
+    freeze_startup_objects()
     logger.info("node %d ready in %.1f s: /health on %s:%d", args.node_rank, time.perf_counter() - started,
                 args.host, args.port)
     try:

@@ -52,7 +52,7 @@ class DataParallelController:
 def run_data_parallel_controller_process(args, port_args, pipe_writer) -> None:
     """The process body: requests and load reports in on one socket, requests out to the replicas."""
     from gridserve.ipc import Channel
-    from gridserve.process_utils import init_child_process, parent_alive
+    from gridserve.process_utils import freeze_startup_objects, init_child_process, parent_alive
 
     parent = init_child_process("dp_controller", args.log_level)
     try:
@@ -71,6 +71,7 @@ def run_data_parallel_controller_process(args, port_args, pipe_writer) -> None:
     logger.info("routing requests over %d replicas (%s)", args.dp_size, args.load_balance_method)
     pipe_writer.send({"status": "ready"})
     pipe_writer.close()
+    freeze_startup_objects()
     while parent_alive(parent):
         for msg in pull.recv_all(100):
             controller.handle(msg)

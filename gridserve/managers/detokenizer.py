@@ -104,7 +104,7 @@ def run_detokenizer_process(args, port_args, model_path: str, pipe_writer) -> No
     import zmq
 
     from gridserve.ipc import Channel
-    from gridserve.process_utils import init_child_process, parent_alive
+    from gridserve.process_utils import freeze_startup_objects, init_child_process, parent_alive
     from gridserve.tokenizer import get_decoder
 
     parent = init_child_process("detokenizer", args.log_level)
@@ -119,6 +119,7 @@ def run_detokenizer_process(args, port_args, model_path: str, pipe_writer) -> No
         sys.exit(1)
     pipe_writer.send({"status": "ready"})
     pipe_writer.close()
+    freeze_startup_objects()
     while parent_alive(parent):
         for msg in pull.recv_all(100):
             if isinstance(msg, BatchTokenIDOutput):

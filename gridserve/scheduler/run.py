@@ -15,7 +15,7 @@ from gridserve.distributed.ranks import RankInfo
 from gridserve.ipc import Channel, PortArgs, interface_of
 from gridserve.model_executor.model_runner import resolve_device
 from gridserve.model_loader.loader import load_model_config, resolve_model_path
-from gridserve.process_utils import PEER_GONE_EXIT, init_child_process, parent_alive
+from gridserve.process_utils import PEER_GONE_EXIT, freeze_startup_objects, init_child_process, parent_alive
 from gridserve.scheduler.scheduler import Scheduler
 from gridserve.server_args import ServerArgs
 from gridserve.tokenizer import get_decoder
@@ -54,6 +54,7 @@ def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo,
         pipe_writer.send({"status": "error", "message": traceback.format_exc()})
         sys.exit(1)
     scheduler.progress = progress
+    freeze_startup_objects()
     pipe_writer.send(scheduler.scheduler_info)
     pipe_writer.close()
     try:
