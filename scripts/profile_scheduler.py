@@ -19,6 +19,7 @@ import torch
 from gridserve.bench.offline import make_workload
 from gridserve.messages import TokenizedGenerateReq
 from gridserve.model_loader.loader import load_model_config, resolve_model_path
+from gridserve.process_utils import freeze_startup_objects
 from gridserve.sampling.sampling_params import SamplingParams
 from gridserve.scheduler.scheduler import Scheduler
 from gridserve.server_args import ServerArgs
@@ -41,6 +42,7 @@ def main() -> None:
     path = resolve_model_path(args.model_path)
     sent = []
     sched = Scheduler(args, path, load_model_config(path), None, lambda block: [], sent.append)
+    freeze_startup_objects()  # as a scheduler process does (scheduler/run.py)
 
     def requests(tag: str) -> list:
         g = torch.Generator().manual_seed(zlib.crc32(tag.encode()))  # new prompts each run: no cache hits
