@@ -13,18 +13,20 @@ cuBLAS. --fused instead times, in bf16 at each of --batches, each projection wit
 add + RMSNorm then qkv or gate/up; the SiLU-and-mul then down) as separate kernels (rms_norm or silu_and_mul, then
 the product as linear.apply_linear picks it) against the one decode GEMM that does both: the model folds only at
 one row, and this shows whether the fold would pay at more. --few-rows times, at 4 rows (2-16 rows share the
-tl.dot path's 16-row tiles) and on every shape, that path's tiles (BLOCK_N, BLOCK_K, warps, stages) against its
+tl.dot path's 16-row tiles) and on every shape, called as the model calls it (with the split norm's halves where
+it splits), that path's tiles (BLOCK_N, BLOCK_K, warps, stages) against its
 default, for bf16 and FP8 weights, with cuBLAS and the same shape at one row for scale."""
 
 import argparse
 import itertools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from gpu_timing import time_ms
 
 from gridserve.layers import decode_gemm, fused_ops
-from gridserve.layers.linear import apply_linear
+from gridserve.layers.linear import NORM_FOLD_MAX_K, apply_linear
 from gridserve.layers.quantization import quantize_per_channel, quantize_per_token
 
 # (rows, columns) of each linear layer at tp 1
@@ -97,9 +99,27 @@ def time_fused(model: str, layers: int, rows: int, dev: str = "cuda") -> None:
         print(f"{model} | {rows} | {work}{name} | {tu:.1f} | {tf:.1f} | {tu - tf:+.1f}", flush=True)
 
 
+def _as_the_model_runs(name: str, shape: tuple, x: torch.Tensor) -> Callable:
+    """The decode GEMM call that the model makes for projection `name` at x's rows: where the RMSNorm splits over
+    two GEMMs (rows wider than NORM_FOLD_MAX_K), o and down add the residual and sum squares
+    (decode_linear_add_residual), and qkv and gate_up finish the norm from those sums; else the plain product."""
+    n, k = shape
+    if name in ("o", "down") and n > NORM_FOLD_MAX_K:
+        res = torch.randn(x.shape[0], n, device=x.device, dtype=x.dtype)
+        return lambda *w, **kw: decode_gemm.decode_linear_add_residual(x, res, *w, **kw)
+    if name in ("qkv", "gate_up") and k > NORM_FOLD_MAX_K:
+        norm_w = torch.rand(k, device=x.device, dtype=x.dtype) + 0.5
+        default_n = decode_gemm.DECODE_GEMM_CONFIG[0]  # the producer's tiles: its partial sums per row
+        sums = torch.rand(x.shape[0], (k + default_n - 1) // default_n, device=x.device) * k
+        return lambda *w, **kw: decode_gemm.decode_linear_after_norm(x, None, norm_w, 1e-6, *w,
+                                                                     sum_sq_partials=sums, **kw)
+    return lambda *w, **kw: decode_gemm.decode_linear(x, *w, **kw)
+
+
 def time_few_rows(models: list, layers: int, m: int = 4, dev: str = "cuda") -> None:
-    """decode_linear at m rows (tl.dot on 16-row tiles) over a grid of tiles against its default
-    (DECODE_GEMM_CONFIG); us per weight copy, with cuBLAS and one row's time for scale."""
+    """The decode GEMM at m rows (tl.dot on 16-row tiles), called as the model calls it (_as_the_model_runs), over
+    a grid of tiles against its default (DECODE_GEMM_CONFIG); us per weight copy, with cuBLAS and one row's plain
+    product for scale."""
     grid = list(itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4)))
     print(f"model | shape | weights | cuBLAS bf16, {m} rows | one row | default tiles | best (tiles)")
     ranks: dict[tuple, list[float]] = {}
@@ -112,12 +132,12 @@ def time_few_rows(models: list, layers: int, m: int = 4, dev: str = "cuda") -> N
                 ws = [quantize_per_channel(w) for w in w16] if fp8 else [(w,) for w in w16]
                 one = x[:1].clone()
                 t_one = graph_us(lambda ws=ws, one=one: [decode_gemm.decode_linear(one, *w) for w in ws]) / layers
-                t_dot = graph_us(lambda ws=ws, x=x: [decode_gemm.decode_linear(x, *w) for w in ws]) / layers
+                call = _as_the_model_runs(name, shape, x)
+                t_dot = graph_us(lambda ws=ws, call=call: [call(*w) for w in ws]) / layers
                 timed = {}
                 for cfg in grid:
                     try:
-                        timed[cfg] = graph_us(lambda ws=ws, x=x, c=cfg: [
-                            decode_gemm.decode_linear(x, *w, config=c) for w in ws]) / layers
+                        timed[cfg] = graph_us(lambda ws=ws, call=call, c=cfg: [call(*w, config=c) for w in ws]) / layers
                     except Exception as e:  # out of shared memory or registers: skip the setting
                         print(f"  skip {cfg}: {type(e).__name__}")
                 for cfg, us in timed.items():
