@@ -11,7 +11,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from gridserve.layers import activation  # noqa: E402
-from gridserve.layers.decode_gemm import decode_linear, decode_linear_after_norm  # noqa: E402
+from gridserve.layers.decode_gemm import FEW_ROWS_TILES, decode_linear, decode_linear_after_norm  # noqa: E402
 from gridserve.layers.norm import RMSNorm  # noqa: E402
 from tests.test_fused_ops import DEVICE, TOL, rand  # noqa: E402
 
@@ -234,7 +234,27 @@ def test_decode_gemm_tiles_fit_float32_weights():
         mp.setitem(decode_gemm.ONE_ROW_TILES, (8, 8, 2), (4, 512, 4, 4))
         assert decode_gemm_config(1, bf16) == (4, 512, 4, 4)
         assert decode_gemm_config(1, f32) == (8, 512, 8, 4)  # another dtype: the default, K tile halved
+        mp.setitem(decode_gemm.FEW_ROWS_TILES, (8, 8, 2), (64, 256, 4, 3))  # and its own tiles at 2-16 rows
+        assert decode_gemm_config(2, bf16) == decode_gemm_config(16, bf16) == (64, 256, 4, 3)
+        assert decode_gemm_config(1, bf16) == (4, 512, 4, 4) and decode_gemm_config(2, f32) != (64, 256, 4, 3)
     # the default tiles (no config) on widths that are no multiple of them, on both paths
     for m in (1, 3):
         x, w = rand(m, 600, dtype=torch.float32), rand(100, 600, dtype=torch.float32)
         torch.testing.assert_close(decode_linear(x, w), x @ w.T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config", sorted(set(FEW_ROWS_TILES.values())))
+def test_few_rows_tiles_finish_the_split_norm(config):
+    """Each tile setting of FEW_ROWS_TILES (tuned on real shapes), as the model runs it at 2-16 rows: the GEMM after
+    a split RMSNorm, on a weight that is no multiple of the tiles, against the plain add, norm and product."""
+    from gridserve.layers.decode_gemm import decode_linear_add_residual
+
+    x, res = rand(4, 96, dtype=torch.float32), rand(4, 300, dtype=torch.float32)
+    w1, w2 = rand(300, 96, dtype=torch.float32) / 8, rand(100, 300, dtype=torch.float32) / 8
+    norm = RMSNorm(300, eps=1e-5)
+    norm.weight.data = torch.rand(300) + 0.5
+    h, partials = decode_linear_add_residual(x, res, w1, config=(16, 64, 4, 2))
+    y, _ = decode_linear_after_norm(h, None, norm.weight.to(DEVICE), norm.eps, w2, config=config,
+                                    sum_sq_partials=partials)
+    want_normed, _ = norm((x @ w1.T).cpu(), res.cpu())
+    torch.testing.assert_close(y.cpu(), want_normed @ w2.cpu().T, atol=1e-4, rtol=1e-4)

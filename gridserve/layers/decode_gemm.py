@@ -121,16 +121,24 @@ ONE_ROW_CONFIG = (8, 1024, 8, 4)
 ONE_ROW_TILES: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
     (6144, 4096, 1): (8, 1024, 4, 4), (4096, 4096, 1): (8, 2048, 8, 4), (28672, 4096, 1): (4, 2048, 4, 4),
     (4096, 14336, 1): (8, 2048, 8, 4), (2048, 4096, 1): (4, 2048, 4, 4)}
+# The same for 2-16 rows (tl.dot on 16-row tiles: the tiles that win at 4 rows win at all of them). Only entries that
+# made the 8B's batch-4 step faster in the model itself (bench latency --batch-size 4, H100, 2026-12-06): qkv and
+# gate_up, which finish the split RMSNorm, 2-3 us each a layer faster with wider N tiles (bf16 6.032 -> 5.879 ms a
+# step; FP8 4.166 -> 3.831). `bench_fp8_gemm.py --few-rows` times each GEMM as the model calls it; an earlier sweep
+# of the plain product picked (32, 128, 4, 3) for gate_up, which made the step 0.88 ms slower.
+FEW_ROWS_TILES: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
+    (6144, 4096, 2): (64, 256, 4, 3), (28672, 4096, 2): (64, 256, 4, 3),
+    (6144, 4096, 1): (64, 512, 4, 3), (28672, 4096, 1): (64, 256, 4, 3)}
 
 
 def decode_gemm_config(m: int, weight: torch.Tensor) -> tuple[int, int, int, int]:
-    """The decode GEMM's tiles for m rows of input. float32 weights take half as wide a K tile, so that the stages
-    fit in shared memory."""
+    """The decode GEMM's tiles for m rows of input: the weight shape's entry in ONE_ROW_TILES or FEW_ROWS_TILES, else
+    the default. float32 weights take half as wide a K tile, so that the stages fit in shared memory."""
+    key = (*weight.shape, weight.element_size())
     if m == 1:
-        n, k = weight.shape
-        block_n, block_k, warps, stages = ONE_ROW_TILES.get((n, k, weight.element_size()), ONE_ROW_CONFIG)
+        block_n, block_k, warps, stages = ONE_ROW_TILES.get(key, ONE_ROW_CONFIG)
     else:
-        block_n, block_k, warps, stages = DECODE_GEMM_CONFIG
+        block_n, block_k, warps, stages = FEW_ROWS_TILES.get(key, DECODE_GEMM_CONFIG)
     return block_n, block_k // max(1, weight.element_size() // 2), warps, stages
 
 
