@@ -97,23 +97,34 @@ def _merge_splits(
 
 
 @triton.jit
-def _norm_rotate(base, rows, mask_r, stride_r, offs_d, mask_d, pos, InvFreq, W, eps, scaling,
-                 QK_NORM: tl.constexpr, HALF: tl.constexpr):
-    """Rows (heads) of one token: RMSNorm over each head (QK_NORM; rounded to the activations' dtype, as the
-    separate norm's output is), then the Neox rotary embedding at position pos; returns them in that dtype, the
-    values the separate kernels (layers/fused_ops) leave. Each lane also loads its rotation partner, d +- HALF."""
+def _load_rows(base, rows, mask_r, stride_r, offs_d, mask_d, W, QK_NORM: tl.constexpr, HALF: tl.constexpr):
+    """What _norm_rotate reads for rows (heads) of one token: the rows in fp32, each lane's rotation partner
+    (d +- HALF), and the norm's weights at d and at the partner (QK_NORM; else ones)."""
     partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
     m = mask_r[:, None] & mask_d[None, :]
     row = base + rows[:, None] * stride_r
     x = tl.load(row + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
     xp = tl.load(row + partner[None, :], mask=m, other=0.0).to(tl.float32)
-    dt = base.dtype.element_ty
+    if QK_NORM:
+        w = tl.load(W + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        wp = tl.load(W + partner, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        w = tl.full([x.shape[1]], 1.0, tl.float32)
+        wp = w
+    return x, xp, w, wp
+
+
+@triton.jit
+def _norm_rotate(x, xp, w, wp, dt: tl.constexpr, offs_d, pos, inv_freq, eps, scaling, QK_NORM: tl.constexpr,
+                 HALF: tl.constexpr):
+    """What _load_rows read: RMSNorm over each head (QK_NORM; rounded to the activations' dtype dt, as the separate
+    norm's output is), then the Neox rotary embedding at position pos (inv_freq: each lane's frequency); returns
+    them in dt, the values the separate kernels (layers/fused_ops) leave."""
     if QK_NORM:
         inv = tl.rsqrt(tl.sum(x * x, 1) / (2 * HALF) + eps)[:, None]
-        x = (x * inv * tl.load(W + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]).to(dt).to(tl.float32)
-        xp = (xp * inv * tl.load(W + partner, mask=mask_d, other=0.0).to(tl.float32)[None, :]).to(dt)
-        xp = xp.to(tl.float32)
-    f = pos * tl.load(InvFreq + offs_d % HALF, mask=mask_d, other=0.0)
+        x = (x * inv * w[None, :]).to(dt).to(tl.float32)
+        xp = (xp * inv * wp[None, :]).to(dt).to(tl.float32)
+    f = pos * inv_freq
     sign = tl.where(offs_d < HALF, -1.0, 1.0)
     return (x * (tl.cos(f) * scaling)[None, :] + (sign[None, :] * xp) * (tl.sin(f) * scaling)[None, :]).to(dt)
 
@@ -162,17 +173,11 @@ def _decode_stage1(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
+    # Everything a program loads before its keys is issued here, before the early return below, which waits for
+    # seq_len: the round trips overlap instead of following one another (the request's row, q, and the new key and
+    # value, which every program of a KV head loads and only the split that holds their slot stores).
     seq_len = tl.load(SeqLens + b).to(tl.int32)
-    # The grid has splits for the longest context; a shorter one's splits past those with keys leave at once, so
-    # the merge waits for fewer arrivals. At least split 0 stays: an empty row (seq_len 0) still merges, to zeros.
-    split_len = _split_len(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N)
-    used = tl.maximum(tl.cdiv(seq_len, split_len), 1)  # _used_splits, at least 1
-    if split >= used:
-        return
     req = tl.load(ReqPoolIdx + b).to(tl.int64)
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
-
     offs_g = tl.arange(0, BLOCK_H)
     mask_h = offs_g < GROUP
     heads = kvh * GROUP + offs_g
@@ -180,27 +185,42 @@ def _decode_stage1(
     mask_d = offs_d < HEAD_DIM
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_dv = offs_dv < HEAD_DIM_V
-
     if PREP:
         pos = tl.load(Pos + b).to(tl.float32)
-        q = _norm_rotate(Q + b.to(tl.int64) * stride_qb, heads, mask_h, stride_qh, offs_d, mask_d, pos, InvFreq,
-                         WQ, eps, rope_scaling, QK_NORM, HALF)
+        slot = tl.load(Loc + b).to(tl.int64)
+        inv_freq = tl.load(InvFreq + offs_d % HALF, mask=mask_d, other=0.0)
+        q_x, q_xp, q_w, q_wp = _load_rows(Q + b.to(tl.int64) * stride_qb, heads, mask_h, stride_qh, offs_d, mask_d,
+                                          WQ, QK_NORM, HALF)
+        one = tl.arange(0, 1)
+        k_x, k_xp, k_w, k_wp = _load_rows(KNew + b.to(tl.int64) * stride_knt, kvh + one, one < 1, stride_knh, offs_d,
+                                          mask_d, WK, QK_NORM, HALF)
+        v_new = tl.load(VNew + b.to(tl.int64) * stride_vnt + kvh * stride_vnh + offs_dv, mask=mask_dv)
+    else:
+        q_ptrs = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+
+    # The grid has splits for the longest context; a shorter one's splits past those with keys leave at once, so
+    # the merge waits for fewer arrivals. At least split 0 stays: an empty row (seq_len 0) still merges, to zeros.
+    split_len = _split_len(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N)
+    used = tl.maximum(tl.cdiv(seq_len, split_len), 1)  # _used_splits, at least 1
+    if split >= used:
+        return
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    if PREP:
+        q = _norm_rotate(q_x, q_xp, q_w, q_wp, Q.dtype.element_ty, offs_d, pos, inv_freq, eps, rope_scaling, QK_NORM,
+                         HALF)
         # The split that holds the newest key stores it (and its value) first; the barrier makes the stores
         # visible to the whole program before its loop loads that slot back. No other program reads it.
         if seq_len > 0:  # (nested: split_len is 0 for an empty row, and a compiled `and` evaluates both sides)
             if split == (seq_len - 1) // split_len:
-                one = tl.arange(0, 1)
-                k_new = _norm_rotate(KNew + b.to(tl.int64) * stride_knt, kvh + one, one < 1, stride_knh, offs_d,
-                                     mask_d, pos, InvFreq, WK, eps, rope_scaling, QK_NORM, HALF)
-                slot = tl.load(Loc + b).to(tl.int64)
+                k_new = _norm_rotate(k_x, k_xp, k_w, k_wp, KNew.dtype.element_ty, offs_d, pos, inv_freq, eps,
+                                     rope_scaling, QK_NORM, HALF)
                 tl.store(K + slot * stride_kt + kvh * stride_kh + offs_d[None, :], k_new.to(K.dtype.element_ty),
                          mask=mask_d[None, :])
-                v_new = tl.load(VNew + b.to(tl.int64) * stride_vnt + kvh * stride_vnh + offs_dv, mask=mask_dv)
                 tl.store(V + slot * stride_vt + kvh * stride_vh + offs_dv, v_new.to(V.dtype.element_ty), mask=mask_dv)
                 tl.debug_barrier()
-    else:
-        q_ptrs = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
 
