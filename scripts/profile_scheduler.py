@@ -7,6 +7,7 @@ prefill forward, decode forward and sampling (CUDA events around each), against 
 
 import argparse
 import cProfile
+import gc
 import io
 import itertools
 import pstats
@@ -95,6 +96,60 @@ def gaps_between(timeline: list[tuple[str, float, float]]) -> dict[str, list[flo
     return gaps
 
 
+class HostClock:
+    """The host's side of each scheduler iteration: the time of its phases (scheduling, launching, reading results)
+    and the garbage collections that ran in it, so that a long stall between two device spans can be named."""
+
+    PHASES = ("get_next_batch_to_run", "launch_batch", "process_batch_result")
+
+    def __init__(self, sched: Scheduler):
+        self.sched, self.saved = sched, {name: getattr(sched, name) for name in self.PHASES}
+        self.iterations: list[tuple[int, float, dict[str, float]]] = []  # (step, ms, ms a phase)
+        self.collections: list[tuple[int, float, int]] = []  # (generation, ms, step)
+        self.current: dict[str, float] = {}
+        self.gc_started, self.at = 0.0, 0
+        for name, fn in self.saved.items():
+            setattr(sched, name, self._timed(name, fn))
+        gc.callbacks.append(self._on_gc)
+
+    def _timed(self, name: str, fn):
+        def call(*args, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                self.current[name] = self.current.get(name, 0.0) + (time.perf_counter() - t) * 1e3
+        return call
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.gc_started = time.perf_counter()
+        else:
+            self.collections.append((info["generation"], (time.perf_counter() - self.gc_started) * 1e3, self.at))
+
+    def step(self, index: int) -> None:
+        self.current, self.at = {}, index
+        t = time.perf_counter()
+        self.sched.run_step()
+        self.iterations.append((index, (time.perf_counter() - t) * 1e3, self.current))
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._on_gc)
+        for name, fn in self.saved.items():
+            setattr(self.sched, name, fn)
+
+    def report(self, top: int = 5) -> None:
+        print(f"slowest scheduler iterations on the host (of {len(self.iterations)}): step, ms, ms a phase")
+        for index, ms, phases in sorted(self.iterations, key=lambda it: -it[1])[:top]:
+            print(f"  #{index:<5d} {ms:8.2f}  " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+        print("garbage collections during the run: generation, count, total ms, largest ms (its step)")
+        for gen in range(3):
+            ms = [(t, at) for g, t, at in self.collections if g == gen]
+            if ms:
+                worst = max(ms)
+                print(f"  {gen}: {len(ms):6d} {sum(t for t, _ in ms):9.2f} {worst[0]:8.2f} (#{worst[1]})")
+
+
 def profile_offline(sched: Scheduler, a: argparse.Namespace) -> None:
     """Device time of each phase over the whole offline workload, from CUDA events around each call."""
     w = make_workload(256, (100, 1024), (100, 1024), sched.vocab_size, 0)
@@ -124,13 +179,15 @@ def profile_offline(sched: Scheduler, a: argparse.Namespace) -> None:
     while not sched.is_idle():
         sched.run_step()
     runner.forward, runner.sample = timed("forward", forward), timed("sample", sample)
+    host = HostClock(sched)
     submit("timed", len(w.prompts))
     steps, start = 0, time.perf_counter()
     while not sched.is_idle():
-        sched.run_step()
+        host.step(steps)
         steps += 1
     torch.cuda.synchronize()
     wall = time.perf_counter() - start
+    host.close()
     by_kind: dict[str, list[float]] = defaultdict(list)
     decode_by_bs: dict[int, list[float]] = defaultdict(list)
     for label, bs, s, e in spans:
@@ -156,6 +213,7 @@ def profile_offline(sched: Scheduler, a: argparse.Namespace) -> None:
         print(f"  {key:36s} {len(v):6d} {sum(v) / 1e3:7.3f} {ranked[len(v) // 2]:7.3f} {ranked[9 * len(v) // 10]:7.3f}"
               f" {ranked[-1]:8.2f}  #{v.index(ranked[-1])}")
     runner.forward, runner.sample = forward, sample
+    host.report()
     if a.kernels:
         from torch.profiler import ProfilerActivity, profile
 
