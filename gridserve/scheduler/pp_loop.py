@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 
 from gridserve.scheduler.schedule_batch import ScheduleBatch
+from gridserve.scheduler.scheduler import IDLE_POLL_MS
 
 
 class ReadyResult:
@@ -70,7 +71,7 @@ class PipelineLoop:
         pp, s = self.pp, self.sched
         if pp.is_first:
             busy = any(b is not None for b in self.inflight)
-            msgs = s.recv(s.is_idle() and not busy)
+            msgs = s.recv(IDLE_POLL_MS if s.is_idle() and not busy else 0)
         else:
             msgs = pp.recv_object(pp.rank - 1)
         if not pp.is_last:

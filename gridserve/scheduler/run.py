@@ -21,7 +21,6 @@ from gridserve.server_args import ServerArgs
 from gridserve.tokenizer import get_decoder
 
 logger = logging.getLogger(__name__)
-IDLE_POLL_MS = 50  # how long an idle scheduler waits for a request before checking on its parent again
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
@@ -83,7 +82,7 @@ def _scheduler_io(port_args: PortArgs, rank: RankInfo, parent: int):
     only it sends outputs on, and with dp > 1 it reports its replica's load to the DP controller."""
     tp = get_tp_group()
     if not rank.is_io_rank:
-        return (lambda block: tp.broadcast_object()), (lambda msg: None), None
+        return (lambda timeout_ms: tp.broadcast_object()), (lambda msg: None), None
     ctx, typed = zmq.Context(), port_args.typed
     replica = port_args.replicas[rank.dp_rank]
     requests = Channel(ctx, zmq.PULL, replica.scheduler_input, typed, bind=replica.io_rank_binds)
@@ -91,11 +90,11 @@ def _scheduler_io(port_args: PortArgs, rank: RankInfo, parent: int):
     outputs = Channel(ctx, zmq.PUSH, detokenizer, typed)
     report = Channel(ctx, zmq.PUSH, controller, typed).send if rank.layout.dp > 1 else None
 
-    def recv(block: bool) -> list:
+    def recv(timeout_ms: int) -> list:
         if not parent_alive(parent):
             logger.error("parent process is gone; exiting")
             sys.exit(1)
-        return tp.broadcast_object(requests.recv_all(IDLE_POLL_MS if block else 0))
+        return tp.broadcast_object(requests.recv_all(timeout_ms))
 
     return recv, outputs.send, report
 

@@ -26,6 +26,7 @@ from gridserve.model_executor.model_runner import ModelRunner
 from gridserve.models.config import ModelConfig
 from gridserve.sampling.sampler import SampleOutput
 from gridserve.scheduler.kv_manager import KVManager
+from gridserve.scheduler.launch_clock import LaunchClock
 from gridserve.scheduler.schedule_batch import Req, ScheduleBatch
 from gridserve.scheduler.schedule_policy import (
     PrefillAdder,
@@ -42,9 +43,11 @@ DECODE_LOG_INTERVAL = 40  # decode steps between two throughput log lines (SGLan
 DECODE_IDLE_GAP_S = 1.0  # a pause between decode steps longer than this is idle time, not decoding
 LOAD_REPORT_INTERVAL_S = 0.05  # a busy replica's token count drifts with every step: report it this often
 
-# recv(block) returns the messages that arrived (waiting a little when block is True); send(msg) emits
-# a BatchTokenIDOutput or an RpcOutput towards the detokenizer.
-RecvFn = Callable[[bool], list]
+IDLE_POLL_MS = 50  # how long an idle scheduler waits for a request before checking on its parent again
+
+# recv(timeout_ms) returns the messages that arrived, waiting up to timeout_ms for the first (0: none waited for);
+# send(msg) emits a BatchTokenIDOutput or an RpcOutput towards the detokenizer.
+RecvFn = Callable[[int], list]
 SendFn = Callable[[object], None]
 
 
@@ -84,6 +87,8 @@ class Scheduler:
         self.last_tokens = None  # the device tensor of the latest launched batch's sampled ids
         on_cuda = self.runner.device.type == "cuda"
         self.use_overlap = not args.disable_overlap_schedule and (on_cuda or args.enable_overlap_schedule)
+        self.launch_clock = LaunchClock(args.enable_late_launch and self.use_overlap and self.runner.pp.size == 1)
+        self.turn_started = time.perf_counter()  # when this loop turn's wait for requests ended
         self.prefill_budget = args.prefill_token_budget
         self.pp_loop = None
         self.micro_batch_cap = self.runner.max_running_requests
@@ -113,9 +118,21 @@ class Scheduler:
         if self.pp_loop is not None:
             return self.pp_loop.run()
         while not self.stopped:
-            self.process_input_requests(self.recv(self.is_idle()))
+            msgs = self.recv(self.recv_wait_ms())
+            self.turn_started = time.perf_counter()
+            self.process_input_requests(msgs)
             self.run_step()
             self.end_iteration()
+
+    def recv_wait_ms(self) -> int:
+        """How long this turn waits for new requests: IDLE_POLL_MS when idle; with a decode step in flight and late
+        launch on, until just before that step should end (launch_clock.py); else not at all."""
+        if self.is_idle():
+            return IDLE_POLL_MS
+        b = self.last_batch
+        if b is None:
+            return 0
+        return int(self.launch_clock.wait_s(b.mode.is_decode(), len(b.reqs), time.perf_counter()) * 1000)
 
     def end_iteration(self) -> None:
         """The bookkeeping every event loop does once per iteration: the load report to the DP controller, and one
@@ -135,6 +152,7 @@ class Scheduler:
         batch = self.get_next_batch_to_run()
         if batch is not None:
             self.launch_batch(batch)
+            self.launch_clock.launched(time.perf_counter() - self.turn_started)
         if self.use_overlap:
             batch, self.last_batch = self.last_batch, batch
         if batch is not None:
@@ -425,7 +443,10 @@ class Scheduler:
     def process_batch_result(self, batch: ScheduleBatch) -> None:
         """Reads a launched batch's tokens (waiting for the device if needed), checks stop conditions, frees
         finished requests and sends the new tokens on."""
+        started = time.perf_counter()
         next_ids, logprobs, top_val, top_idx = batch.result.wait()
+        now = time.perf_counter()
+        self.launch_clock.synced(batch.mode.is_decode(), len(batch.reqs), now - started, now)
         done = []
         for i, req in enumerate(batch.reqs):
             if not batch.samples[i]:

@@ -1,0 +1,52 @@
+"""When the overlap loop launches its next decode step (--enable-late-launch).
+
+The overlap loop launches step i+1 before it waits for step i's tokens, so the device never idles between steps. A
+request that arrives while step i runs is seen once step i is done; by then step i+1 has started, and the request's
+prefill queues behind it too: on average one and a half decode steps before the prefill begins, against half a step
+in the normal loop. With late launch, the loop waits for new requests until just before step i should end and only
+then launches step i+1, so a request that arrives in that window prefills right after step i.
+
+When step i ends follows from the step before it: if the host had to wait for step i-1's tokens, the device was busy
+until that wait returned, and step i, queued by then, started at that moment. Step i takes about as long as the
+recent decode steps of as many requests (the shortest of the last few: contexts grow slowly, and a guess that is too
+long would leave the device idle). The loop stops waiting `margin` before that end: the longest recent time the host
+took from the end of its wait to the launch, plus SAFETY_S. Without a measured step (the first steps, a prefill in
+flight, a host that fell behind) it does not wait at all: the plain overlap loop."""
+
+from collections import deque
+
+SAFETY_S = 0.0005  # more room before the predicted end: the TP broadcast of the requests, the OS waking the loop
+BLOCKED_S = 0.0002  # a wait for a step's tokens this long means the device was still running that step
+RECENT = 8  # steps (or launches) a prediction looks back on
+
+
+class LaunchClock:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.durations: dict[int, deque] = {}  # decode batch size -> recent step times (s)
+        self.host_times: deque = deque(maxlen=RECENT)  # from the end of a wait to the launch after it (s)
+        self.device_free_at: float | None = None  # when the latest waited-for step ended, if the host waited for it
+
+    def synced(self, is_decode: bool, batch_size: int, waited: float, now: float) -> None:
+        """The host has read a launched step's tokens: it waited `waited` s for them, until `now`."""
+        if not self.enabled:
+            return
+        blocked = waited >= BLOCKED_S
+        if blocked and is_decode and self.device_free_at is not None:
+            # this step started when the one before it ended (it was queued by then) and ended now
+            self.durations.setdefault(batch_size, deque(maxlen=RECENT)).append(now - self.device_free_at)
+        self.device_free_at = now if blocked else None
+
+    def launched(self, host_time: float) -> None:
+        """The loop launched a step `host_time` s after its wait for new requests ended."""
+        if self.enabled:
+            self.host_times.append(host_time)
+
+    def wait_s(self, in_flight_is_decode: bool, in_flight_size: int, now: float) -> float:
+        """How long the loop may wait for new requests before launching its next step, with a step in flight (a
+        decode of in_flight_size requests, or not): 0 where nothing predicts when that step ends."""
+        recent = self.durations.get(in_flight_size)
+        if not (self.enabled and in_flight_is_decode and recent and self.device_free_at is not None):
+            return 0.0
+        margin = max(self.host_times, default=0.0) + SAFETY_S
+        return max(0.0, self.device_free_at + min(recent) - margin - now)
