@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill fewrows;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-late fewrows;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -59,6 +59,14 @@ fi
 if has serving-prefill; then  # the same with one 256-token prompt a prefill batch: four prompts arriving together
   # then get their first tokens one after another (~6, 12, 18, 24 ms) instead of all at once after ~24 ms
   serve_and_bench prefill256 "--max-prefill-tokens 256"
+fi
+if has serving-late; then  # the same with --enable-late-launch (a new request's prefill no longer queues behind a
+  # second decode step: random-length TTFT at concurrency 4 should drop by most of a step), and the same server's
+  # normal loop for reference; then offline Q with it, which must not lose throughput
+  serve_and_bench late "--enable-late-launch"
+  serve_and_bench normal_loop "--disable-overlap-schedule"
+  $GS bench offline $Q --enable-late-launch --no-show-progress --output-json $OUT/offline_Q_late.json 2>&1 \
+    | tee $OUT/offline_Q_late.log | grep -vE "Warning|warn\(" | tail -3
 fi
 if has serving-eager; then  # the same without the prefill graphs
   serve_and_bench eager_prefill "--disable-piecewise-cuda-graph"
