@@ -113,3 +113,33 @@ def test_a_channel_unpacks_a_list_and_keeps_single_messages():
         assert msgs == ["a", "b", "c"]
     finally:
         ctx.destroy(linger=0)
+
+
+def test_a_stream_whose_body_never_started_releases_its_request():
+    """A streaming route submits its requests and sends them at once, before its response starts
+    (request_flow.streamed). If the response closes before its body generator ever ran (the client left at once),
+    closing it aborts them, which frees their KV cache."""
+    from gridserve.entrypoints.request_flow import generate_all, streamed
+    from gridserve.messages import AbortReq
+
+    ctx, pull, push = _pair()
+    tm = TokenizerManager(None, INFO, 100, push.send, "tiny")
+
+    async def run():
+        [req] = tm.make_requests([1, 2, 3], SamplingParams(max_new_tokens=2))
+        response = streamed(tm, [req], generate_all(tm, [req]))
+        assert set(tm.rid_to_state) == {req.rid}
+        response.on_close()
+        await asyncio.sleep(0.1)
+        return req
+
+    try:
+        req = asyncio.run(asyncio.wait_for(run(), 10))
+        msgs = []
+        for _ in range(5):
+            msgs += pull.recv_all(100)
+        assert [m.rid if isinstance(m, AbortReq) else ("req", m.rid) for m in msgs] == [("req", req.rid), req.rid]
+        assert tm.rid_to_state == {}
+    finally:
+        tm.close()
+        ctx.destroy(linger=0)

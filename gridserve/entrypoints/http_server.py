@@ -59,16 +59,15 @@ from gridserve.entrypoints.request_flow import (
     off_loop_if_large,
     prepare_requests,
     sampling_params,
+    streamed,
     text_size,
     token_room,
     tokenize,
 )
 from gridserve.entrypoints.responses import (
     ORJSONResponse,
-    SSEResponse,
     cancel_on_disconnect,
     error_response,
-    sse_stream,
 )
 from gridserve.errors import InvalidParamError
 from gridserve.managers.tokenizer_manager import SchedulerDeadError, ServerBusyError
@@ -309,7 +308,7 @@ def _add_native_routes(router: APIRouter, tm, server_args: ServerArgs) -> None:
         check_alive(tm)
         reqs, ids, batch = await _native_requests(tm, body)
         if body.stream:
-            return SSEResponse(sse_stream(_native_stream(tm, body, reqs, ids)))
+            return streamed(tm, reqs, _native_stream(tm, body, reqs, ids))
         finals = await cancel_on_disconnect(request, collect_finals(tm, reqs))
         results = [_native_result(out, ids[i], body.return_logprob) for i, out in enumerate(finals)]
         return ORJSONResponse(results if batch or len(results) > 1 else results[0])

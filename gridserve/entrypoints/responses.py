@@ -4,7 +4,7 @@ stops generation (and frees its KV cache) as soon as the client goes away."""
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -58,8 +58,10 @@ class SSEResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes]):
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None] | None = None):
+        """on_close: called once the response is over, however it ended (even if its body never started)."""
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream = asyncio.ensure_future(self.stream_response(send))
@@ -71,6 +73,8 @@ class SSEResponse(StreamingResponse):
                 task.cancel()
             await asyncio.gather(stream, watch, return_exceptions=True)
             await self.body_iterator.aclose()
+            if self.on_close is not None:
+                self.on_close()
         if stream.done() and not stream.cancelled() and stream.exception() is not None:
             exc = stream.exception()
             if not isinstance(exc, OSError):  # OSError: the socket closed under us, i.e. a disconnect

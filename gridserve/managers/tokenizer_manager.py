@@ -169,9 +169,11 @@ class TokenizerManager:
             self._pending.append(req)
             first = len(self._pending) == 1
         if first:
-            asyncio.get_running_loop().call_soon(self._flush_pending)
+            asyncio.get_running_loop().call_soon(self.flush)
 
-    def _flush_pending(self) -> None:
+    def flush(self) -> None:
+        """Sends the requests queued in this turn of the event loop as one message. It runs when the turn ends; a
+        route that has submitted all of its requests calls it at once."""
         with self._pending_lock:
             reqs, self._pending = self._pending, []
         if not reqs:
@@ -274,9 +276,11 @@ class TokenizerManager:
                                      top_logprobs_num, routed_dp_rank, priority) for i in range(params.n)]
 
     # ---- streaming results ----------------------------------------------------------------------
-    async def generate(self, req: TokenizedGenerateReq, stream: bool = True) -> AsyncIterator[dict]:
-        """Sends one request and yields its cumulative result as it grows (only the final one unless stream);
-        the last result has a finish_reason."""
+    def submit(self, req: TokenizedGenerateReq) -> ReqState:
+        """Registers one request and queues it for the scheduler (it leaves at the end of this turn of the event
+        loop). generate() then yields its outputs; release() gives up one whose outputs nobody will read. A
+        streaming route submits before it starts its response, so the scheduler has the request while the
+        response's headers go out."""
         if self.dead_reason:
             raise SchedulerDeadError(self.dead_reason)
         state = ReqState(asyncio.get_running_loop(), len(req.input_ids))
@@ -286,6 +290,12 @@ class TokenizerManager:
         except ServerBusyError:
             self.rid_to_state.pop(req.rid, None)
             raise
+        return state
+
+    async def generate(self, req: TokenizedGenerateReq, stream: bool = True) -> AsyncIterator[dict]:
+        """Yields one request's cumulative result as it grows (only the final one unless stream), submitting it
+        first unless that was done; the last result has a finish_reason. Leaving early releases it."""
+        state = self.rid_to_state.get(req.rid) or self.submit(req)
         try:
             while True:
                 await state.event.wait()
@@ -299,12 +309,19 @@ class TokenizerManager:
                 if done:
                     return
         finally:
-            self.rid_to_state.pop(req.rid, None)
-            if not state.finished and not self.dead_reason and not self._take_back(req):
-                self.send(AbortReq(req.rid))  # the consumer left: free the request's KV
-                # counted here: the replica's answer to the abort finds no state left to count it
-                self.metrics.on_finished(state.prompt_tokens, len(state.output_ids), 0, state.ttft(),
-                                         time.perf_counter() - state.created, aborted=True)
+            self.release(req)
+
+    def release(self, req: TokenizedGenerateReq) -> None:
+        """Forgets a submitted request (nothing if it is forgotten already). One not finished is taken back if it
+        has not left yet, else aborted, which frees its KV cache."""
+        state = self.rid_to_state.pop(req.rid, None)
+        if state is None:
+            return
+        if not state.finished and not self.dead_reason and not self._take_back(req):
+            self.send(AbortReq(req.rid))  # the consumer left: free the request's KV
+            # counted here: the replica's answer to the abort finds no state left to count it
+            self.metrics.on_finished(state.prompt_tokens, len(state.output_ids), 0, state.ttft(),
+                                     time.perf_counter() - state.created, aborted=True)
 
     def handle_output(self, msg: object) -> None:
         """Entry point for everything the detokenizer sends back. Thread-safe."""

@@ -37,9 +37,10 @@ from gridserve.entrypoints.request_flow import (
     off_loop_if_large,
     prepare_requests,
     sampling_params,
+    streamed,
     tokenize,
 )
-from gridserve.entrypoints.responses import ORJSONResponse, SSEResponse, cancel_on_disconnect, sse_stream
+from gridserve.entrypoints.responses import ORJSONResponse, cancel_on_disconnect
 from gridserve.errors import InvalidParamError
 from gridserve.messages import TokenizedGenerateReq
 
@@ -77,7 +78,7 @@ class OpenAIServingChat:
                                 priority=body.priority)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return SSEResponse(sse_stream(self._chunks(rid, body, reqs)))
+            return streamed(tm, reqs, self._chunks(rid, body, reqs))
         finals = await cancel_on_disconnect(request, collect_finals(tm, reqs))
         choices = [ChatChoice(index=i, message=ChatMessageOut(content=out["text"]), finish_reason=finish_reason(out),
                               matched_stop=matched_stop(out),

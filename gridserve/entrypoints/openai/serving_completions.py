@@ -31,10 +31,11 @@ from gridserve.entrypoints.request_flow import (
     off_loop_if_large,
     prepare_requests,
     sampling_params,
+    streamed,
     text_size,
     tokenize,
 )
-from gridserve.entrypoints.responses import ORJSONResponse, SSEResponse, cancel_on_disconnect, sse_stream
+from gridserve.entrypoints.responses import ORJSONResponse, cancel_on_disconnect
 from gridserve.messages import TokenizedGenerateReq
 
 
@@ -58,7 +59,7 @@ class OpenAIServingCompletion:
                                 routed_dp_rank=body.routed_dp_rank, priority=body.priority)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return SSEResponse(sse_stream(self._chunks(rid, body, reqs, params.n)))
+            return streamed(tm, reqs, self._chunks(rid, body, reqs, params.n))
         finals = await cancel_on_disconnect(request, collect_finals(tm, reqs))
         choices = [CompletionChoice(index=i, text=out["text"], finish_reason=finish_reason(out),
                                     matched_stop=matched_stop(out),
