@@ -121,8 +121,9 @@ def time_few_rows(models: list, layers: int, m: int = 4, dev: str = "cuda") -> N
     a grid of tiles against its default (DECODE_GEMM_CONFIG); us per weight copy, with cuBLAS and one row's plain
     product for scale."""
     grid = list(itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4)))
-    print(f"model | shape | weights | cuBLAS bf16, {m} rows | one row | default tiles | best (tiles)")
+    print(f"model | shape | weights | cuBLAS bf16, {m} rows | one row | today's pick | best (tiles)")
     ranks: dict[tuple, list[float]] = {}
+    candidates: dict[tuple, tuple] = {}
     for model in models:
         for name, shape in SHAPES[model].items():
             w16 = [torch.randn(shape, device=dev, dtype=torch.bfloat16) / 64 for _ in range(layers)]
@@ -145,10 +146,14 @@ def time_few_rows(models: list, layers: int, m: int = 4, dev: str = "cuda") -> N
                 best = min(timed, key=timed.get)
                 print(f"{model} | {name} {shape} | {'FP8' if fp8 else 'bf16'} | {t_cublas:.1f} | {t_one:.1f} | "
                       f"{t_dot:.1f} | {timed[best]:.1f} {best}", flush=True)
+                if timed[best] < t_dot - 1.0:
+                    candidates[(*shape, 1 if fp8 else 2)] = best
     print("tiles by mean time against the default's over the shapes (lower is better), best five per weights:")
     for fp8 in (False, True):
         ranked = sorted((sum(v) / len(v), cfg) for (f, cfg), v in ranks.items() if f == fp8)
         print(f"  {'FP8' if fp8 else 'bf16'}: " + ", ".join(f"{cfg} {r:.3f}" for r, cfg in ranked[:5]))
+    print(f"FEW_ROWS_TILES candidates (over 1 us faster than today's pick; keep only what `bench latency "
+          f"--batch-size 4` confirms in the model): {candidates}")
 
 
 def main() -> None:
