@@ -118,8 +118,8 @@ def _as_the_model_runs(name: str, shape: tuple, x: torch.Tensor) -> Callable:
 
 def time_few_rows(models: list, layers: int, m: int = 4, dev: str = "cuda") -> None:
     """The decode GEMM at m rows (tl.dot on 16-row tiles), called as the model calls it (_as_the_model_runs), over
-    a grid of tiles against its default (DECODE_GEMM_CONFIG); us per weight copy, with cuBLAS and one row's plain
-    product for scale."""
+    a grid of tiles against today's pick (decode_gemm_config: the shape's FEW_ROWS_TILES entry, else the default);
+    us per weight copy, with cuBLAS and one row's plain product for scale."""
     grid = list(itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4)))
     print(f"model | shape | weights | cuBLAS bf16, {m} rows | one row | today's pick | best (tiles)")
     ranks: dict[tuple, list[float]] = {}
