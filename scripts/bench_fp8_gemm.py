@@ -14,8 +14,8 @@ add + RMSNorm then qkv or gate/up; the SiLU-and-mul then down) as separate kerne
 the product as linear.apply_linear picks it) against the one decode GEMM that does both: the model folds only at
 one row, and this shows whether the fold would pay at more. --few-rows times, at 4 rows (2-16 rows share the
 tl.dot path's 16-row tiles) and on every shape, called as the model calls it (with the split norm's halves where
-it splits), that path's tiles (BLOCK_N, BLOCK_K, warps, stages) against its
-default, for bf16 and FP8 weights, with cuBLAS and the same shape at one row for scale."""
+it splits), that path's tiles (BLOCK_N, BLOCK_K, warps, stages) against today's pick, for bf16 and FP8 weights,
+with cuBLAS and the same shape at one row for scale."""
 
 import argparse
 import itertools

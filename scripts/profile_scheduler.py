@@ -42,7 +42,7 @@ def main() -> None:
     args = ServerArgs.from_cli_args(a)
     path = resolve_model_path(args.model_path)
     sent = []
-    sched = Scheduler(args, path, load_model_config(path), None, lambda block: [], sent.append)
+    sched = Scheduler(args, path, load_model_config(path), None, lambda timeout_ms: [], sent.append)
     freeze_startup_objects()  # as a scheduler process does (scheduler/run.py)
 
     def requests(tag: str) -> list:

@@ -74,7 +74,7 @@ def scheduler(tmp_path_factory):
     args = ServerArgs(model_path=str(path), dtype="float32", device="cpu", max_total_tokens=4096,
                       max_running_requests=16, show_progress=False)
     outputs: list = []
-    sched = Scheduler(args, str(path), load_model_config(str(path)), None, recv=lambda block: [],
+    sched = Scheduler(args, str(path), load_model_config(str(path)), None, recv=lambda timeout_ms: [],
                       send=outputs.append)
     return sched, outputs
 
@@ -104,7 +104,7 @@ def test_a_full_queue_refuses_at_once_and_holds_nothing(tmp_path):
     args = ServerArgs(model_path=str(tmp_path), dtype="float32", device="cpu", max_total_tokens=1024,
                       max_running_requests=4, max_queued_requests=3, show_progress=False)
     outputs: list = []
-    sched = Scheduler(args, str(tmp_path), load_model_config(str(tmp_path)), None, recv=lambda block: [],
+    sched = Scheduler(args, str(tmp_path), load_model_config(str(tmp_path)), None, recv=lambda timeout_ms: [],
                       send=outputs.append)
     params = SamplingParams(max_new_tokens=2, ignore_eos=True)
     sched.process_input_requests([TokenizedGenerateReq(f"r{i}", [5, 6, 7], params, i) for i in range(5)])
@@ -149,7 +149,7 @@ def _with_and_without_priority(path, max_total_tokens: int, max_running: int, pr
         args = ServerArgs(model_path=str(path), dtype="float32", device="cpu", max_total_tokens=max_total_tokens,
                           max_running_requests=max_running, show_progress=False, enable_priority_scheduling=enabled)
         outputs: list = []
-        sched = Scheduler(args, str(path), load_model_config(str(path)), None, recv=lambda block: [],
+        sched = Scheduler(args, str(path), load_model_config(str(path)), None, recv=lambda timeout_ms: [],
                           send=outputs.append)
         runs[enabled] = (*_run_to_end(sched, outputs, prompts, late, params, late_priority=100), sched)
     return runs

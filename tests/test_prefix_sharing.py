@@ -34,7 +34,8 @@ def _scheduler(path: str, **kw) -> tuple[Scheduler, list]:
     args = ServerArgs(model_path=path, dtype="float32", device="cpu", max_total_tokens=4096, max_running_requests=16,
                       show_progress=False, **kw)
     outputs: list = []
-    return Scheduler(args, path, load_model_config(path), None, recv=lambda block: [], send=outputs.append), outputs
+    sched = Scheduler(args, path, load_model_config(path), None, recv=lambda timeout_ms: [], send=outputs.append)
+    return sched, outputs
 
 
 def _run(sched: Scheduler, outputs: list, reqs: list[TokenizedGenerateReq]) -> tuple[list[set[str]], dict]:

@@ -73,17 +73,19 @@ def streamed(tm, reqs: list[TokenizedGenerateReq], events: AsyncIterator[dict]) 
     are submitted and sent now, so the scheduler has them while the response starts (its headers out, its body
     scheduled: 0.35-0.4 ms sooner on a 2-core CPU); any that nobody reads, because the client left before the
     stream began, are aborted when the response closes."""
-    submitted = []
+
+    def release_all() -> None:  # release() passes over a request already released, or never submitted
+        for r in reqs:
+            tm.release(r)
+
     try:
         for r in reqs:
             tm.submit(r)
-            submitted.append(r)
     except BaseException:
-        for r in submitted:
-            tm.release(r)
+        release_all()
         raise
     tm.flush()
-    return SSEResponse(sse_stream(events), on_close=lambda: [tm.release(r) for r in reqs])
+    return SSEResponse(sse_stream(events), on_close=release_all)
 
 
 async def collect_finals(tm, reqs: list[TokenizedGenerateReq]) -> list[dict]:
