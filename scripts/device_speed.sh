@@ -50,6 +50,9 @@ serve_and_bench() {  # $1: tag, $2: extra server flags; 4 client runs against on
       --random-output-len $3 --random-range-ratio $2 --num-prompts $4 --max-concurrency $1 --disable-tqdm \
       --output-file $OUT/serving_L.jsonl 2>&1 | grep -E "TTFT|TPOT|Output token throughput"
   done
+  curl -s localhost:30010/server_info > $OUT/server_info_$1.json
+  python3 -c "import json; s = json.load(open('$OUT/server_info_$1.json'))['internal_states'][0]; \
+print('late launch:', s['late_launch'])" 2>/dev/null
   kill $SERVER; wait $SERVER
 }
 if has serving; then  # ratio 1: every request 256/256, so arrivals come in lockstep; ratio 0: SGLang's default

@@ -243,18 +243,27 @@ def test_decode_gemm_tiles_fit_float32_weights():
         torch.testing.assert_close(decode_linear(x, w), x @ w.T, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("config", sorted(set(FEW_ROWS_TILES.values())))
-def test_few_rows_tiles_finish_the_split_norm(config):
+@pytest.mark.parametrize("key,config", sorted(FEW_ROWS_TILES.items()))
+def test_few_rows_tiles_finish_the_split_norm(key, config):
     """Each tile setting of FEW_ROWS_TILES (tuned on real shapes), as the model runs it at 2-16 rows: the GEMM after
-    a split RMSNorm, on a weight that is no multiple of the tiles, against the plain add, norm and product."""
+    a split RMSNorm, on a weight of the entry's width in bytes (1: FP8) that is no multiple of the tiles, against the
+    plain add, norm and product. On the GPU in bf16: the tiles' stages fit shared memory only at the widths tuned."""
     from gridserve.layers.decode_gemm import decode_linear_add_residual
+    from gridserve.layers.quantization import quantize_per_channel
 
-    x, res = rand(4, 96, dtype=torch.float32), rand(4, 300, dtype=torch.float32)
-    w1, w2 = rand(300, 96, dtype=torch.float32) / 8, rand(100, 300, dtype=torch.float32) / 8
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    x, res = rand(4, 96, dtype=dtype), rand(4, 300, dtype=dtype)
+    w1, w2 = rand(300, 96, dtype=dtype) / 8, torch.randn(100, 300) / 8
+    if key[2] == 1:
+        q, scale = quantize_per_channel(w2)
+        args, w2 = (q.to(DEVICE), scale.to(DEVICE)), q.float() * scale[:, None]
+    else:
+        args, w2 = (w2.to(dtype).to(DEVICE), None), w2.to(dtype).float()
     norm = RMSNorm(300, eps=1e-5)
-    norm.weight.data = torch.rand(300) + 0.5
+    norm.weight.data = (torch.rand(300) + 0.5).to(dtype)
     h, partials = decode_linear_add_residual(x, res, w1, config=(16, 64, 4, 2))
-    y, _ = decode_linear_after_norm(h, None, norm.weight.to(DEVICE), norm.eps, w2, config=config,
+    y, _ = decode_linear_after_norm(h, None, norm.weight.to(DEVICE), norm.eps, *args, config=config,
                                     sum_sq_partials=partials)
-    want_normed, _ = norm((x @ w1.T).cpu(), res.cpu())
-    torch.testing.assert_close(y.cpu(), want_normed @ w2.cpu().T, atol=1e-4, rtol=1e-4)
+    want_normed, _ = norm((x.float() @ w1.float().T).to(dtype).cpu(), res.cpu())
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(y.float().cpu(), want_normed.float() @ w2.T, **tol)

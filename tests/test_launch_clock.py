@@ -69,10 +69,10 @@ def tiny_llama(tmp_path_factory):
     return str(path)
 
 
-def _run_loop(model: str, late: bool) -> tuple[dict, list]:
+def _run_loop(model: str, late: bool) -> tuple[dict, list, dict]:
     """Two requests through Scheduler.event_loop (the overlap loop on CPU). With late launch, every decode step is
     taken as waited for and 80 ms long (on CPU the host never waits: its launch computes the step). Returns the
-    tokens of each request and recv's (timeout_ms, idle, decode in flight) at each call."""
+    tokens of each request, recv's (timeout_ms, idle, decode in flight) at each call, and the scheduler's state."""
     args = ServerArgs(model_path=model, dtype="float32", device="cpu", max_total_tokens=2048,
                       enable_overlap_schedule=True, enable_late_launch=late, show_progress=False)
     calls, outputs = [], []
@@ -103,15 +103,15 @@ def _run_loop(model: str, late: bool) -> tuple[dict, list]:
         if isinstance(out, BatchTokenIDOutput):
             for rid, new in zip(out.reqs.rids, out.reqs.new_token_ids, strict=True):
                 ids[rid] += new
-    return ids, calls
+    return ids, calls, sched.get_internal_state()
 
 
 def test_the_event_loop_waits_as_the_clock_says(tiny_llama):
     """With late launch and a decode step in flight the loop asks recv to wait as long as the clock allows (80 ms
     less the margin and the time since the step began); idle, it waits IDLE_POLL_MS; without late launch it never
     waits with work in flight. The tokens are the same either way."""
-    late_ids, late_calls = _run_loop(tiny_llama, True)
-    ids, calls = _run_loop(tiny_llama, False)
+    late_ids, late_calls, late_state = _run_loop(tiny_llama, True)
+    ids, calls, state = _run_loop(tiny_llama, False)
     assert ids == late_ids and all(len(v) == 6 for v in ids.values())
     for c in (calls, late_calls):
         assert c[0] == (IDLE_POLL_MS, True, False) and c[-1][:2] == (IDLE_POLL_MS, True)
@@ -119,3 +119,8 @@ def test_the_event_loop_waits_as_the_clock_says(tiny_llama):
     # the first decode in flight follows the prefill: no decode step measured yet, so no wait
     assert len(waits) > 2 and waits[0] == 0 and all(40 <= ms < 80 for ms in waits[1:]), waits
     assert {ms for ms, idle, _ in calls if not idle} == {0}
+    # /server_info tells how often the loop waited and why it did not (here: once, before a step was measured)
+    shown = late_state["late_launch"]
+    assert shown["waited"] == len(waits) - 1 and shown["no_estimate"] >= 1 and shown["too_late"] == 0
+    assert 40 * (len(waits) - 1) <= shown["wait_ms"] < 80 * (len(waits) - 1) and shown["step_ms"][2] == 80
+    assert "late_launch" not in state

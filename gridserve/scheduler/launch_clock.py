@@ -13,7 +13,7 @@ long would leave the device idle). The loop stops waiting `margin` before that e
 took from the end of its wait to the launch, plus SAFETY_S. Without a measured step (the first steps, a prefill in
 flight, a host that fell behind) it does not wait at all: the plain overlap loop."""
 
-from collections import deque
+from collections import Counter, deque
 
 SAFETY_S = 0.0005  # more room before the predicted end: the TP broadcast of the requests, the OS waking the loop
 BLOCKED_S = 0.0002  # a wait for a step's tokens this long means the device was still running that step
@@ -26,6 +26,10 @@ class LaunchClock:
         self.durations: dict[int, deque] = {}  # decode batch size -> recent step times (s)
         self.host_times: deque = deque(maxlen=RECENT)  # from the end of a wait to the launch after it (s)
         self.device_free_at: float | None = None  # when the latest waited-for step ended, if the host waited for it
+        # what each prediction gave (shown in /server_info): a wait; none for want of a measured decode step (or
+        # with a prefill in flight); or none because the step in flight should end within the margin
+        self.outcomes: Counter = Counter()
+        self.waited_s = 0.0  # the waits granted, in all
 
     def synced(self, is_decode: bool, batch_size: int, waited: float, now: float) -> None:
         """The host has read a launched step's tokens: it waited `waited` s for them, until `now`."""
@@ -47,6 +51,18 @@ class LaunchClock:
         decode of in_flight_size requests, or not): 0 where nothing predicts when that step ends."""
         recent = self.durations.get(in_flight_size)
         if not (self.enabled and in_flight_is_decode and recent and self.device_free_at is not None):
+            if self.enabled:
+                self.outcomes["no_estimate"] += 1
             return 0.0
         margin = max(self.host_times, default=0.0) + SAFETY_S
-        return max(0.0, self.device_free_at + min(recent) - margin - now)
+        wait = max(0.0, self.device_free_at + min(recent) - margin - now)
+        self.outcomes["waited" if wait > 0 else "too_late"] += 1
+        self.waited_s += wait
+        return wait
+
+    def state(self) -> dict:
+        """For /server_info: how often the loop waited, and why it did not."""
+        return {**{k: self.outcomes[k] for k in ("waited", "no_estimate", "too_late")},
+                "wait_ms": round(self.waited_s * 1e3, 3),
+                "margin_ms": round((max(self.host_times, default=0.0) + SAFETY_S) * 1e3, 3),
+                "step_ms": {size: round(min(d) * 1e3, 3) for size, d in sorted(self.durations.items())}}

@@ -264,6 +264,8 @@ class Scheduler:
                  "new_token_ratio": self.new_token_ratio, "available_tokens": self.kv.allocator.available_size(),
                  "free_req_slots": self.kv.req_pool.available_size(), "num_preempted": self.num_preempted,
                  "prefill_batches_total": self.prefill_batches_total, "gc_frozen_objects": gc.get_freeze_count()}
+        if self.launch_clock.enabled:
+            state["late_launch"] = self.launch_clock.state()
         if self.pp_loop is not None:  # stage 0's view (the IO rank answers)
             state.update(pp_micro_batches=self.pp_loop.micro_batches, pp_max_in_flight=self.pp_loop.max_in_flight,
                          pp_micro_batch_cap=self.micro_batch_cap, pp_busy_s=self.runner.busy.busy_s(),
