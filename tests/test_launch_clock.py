@@ -62,6 +62,23 @@ def test_a_prefill_that_was_waited_for_starts_the_next_steps_clock():
     assert list(clock.durations[4]) == [pytest.approx(0.006)]
 
 
+def test_it_tells_when_new_requests_came():
+    """/server_info's record of arrivals with a decode step in flight: during a wait, and how long after the end of
+    the step before; or found at once, having come before the turn (too late for the wait, or with none)."""
+    clock = LaunchClock(True)
+    end = _steady(clock, 0.006)
+    clock.arrived(2, True, end + 0.003)
+    clock.arrived(1, True, end + 0.001)
+    clock.arrived(3, False, end + 0.0045)
+    clock.arrived(0, True, end + 0.002)  # a turn with no new request
+    shown = clock.state()
+    assert shown["arrived_in_wait"] == 3 and shown["arrived_before_turn"] == 3
+    assert shown["arrival_ms_after_step_end"] == {"p10": 1.0, "p50": 3.0, "p90": 3.0}
+    off = LaunchClock(False)
+    off.arrived(2, False, 1.0)
+    assert off.arrived_before == 0
+
+
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")

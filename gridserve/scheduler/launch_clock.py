@@ -30,6 +30,10 @@ class LaunchClock:
         # with a prefill in flight); or none because the step in flight should end within the margin
         self.outcomes: Counter = Counter()
         self.waited_s = 0.0  # the waits granted, in all
+        # new requests with a decode step in flight: how many came during a wait, and how long after the end of the
+        # step before it (when the host sent that step's tokens on); how many had come before the turn began
+        self.arrived_in_wait: deque = deque(maxlen=1024)
+        self.arrived_before = 0
 
     def synced(self, is_decode: bool, batch_size: int, waited: float, now: float) -> None:
         """The host has read a launched step's tokens: it waited `waited` s for them, until `now`."""
@@ -60,9 +64,27 @@ class LaunchClock:
         self.waited_s += wait
         return wait
 
+    def arrived(self, count: int, in_wait: bool, now: float) -> None:
+        """recv returned `count` new requests; in_wait: it had been waiting for them."""
+        if not (self.enabled and count):
+            return
+        if in_wait and self.device_free_at is not None:
+            self.arrived_in_wait.extend([now - self.device_free_at] * count)
+        elif not in_wait:
+            self.arrived_before += count
+
     def state(self) -> dict:
         """For /server_info: how often the loop waited, and why it did not."""
         return {**{k: self.outcomes[k] for k in ("waited", "no_estimate", "too_late")},
                 "wait_ms": round(self.waited_s * 1e3, 3),
                 "margin_ms": round((max(self.host_times, default=0.0) + SAFETY_S) * 1e3, 3),
-                "step_ms": {size: round(min(d) * 1e3, 3) for size, d in sorted(self.durations.items())}}
+                "step_ms": {size: round(min(d) * 1e3, 3) for size, d in sorted(self.durations.items())},
+                "arrived_in_wait": len(self.arrived_in_wait), "arrived_before_turn": self.arrived_before,
+                "arrival_ms_after_step_end": _percentiles(self.arrived_in_wait)}
+
+
+def _percentiles(values) -> dict:
+    ranked = sorted(values)
+    if not ranked:
+        return {}
+    return {f"p{q}": round(ranked[min(len(ranked) - 1, q * len(ranked) // 100)] * 1e3, 3) for q in (10, 50, 90)}

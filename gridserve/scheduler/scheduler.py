@@ -43,6 +43,7 @@ DECODE_LOG_INTERVAL = 40  # decode steps between two throughput log lines (SGLan
 DECODE_IDLE_GAP_S = 1.0  # a pause between decode steps longer than this is idle time, not decoding
 LOAD_REPORT_INTERVAL_S = 0.05  # a busy replica's token count drifts with every step: report it this often
 
+ARRIVED_IN_WAIT_S = 0.0001  # recv returned after this long: the request came while it waited, not before
 IDLE_POLL_MS = 50  # how long an idle scheduler waits for a request before checking on its parent again
 
 # recv(timeout_ms) returns the messages that arrived, waiting up to timeout_ms for the first (0: none waited for);
@@ -118,11 +119,21 @@ class Scheduler:
         if self.pp_loop is not None:
             return self.pp_loop.run()
         while not self.stopped:
-            msgs = self.recv(self.recv_wait_ms())
-            self.turn_started = time.perf_counter()
+            msgs = self.receive()
             self.process_input_requests(msgs)
             self.run_step()
             self.end_iteration()
+
+    def receive(self) -> list:
+        """This turn's messages, waited for as recv_wait_ms says; the launch clock hears when new requests came."""
+        wait_ms, asked = self.recv_wait_ms(), time.perf_counter()
+        msgs = self.recv(wait_ms)
+        self.turn_started = time.perf_counter()
+        if self.launch_clock.enabled and self.last_batch is not None:
+            in_wait = wait_ms > 0 and self.turn_started - asked > ARRIVED_IN_WAIT_S
+            new = sum(isinstance(m, TokenizedGenerateReq) for m in msgs)
+            self.launch_clock.arrived(new, in_wait, self.turn_started)
+        return msgs
 
     def recv_wait_ms(self) -> int:
         """How long this turn waits for new requests: IDLE_POLL_MS when idle; with a decode step in flight and late
