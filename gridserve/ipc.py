@@ -168,10 +168,21 @@ class Channel:
             self.sock.bind(endpoint) if (kind == zmq.PULL if bind is None else bind) else self.sock.connect(endpoint)
 
     def send(self, obj: object) -> None:
-        self.sock.send(wire.encode(obj) if self.typed else pickle.dumps(obj, pickle.HIGHEST_PROTOCOL), self.flags)
+        self.sock.send(self._encode(obj), self.flags)
+
+    def try_send(self, obj: object) -> bool:
+        """Sends obj unless that would block (no peer, or its queue full): False then, and nothing sent."""
+        try:
+            self.sock.send(self._encode(obj), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
 
     def recv(self) -> object:
         return self._decode(self.sock.recv())
+
+    def _encode(self, obj: object) -> bytes:
+        return wire.encode(obj) if self.typed else pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
 
     def _decode(self, data: bytes) -> object:
         return wire.decode(data) if self.typed else pickle.loads(data)

@@ -141,7 +141,8 @@ class Deployment:
             push = Channel(self._zmq, zmq.PUSH, ports.request_input, ports.typed)
             self.tm = TokenizerManager(tokenizer, self.scheduler_info, cfg.vocab_size, push.send,
                                        args.model_name, args.random_seed, args.dp_size,
-                                       args.abort_on_priority_when_disabled and not args.enable_priority_scheduling)
+                                       args.abort_on_priority_when_disabled and not args.enable_priority_scheduling,
+                                       send_now=push.try_send)
             self._pull = Channel(self._zmq, zmq.PULL, ports.tokenizer_input, ports.typed)
             self._threads.append(threading.Thread(target=self._receive_loop, name="gridserve-tm-recv", daemon=True))
         self._threads.append(threading.Thread(target=self._watchdog, name="gridserve-watchdog", daemon=True))
