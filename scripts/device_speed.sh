@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-late fewrows;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-late serving-rate fewrows;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -38,26 +38,36 @@ if has offline; then
       | tee $OUT/offline_Q${mode:+_normal}.log | grep -vE "Warning|warn\(" | tail -8
   done
 fi
-serve_and_bench() {  # $1: tag, $2: extra server flags; 4 client runs against one server
-  $GS serve $L $2 --port 30010 --no-show-progress > $OUT/serve_L_$1.log 2>&1 &
+serve_and_bench() {  # $1: tag, $2: extra server flags, $3: client runs "conc ratio out prompts [rate]" (conc -:
+  # no limit; rate: Poisson arrivals a second), default the three below; one server for all of them
+  local tag=$1 flags=$2 runs=${3:-"4 1 256 64;4 0 256 64;1 1 64 16"}
+  $GS serve $L $flags --port 30010 --no-show-progress > $OUT/serve_L_$tag.log 2>&1 &
   SERVER=$!
   for i in $(seq 240); do curl -sf localhost:30010/health > /dev/null && break; sleep 1; done
-  grep -E "captured" $OUT/serve_L_$1.log | cut -c1-170
-  for run in "4 1 256 64" "4 0 256 64" "1 1 64 16"; do
-    set -- $run
-    echo "== $1/$( [ "$2" = 1 ] && echo fixed || echo random) lengths: max-concurrency $1, out $3, $4 prompts"
+  grep -E "captured" $OUT/serve_L_$tag.log | cut -c1-170
+  local RUNS run conc ratio out n rate
+  IFS=';' read -ra RUNS <<< "$runs"
+  for run in "${RUNS[@]}"; do
+    read -r conc ratio out n rate <<< "$run"
+    echo "== $tag $conc/$( [ "$ratio" = 1 ] && echo fixed || echo random) lengths: max-concurrency $conc, out $out," \
+      "$n prompts${rate:+, $rate requests/s}"
     $GS bench serving --base-url http://127.0.0.1:30010 --dataset-name random --random-input-len 256 \
-      --random-output-len $3 --random-range-ratio $2 --num-prompts $4 --max-concurrency $1 --disable-tqdm \
+      --random-output-len $out --random-range-ratio $ratio --num-prompts $n \
+      $( [ "$conc" = - ] || echo --max-concurrency $conc ) ${rate:+--request-rate $rate} --disable-tqdm \
       --output-file $OUT/serving_L.jsonl 2>&1 | grep -E "TTFT|TPOT|Output token throughput"
   done
-  curl -s localhost:30010/server_info > $OUT/server_info_$1.json
-  python3 -c "import json; s = json.load(open('$OUT/server_info_$1.json'))['internal_states'][0]; \
+  curl -s localhost:30010/server_info > $OUT/server_info_$tag.json
+  python3 -c "import json; s = json.load(open('$OUT/server_info_$tag.json'))['internal_states'][0]; \
 print('late launch:', s['late_launch'])" 2>/dev/null
   kill $SERVER; wait $SERVER
 }
 if has serving; then  # ratio 1: every request 256/256, so arrivals come in lockstep; ratio 0: SGLang's default
   serve_and_bench graphs ""
   grep -E "prefill batch" $OUT/serve_L_graphs.log | tail -12 | cut -c1-170
+fi
+if has serving-rate; then  # Poisson arrivals, so they fall anywhere in a decode step (a closed loop's successors all
+  # land at one phase of it): late launch against the default, random lengths
+  for flag in "" "--enable-late-launch"; do serve_and_bench rate${flag:+_late} "$flag" "- 0 256 64 3"; done
 fi
 if has serving-prefill; then  # the same with one 256-token prompt a prefill batch: four prompts arriving together
   # then get their first tokens one after another (~6, 12, 18, 24 ms) instead of all at once after ~24 ms
