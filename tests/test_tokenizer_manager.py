@@ -6,6 +6,7 @@ import asyncio
 import pytest
 import zmq
 
+from gridserve.managers import tokenizer_manager
 from gridserve.managers.tokenizer_manager import TokenizerManager
 from gridserve.sampling.sampling_params import SamplingParams
 
@@ -149,7 +150,8 @@ def test_a_request_leaves_from_its_event_loop_unless_an_earlier_message_is_still
     """send_now sends from the posting thread (no hop to the sender thread, which waited for the GIL until the event
     loop's turn ended: ~0.5 ms of every TTFT on a GPU host). A message that finds the socket unable to take it
     without blocking goes to the sender thread, and every later one follows it there until it has left: the
-    order holds. Real ZMQ underneath; the wrappers only record the thread and hold the blocking send."""
+    order holds. So does a large prompt, not to be encoded on the event loop. Real ZMQ underneath; the wrappers
+    only record the thread and hold the blocking send."""
     import threading
     import time
 
@@ -192,6 +194,11 @@ def test_a_request_leaves_from_its_event_loop_unless_an_earlier_message_is_still
         [last] = asyncio.run(submit(1))  # nothing on its way now: it leaves from the event loop's thread
         assert pull.sock.poll(2000) and pull._decode(pull.sock.recv()).rid == last.rid
         assert sent_by[-1] == ("now", threading.main_thread().name)
+        with pytest.MonkeyPatch.context() as mp:  # a large prompt is encoded on the sender thread, not the loop
+            mp.setattr(tokenizer_manager, "DIRECT_SEND_MAX_TOKENS", 2)
+            [big] = asyncio.run(submit(1))  # 3 prompt tokens
+            assert pull.sock.poll(2000) and pull._decode(pull.sock.recv()).rid == big.rid
+        assert sent_by[-1] == ("queued", "gridserve-tm-send")
     finally:
         tm.close()
         ctx.destroy(linger=0)
