@@ -31,9 +31,9 @@ def init_child_process(title: str, log_level: str) -> int:
 def freeze_startup_objects() -> None:
     """Called once a process has built what it keeps for life (torch, the model, the tokenizer, the HTTP stack):
     frozen, the garbage collector never walks those objects again. A full collection over them took ~95 ms on
-    the imports alone (170,000 objects) and 134 ms inside a GPU scheduler mid-run, where it stalls every request;
-    the final one at exit took seconds on a busy CPU. (No collection first: it would cost a third of a second of
-    start-up to free a handful of objects.)"""
+    the imports alone (170,000 objects), a stall for every request in flight whenever one runs; the final one at
+    exit took seconds on a busy CPU. (No collection first: it would cost a third of a second of start-up to free a
+    handful of objects.)"""
     gc.freeze()
 
 
