@@ -65,6 +65,34 @@ def test_random_dataset(server, tmp_path, capsys):
     print(out)
 
 
+def test_requests_one_after_another_keep_their_connection(server):
+    """Each stream is read to its end, so the next request reuses the connection: one left unread closed it, and
+    every request paid for a new connection inside its TTFT. The client's local port tells the connection."""
+    import asyncio
+
+    import httpx
+
+    from gridserve.bench.datasets import BenchRequest
+    from gridserve.bench.serving import send_request
+
+    ports = []
+
+    async def note_port(response: httpx.Response) -> None:
+        ports.append(response.extensions["network_stream"].get_extra_info("client_addr")[1])
+
+    async def run() -> list:
+        hooks = {"response": [note_port]}
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, event_hooks=hooks) as client:
+            body = {"model": "SmolLM2-135M-Instruct", "prompt": "The capital of France is", "max_tokens": 4,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            return [await send_request(client, server.url + "/v1/completions", body, BenchRequest("x", 5, 4))
+                    for _ in range(4)]
+
+    outs = asyncio.run(run())
+    assert all(o.success and o.output_len == 4 for o in outs), [o.error for o in outs]
+    assert len(ports) == 4 and len(set(ports)) == 1, ports
+
+
 def test_shared_prefix_chat_at_a_request_rate(server, tmp_path):
     rc, results = bench(server, tmp_path, "--dataset-name", "generated-shared-prefix", "--endpoint", "chat",
                         "--gsp-num-groups", "2", "--gsp-prompts-per-group", "2", "--gsp-system-prompt-len", "48",
