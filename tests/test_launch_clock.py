@@ -27,8 +27,9 @@ def _steady(clock: LaunchClock, step_s: float, n: int = 3, start: float = 10.0, 
 def test_the_wait_ends_a_host_launch_before_the_step_in_flight_should():
     clock = LaunchClock(True)
     end = _steady(clock, 0.006)
-    clock.launched(0.0004)
-    clock.launched(0.0003)
+    clock.launched(0.0004, True)
+    clock.launched(0.0003, True)
+    clock.launched(0.0012, False)  # a prefill's launch follows an arrival, which ended the wait: not the margin
     # the step now in flight started at `end` and should take 6 ms; the launch needs 0.4 ms (the longest) + SAFETY_S
     assert clock.wait_s(True, 4, end + 0.001) == pytest.approx(0.006 - 0.001 - 0.0004 - SAFETY_S)
     assert clock.wait_s(True, 4, end + 0.0058) == 0.0  # too late to wait at all

@@ -3,14 +3,15 @@
 The overlap loop launches step i+1 before it waits for step i's tokens, so the device never idles between steps. A
 request that arrives while step i runs is seen once step i is done; by then step i+1 has started, and the request's
 prefill queues behind it too: on average one and a half decode steps before the prefill begins, against half a step
-in the normal loop. With late launch, the loop waits for new requests until just before step i should end and only
-then launches step i+1, so a request that arrives in that window prefills right after step i.
+in the normal loop (for arrivals spread over a step; a closed-loop client's successors can all land at one point of
+it). With late launch, the loop waits for new requests until just before step i should end and only then launches
+step i+1, so a request that arrives in that window prefills right after step i.
 
 When step i ends follows from the step before it: if the host had to wait for step i-1's tokens, the device was busy
 until that wait returned, and step i, queued by then, started at that moment. Step i takes about as long as the
 recent decode steps of as many requests (the shortest of the last few: contexts grow slowly, and a guess that is too
 long would leave the device idle). The loop stops waiting `margin` before that end: the longest recent time the host
-took from the end of its wait to the launch, plus SAFETY_S. Without a measured step (the first steps, a prefill in
+took from the end of its wait to a decode launch, plus SAFETY_S. Without a measured step (the first steps, a prefill in
 flight, a host that fell behind) it does not wait at all: the plain overlap loop."""
 
 from collections import Counter, deque
@@ -24,7 +25,7 @@ class LaunchClock:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.durations: dict[int, deque] = {}  # decode batch size -> recent step times (s)
-        self.host_times: deque = deque(maxlen=RECENT)  # from the end of a wait to the launch after it (s)
+        self.host_times: deque = deque(maxlen=RECENT)  # from the end of a wait to the decode launch after it (s)
         self.device_free_at: float | None = None  # when the latest waited-for step ended, if the host waited for it
         # what each prediction gave (shown in /server_info): a wait; none for want of a measured decode step (or
         # with a prefill in flight); or none because the step in flight should end within the margin
@@ -45,9 +46,12 @@ class LaunchClock:
             self.durations.setdefault(batch_size, deque(maxlen=RECENT)).append(now - self.device_free_at)
         self.device_free_at = now if blocked else None
 
-    def launched(self, host_time: float) -> None:
-        """The loop launched a step `host_time` s after its wait for new requests ended."""
-        if self.enabled:
+    def launched(self, host_time: float, is_decode: bool) -> None:
+        """The loop launched a step `host_time` s after its wait for new requests ended. Only decode launches set
+        the margin: the launch after a full wait is a decode, and a prefill follows an arrival, which ends the wait
+        early (a prefill's launch, ~1 ms on the 8B against ~0.3, had closed the window 1.2-1.6 ms before the step's
+        end on an H100)."""
+        if self.enabled and is_decode:
             self.host_times.append(host_time)
 
     def wait_s(self, in_flight_is_decode: bool, in_flight_size: int, now: float) -> float:

@@ -163,7 +163,7 @@ class Scheduler:
         batch = self.get_next_batch_to_run()
         if batch is not None:
             self.launch_batch(batch)
-            self.launch_clock.launched(time.perf_counter() - self.turn_started)
+            self.launch_clock.launched(time.perf_counter() - self.turn_started, batch.mode.is_decode())
         if self.use_overlap:
             batch, self.last_batch = self.last_batch, batch
         if batch is not None:
