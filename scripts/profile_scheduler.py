@@ -41,8 +41,9 @@ def main() -> None:
     a = p.parse_args()
     args = ServerArgs.from_cli_args(a)
     path = resolve_model_path(args.model_path)
-    # Only --ttft reads the outputs. Kept over a whole offline run, they were a million objects by its end, and the
-    # full collections over them stalled the profiled loop for up to 61 ms (a scheduler process sends them on).
+    # Only --ttft reads the outputs. Kept over a whole offline run, they were hundreds of thousands of objects by its
+    # end, and full collections over them stalled the profiled loop for up to 61 ms (a scheduler process sends them
+    # on).
     sent: list = []
     sched = Scheduler(args, path, load_model_config(path), None, lambda timeout_ms: [],
                       sent.append if a.ttft else (lambda msg: None))

@@ -189,7 +189,7 @@ def test_a_request_leaves_from_its_event_loop_unless_an_earlier_message_is_still
         assert [how for how, _ in sent_by] == ["queued"] * 3
         assert {name for _, name in sent_by} == {"gridserve-tm-send"}
         deadline = time.monotonic() + 5
-        while tm._unsent and time.monotonic() < deadline:  # the sender counts a message out after its send returns
+        while tm._outbox.unfinished_tasks and time.monotonic() < deadline:  # counted out after its send returns
             time.sleep(0.01)
         [last] = asyncio.run(submit(1))  # nothing on its way now: it leaves from the event loop's thread
         assert pull.sock.poll(2000) and pull._decode(pull.sock.recv()).rid == last.rid

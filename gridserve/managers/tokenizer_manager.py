@@ -151,12 +151,11 @@ class TokenizerManager:
         # that posts it (send_now) when nothing posted before it is still on its way and the socket takes it without
         # blocking; else it joins a queue that a sender thread drains, so no event loop ever waits on the socket.
         # The thread hop cost ~0.5 ms of every request's TTFT: the sender waited for the GIL until the event loop's
-        # turn ended. ZMQ sockets are not thread-safe: _socket_lock makes their use one thread at a time.
+        # turn ended. ZMQ sockets are not thread-safe: _socket_lock makes their use one thread at a time. The
+        # outbox's unfinished_tasks counts the messages queued or in the sender thread's hands (task_done once sent).
         self._outbox: queue.Queue = queue.Queue(OUTBOX_SIZE)
         self._send_now = send_now
         self._socket_lock = threading.Lock()
-        self._unsent = 0  # messages in the outbox or in the sender thread's hands
-        self._unsent_lock = threading.Lock()
         threading.Thread(target=self._sender, args=(send,), name="gridserve-tm-send", daemon=True).start()
         # Requests started in one turn of an event loop leave together, as one message (see _send_soon).
         self._pending: list[TokenizedGenerateReq] = []
@@ -181,15 +180,13 @@ class TokenizerManager:
         if (self._send_now is not None and _prompt_tokens(msg) <= DIRECT_SEND_MAX_TOKENS
                 and self._socket_lock.acquire(blocking=False)):
             try:
-                if self._unsent == 0 and self._send_now(msg):
+                if self._outbox.unfinished_tasks == 0 and self._send_now(msg):
                     return
             except Exception:  # noqa: BLE001 - the sender thread meets the error again and fails the requests
                 pass
             finally:
                 self._socket_lock.release()
-        with self._unsent_lock:
-            self._outbox.put_nowait(msg)
-            self._unsent += 1
+        self._outbox.put_nowait(msg)
 
     def _send_soon(self, req: TokenizedGenerateReq) -> None:
         """Queues a request to leave with every other one started in this turn of the event loop, as one message (a
@@ -235,8 +232,7 @@ class TokenizerManager:
                     try:
                         send(msg)
                     finally:
-                        with self._unsent_lock:
-                            self._unsent -= 1
+                        self._outbox.task_done()
             except Exception as e:  # a closed socket at shutdown, or a message that cannot be encoded
                 logger.exception("sending %s to the schedulers failed", type(msg).__name__)
                 for m in msg if isinstance(msg, list) else [msg]:
