@@ -104,6 +104,79 @@ def test_shared_prefix_chat_at_a_request_rate(server, tmp_path):
     assert r["total_input_tokens"] > 4 * (48 + 8)  # words are >= 1 token each, plus the chat template
 
 
+def write_sharegpt(path) -> str:
+    """A ShareGPT file as SGLang's and vLLM's benchmarks read it, with entries their sampling skips."""
+    convs = [[("human", f"Question {i}: name a river in Europe and say where it flows."),
+              ("gpt", "The Danube flows from Germany to the Black Sea, through ten countries on its way.")]
+             for i in range(5)]
+    data = [{"id": str(i), "conversations": [{"from": who, "value": text} for who, text in c]}
+            for i, c in enumerate(convs)]
+    data += [{"id": "one turn", "conversations": [{"from": "human", "value": "Hello there, how are you?"}]},
+             {"id": "short answer", "conversations": [{"from": "human", "value": "Say yes or no."},
+                                                      {"from": "gpt", "value": "Yes"}]},
+             {"id": "no turns"}, "not a conversation"]
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_sharegpt_dataset(server, tmp_path):
+    from gridserve.model_loader.paths import default_model_path
+
+    data = write_sharegpt(tmp_path / "sharegpt.json")
+    rc, results = bench(server, tmp_path, "--dataset-name", "sharegpt", "--dataset-path", data, "--tokenizer",
+                        default_model_path(), "--num-prompts", "8", "--max-concurrency", "2",
+                        "--sharegpt-output-len", "3", "--warmup-requests", "1")
+    assert rc == 0
+    [r] = results
+    assert_sane(r, 6, 3)  # the 6 conversations of two turns: the file runs out before 8
+    assert r["dataset_name"] == "sharegpt"
+    assert 5 * 12 + 4 <= r["total_input_tokens"] <= 5 * 30 + 10  # the server's count of the questions' text
+
+
+def test_sharegpt_sampling_follows_sglang(tmp_path):
+    import random
+
+    from gridserve.bench.datasets import load_sharegpt, sample_sharegpt
+    from gridserve.model_loader.paths import default_model_path
+    from gridserve.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(default_model_path())
+    pairs = load_sharegpt(write_sharegpt(tmp_path / "sharegpt.json"))
+    rivers = [f"Question {i}: name a river in Europe and say where it flows." for i in range(5)]
+    assert [p[0] for p in pairs] == [*rivers, "Say yes or no."]  # the entries without two turns are left out
+    pairs.append(("a question of some words", "an answer"))
+    reqs = sample_sharegpt(pairs, random.Random(0), 10, tok, as_ids=False)
+    assert sorted(r.prompt for r in reqs) == sorted([*rivers, "a question of some words"])  # "Yes": one token
+    answers = dict(pairs)
+    for r in reqs:
+        assert r.prompt_len == len(tok.encode(r.prompt, add_special_tokens=False))
+        assert r.output_len == len(tok.encode(answers[r.prompt], add_special_tokens=False))
+    assert sample_sharegpt(pairs, random.Random(0), 10, tok, as_ids=False) == reqs  # seeded
+    assert [r.prompt for r in sample_sharegpt(pairs, random.Random(1), 6, tok, as_ids=False)] != [
+        r.prompt for r in reqs]  # and shuffled by the seed
+    [one] = sample_sharegpt(pairs, random.Random(1), 1, tok, as_ids=True, output_len=7)
+    assert isinstance(one.prompt, list) and len(one.prompt) == one.prompt_len and one.output_len == 7
+    short = next(r for r in reqs if r.prompt == "a question of some words")
+    fits = sample_sharegpt(pairs, random.Random(0), 10, tok, as_ids=False,
+                           context_len=short.prompt_len + short.output_len)
+    assert fits == [short]  # the river questions are longer
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "Expecting property name"), ('{"conversations": []}', "a JSON list of conversations"),
+    ('[{"conversations": [{"value": "only one turn"}]}]', "no conversation with two turns"),
+])
+def test_sharegpt_file_errors_exit_2(tmp_path, capsys, content, message):
+    from gridserve.model_loader.paths import default_model_path
+
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    assert main(["bench", "serving", "--dataset-name", "sharegpt", "--dataset-path", str(path), "--tokenizer",
+                 default_model_path()]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"gridserve bench serving: error: --dataset-path {path}") and message in err, err
+
+
 def test_sweep_of_two_rates_plots(server, tmp_path, capsys):
     plot = tmp_path / "sweep.png"
     try:
@@ -143,6 +216,8 @@ def test_api_key_from_the_flag_or_the_environment_and_a_clear_401(server, tmp_pa
     (["--sweep-request-rates", "1,x"], "--sweep-request-rates: 'x' is not a number"),
     (["--max-concurrency", "0"], "--max-concurrency must be >= 1"),
     (["--endpoint", "chat", "--prompt-format", "token-ids"], "--prompt-format token-ids needs"),
+    (["--dataset-name", "sharegpt"], "--dataset-name sharegpt needs --dataset-path"),
+    (["--sharegpt-output-len", "0"], "--sharegpt-output-len must be >= 1"),
 ])
 def test_bad_flags_exit_2(flags, message, capsys):
     assert main(["bench", "serving", *flags]) == 2

@@ -1,13 +1,17 @@
-"""Synthetic workloads of `gridserve bench serving`: SGLang's `random` and `generated-shared-prefix` datasets.
+"""Workloads of `gridserve bench serving`: SGLang's synthetic `random` and `generated-shared-prefix` datasets, and
+`sharegpt`, real conversations from a local file in ShareGPT's format (what SGLang's and vLLM's benchmarks use by
+default; they download it, this reads `--dataset-path`).
 
 Prompt format. The completions endpoint accepts a list of token ids as `prompt`, so by default (`--prompt-format
 auto`) prompts for /v1/completions are sent as token ids: the input length is then exact, with no tokenizer and
 no retokenization drift. The chat endpoint only takes text: with `--tokenizer` the text is random token ids
 decoded (SGLang's way; its length is counted by retokenizing), without one it is random common English words
-(about one token each; the token counts reported by the server in `usage` are what the metrics use).
+(about one token each; the token counts reported by the server in `usage` are what the metrics use). ShareGPT
+prompts are their text, or its token ids with `--prompt-format token-ids`.
 """
 
 import argparse
+import json
 import random
 from dataclasses import dataclass
 
@@ -35,8 +39,9 @@ class BenchRequest:
 
 def add_dataset_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("dataset")
-    g.add_argument("--dataset-name", choices=("random", "generated-shared-prefix"), default="random")
-    g.add_argument("--num-prompts", type=int, default=200, help="requests of the random dataset")
+    g.add_argument("--dataset-name", choices=("random", "generated-shared-prefix", "sharegpt"), default="random")
+    g.add_argument("--dataset-path", help="sharegpt: a JSON list of {'conversations': [{'value': ...}, ...]}")
+    g.add_argument("--num-prompts", type=int, default=200, help="requests of the random and sharegpt datasets")
     g.add_argument("--random-input-len", type=int, default=1024)
     g.add_argument("--random-output-len", type=int, default=1024)
     g.add_argument("--random-range-ratio", type=float, default=0.0,
@@ -46,6 +51,10 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gsp-system-prompt-len", type=int, default=2048)
     g.add_argument("--gsp-question-len", type=int, default=128)
     g.add_argument("--gsp-output-len", type=int, default=256)
+    g.add_argument("--sharegpt-output-len", type=int,
+                   help="sharegpt: every request's output tokens (default: the reference answer's token count)")
+    g.add_argument("--sharegpt-context-len", type=int,
+                   help="sharegpt: skip conversations whose prompt and answer pass this many tokens")
     g.add_argument("--prompt-format", choices=("auto", "token-ids", "text"), default="auto",
                    help="auto: token ids for the completions endpoint (exact lengths), text for chat")
 
@@ -61,6 +70,12 @@ def validate_dataset_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--random-range-ratio must be in [0, 1], got {args.random_range_ratio}")
     if args.prompt_format == "token-ids" and args.endpoint == "chat":
         raise ValueError("--prompt-format token-ids needs --endpoint completions (chat messages are text)")
+    for name in ("sharegpt_output_len", "sharegpt_context_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.dataset_name == "sharegpt" and not (args.dataset_path and args.tokenizer):
+        raise ValueError("--dataset-name sharegpt needs --dataset-path (a ShareGPT JSON file) and --tokenizer (to "
+                         "count the prompts' and answers' tokens)")
 
 
 class PromptMaker:
@@ -113,7 +128,55 @@ def sample_shared_prefix(maker: PromptMaker, groups: int, per_group: int, system
     return out
 
 
+def load_sharegpt(path: str) -> list[tuple[str, str]]:
+    """(first turn, second turn) of every conversation in a ShareGPT file that has two turns or more. Raises
+    ValueError, naming the file, when it cannot be read or is not a list of conversations."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--dataset-path {path}: {e}") from None
+    if not isinstance(data, list):
+        raise ValueError(f"--dataset-path {path}: a ShareGPT file is a JSON list of conversations")
+    pairs = []
+    for entry in data:
+        turns = entry.get("conversations") if isinstance(entry, dict) else None
+        if isinstance(turns, list) and len(turns) >= 2 and all(isinstance(t, dict) for t in turns[:2]):
+            first, second = turns[0].get("value"), turns[1].get("value")
+            if isinstance(first, str) and isinstance(second, str):
+                pairs.append((first, second))
+    return pairs
+
+
+def sample_sharegpt(pairs: list[tuple[str, str]], rng: random.Random, num: int, tokenizer, as_ids: bool,
+                    output_len: int | None = None, context_len: int | None = None) -> list[BenchRequest]:
+    """SGLang's sharegpt sampling: the conversations in a seeded order, each prompt its first turn and its output
+    length the second turn's tokens (or `output_len`); conversations with fewer than 2 tokens either way, or
+    longer than `context_len` in all, are skipped. Up to `num` requests: fewer when the file runs out."""
+    order = list(range(len(pairs)))
+    rng.shuffle(order)
+    out = []
+    for i in order:
+        if len(out) == num:
+            break
+        prompt, answer = pairs[i]
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        n_out = output_len or len(tokenizer.encode(answer, add_special_tokens=False))
+        if len(ids) < 2 or n_out < 2 or (context_len and len(ids) + n_out > context_len):
+            continue
+        out.append(BenchRequest(ids if as_ids else prompt, len(ids), n_out))
+    return out
+
+
 def build_requests(args: argparse.Namespace, tokenizer=None) -> list[BenchRequest]:
+    """The run's requests, seeded by --seed. Raises ValueError for a ShareGPT file that yields none."""
+    if args.dataset_name == "sharegpt":
+        reqs = sample_sharegpt(load_sharegpt(args.dataset_path), random.Random(args.seed), args.num_prompts, tokenizer,
+                               args.prompt_format == "token-ids", args.sharegpt_output_len, args.sharegpt_context_len)
+        if not reqs:
+            raise ValueError(f"--dataset-path {args.dataset_path}: no conversation with two turns of 2 tokens or more"
+                             " (within --sharegpt-context-len)")
+        return reqs
     as_ids = args.prompt_format == "token-ids" or (args.prompt_format == "auto" and args.endpoint == "completions")
     maker = PromptMaker(random.Random(args.seed), as_ids, tokenizer)
     if args.dataset_name == "random":

@@ -476,5 +476,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
     count_tokens = (lambda text: len(tokenizer.encode(text, add_special_tokens=False))) if tokenizer else None
     args.base_url = args.base_url.rstrip("/")
-    requests = build_requests(args, tokenizer)
+    try:
+        requests = build_requests(args, tokenizer)
+    except ValueError as e:  # a ShareGPT file that cannot be read or holds no usable conversation
+        print(f"gridserve bench serving: error: {e}", file=sys.stderr)
+        return 2
     return asyncio.run(_main(args, count_tokens, requests))
