@@ -38,7 +38,7 @@ GROUPS = {
                    "priority_scheduling_preemption_threshold", "abort_on_priority_when_disabled"],
     "GPU speed": ["attention_backend", "cuda_graph_max_bs", "disable_cuda_graph", "piecewise_cuda_graph_max_tokens",
                   "disable_piecewise_cuda_graph", "disable_overlap_schedule", "enable_overlap_schedule",
-                  "enable_late_launch", "enable_pdl"],
+                  "disable_late_launch", "enable_pdl"],
     "parallelism": ["tp_size", "ep_size", "pp_size", "pp_max_micro_batch_size", "pp_layer_partition", "dp_size",
                     "load_balance_method", "base_gpu_id", "gpu_id_step"],
     "several nodes": ["nnodes", "node_rank", "dist_init_addr", "dist_timeout", "dist_ifname"],
@@ -96,10 +96,11 @@ class ServerArgs:
     disable_overlap_schedule: bool = _opt(False, "wait for each step before scheduling the next (the overlap "
                                                  "loop is the default on CUDA)")
     enable_overlap_schedule: bool = _opt(False, "use the overlap loop on CPU too, where it is off by default")
-    enable_late_launch: bool = _opt(False, "overlap loop: launch each decode step just before the one in flight "
-                                           "should end, waiting for new requests until then, so that one arriving "
-                                           "meanwhile prefills after that step rather than after the next too "
-                                           "(TTFT while others decode)")
+    disable_late_launch: bool = _opt(False, "overlap loop: launch each decode step as soon as the one before it is "
+                                            "queued, instead of just before that one should end (late launch waits "
+                                            "for new requests until then, so that one arriving meanwhile prefills "
+                                            "after that step rather than after the next too: TTFT while others "
+                                            "decode)")
     enable_pdl: bool = _opt(False, "launch the Triton kernels of a step with programmatic dependent launch (Hopper "
                                    "and later GPUs): each may be scheduled while the one before it finishes")
     random_seed: int = _opt(0, "seed for requests that do not give one")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-late serving-rate fewrows prefillgemm;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -66,20 +66,20 @@ if has serving; then  # ratio 1: every request 256/256, so arrivals come in lock
   grep -E "prefill batch" $OUT/serve_L_graphs.log | tail -12 | cut -c1-170
 fi
 if has serving-rate; then  # Poisson arrivals, so they fall anywhere in a decode step (a closed loop's successors all
-  # land at one phase of it): late launch against the default, random lengths
-  for flag in "" "--enable-late-launch"; do serve_and_bench rate${flag:+_late} "$flag" "- 0 256 64 3"; done
+  # land at one phase of it): the default (late launch) against launching at once, random lengths
+  for flag in "" "--disable-late-launch"; do serve_and_bench rate${flag:+_early} "$flag" "- 0 256 64 3"; done
 fi
 if has serving-prefill; then  # the same with one 256-token prompt a prefill batch: four prompts arriving together
   # then get their first tokens one after another (~6, 12, 18, 24 ms) instead of all at once after ~24 ms
   serve_and_bench prefill256 "--max-prefill-tokens 256"
 fi
-if has serving-late; then  # the same with --enable-late-launch (a new request's prefill no longer queues behind a
-  # second decode step: random-length TTFT at concurrency 4 should drop by most of a step), and the same server's
-  # normal loop for reference; then offline Q with it, which must not lose throughput
-  serve_and_bench late "--enable-late-launch"
+if has serving-early; then  # the same with --disable-late-launch (each decode step launched at once, so a new
+  # request's prefill also queues behind the step after the one in flight), and the same server's normal loop for
+  # reference; then offline Q with it, against `offline`'s default run
+  serve_and_bench early "--disable-late-launch"
   serve_and_bench normal_loop "--disable-overlap-schedule"
-  $GS bench offline $Q --enable-late-launch --no-show-progress --output-json $OUT/offline_Q_late.json 2>&1 \
-    | tee $OUT/offline_Q_late.log | grep -vE "Warning|warn\(" | tail -3
+  $GS bench offline $Q --disable-late-launch --no-show-progress --output-json $OUT/offline_Q_early.json 2>&1 \
+    | tee $OUT/offline_Q_early.log | grep -vE "Warning|warn\(" | tail -3
 fi
 if has serving-eager; then  # the same without the prefill graphs
   serve_and_bench eager_prefill "--disable-piecewise-cuda-graph"

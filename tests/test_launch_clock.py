@@ -1,5 +1,6 @@
-"""--enable-late-launch: the overlap loop's prediction of when the decode step in flight ends (LaunchClock, on
-given times), and the scheduler's event loop waiting for requests that long, through a real Scheduler on CPU.
+"""Late launch (on unless --disable-late-launch): the overlap loop's prediction of when the decode step in flight
+ends (LaunchClock, on given times), and the scheduler's event loop waiting for requests that long, through a real
+Scheduler on CPU.
 
 On CPU a step's tokens are ready when its launch returns, so the host never waits for them and the clock never
 predicts a wait by itself; the GPU runs of docs/benchmarks.md measure what it buys there."""
@@ -92,7 +93,7 @@ def _run_loop(model: str, late: bool) -> tuple[dict, list, dict]:
     taken as waited for and 80 ms long (on CPU the host never waits: its launch computes the step). Returns the
     tokens of each request, recv's (timeout_ms, idle, decode in flight) at each call, and the scheduler's state."""
     args = ServerArgs(model_path=model, dtype="float32", device="cpu", max_total_tokens=2048,
-                      enable_overlap_schedule=True, enable_late_launch=late, show_progress=False)
+                      enable_overlap_schedule=True, disable_late_launch=not late, show_progress=False)
     calls, outputs = [], []
     params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
     pending = [[TokenizedGenerateReq(f"r{i}", [5, 7, 9, 11 + i], params, i) for i in range(2)]]

@@ -1,4 +1,4 @@
-"""When the overlap loop launches its next decode step (--enable-late-launch).
+"""When the overlap loop launches its next decode step (late launch; off with --disable-late-launch).
 
 The overlap loop launches step i+1 before it waits for step i's tokens, so the device never idles between steps. A
 request that arrives while step i runs is seen once step i is done; by then step i+1 has started, and the request's

@@ -88,7 +88,7 @@ class Scheduler:
         self.last_tokens = None  # the device tensor of the latest launched batch's sampled ids
         on_cuda = self.runner.device.type == "cuda"
         self.use_overlap = not args.disable_overlap_schedule and (on_cuda or args.enable_overlap_schedule)
-        self.launch_clock = LaunchClock(args.enable_late_launch and self.use_overlap and self.runner.pp.size == 1)
+        self.launch_clock = LaunchClock(not args.disable_late_launch and self.use_overlap and self.runner.pp.size == 1)
         self.turn_started = time.perf_counter()  # when this loop turn's wait for requests ended
         self.prefill_budget = args.prefill_token_budget
         self.pp_loop = None
