@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -208,6 +208,11 @@ if has fewrows; then  # 2-16 rows (at 4): the tl.dot path's tiles shape by shape
 fi
 if has prefillgemm; then  # issue 20 (TTFT): cuBLAS on a short prompt's linear layers against the floor (~20 s)
   python3 scripts/bench_prefill_gemm.py 2>&1 | grep -v Warning | tee $OUT/prefill_gemm.txt
+fi
+if has prefillgemm2; then  # the same at 128-512 rows against F.linear, swapped operands and Triton tiles (~120 s)
+  python3 scripts/bench_prefill_gemm.py --check 2>&1 | tail -1
+  python3 scripts/bench_prefill_gemm.py --rows 128,256,384,512 --variants 2>&1 | grep -v Warning \
+    | tee $OUT/prefill_gemm_variants.txt
 fi
 if has gemm; then  # issues 19 and 20: decode-sized linear layers (cuBLAS, Triton bf16, Triton FP8), FP8 experts
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py tests/test_decode_gemm.py \
