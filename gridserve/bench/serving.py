@@ -1,7 +1,7 @@
 """`gridserve bench serving`: a load generator for OpenAI-compatible servers (gridserve, SGLang, vLLM), modelled
 on SGLang's `bench_serving` and vLLM's `benchmark_serving`: same flags where they exist, same result block.
 
-Every request is streamed (SSE over aiohttp, the client SGLang's and vLLM's benchmarks use: httpx took ~0.4 ms
+Every request is streamed (SSE over aiohttp, the client SGLang's and vLLM's benchmarks use: httpx took 0.35-0.6 ms
 more of every TTFT on a 2-core CPU, between the call and the request on the wire and between a chunk's arrival and
 its line) and timed on arrival of each chunk:
 - TTFT: request sent -> first chunk with non-empty content.
