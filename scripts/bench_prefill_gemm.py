@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from bench_fp8_gemm import SHAPES  # (out features, in features) of each linear layer, by model
+from gpu_timing import time_ms
 
 from gridserve.bench.roofline import measure_device
 
@@ -83,8 +84,6 @@ def variants(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, with_others: b
 
 def best_times(m: int, w: torch.Tensor, with_others: bool) -> dict:
     """name -> ms a call of each variant at m rows (Triton: the best tile, under "triton"), by CUDA graph replay."""
-    from gpu_timing import time_ms
-
     x = torch.randn(m, w.shape[1], device="cuda", dtype=w.dtype)
     out = torch.empty(m, w.shape[0], device="cuda", dtype=w.dtype)
     times = {}

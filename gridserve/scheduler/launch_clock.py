@@ -62,11 +62,15 @@ class LaunchClock:
             if self.enabled:
                 self.outcomes["no_estimate"] += 1
             return 0.0
-        margin = max(self.host_times, default=0.0) + SAFETY_S
-        wait = max(0.0, self.device_free_at + min(recent) - margin - now)
+        wait = max(0.0, self.device_free_at + min(recent) - self.margin_s() - now)
         self.outcomes["waited" if wait > 0 else "too_late"] += 1
         self.waited_s += wait
         return wait
+
+    def margin_s(self) -> float:
+        """How long before the step in flight should end the wait stops: the longest recent decode launch's host
+        time, plus SAFETY_S."""
+        return max(self.host_times, default=0.0) + SAFETY_S
 
     def arrived(self, count: int, in_wait: bool, now: float) -> None:
         """recv returned `count` new requests; in_wait: it had been waiting for them."""
@@ -81,7 +85,7 @@ class LaunchClock:
         """For /server_info: how often the loop waited, and why it did not."""
         return {**{k: self.outcomes[k] for k in ("waited", "no_estimate", "too_late")},
                 "wait_ms": round(self.waited_s * 1e3, 3),
-                "margin_ms": round((max(self.host_times, default=0.0) + SAFETY_S) * 1e3, 3),
+                "margin_ms": round(self.margin_s() * 1e3, 3),
                 "step_ms": {size: round(min(d) * 1e3, 3) for size, d in sorted(self.durations.items())},
                 "arrived_in_wait": len(self.arrived_in_wait), "arrived_before_turn": self.arrived_before,
                 "arrival_ms_after_step_end": _percentiles(self.arrived_in_wait)}
