@@ -36,7 +36,8 @@ GROUPS = {
                    "schedule_policy", "schedule_conservativeness", "disable_radix_cache", "watchdog_timeout",
                    "enable_priority_scheduling", "schedule_low_priority_values_first",
                    "priority_scheduling_preemption_threshold", "abort_on_priority_when_disabled"],
-    "GPU speed": ["attention_backend", "cuda_graph_max_bs", "disable_cuda_graph", "piecewise_cuda_graph_max_tokens",
+    "GPU speed": ["attention_backend", "disable_cudnn_prefill", "cuda_graph_max_bs", "disable_cuda_graph",
+                  "piecewise_cuda_graph_max_tokens",
                   "disable_piecewise_cuda_graph", "disable_overlap_schedule", "enable_overlap_schedule",
                   "disable_late_launch", "enable_pdl"],
     "parallelism": ["tp_size", "ep_size", "pp_size", "pp_max_micro_batch_size", "pp_layer_partition", "dp_size",
@@ -88,6 +89,9 @@ class ServerArgs:
     disable_radix_cache: bool = _opt(False, "turn off prefix sharing")
     attention_backend: str = _opt("auto", "attention kernels: triton (paged decode + extend; the default on CUDA) "
                                           "or torch (reference; the default on CPU)")
+    disable_cudnn_prefill: bool = _opt(False, "run long prompts' attention (a request's 2,048+ new tokens) with the "
+                                              "Triton kernel instead of cuDNN's fused attention, the default on "
+                                              "Hopper and newer GPUs")
     cuda_graph_max_bs: int = _opt(256, "largest decode batch run as a captured CUDA graph; larger ones run eagerly")
     disable_cuda_graph: bool = _opt(False, "run decode and prefill eagerly (no CUDA graphs)")
     piecewise_cuda_graph_max_tokens: int = _opt(2048, "largest prefill (new tokens in the batch) replayed from "

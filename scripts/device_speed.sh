@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -227,6 +227,15 @@ if has longctx; then  # issue 20: the 8B shape with a 32,000-token prompt: the k
   $GS bench latency ${L/--context-length 4096/--context-length 32768} --input-len 32000 --output-len 64 \
     --num-runs 2 --no-show-progress --output-json $OUT/latency_L_32k.json 2>&1 | tee $OUT/latency_L_32k.log \
     | grep -E "TTFT|TPOT|floor|rror"
+fi
+if has longprefill; then  # issue 20: long prompts' attention through cuDNN (the default on Hopper) against Triton
+  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_long_extend.py 2>&1 | tail -2
+  python3 scripts/bench_extend_sdpa.py 2>&1 | grep -v Warning | tee $OUT/extend_sdpa.txt
+  for flag in "" "--disable-cudnn-prefill"; do
+    $GS bench latency ${L/--context-length 4096/--context-length 32768} $flag --input-len 32000 --output-len 64 \
+      --num-runs 2 --no-show-progress --output-json $OUT/latency_L_32k${flag:+_triton}.json 2>&1 \
+      | tee $OUT/latency_L_32k${flag:+_triton}.log | grep -E "TTFT|TPOT|floor|rror"
+  done
 fi
 if has fp8; then  # issue 20: FP8 weights on the 8B and 30B-A3B shapes: batch-1 latency against bf16, agreement
   for q in "--quantization fp8" ""; do for m in ${FP8_MODELS:-L M}; do

@@ -10,38 +10,14 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from gridserve.attention.triton_ops.extend_attention import extend_attention  # noqa: E402
-from tests.paged_kv import make_paged_kv  # noqa: E402
+from tests.paged_kv import extend_reference as reference  # noqa: E402
+from tests.paged_kv import make_extend_case  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available() else "cpu"
 
 
-def reference(q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, extend_lens, extend_start_loc, scale):
-    num_heads = q.shape[1]
-    group = num_heads // k_buf.shape[1]
-    out = torch.full((q.shape[0], num_heads, v_buf.shape[2]), float("nan"), dtype=torch.float32)
-    k_buf, v_buf = k_buf.cpu(), v_buf.cpu()
-    for i in range(len(seq_lens)):
-        seq_len, n, start = int(seq_lens[i]), int(extend_lens[i]), int(extend_start_loc[i])
-        slots = req_to_token[req_pool_indices[i], :seq_len].long().cpu()
-        k = k_buf[slots].float().repeat_interleave(group, dim=1).transpose(0, 1)  # (H, L, D)
-        v = v_buf[slots].float().repeat_interleave(group, dim=1).transpose(0, 1)
-        qi = q[start : start + n].cpu().float().transpose(0, 1)  # (H, n, D)
-        s = torch.einsum("hnd,hld->hnl", qi, k) * scale
-        visible = torch.ones(n, seq_len, dtype=torch.bool).tril(diagonal=seq_len - n)  # query j sees 0..prefix+j
-        s = s.masked_fill(~visible, float("-inf"))
-        out[start : start + n] = torch.einsum("hnl,hld->hnd", torch.softmax(s, dim=-1), v).transpose(0, 1)
-    return out
-
-
-def make_case(prefix_lens, ext_lens, num_heads, num_kv_heads, head_dim, dtype, seed=0, poison=float("nan")):
-    lens = [p + e for p, e in zip(prefix_lens, ext_lens, strict=True)]
-    g, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens = make_paged_kv(
-        lens, num_kv_heads, head_dim, dtype, seed, poison)
-    extend_lens = torch.tensor(ext_lens, dtype=torch.int64)
-    extend_start_loc = torch.cumsum(extend_lens, 0) - extend_lens
-    q = torch.randn(sum(ext_lens), num_heads, head_dim, generator=g).to(dtype)
-    return tuple(t.to(DEVICE) for t in (q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, extend_lens,
-                                        extend_start_loc))
+def make_case(*args, **kwargs):
+    return make_extend_case(*args, device=DEVICE, **kwargs)
 
 
 BLOCK = 16  # block_m = block_n in the tests, so short shapes still cover several blocks

@@ -56,6 +56,12 @@ class AttentionBackend(ABC):
         """One new token per request; k and v None when the caller stored them already (the fused rotary
         kernel, layers/attention.py)."""
 
+    def long_prefix_bytes(self, context_len: int, prefill_tokens: int, num_heads: int, num_kv_heads: int,
+                          head_dim: int, dtype: torch.dtype) -> int:
+        """Memory a prefill after a cached prefix as long as the context takes beyond one without a prefix (which
+        is what the start-up measures): none, unless the backend copies the prefix."""
+        return 0
+
     def rotates_in_decode(self, fb: ForwardBatch) -> bool:
         """Whether this batch's decode kernel takes q and k raw (forward's `rotation`): one kernel fewer a layer."""
         return False

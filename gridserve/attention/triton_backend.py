@@ -1,16 +1,24 @@
 """Attention with the project's Triton kernels over the paged KV cache: split-KV decode, extend (prefill with a
-cached prefix, causal over the new tokens) and the fused KV store."""
+cached prefix, causal over the new tokens) and the fused KV store. Long extends (a request's 2,048+ new tokens, the
+chunks of a long prompt) go through cuDNN's fused attention where it is usable (long_extend.py)."""
+
+import logging
 
 import torch
 
 from gridserve.attention.base import AttentionBackend, QKRotation
+from gridserve.attention.long_extend import LONG_EXTEND_FROM, attend_long, cudnn_usable, supports
 from gridserve.forward_batch import ForwardBatch
+from gridserve.tensor_utils import to_device
+
+logger = logging.getLogger(__name__)
 
 
 class TritonAttentionBackend(AttentionBackend):
     supports_cuda_graph = True
 
-    def __init__(self, num_kv_splits: int | None = None):
+    def __init__(self, num_kv_splits: int | None = None, device: torch.device | None = None,
+                 cudnn_long_prefill: bool = False):
         from gridserve.attention.triton_ops import DecodeWorkspace, decode_attention, extend_attention, store_kv
         from gridserve.attention.triton_ops.decode_attention import DecodePrep
 
@@ -23,6 +31,10 @@ class TritonAttentionBackend(AttentionBackend):
         self._prep_cls = DecodePrep
         self.num_kv_splits = num_kv_splits  # None: chosen per batch size (decode_attention's default)
         self.workspace = None
+        # requests with this many new tokens or more attend through long_extend.py (0: never)
+        self.long_extend_from = LONG_EXTEND_FROM if cudnn_long_prefill and device and cudnn_usable(device) else 0
+        self.long: list[tuple[int, int, torch.Tensor]] = []  # this batch's long requests: (start, length, slots)
+        self.rest_lens, self.rest_max = None, 0  # the other requests' extend lengths (long ones zeroed), longest
         # The workspace the CUDA graphs were captured with. They keep its addresses and write to it at every replay,
         # so it must stay allocated when a larger eager batch replaces self.workspace (freed, it was reused by other
         # tensors and the next replay corrupted them: an illegal memory access after batches above
@@ -34,6 +46,21 @@ class TritonAttentionBackend(AttentionBackend):
         if fb.forward_mode.is_extend():
             self.extend_lens, self.extend_start_loc = fb.extend_seq_lens, fb.extend_start_loc
             self.max_extend_len = max(fb.extend_seq_lens_cpu)
+            self.long = []
+            if self.long_extend_from and self.max_extend_len >= self.long_extend_from:
+                self._plan_long(fb)
+
+    def _plan_long(self, fb: ForwardBatch) -> None:
+        """Once a batch: each long request's KV slots, and the lengths the Triton kernel takes for the rest."""
+        rest = list(fb.extend_seq_lens_cpu)
+        for i, (start, n) in enumerate(zip(fb.extend_start_loc_cpu, fb.extend_seq_lens_cpu, strict=True)):
+            if n >= self.long_extend_from:
+                row = fb.req_to_token.index_select(0, fb.req_pool_indices[i : i + 1])[0]  # no host sync
+                slots = row[: fb.seq_lens_cpu[i]].long()
+                self.long.append((start, n, slots))
+                rest[i] = 0
+        self.rest_max = max(rest)
+        self.rest_lens = to_device(rest, torch.int64, fb.seq_lens.device) if self.rest_max else None
 
     def store_kv(self, k, v, layer, fb: ForwardBatch) -> None:
         k_buf, v_buf = fb.kv_cache.get_kv(layer.layer_id)
@@ -42,10 +69,39 @@ class TritonAttentionBackend(AttentionBackend):
     def extend_attend(self, q, layer, fb: ForwardBatch, out: torch.Tensor | None = None) -> torch.Tensor:
         k_buf, v_buf = fb.kv_cache.get_kv(layer.layer_id)
         shape = (-1, layer.num_heads, layer.head_dim)
-        out = self._extend(q.view(shape), k_buf, v_buf, fb.req_to_token, fb.req_pool_indices, fb.seq_lens,
-                           self.extend_lens, self.extend_start_loc, layer.scaling, self.max_extend_len,
-                           out=None if out is None else out.view(shape))
+        q, out = q.view(shape), None if out is None else out.view(shape)
+        if self.long and supports(q, k_buf, v_buf):
+            out = self._extend_long(q, k_buf, v_buf, layer, fb, out)
+        else:
+            out = self._extend(q, k_buf, v_buf, fb.req_to_token, fb.req_pool_indices, fb.seq_lens, self.extend_lens,
+                               self.extend_start_loc, layer.scaling, self.max_extend_len, out=out)
         return out.reshape(-1, layer.num_heads * layer.head_dim)
+
+    def _extend_long(self, q, k_buf, v_buf, layer, fb: ForwardBatch, out: torch.Tensor | None) -> torch.Tensor:
+        """The long requests one by one through cuDNN, the others in one Triton launch. If cuDNN refuses (a build
+        without these kernels), a warning, and the Triton kernel from then on."""
+        if out is None:
+            out = q.new_empty(q.shape)
+        try:
+            for start, n, slots in self.long:
+                attend_long(q[start : start + n], k_buf, v_buf, slots, layer.scaling, out[start : start + n])
+        except RuntimeError as e:
+            logger.warning("cuDNN attention failed (%s); long prompts use the Triton kernel from now on", e)
+            self.long, self.long_extend_from = [], 0
+            return self._extend(q, k_buf, v_buf, fb.req_to_token, fb.req_pool_indices, fb.seq_lens, self.extend_lens,
+                                self.extend_start_loc, layer.scaling, self.max_extend_len, out=out)
+        if self.rest_max:
+            self._extend(q, k_buf, v_buf, fb.req_to_token, fb.req_pool_indices, fb.seq_lens, self.rest_lens,
+                         self.extend_start_loc, layer.scaling, self.rest_max, out=out)
+        return out
+
+    def long_prefix_bytes(self, context_len: int, prefill_tokens: int, num_heads: int, num_kv_heads: int,
+                          head_dim: int, dtype: torch.dtype) -> int:
+        """The long path's copy of a request's K/V, and the prefix part's output and log-sum-exp."""
+        if not self.long_extend_from:
+            return 0
+        return (2 * context_len * num_kv_heads + prefill_tokens * num_heads) * head_dim * dtype.itemsize \
+            + 2 * prefill_tokens * num_heads * 4
 
     def init_cuda_graph_state(self, max_bs: int, num_heads: int, head_dim: int, device: torch.device) -> None:
         self._captured = self._workspace_for(max_bs, num_heads, head_dim, device)

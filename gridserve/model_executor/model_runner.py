@@ -56,7 +56,8 @@ class ModelRunner:
         self.tp, self.pp = get_tp_group(), get_pp_group()
         self._sends: list = []  # this stage's sends to the next one still in flight
         self.busy = BusyClock(self.device)  # this stage's time running its layers (pipeline parallelism)
-        self.attn_backend = make_attention_backend(args.attention_backend, self.device)
+        self.attn_backend = make_attention_backend(args.attention_backend, self.device,
+                                                   cudnn_long_prefill=not args.disable_cudnn_prefill)
         self.sampler = Sampler()
         # every rank holds the same tokens (for its heads and layers), so the pool is as large as the smallest
         # rank allows
@@ -94,7 +95,8 @@ class ModelRunner:
             logger.info("KV cache of %d tokens: %s", tokens, why)
             return tokens
         prefill_tokens = self.args.prefill_token_budget
-        peak = measure_activation_peak(self, prefill_tokens)
+        peak = measure_activation_peak(self, prefill_tokens) + self.attn_backend.long_prefix_bytes(
+            self.context_len, prefill_tokens, self.num_heads, self.num_kv_heads, self.head_dim, self.dtype)
         graph_bs = 0 if self.args.disable_cuda_graph else min(self.args.cuda_graph_max_bs,
                                                               self.args.max_running_requests or 1 << 30)
         plan = MemoryPlan.make(self.device, self.args.mem_fraction_static, peak, prefill_tokens, graph_bs,

@@ -1,0 +1,52 @@
+"""A long prompt's extend attention: the Triton kernel against the cuDNN path (attention/long_extend.py; GPU only).
+
+One request, a chunk of --chunk new tokens after prefixes of 0..chunks-1 chunks (a 32k prompt in 8k chunks), its
+K/V at scattered slots of the paged cache, as a used pool has them. The cuDNN path's time includes the K/V gather,
+both fused calls and the merge. Prints ms and TFLOP/s (the causal work, as bench_extend_kernel.py counts it) and
+the largest difference between the two outputs.
+
+    python3 scripts/bench_extend_sdpa.py [--heads 32 --kv-heads 8 --head-dim 128 --chunk 8192 --chunks 4]"""
+
+import argparse
+
+import torch
+from gpu_timing import time_ms
+
+from gridserve.attention.long_extend import attend_long
+from gridserve.attention.triton_ops.extend_attention import extend_attention
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--chunk", type=int, default=8192)
+    p.add_argument("--chunks", type=int, default=4)
+    a = p.parse_args()
+    dev, dt, d = torch.device("cuda"), torch.bfloat16, a.head_dim
+    total, scale = a.chunk * a.chunks, a.head_dim**-0.5
+    k = torch.randn(total + 1, a.kv_heads, d, device=dev, dtype=dt)
+    v = torch.randn(total + 1, a.kv_heads, d, device=dev, dtype=dt)
+    perm = torch.randperm(total, device=dev) + 1  # scattered slots
+    req_to_token = perm.to(torch.int32)[None, :]
+    q = torch.randn(a.chunk, a.heads, d, device=dev, dtype=dt)
+    out = torch.empty_like(q)
+    one = lambda x: torch.tensor([x], device=dev)  # noqa: E731
+    print(f"{torch.cuda.get_device_name()}: {a.heads} heads / {a.kv_heads} KV heads x {d}, chunks of {a.chunk}")
+    print("prefix | Triton ms (TFLOP/s) | cuDNN path ms (TFLOP/s) | speed-up | max |diff|")
+    for i in range(a.chunks):
+        prefix = i * a.chunk
+        flops = 4 * a.heads * d * a.chunk * (prefix + (a.chunk + 1) / 2)
+        slots = perm[: prefix + a.chunk]
+        fns = (lambda prefix=prefix: extend_attention(q, k, v, req_to_token, one(0), one(prefix + a.chunk),  # noqa: E731
+                                                      one(a.chunk), one(0), scale, a.chunk),
+               lambda slots=slots: attend_long(q, k, v, slots, scale, out))  # noqa: E731
+        diff = (fns[0]().float() - fns[1]().float()).abs().max().item()
+        ms = [time_ms(fn, graph=False, iters=5) for fn in fns]
+        print(f"{prefix} | {ms[0]:.2f} ({flops / ms[0] / 1e9:.0f}) | {ms[1]:.2f} ({flops / ms[1] / 1e9:.0f}) | "
+              f"{ms[0] / ms[1]:.2f}x | {diff:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

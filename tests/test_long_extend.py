@@ -1,0 +1,138 @@
+"""Long prompts' attention through a fused SDPA kernel (attention/long_extend.py): the merge kernel, one request's
+two-part attention, and the Triton backend splitting a batch between that path and its own kernel. On this CPU the
+fused kernel is PyTorch's CPU flash kernel and the Triton kernels run under TRITON_INTERPRET=1; with
+TRITON_INTERPRET=0 on a GPU (scripts/device_speed.sh) the same tests run cuDNN's kernel in bfloat16."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from gridserve.attention.long_extend import LONG_EXTEND_FROM, attend_long  # noqa: E402
+from gridserve.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from gridserve.attention.triton_ops.merge_states import merge_states  # noqa: E402
+from gridserve.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+from gridserve.layers.attention import Attention  # noqa: E402
+from gridserve.mem_cache.memory_pool import KVCache  # noqa: E402
+from tests.paged_kv import extend_reference, make_extend_case  # noqa: E402
+
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available() else "cpu"
+# cuDNN's kernel takes half precision only
+DTYPE, ATOL = (torch.bfloat16, 2e-2) if DEVICE == "cuda" else (torch.float32, 1e-4)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_merge_states_matches_softmax_over_both_parts(dtype, atol):
+    """Two parts' outputs and log-sum-exps, from strided (1, H, T, D)-style views, merge into the attention over
+    all the keys; 21 tokens cross the kernel's 16-token blocks; head_dim 80 is masked to 128."""
+    g = torch.Generator().manual_seed(0)
+    heads, tokens, d, keys1, keys2 = 3, 21, 80, 9, 14
+    q = torch.randn(heads, tokens, d, generator=g)
+    k = torch.randn(heads, keys1 + keys2, d, generator=g)
+    v = torch.randn(heads, keys1 + keys2, d, generator=g)
+    s = torch.einsum("htd,hkd->htk", q, k) * 0.1
+    want = torch.einsum("htk,hkd->thd", torch.softmax(s, -1), v)
+
+    def part(sl):
+        return torch.einsum("htk,hkd->htd", torch.softmax(s[..., sl], -1), v[:, sl]), torch.logsumexp(s[..., sl], -1)
+
+    (o1, lse1), (o2, lse2) = part(slice(0, keys1)), part(slice(keys1, None))
+    o1, lse1, o2, lse2 = (t.to(DEVICE) for t in (o1, lse1, o2, lse2))
+    out = torch.full((tokens, heads, d), float("nan"), dtype=dtype, device=DEVICE)
+    res = merge_states(o1.to(dtype).transpose(0, 1), lse1, o2.to(dtype).transpose(0, 1), lse2, out)
+    assert res is out
+    torch.testing.assert_close(out.float().cpu(), want, atol=atol, rtol=atol)
+
+
+def test_merge_states_rejects_mismatched_shapes():
+    o = torch.zeros(4, 2, 16)
+    with pytest.raises(ValueError, match="lse must be"):
+        merge_states(o, torch.zeros(4, 2), o, torch.zeros(2, 4), o.clone())
+    with pytest.raises(ValueError, match="last dimension contiguous"):
+        merge_states(o.transpose(0, 2).contiguous().transpose(0, 2), torch.zeros(2, 4), o, torch.zeros(2, 4), o)
+
+
+@pytest.mark.parametrize("prefix,new", [(0, 37), (45, 20), (3, 50)])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_one_request_over_its_prefix_and_itself(prefix, new, dtype, atol):
+    """Scattered slots, poisoned unused ones (NaN would leak into any softmax they reached), GQA 8 heads over 2."""
+    if DEVICE == "cuda" and dtype == torch.float32:
+        pytest.skip("cuDNN's kernel takes half precision only")
+    q, k, v, r2t, rpi, sl, el, esl = make_extend_case([prefix], [new], 8, 2, 64, dtype, seed=prefix, device=DEVICE)
+    slots = r2t[rpi[0], : prefix + new].long()
+    out = torch.full_like(q, float("nan"))
+    attend_long(q, k, v, slots, 0.125, out)
+    torch.testing.assert_close(out.float().cpu(), extend_reference(q, k, v, r2t, rpi, sl, el, esl, 0.125), atol=atol,
+                               rtol=atol)
+
+
+def _batch(prefix_lens, ext_lens, seed):
+    """A real KV cache and ForwardBatch holding make_extend_case's requests (one layer)."""
+    q, k, v, r2t, rpi, sl, el, esl = make_extend_case(prefix_lens, ext_lens, 8, 2, 64, DTYPE, seed=seed,
+                                                      poison=1e30, device=DEVICE)
+    kv = KVCache(k.shape[0] - 1, 1, 2, 64, DTYPE, DEVICE)
+    kv.k_buffers[0].copy_(k)
+    kv.v_buffers[0].copy_(v)
+    n = sum(ext_lens)
+    zeros = torch.zeros(n, dtype=torch.long, device=DEVICE)
+    fb = ForwardBatch(forward_mode=ForwardMode.EXTEND, batch_size=len(ext_lens), input_ids=zeros, positions=zeros,
+                      req_pool_indices=rpi, seq_lens=sl,
+                      out_cache_loc=zeros, seq_lens_cpu=sl.tolist(),
+                      extend_seq_lens_cpu=list(ext_lens), req_to_token=r2t, kv_cache=kv)
+    want = extend_reference(q, k, v, r2t, rpi, sl, el, esl, 0.125)
+    return q.reshape(n, -1), fb, want
+
+
+@pytest.mark.parametrize("given_out", [False, True])
+def test_backend_splits_a_batch_between_the_long_path_and_its_kernel(given_out):
+    """Two long requests (one after a prefix) through the fused path, two short ones through the Triton kernel in
+    one launch with the long ones' lengths zeroed; the same answer as the reference for every row."""
+    q, fb, want = _batch([30, 0, 5, 0], [40, 3, 1, 33], seed=7)
+    backend = TritonAttentionBackend()
+    assert backend.long_extend_from == 0  # off unless asked for
+    backend.long_extend_from = 32
+    backend.init_forward_metadata(fb)
+    assert [(start, n) for start, n, _ in backend.long] == [(0, 40), (44, 33)]
+    assert backend.long[0][2].tolist() == fb.req_to_token[fb.req_pool_indices[0], :70].tolist()
+    assert backend.rest_max == 3 and backend.rest_lens.tolist() == [0, 3, 1, 0]
+    layer = Attention(8, 64, 2, layer_id=0, scaling=0.125)
+    out = torch.full_like(q, float("nan")) if given_out else None
+    res = backend.extend_attend(q, layer, fb, out=out)
+    assert out is None or res.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(res.view(-1, 8, 64).float().cpu(), want, atol=ATOL, rtol=ATOL)
+
+
+def test_a_batch_of_long_requests_only_and_the_fallback_when_the_fused_kernel_fails(monkeypatch):
+    """All requests long: no Triton launch for the rest. A fused kernel that raises (a build without it): the
+    batch still gets the right answer, from the Triton kernel, and the path stays off from then on."""
+    q, fb, want = _batch([0, 12], [40, 36], seed=8)
+    backend = TritonAttentionBackend()
+    backend.long_extend_from = 32
+    backend.init_forward_metadata(fb)
+    assert backend.rest_max == 0 and backend.rest_lens is None
+    layer = Attention(8, 64, 2, layer_id=0, scaling=0.125)
+    torch.testing.assert_close(backend.extend_attend(q, layer, fb).view(-1, 8, 64).float().cpu(), want, atol=ATOL,
+                               rtol=ATOL)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cuDNN Frontend error: No valid execution plans built")
+
+    monkeypatch.setattr("gridserve.attention.triton_backend.attend_long", refuse)
+    torch.testing.assert_close(backend.extend_attend(q, layer, fb).view(-1, 8, 64).float().cpu(), want, atol=ATOL,
+                               rtol=ATOL)
+    assert backend.long_extend_from == 0 and backend.long == []
+
+
+def test_cpu_backends_never_take_the_cudnn_path_and_count_no_prefix_memory():
+    from gridserve.attention.registry import make_attention_backend
+
+    backend = make_attention_backend("triton", torch.device("cpu"), cudnn_long_prefill=True)
+    assert backend.long_extend_from == 0
+    assert backend.long_prefix_bytes(32768, 8192, 32, 8, 128, torch.bfloat16) == 0
+    backend.long_extend_from = LONG_EXTEND_FROM
+    # the 8B's 32k context: K and V copied (128 MiB) and the prefix part's output (64 MiB) and log-sum-exps
+    assert backend.long_prefix_bytes(32768, 8192, 32, 8, 128, torch.bfloat16) == (128 + 64 + 2) << 20
