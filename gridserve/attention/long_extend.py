@@ -6,15 +6,25 @@ square) and over the P prefix keys (no mask), which `merge_states` joins by thei
 first gathered from the paged cache into one contiguous copy: 0.03-0.1 ms for 8-32k keys of the 8B shape on an
 H100, against 1-7 ms for the attention.
 
-Measured on an H100 (`scripts/bench_extend_sdpa.py`: the 8B shape, a 32k prompt's four 8k chunks; gather, both
-calls and the merge): 0.92 / 3.35 / 5.00 / 6.79 ms (493-598 TFLOP/s) against the Triton kernel's 1.45 / 4.16 / 6.80
-/ 9.52 ms (379-404 TFLOP/s). Off the GPU the same steps run on PyTorch's CPU flash kernel, which is how the tests
-check the gathering, the split and the merge.
+cuDNN builds an execution plan for each new shape: 55-130 ms on an H100, 0.7-1.4 s for the first ones in a process.
+A long prompt's last chunk has a new length nearly every time, so the exact-shape plans would cost a new-length
+request more than the kernel saves. PyTorch's TORCH_CUDNN_SDPA_AVOID_RECOMPILE runs cuDNN's ragged path instead,
+whose plans are keyed by lengths rounded up to powers of two (a handful per process); it needs q, k, v in (tokens,
+heads, D) memory order, which is why q is made contiguous here. It is set at import, before any cuDNN call reads it.
+
+Measured on an H100 (`scripts/bench_extend_sdpa.py`: the 8B shape, a 32k prompt's four 8k chunks; the gather, both
+calls and the merge): the ragged path 1.05 / 2.83 / 4.62 / 6.24 ms (525-617 TFLOP/s), exact-shape plans 0.95 / 2.59
+/ 4.19 / 5.77, the Triton kernel 1.59 / 4.24 / 7.08 / 9.83 (346-392). Off the GPU the same steps run on PyTorch's
+CPU flash kernel, which is how the tests check the gathering, the split and the merge.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+os.environ.setdefault("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "1")
 
 LONG_EXTEND_FROM = 2048  # new tokens of one request from which its attention goes through this path
 
@@ -53,7 +63,7 @@ def attend_long(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slots
 
     n = q.shape[0]
     prefix = slots.shape[0] - n
-    qh = q.unsqueeze(0).transpose(1, 2)
+    qh = q.contiguous().unsqueeze(0).transpose(1, 2)  # (tokens, heads, D) order: the ragged path's condition
     k = k_buf.index_select(0, slots).unsqueeze(0).transpose(1, 2)
     v = v_buf.index_select(0, slots).unsqueeze(0).transpose(1, 2)
     o_new, lse_new = _attend(qh, k[:, :, prefix:], v[:, :, prefix:], True, scale)
