@@ -132,6 +132,8 @@ def test_cpu_backends_never_take_the_cudnn_path_and_count_no_prefix_memory():
 
     backend = make_attention_backend("triton", torch.device("cpu"), cudnn_long_prefill=True)
     assert backend.long_extend_from == 0
+    # set at import, before any cuDNN call reads it: plans by power-of-two lengths, not one per new shape
+    assert os.environ["TORCH_CUDNN_SDPA_AVOID_RECOMPILE"] == "1"
     assert backend.long_prefix_bytes(32768, 8192, 32, 8, 128, torch.bfloat16) == 0
     backend.long_extend_from = LONG_EXTEND_FROM
     # the 8B's 32k context: K and V copied (128 MiB) and the prefix part's output (64 MiB) and log-sum-exps
