@@ -15,13 +15,19 @@ from gpu_timing import time_ms
 from gridserve.attention.triton_ops.extend_attention import extend_attention, extend_config
 
 
-def main() -> None:
+def long_prompt_parser() -> argparse.ArgumentParser:
+    """The attention shape (the 8B's by default) and a long prompt's chunks, for this script and its cuDNN twin."""
     p = argparse.ArgumentParser()
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--chunk", type=int, default=8192)
     p.add_argument("--chunks", type=int, default=4)
+    return p
+
+
+def main() -> None:
+    p = long_prompt_parser()
     p.add_argument("--sweep", action="store_true")
     a = p.parse_args()
     dev, dt, d = torch.device("cuda"), torch.bfloat16, a.head_dim

@@ -9,10 +9,10 @@ a prompt of any length has them.
 
     python3 scripts/bench_extend_sdpa.py [--heads 32 --kv-heads 8 --head-dim 128 --chunk 8192 --chunks 4]"""
 
-import argparse
 import time
 
 import torch
+from bench_extend_kernel import long_prompt_parser
 from gpu_timing import time_ms
 
 from gridserve.attention.long_extend import attend_long
@@ -29,13 +29,7 @@ def first_call_ms(fn) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--chunk", type=int, default=8192)
-    p.add_argument("--chunks", type=int, default=4)
-    a = p.parse_args()
+    a = long_prompt_parser().parse_args()
     dev, dt, d = torch.device("cuda"), torch.bfloat16, a.head_dim
     total, scale = a.chunk * a.chunks, a.head_dim**-0.5
     k = torch.randn(total + 1, a.kv_heads, d, device=dev, dtype=dt)
