@@ -15,7 +15,7 @@ import torch
 from bench_extend_kernel import long_prompt_parser
 from gpu_timing import time_ms
 
-from gridserve.attention.long_extend import attend_long
+from gridserve.attention.long_extend import attend_long, use_ragged_plans
 from gridserve.attention.triton_ops.extend_attention import extend_attention
 
 
@@ -30,6 +30,7 @@ def first_call_ms(fn) -> float:
 
 def main() -> None:
     a = long_prompt_parser().parse_args()
+    use_ragged_plans()  # as the backend does; TORCH_CUDNN_SDPA_AVOID_RECOMPILE=0 in the environment keeps exact plans
     dev, dt, d = torch.device("cuda"), torch.bfloat16, a.head_dim
     total, scale = a.chunk * a.chunks, a.head_dim**-0.5
     k = torch.randn(total + 1, a.kv_heads, d, device=dev, dtype=dt)

@@ -127,13 +127,22 @@ def test_a_batch_of_long_requests_only_and_the_fallback_when_the_fused_kernel_fa
     assert backend.long_extend_from == 0 and backend.long == []
 
 
+def test_ragged_plans_switch_keeps_a_users_own_setting(monkeypatch):
+    from gridserve.attention.long_extend import use_ragged_plans
+
+    monkeypatch.delenv("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", raising=False)
+    use_ragged_plans()
+    assert os.environ["TORCH_CUDNN_SDPA_AVOID_RECOMPILE"] == "1"
+    monkeypatch.setenv("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "0")
+    use_ragged_plans()
+    assert os.environ["TORCH_CUDNN_SDPA_AVOID_RECOMPILE"] == "0"
+
+
 def test_cpu_backends_never_take_the_cudnn_path_and_count_no_prefix_memory():
     from gridserve.attention.registry import make_attention_backend
 
     backend = make_attention_backend("triton", torch.device("cpu"), cudnn_long_prefill=True)
     assert backend.long_extend_from == 0
-    # set at import, before any cuDNN call reads it: plans by power-of-two lengths, not one per new shape
-    assert os.environ["TORCH_CUDNN_SDPA_AVOID_RECOMPILE"] == "1"
     assert backend.long_prefix_bytes(32768, 8192, 32, 8, 128, torch.bfloat16) == 0
     backend.long_extend_from = LONG_EXTEND_FROM
     # the 8B's 32k context: K and V copied (128 MiB) and the prefix part's output (64 MiB) and log-sum-exps

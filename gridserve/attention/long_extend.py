@@ -10,7 +10,9 @@ cuDNN builds an execution plan for each new shape: 55-130 ms on an H100, 0.7-1.4
 A long prompt's last chunk has a new length nearly every time, so the exact-shape plans would cost a new-length
 request more than the kernel saves. PyTorch's TORCH_CUDNN_SDPA_AVOID_RECOMPILE runs cuDNN's ragged path instead,
 whose plans are keyed by lengths rounded up to powers of two (a handful per process); it needs q, k, v in (tokens,
-heads, D) memory order, which is why q is made contiguous here. It is set at import, before any cuDNN call reads it.
+heads, D) memory order, which is why q is made contiguous here. `use_ragged_plans` sets it when the backend turns
+this path on, before the process's first cuDNN attention call reads it (PyTorch reads it once; a user's own setting
+stays).
 
 Measured on an H100 (`scripts/bench_extend_sdpa.py`: the 8B shape, a 32k prompt's four 8k chunks; the gather, both
 calls and the merge): the ragged path 1.05 / 2.83 / 4.62 / 6.24 ms (525-617 TFLOP/s), exact-shape plans 0.95 / 2.59
@@ -24,8 +26,6 @@ import os
 
 import torch
 
-os.environ.setdefault("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "1")
-
 LONG_EXTEND_FROM = 2048  # new tokens of one request from which its attention goes through this path
 
 
@@ -33,6 +33,11 @@ def cudnn_usable(device: torch.device) -> bool:
     """cuDNN's fused attention is there and was measured faster than the Triton kernel (compute capability 9+)."""
     return (device.type == "cuda" and torch.backends.cudnn.is_available()
             and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def use_ragged_plans() -> None:
+    """cuDNN's ragged path for the rest of the process: plans by power-of-two lengths, not one per new shape."""
+    os.environ.setdefault("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "1")
 
 
 def supports(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor) -> bool:

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from gridserve.attention.base import AttentionBackend, QKRotation
-from gridserve.attention.long_extend import LONG_EXTEND_FROM, attend_long, cudnn_usable, supports
+from gridserve.attention.long_extend import LONG_EXTEND_FROM, attend_long, cudnn_usable, supports, use_ragged_plans
 from gridserve.forward_batch import ForwardBatch
 from gridserve.tensor_utils import to_device
 
@@ -33,6 +33,8 @@ class TritonAttentionBackend(AttentionBackend):
         self.workspace = None
         # requests with this many new tokens or more attend through long_extend.py (0: never)
         self.long_extend_from = LONG_EXTEND_FROM if cudnn_long_prefill and device and cudnn_usable(device) else 0
+        if self.long_extend_from:
+            use_ragged_plans()
         self.long: list[tuple[int, int, torch.Tensor]] = []  # this batch's long requests: (start, length, slots)
         self.rest_lens, self.rest_max = None, 0  # the other requests' extend lengths (long ones zeroed), longest
         # The workspace the CUDA graphs were captured with. They keep its addresses and write to it at every replay,
