@@ -147,3 +147,24 @@ def test_cpu_backends_never_take_the_cudnn_path_and_count_no_prefix_memory():
     backend.long_extend_from = LONG_EXTEND_FROM
     # the 8B's 32k context: K and V copied (128 MiB) and the prefix part's output (64 MiB) and log-sum-exps
     assert backend.long_prefix_bytes(32768, 8192, 32, 8, 128, torch.bfloat16) == (128 + 64 + 2) << 20
+
+
+@pytest.mark.parametrize("piecewise", [False, True])
+def test_a_tiny_model_through_the_long_path_gives_the_torch_backends_logits(piecewise, tmp_path):
+    """The whole model (prefill, a prefix extend, decode) with the threshold lowered so that the script's 11- and
+    23-token prompts and its 13-token extend take the fused path; through the piecewise runner too (eager pieces,
+    attention writing into its static buffer)."""
+    from gridserve.model_executor.piecewise_graph_runner import PiecewiseGraphRunner
+    from tests.logits_script import make_runner, run_script
+    from tests.tiny_models import make_tiny_model
+
+    make_tiny_model("qwen3", tmp_path)
+    want = run_script(make_runner(str(tmp_path)))
+    runner = make_runner(str(tmp_path), attention_backend="triton")
+    runner.attn_backend.long_extend_from = 8
+    if piecewise:
+        runner.prefill_graphs = PiecewiseGraphRunner(runner, 64, capture=False)
+    got = run_script(runner)
+    assert [n for _, n, _ in runner.attn_backend.long] == [13]  # the last extend: 7, 3 and 13 new tokens
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
