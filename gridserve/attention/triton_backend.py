@@ -75,9 +75,14 @@ class TritonAttentionBackend(AttentionBackend):
         if self.long and supports(q, k_buf, v_buf):
             out = self._extend_long(q, k_buf, v_buf, layer, fb, out)
         else:
-            out = self._extend(q, k_buf, v_buf, fb.req_to_token, fb.req_pool_indices, fb.seq_lens, self.extend_lens,
-                               self.extend_start_loc, layer.scaling, self.max_extend_len, out=out)
+            out = self._triton_extend(q, k_buf, v_buf, layer, fb, out, self.extend_lens, self.max_extend_len)
         return out.reshape(-1, layer.num_heads * layer.head_dim)
+
+    def _triton_extend(self, q, k_buf, v_buf, layer, fb: ForwardBatch, out: torch.Tensor | None,
+                       lens: torch.Tensor, max_len: int) -> torch.Tensor:
+        """The Triton extend kernel over the batch's requests with `lens` new tokens each (0: skipped)."""
+        return self._extend(q, k_buf, v_buf, fb.req_to_token, fb.req_pool_indices, fb.seq_lens, lens,
+                            self.extend_start_loc, layer.scaling, max_len, out=out)
 
     def _extend_long(self, q, k_buf, v_buf, layer, fb: ForwardBatch, out: torch.Tensor | None) -> torch.Tensor:
         """The long requests one by one through cuDNN, the others in one Triton launch. If cuDNN refuses (a build
@@ -90,11 +95,9 @@ class TritonAttentionBackend(AttentionBackend):
         except RuntimeError as e:
             logger.warning("cuDNN attention failed (%s); long prompts use the Triton kernel from now on", e)
             self.long, self.long_extend_from = [], 0
-            return self._extend(q, k_buf, v_buf, fb.req_to_token, fb.req_pool_indices, fb.seq_lens, self.extend_lens,
-                                self.extend_start_loc, layer.scaling, self.max_extend_len, out=out)
+            return self._triton_extend(q, k_buf, v_buf, layer, fb, out, self.extend_lens, self.max_extend_len)
         if self.rest_max:
-            self._extend(q, k_buf, v_buf, fb.req_to_token, fb.req_pool_indices, fb.seq_lens, self.rest_lens,
-                         self.extend_start_loc, layer.scaling, self.rest_max, out=out)
+            self._triton_extend(q, k_buf, v_buf, layer, fb, out, self.rest_lens, self.rest_max)
         return out
 
     def long_prefix_bytes(self, context_len: int, prefill_tokens: int, num_heads: int, num_kv_heads: int,
