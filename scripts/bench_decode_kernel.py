@@ -14,6 +14,7 @@ from gpu_timing import time_ms
 from gridserve.attention.triton_ops.decode_attention import (
     LONG_KV_SPLITS,
     MAX_KV_SPLITS,
+    SOLO_LEN,
     DecodeWorkspace,
     decode_attention,
     default_num_kv_splits,
@@ -33,6 +34,8 @@ def main() -> None:
     p.add_argument("--warps", default="4,8")
     p.add_argument("--stages", default="1,2,3")
     p.add_argument("--top", type=int, default=5, help="settings shown a shape (and the slowest)")
+    p.add_argument("--solo", default=str(SOLO_LEN),
+                   help="solo_len values for the defaults' lines: contexts up to it run one program a KV head")
     a = p.parse_args()
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -76,11 +79,13 @@ def main() -> None:
                   f"splits={splits} block_n={bn} warps={w} stages={st}")
         # the server's workspace is sized for its largest graph batch: room for a small batch's long grid
         ws = DecodeWorkspace.allocate(max(bs, LONG_KV_SPLITS // MAX_KV_SPLITS), a.heads, a.head_dim, device=dev)
-        for merge in (True, False):  # the merge in stage 1's last program (the default), or in a second kernel
+        # the merge in stage 1's last program (the default), or in a second kernel; then each solo_len
+        for merge, solo in [(True, SOLO_LEN), (False, SOLO_LEN)] + [(True, s) for s in ints(a.solo) if s != SOLO_LEN]:
             ms = time_ms(functools.partial(decode_attention, q, k, v, req_to_token, idx, seq_lens, 0.088,
-                                           workspace=ws, merge_in_stage1=merge), graph=True)
+                                           workspace=ws, merge_in_stage1=merge, solo_len=solo), graph=True)
             print(f"  defaults ({default_num_kv_splits(bs, a.kv_heads, dev)} splits, "
-                  f"{'one kernel' if merge else 'two kernels'}): {moved / ms / 1e6:.0f} GB/s, {ms * 1e3:.1f} us")
+                  f"{'one kernel' if merge else 'two kernels'}, solo_len {solo}): {moved / ms / 1e6:.0f} GB/s, "
+                  f"{ms * 1e3:.1f} us")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill solo;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -166,14 +166,29 @@ if has burst; then  # issue 24: 2,000 one-token requests at once on the 0.6B sha
     kill $SERVER; wait $SERVER
   done
 fi
-if has ab; then  # TPOT at this tree and at AB_BASE (another tree, copied in untracked), same lease; AB_ARGS: more
-  # bench latency flags for both (e.g. --batch-size 4, which trees from 45f9bfa on know)
-  ROOT=$PWD
-  for tree in ${AB_BASE:?AB_BASE names the other tree} $PWD; do for m in ${AB_MODELS:-Q L M}; do
-    (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec python3 -m gridserve.cli bench latency ${!m} --input-len 256 \
+ab_trees() {  # batch-1 TPOT of AB_MODELS in each tree named, one after the other (AB_ARGS: more bench latency flags)
+  local root=$PWD tree m
+  for tree in "$@"; do for m in ${AB_MODELS:-Q L M}; do
+    (cd $tree && PYTHONPATH=$tree:$root/.site exec python3 -m gridserve.cli bench latency ${!m} --input-len 256 \
       --output-len 128 --num-runs 3 ${AB_ARGS:-} --no-show-progress --output-json $OUT/ab_${m}_$(basename $tree).json) 2>&1 \
       | grep -E "TPOT|rror" | sed "s/^/$m $(basename $tree): /"
   done; done
+}
+if has ab; then  # TPOT at this tree and at AB_BASE (another tree, copied in untracked), same lease; AB_ARGS: more
+  # bench latency flags for both (e.g. --batch-size 4, which trees from 45f9bfa on know)
+  ab_trees ${AB_BASE:?AB_BASE names the other tree} $PWD
+fi
+if has solo; then  # decode attention: contexts up to solo_len in one program a KV head (no merge), kernel and models
+  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_triton_decode_attention.py -rf 2>&1 | tail -2
+  for heads in "32 4" "16 8" "32 8"; do set -- $heads  # M, Q and L's heads / KV heads
+    python3 scripts/bench_decode_kernel.py --heads $1 --kv-heads $2 --batches 1,4,64 --contexts 128,384,768,1536 \
+      --splits 64 --block-n 64 --warps 4 --stages 3 --top 1 --solo 0,256,512,1024 2>&1 | grep -v Warning \
+      | tee $OUT/decode_solo_$1_$2.txt | grep -E "^batch|defaults"
+  done
+  # the models with SOLO_LEN at SOLO_AB keys (bench latency's contexts are 257-384) in a copy of this tree
+  mkdir -p /tmp/solo && cp -r gridserve /tmp/solo/ && sed -i "s/^SOLO_LEN = .*/SOLO_LEN = ${SOLO_AB:-512}/" \
+    /tmp/solo/gridserve/attention/triton_ops/decode_attention.py
+  ab_trees $PWD /tmp/solo
 fi
 if has pdl; then  # issue 20: programmatic dependent launch (--enable-pdl): a kernel chain in a graph, the greedy
   # tokens against PDL off, batch-1 latency with and without it (PDL_MODELS: which shapes)

@@ -83,8 +83,8 @@ def test_split_counts_and_huge_poison(num_kv_splits, merge_in_stage1):
 def test_a_long_grid_splits_only_long_contexts_finely(merge_in_stage1):
     """64 splits in the grid: a context of up to 16 x MIN_SPLIT_LEN keys still uses at most 16, none shorter than a
     block (so 300 keys take 5 splits of 64, 3 keys one), a longer one splits of MIN_SPLIT_LEN (19 for 4,796 keys)
-    up to all 64; the unused splits' programs leave without writing to the workspace. A workspace for 4 requests x
-    16 splits holds 1 request x 64."""
+    up to all 64; the unused splits' programs leave without writing to the workspace (nor does the one kernel's only
+    split, which writes the output itself). A workspace for 4 requests x 16 splits holds 1 request x 64."""
     from gridserve.attention.triton_ops.decode_attention import MIN_SPLIT_LEN
 
     lens = [3, 300, 16 * MIN_SPLIT_LEN + 700, 64 * MIN_SPLIT_LEN + 100]
@@ -101,7 +101,34 @@ def test_a_long_grid_splits_only_long_contexts_finely(merge_in_stage1):
                                    atol=1e-4, rtol=1e-4)
         assert not ws.counters.any()
         lse = ws.views(1, 64)[1][0]
-        assert torch.isfinite(lse[:, :want_used]).all() and lse[:, want_used:].isnan().all(), lens[i]
+        written = 0 if merge_in_stage1 and want_used == 1 else want_used
+        assert torch.isfinite(lse[:, :written]).all() and lse[:, written:].isnan().all(), lens[i]
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_contexts_up_to_solo_len_attend_in_one_program(dtype, atol):
+    """solo_len 100: requests of up to 100 keys (and an empty row) are one split, whose program writes the output
+    and nothing to the workspace; longer ones split and merge as before, in the same call. The two-stage path
+    takes the same splits and merges them in its second kernel."""
+    lens = [0, 1, 64, 100, 101, 300]
+    q, k, v, r2t, rpi, sl = make_case([max(n, 1) for n in lens], 8, 2, 64, dtype, seed=7)
+    sl = torch.tensor(lens, device=DEVICE)
+    ref = reference(q, k, v, r2t, rpi, sl, 0.125)
+    ref[0] = 0.0
+    for merge in (True, False):
+        ws = DecodeWorkspace.allocate(max_bs=6, num_heads=8, head_dim_v=64, device=DEVICE, num_kv_heads=2)
+        ws.attn_out.fill_(float("nan"))
+        ws.attn_lse.fill_(float("nan"))
+        out = decode_attention(q, k, v, r2t, rpi, sl, 0.125, num_kv_splits=4, workspace=ws, block_n=16,
+                               merge_in_stage1=merge, solo_len=100)
+        torch.testing.assert_close(out.float().cpu(), ref, atol=atol, rtol=atol)
+        assert not ws.counters.any()
+        lse = ws.views(6, 4)[1]  # (request, head, split)
+        used = [1, 1, 1, 1, 4, 4]  # 101 keys: 4 splits of 26 (no split shorter than block_n 16 keys)
+        for i, n in enumerate(used):
+            written = 0 if merge and n == 1 else n
+            # (an empty row's one split writes an LSE of -inf for the second kernel)
+            assert not lse[i, :, :written].isnan().any() and lse[i, :, written:].isnan().all(), (merge, lens[i])
 
 
 def test_fp16_and_workspace_reuse():

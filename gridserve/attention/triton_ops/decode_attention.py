@@ -35,20 +35,22 @@ from gridserve.pdl import launch_args as pdl_args
 
 @triton.jit
 def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BASE_SPLITS: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    # BASE_SPLITS splits up to BASE_SPLITS * MIN_SPLIT_LEN keys; beyond, up to NUM_SPLITS of at least
-    # MIN_SPLIT_LEN: a short context is not cut into many tiny splits when the grid has room for a long one. No
-    # split is shorter than a block (BLOCK_N keys) either: a program walks at least one block anyway, and fewer
+               BLOCK_N: tl.constexpr, SOLO_LEN: tl.constexpr):
+    # A context of at most SOLO_LEN keys is one split: its program writes the output itself, with no partials to
+    # merge. Longer ones: BASE_SPLITS splits up to BASE_SPLITS * MIN_SPLIT_LEN keys; beyond, up to NUM_SPLITS of at
+    # least MIN_SPLIT_LEN: a short context is not cut into many tiny splits when the grid has room for a long one.
+    # No split is shorter than a block (BLOCK_N keys) either: a program walks at least one block anyway, and fewer
     # splits leave less to merge and fewer programs to wait for.
-    return tl.maximum(tl.cdiv(seq_len, NUM_SPLITS),
-                      tl.minimum(MIN_SPLIT_LEN, tl.maximum(tl.cdiv(seq_len, BASE_SPLITS), BLOCK_N)))
+    split = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS),
+                       tl.minimum(MIN_SPLIT_LEN, tl.maximum(tl.cdiv(seq_len, BASE_SPLITS), BLOCK_N)))
+    return tl.where(seq_len <= SOLO_LEN, tl.maximum(seq_len, 1), split)
 
 
 @triton.jit
 def _used_splits(seq_len, NUM_SPLITS: tl.constexpr, BASE_SPLITS: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 BLOCK_N: tl.constexpr, SOLO_LEN: tl.constexpr):
     """The splits that hold keys: the first n of the grid's NUM_SPLITS (0 for an empty row)."""
-    return tl.cdiv(seq_len, _split_len(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N))
+    return tl.cdiv(seq_len, _split_len(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N, SOLO_LEN))
 
 
 @triton.jit
@@ -61,6 +63,7 @@ def _merge_splits(
     BASE_SPLITS: tl.constexpr,
     MIN_SPLIT_LEN: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SOLO_LEN: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_G: tl.constexpr,
     CHUNK_S: tl.constexpr,
@@ -70,7 +73,7 @@ def _merge_splits(
     """Weighs the splits of each head by their LSEs. Only the first n splits have keys (stage 1 wrote their
     partial outputs and finite LSEs), so LSEs and partials load together, CHUNK_S splits of every head at a time,
     and the chunks merge as an online softmax does; no split with keys (seq_len 0): zeros."""
-    n = _used_splits(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N)
+    n = _used_splits(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N, SOLO_LEN)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_dv = offs_dv < HEAD_DIM_V
     m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
@@ -150,6 +153,7 @@ def _decode_stage1(
     NUM_SPLITS: tl.constexpr,
     BASE_SPLITS: tl.constexpr,
     MIN_SPLIT_LEN: tl.constexpr,
+    SOLO_LEN: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -201,7 +205,7 @@ def _decode_stage1(
 
     # The grid has splits for the longest context; a shorter one's splits past those with keys leave at once, so
     # the merge waits for fewer arrivals. At least split 0 stays: an empty row (seq_len 0) still merges, to zeros.
-    split_len = _split_len(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N)
+    split_len = _split_len(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N, SOLO_LEN)
     used = tl.maximum(tl.cdiv(seq_len, split_len), 1)  # _used_splits, at least 1
     if split >= used:
         return
@@ -250,6 +254,11 @@ def _decode_stage1(
 
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    if MERGE:
+        if used == 1:  # the only split: its output is the result (zeros for an empty row); no scratch, no merge
+            tl.store(Out + b.to(tl.int64) * stride_outb + heads[:, None] * stride_outh + offs_dv[None, :],
+                     out.to(Out.dtype.element_ty), mask=mask_h[:, None] & mask_dv[None, :])
+            return
     lse = tl.where(nonempty, m_i + tl.log(tl.where(nonempty, l_i, 1.0)), float("-inf"))
 
     o_ptrs = (AttnOut + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + split * stride_os
@@ -270,7 +279,8 @@ def _decode_stage1(
             b64 = b.to(tl.int64)
             _merge_splits(AttnOut + b64 * stride_ob, AttnLse + b64 * stride_lb, Out + b64 * stride_outb,
                           kvh * GROUP + g, g < GROUP, seq_len, stride_oh, stride_os, stride_lh,
-                          stride_outh, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N, HEAD_DIM_V, BLOCK_G,
+                          stride_outh, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N, SOLO_LEN, HEAD_DIM_V,
+                          BLOCK_G,
                           CHUNK_S, BLOCK_DV, ".cg")
 
 
@@ -284,6 +294,7 @@ def _decode_stage2(
     BASE_SPLITS: tl.constexpr,
     MIN_SPLIT_LEN: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SOLO_LEN: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     CHUNK_S: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -297,12 +308,15 @@ def _decode_stage2(
     _merge_splits(AttnOut + b * stride_ob, AttnLse + b * stride_lb, Out + b * stride_outb,
                   h + tl.arange(0, 1), tl.full([1], True, tl.int1), tl.load(SeqLens + b).to(tl.int32),
                   stride_oh, stride_os, stride_lh, stride_outh, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N,
-                  HEAD_DIM_V, 1, CHUNK_S, BLOCK_DV, "")
+                  SOLO_LEN, HEAD_DIM_V, 1, CHUNK_S, BLOCK_DV, "")
 
 
 MAX_KV_SPLITS = 16  # the most splits a short context is cut into; the workspace holds max_bs x this many
 LONG_KV_SPLITS = 64  # the most for a small batch, used only where a split would exceed MIN_SPLIT_LEN keys
 MIN_SPLIT_LEN = 256
+# Contexts of at most this many keys attend in one program per (request, KV head), which writes the output itself: no
+# partials and no merge, whose stores, arrival and loads are a chain of round trips in a batch-1 call of a few us.
+SOLO_LEN = 0
 
 
 @functools.lru_cache
@@ -417,6 +431,7 @@ def decode_attention(
     num_stages: int = 3,
     merge_in_stage1: bool = True,
     prep: DecodePrep | None = None,
+    solo_len: int = SOLO_LEN,
 ) -> torch.Tensor:
     """One decode query per request attended over its paged KV, ``req_to_token[req_pool_indices[i], :seq_lens[i]]``.
 
@@ -430,6 +445,8 @@ def decode_attention(
     ``merge_in_stage1`` (default): one kernel, the last program of each (request, KV head) merges the splits and
     leaves the workspace's counters at zero again; False: a second kernel merges (kept to compare the two).
     ``prep``: q is raw; the kernel norms and rotates it and stores the new token's K/V itself (``DecodePrep``).
+    ``solo_len``: a request with at most this many keys is one split, which writes its output with no merge (so
+    does any request whose keys fill one split).
     """
     q, sh = check_paged_inputs(q, k_buffer, v_buffer, req_to_token)
     bs, num_heads, head_dim_v = q.shape[0], sh.num_heads, sh.head_dim_v
@@ -473,7 +490,7 @@ def decode_attention(
         out.stride(0), out.stride(1),
         sh.num_kv_heads,
         GROUP=sh.group, NUM_SPLITS=num_kv_splits, BASE_SPLITS=min(num_kv_splits, MAX_KV_SPLITS),
-        MIN_SPLIT_LEN=MIN_SPLIT_LEN, HEAD_DIM=sh.head_dim, HEAD_DIM_V=head_dim_v,
+        MIN_SPLIT_LEN=MIN_SPLIT_LEN, SOLO_LEN=solo_len, HEAD_DIM=sh.head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_H=block_h, BLOCK_D=sh.block_d, BLOCK_DV=sh.block_dv, BLOCK_N=block_n,
         DOT_PRECISION=sh.dot_precision, DOT_FP32=sh.dot_fp32,
         MERGE=merge_in_stage1, BLOCK_G=block_g, CHUNK_S=_merge_chunk(block_g, block_s, sh.block_dv),
@@ -487,7 +504,8 @@ def decode_attention(
         attn_lse.stride(0), attn_lse.stride(1),
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_kv_splits, BASE_SPLITS=min(num_kv_splits, MAX_KV_SPLITS), MIN_SPLIT_LEN=MIN_SPLIT_LEN,
-        BLOCK_N=block_n, HEAD_DIM_V=head_dim_v, CHUNK_S=_merge_chunk(1, block_s, sh.block_dv), BLOCK_DV=sh.block_dv,
+        BLOCK_N=block_n, SOLO_LEN=solo_len, HEAD_DIM_V=head_dim_v, CHUNK_S=_merge_chunk(1, block_s, sh.block_dv),
+        BLOCK_DV=sh.block_dv,
         **pdl_args(q.device),
     )
     return out
