@@ -90,8 +90,9 @@ def test_apply_linear_equals_the_unfused_product_on_every_path(rows, k, gated):
 
 @pytest.mark.parametrize("dtype", DECODE_GEMM_DTYPES)
 @pytest.mark.parametrize("fp8", [False, True])
+# 300, 200: the last block is partial; 600 over 24 rows: 2 programs share out 5 pieces of the normed input
 @pytest.mark.parametrize("m,n,k,has_res,bias", [(1, 40, 96, True, False), (5, 72, 300, True, True),
-                                                 (3, 24, 200, False, False)])  # 300, 200: the last block is partial
+                                                 (3, 24, 200, False, False), (1, 24, 600, True, False)])
 def test_decode_linear_after_norm_is_rms_norm_then_the_product(dtype, fp8, m, n, k, has_res, bias):
     from gridserve.layers.quantization import quantize_per_channel
 

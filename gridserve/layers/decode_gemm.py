@@ -38,13 +38,14 @@ def _gemm_input(X, R, ms, ks, ok, stride_xm, K, GATED: tl.constexpr, HAS_RES: tl
 def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride_xm, stride_wn, stride_ym, eps,
                         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
                         HAS_RES: tl.constexpr, STORE_NORMED: tl.constexpr, SUM_OUT: tl.constexpr,
-                        SQ_FROM_P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+                        SQ_FROM_P: tl.constexpr, BLOCK_P: tl.constexpr, NORMED_BLOCK: tl.constexpr,
+                        BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Y[:, n-tile] = (X @ W[n-tile].T) (* S[n-tile]) (+ B): W in X's dtype, or FP8 widened to it in registers.
     The input is X as _gemm_input reads it; with NORM, then RMSNorm(that) with weight NW (the weight applied as x
     loads, the row's 1/RMS to the sums, so that one pass over x suffices), and the programs of tile 0 store the
-    residual sum (HAS_RES) to RO for the next layer and, with STORE_NORMED, the normed input to NO (for other
-    readers of it: an MoE block's experts read what its router GEMM reads).
+    residual sum (HAS_RES) to RO for the next layer; with STORE_NORMED the programs share out storing the normed
+    input to NO (for other readers of it: an MoE block's experts read what its router GEMM reads).
     The RMSNorm split over two GEMMs: with SUM_OUT this GEMM adds the residual RY to its output and each program
     writes the sum of squares of each row of its output tile to P[row, pid] (NP = the grid's programs a row); with
     SQ_FROM_P the next GEMM (NORM, X already that sum) takes each row's sum of squares from its NP partials in P
@@ -87,15 +88,16 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
                                      other=0.0), 1)
         inv = tl.rsqrt(sum_sq / K + eps)
         acc = acc * inv[:, None]
-        if STORE_NORMED:
-            if pid_n == 0:  # the normed input as rms_norm computes it, for the layers that read it next
-                for k0 in range(0, K, BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    ok = m_ok[:, None] & (ks < K)[None, :]
-                    xs = _gemm_input(X, R, ms, ks, ok, stride_xm, K, GATED, HAS_RES).to(tl.float32)
-                    nw = tl.load(NW + ks, mask=ks < K, other=0.0).to(tl.float32)
-                    tl.store(NO + ms[:, None] * stride_xm + ks[None, :],
-                             (xs * inv[:, None] * nw[None, :]).to(NO.dtype.element_ty), mask=ok)
+        if STORE_NORMED:  # the normed input as rms_norm computes it, for the layers that read it next: each
+            # program stores every num_programs-th piece of NORMED_BLOCK features (program 0 storing it all made a
+            # serial tail that the next kernel waited for)
+            for k0 in range(pid_n * NORMED_BLOCK, K, tl.num_programs(0) * NORMED_BLOCK):
+                ks = k0 + tl.arange(0, NORMED_BLOCK)
+                ok = m_ok[:, None] & (ks < K)[None, :]
+                xs = _gemm_input(X, R, ms, ks, ok, stride_xm, K, GATED, HAS_RES).to(tl.float32)
+                nw = tl.load(NW + ks, mask=ks < K, other=0.0).to(tl.float32)
+                tl.store(NO + ms[:, None] * stride_xm + ks[None, :],
+                         (xs * inv[:, None] * nw[None, :]).to(NO.dtype.element_ty), mask=ok)
     if HAS_SCALE:
         acc = acc * tl.load(S + rows, mask=row_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -109,6 +111,8 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
         tl.store(P + ms * tl.num_programs(0) + pid_n, tl.sum(yf * yf, 1), mask=m_ok)
     tl.store(Y + ms[:, None] * stride_ym + rows[None, :], y, mask=out_ok)
 
+
+NORMED_BLOCK = 128  # features a piece of the normed input that STORE_NORMED's programs share out
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the decode GEMM, the fastest of scripts/bench_fp8_gemm.py on an H100
 # for 2-byte weights: on 2-16 rows (tl.dot on 16-row tiles; --sweep, the 8B shapes, FP8 and bf16 alike), and on one
@@ -224,7 +228,8 @@ def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
             k, num_partials, x.stride(0), weight.stride(0), y.stride(0), eps, HAS_SCALE=weight_scale is not None,
             HAS_BIAS=bias is not None, GATED=gated, NORM=norm is not None, HAS_RES=residual is not None,
             STORE_NORMED=normed is not None, SUM_OUT=sum_out is not None, SQ_FROM_P=sum_sq_partials is not None,
-            BLOCK_P=triton.next_power_of_2(max(num_partials, 1)), BLOCK_M=1 if m == 1 else DECODE_GEMM_MAX_M,
+            BLOCK_P=triton.next_power_of_2(max(num_partials, 1)), NORMED_BLOCK=NORMED_BLOCK,
+            BLOCK_M=1 if m == 1 else DECODE_GEMM_MAX_M,
             BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             num_warps=warps, num_stages=stages, **pdl_args(x.device))
     return y
