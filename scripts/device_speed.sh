@@ -188,7 +188,7 @@ if has solo; then  # decode attention: contexts up to solo_len in one program a 
   # the models with SOLO_LEN at SOLO_AB keys (bench latency's contexts are 257-384) in a copy of this tree
   mkdir -p /tmp/solo && cp -r gridserve /tmp/solo/ && sed -i "s/^SOLO_LEN = .*/SOLO_LEN = ${SOLO_AB:-512}/" \
     /tmp/solo/gridserve/attention/triton_ops/decode_attention.py
-  ab_trees $PWD /tmp/solo
+  AB_MODELS=${SOLO_MODELS:-Q L M} ab_trees $PWD /tmp/solo
 fi
 if has pdl; then  # issue 20: programmatic dependent launch (--enable-pdl): a kernel chain in a graph, the greedy
   # tokens against PDL off, batch-1 latency with and without it (PDL_MODELS: which shapes)
