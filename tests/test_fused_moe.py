@@ -18,9 +18,9 @@ from gridserve.layers.fused_moe import (  # noqa: E402
     fused_moe_vec,
     fused_moe_vec_routed,
     route,
-    sort_by_expert,
 )
 from gridserve.layers.moe import moe_reference, select_experts  # noqa: E402
+from gridserve.layers.moe_align import CHUNK, sort_by_expert  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available() else "cpu"
 
@@ -83,6 +83,43 @@ def test_fused_moe_takes_the_vector_path_for_few_slots_only():
     large = _case(VEC_MAX_SLOTS // 2 + 1, 8, 2, 32, 48, None)
     torch.testing.assert_close(fused_moe(*small), fused_moe_vec(*small), rtol=0, atol=0)
     torch.testing.assert_close(fused_moe(*large), fused_moe_sorted(*large), rtol=0, atol=0)
+
+
+def sort_by_expert_reference(local_ids: torch.Tensor, num_experts: int, block_m: int):
+    """The grouping in plain PyTorch (a stable argsort; what fused_moe used before the Triton kernels)."""
+    flat = local_ids.flatten().long()
+    num_slots = flat.numel()
+    capacity = -(-(num_slots + num_experts * (block_m - 1)) // block_m) * block_m
+    key = torch.where(flat >= 0, flat, num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long).scatter_add_(0, key, torch.ones_like(key))
+    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    order = torch.argsort(key, stable=True)
+    sorted_key = key[order]
+    rank_in_expert = torch.arange(num_slots) - (torch.cumsum(counts, 0) - counts)[sorted_key]
+    dest = torch.where(sorted_key < num_experts, (ends - padded)[sorted_key.clamp(max=num_experts - 1)]
+                       + rank_in_expert, capacity)
+    sorted_ids = torch.full((capacity + 1,), num_slots, dtype=torch.int32).scatter_(0, dest, order.to(torch.int32))
+    block_starts = torch.arange(0, capacity, block_m)
+    expert_of_block = torch.where(block_starts < ends[-1], torch.searchsorted(ends, block_starts, right=True), -1)
+    return sorted_ids[:capacity], expert_of_block.to(torch.int32)
+
+
+@pytest.mark.parametrize("tokens,top_k,experts,block_m,other_ranks", [
+    (1, 1, 1, 16, False), (5, 2, 4, 2, True), (64, 8, 128, 16, False), (37, 8, 60, 32, True),
+    (300, 2, 8, 64, False), (2 * CHUNK // 3 + 5, 3, 6, 16, True), (33, 4, 128, 64, False)])
+def test_sort_by_expert_equals_a_stable_sort_in_torch(tokens, top_k, experts, block_m, other_ranks):
+    """The three kernels against the PyTorch grouping, bit for bit: expert counts that are and are not powers of two,
+    slots over several chunks (the scan across chunks), each block size, other ranks' slots (-1) dropped, experts with
+    no slot, many with more than a block."""
+    g = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(0, experts, (tokens, top_k), generator=g, dtype=torch.int32)
+    if other_ranks:
+        ids[torch.rand(tokens, top_k, generator=g) < 0.4] = -1
+    want_ids, want_experts = sort_by_expert_reference(ids, experts, block_m)
+    got_ids, got_experts = sort_by_expert(ids.to(DEVICE), experts, block_m)
+    assert torch.equal(got_ids.cpu(), want_ids)
+    assert torch.equal(got_experts.cpu(), want_experts)
 
 
 def test_sort_by_expert_groups_every_local_slot_once_in_padded_blocks():

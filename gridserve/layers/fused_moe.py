@@ -1,8 +1,8 @@
 """The experts of an MoE layer as two grouped GEMMs in Triton (CUDA; CPU tests run it under TRITON_INTERPRET=1).
 
 1. Sort: the (token, k) slots routed to this rank's experts are grouped by expert, each group padded to a
-   multiple of BLOCK_M with an invalid slot, in plain torch ops with static sizes (no host sync, so it can be
-   captured in a CUDA graph). Each block of BLOCK_M sorted slots belongs to one expert (or to none: skipped).
+   multiple of BLOCK_M with an invalid slot, in three small kernels with static sizes (layers/moe_align.py, which a
+   CUDA graph captures). Each block of BLOCK_M sorted slots belongs to one expert (or to none: skipped).
 2. gate/up: per block, x[token] @ w13[e].T for the gate and up halves, then silu(gate) * up, stored per slot.
 3. down: per block, that @ w2[e].T, scaled by the slot's routing weight, stored per slot.
 4. The k slots of each token are summed (slots routed to other ranks stay zero).
@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gridserve.layers.moe_align import sort_by_expert
 from gridserve.pdl import launch_args as pdl_args
 
 
@@ -100,34 +101,6 @@ def _block_m(num_slots: int, num_experts: int) -> int:
     """Rows per block: small when few slots fall to each expert (decode), larger when many (prefill)."""
     per_expert = num_slots / max(1, num_experts)
     return 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
-
-
-def sort_by_expert(local_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sorted slot ids, expert of each block). Slot s = token * top_k + k; padding and unused tail entries hold
-    the invalid slot (tokens * top_k); blocks past the last expert's have expert -1."""
-    flat = local_ids.flatten().long()
-    num_slots = flat.numel()
-    capacity = num_slots + num_experts * (block_m - 1)
-    capacity = -(-capacity // block_m) * block_m
-    key = torch.where(flat >= 0, flat, num_experts)  # other ranks' slots sort last and are dropped
-    # a scatter-add, not bincount: bincount's output size depends on the data, which a CUDA graph cannot hold
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device).scatter_add_(
-        0, key, torch.ones_like(key))
-    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
-    ends = torch.cumsum(padded, 0)
-    starts = ends - padded
-    order = torch.argsort(key, stable=True)
-    sorted_key = key[order]
-    first_of_key = torch.cumsum(counts, 0) - counts
-    rank_in_expert = torch.arange(num_slots, device=flat.device) - first_of_key[sorted_key]
-    valid = sorted_key < num_experts
-    dest = torch.where(valid, starts[sorted_key.clamp(max=num_experts - 1)] + rank_in_expert, capacity)
-    sorted_ids = torch.full((capacity + 1,), num_slots, dtype=torch.int32, device=flat.device)
-    sorted_ids.scatter_(0, dest, order.to(torch.int32))
-    block_starts = torch.arange(0, capacity, block_m, device=flat.device)
-    expert_of_block = torch.searchsorted(ends, block_starts, right=True)
-    expert_of_block = torch.where(block_starts < ends[-1], expert_of_block, -1).to(torch.int32)
-    return sorted_ids[:capacity], expert_of_block
 
 
 @triton.jit
