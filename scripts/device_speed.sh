@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill solo;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill solo moealign;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -144,6 +144,20 @@ if has moe-offline; then
     | grep -vE "Warning|warn\(" | tail -6
   python3 scripts/greedy_agreement.py $M --baseline disable_cuda_graph=true disable_overlap_schedule=true \
     --num-prompts 24 --output-json $OUT/agreement_M.json > $OUT/agreement_M.log 2>&1; tail -4 $OUT/agreement_M.log
+fi
+if has moealign; then  # issue 19: the slots' grouping in three kernels (moe_align.py) against AB_BASE's tree (the
+  # PyTorch ops): one MoE layer by batch (the sorted path above batch 8), then offline M, each tree in turn
+  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe.py 2>&1 | tail -2
+  ROOT=$PWD
+  for tree in ${AB_BASE:?AB_BASE names the other tree} $PWD; do
+    (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec python3 $ROOT/scripts/bench_moe_kernel.py --batches 1,8,16,64,256) \
+      2>&1 | grep -v Warning | tee $OUT/moe_layer_$(basename $tree).txt | sed "s/^/$(basename $tree): /"
+  done
+  for tree in $AB_BASE $PWD; do
+    (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec python3 -m gridserve.cli bench offline $M --no-show-progress \
+      --output-json $OUT/offline_M_$(basename $tree).json) 2>&1 | grep -E "tok/s|floor|KV|rror" \
+      | sed "s/^/$(basename $tree): /"
+  done
 fi
 if has moe-hf; then  # the same workload's ratio to transformers (one left-padded batch; fewer prompts)
   $GS bench offline $M --num-prompts 32 --compare-transformers padded --no-floor --no-show-progress \
