@@ -116,11 +116,13 @@ def _as_the_model_runs(name: str, shape: tuple, x: torch.Tensor) -> Callable:
     return lambda *w, **kw: decode_gemm.decode_linear(x, *w, **kw)
 
 
-def time_few_rows(models: list, layers: int, m: int = 4, dev: str = "cuda") -> None:
+def time_few_rows(models: list, layers: int, m: int = 4, dev: str = "cuda", swap: bool = False) -> None:
     """The decode GEMM at m rows (tl.dot on 16-row tiles), called as the model calls it (_as_the_model_runs), over
     a grid of tiles against today's pick (decode_gemm_config: the shape's FEW_ROWS_TILES entry, else the default);
-    us per weight copy, with cuBLAS and one row's plain product for scale."""
-    grid = list(itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4)))
+    us per weight copy, with cuBLAS and one row's plain product for scale. swap: the grid runs the product
+    transposed (decode_gemm.FEW_ROWS_SWAP), with the weight tile as the MMA's long side (64 or 128 rows)."""
+    grid = list(itertools.product((64, 128), (64, 128, 256), (4,), (3, 4)) if swap else
+                itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4)))
     print(f"model | shape | weights | cuBLAS bf16, {m} rows | one row | today's pick | best (tiles)")
     ranks: dict[tuple, list[float]] = {}
     candidates: dict[tuple, tuple] = {}
@@ -136,11 +138,13 @@ def time_few_rows(models: list, layers: int, m: int = 4, dev: str = "cuda") -> N
                 call = _as_the_model_runs(name, shape, x)
                 t_dot = graph_us(lambda ws=ws, call=call: [call(*w) for w in ws]) / layers
                 timed = {}
+                decode_gemm.FEW_ROWS_SWAP = swap  # the grid's way round; today's pick above ran the default's
                 for cfg in grid:
                     try:
                         timed[cfg] = graph_us(lambda ws=ws, call=call, c=cfg: [call(*w, config=c) for w in ws]) / layers
                     except Exception as e:  # out of shared memory or registers: skip the setting
                         print(f"  skip {cfg}: {type(e).__name__}")
+                decode_gemm.FEW_ROWS_SWAP = False
                 for cfg, us in timed.items():
                     ranks.setdefault((fp8, cfg), []).append(us / t_dot)
                 best = min(timed, key=timed.get)
@@ -166,11 +170,12 @@ def main() -> None:
     p.add_argument("--sweep-shapes", action="store_true")
     p.add_argument("--fp8", action="store_true", help="with --sweep-shapes: FP8 weights")
     p.add_argument("--few-rows", action="store_true")
+    p.add_argument("--swap", action="store_true", help="with --few-rows: the grid runs the product transposed")
     a = p.parse_args()
     dev, models = "cuda", a.shapes.split(",")
     print(f"{torch.cuda.get_device_name()}: each shape x {a.layers} copies; times per copy")
     if a.few_rows:
-        time_few_rows(models, a.layers)
+        time_few_rows(models, a.layers, swap=a.swap)
         return
     if a.fused:
         print("model | rows | work | separate kernels us | one decode GEMM us | saved us")

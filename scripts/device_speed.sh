@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill solo moealign;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill solo moealign fewswap;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -234,6 +234,15 @@ fi
 if has fewrows; then  # 2-16 rows (at 4): the tl.dot path's tiles shape by shape against its default (~200 s)
   python3 scripts/bench_fp8_gemm.py --few-rows --shapes llama8b,qwen3-30b-a3b 2>&1 | grep -v Warning \
     | tee $OUT/gemm_few_rows.txt
+fi
+if has fewswap; then  # 2-16 rows with the product transposed (FEW_ROWS_SWAP): the tile grid, then L at batch 4 in a
+  # copy of this tree with the swap on and SWAP_TILES for every shape
+  python3 scripts/bench_fp8_gemm.py --few-rows --swap --shapes llama8b,qwen3-30b-a3b 2>&1 | grep -v Warning \
+    | tee $OUT/gemm_few_rows_swap.txt
+  mkdir -p /tmp/swap && cp -r gridserve /tmp/swap/ && sed -i -e "s/^FEW_ROWS_SWAP = .*/FEW_ROWS_SWAP = True/" \
+    -e "s/^DECODE_GEMM_CONFIG = .*/DECODE_GEMM_CONFIG = ${SWAP_TILES:-(64, 128, 4, 3)}/" \
+    -e "s/^FEW_ROWS_TILES: .*/FEW_ROWS_TILES: dict = {}; _UNUSED = {/" /tmp/swap/gridserve/layers/decode_gemm.py
+  AB_MODELS="L" AB_ARGS="--batch-size 4" ab_trees $PWD /tmp/swap
 fi
 if has prefillgemm; then  # issue 20 (TTFT): cuBLAS on a short prompt's linear layers against the floor (~20 s)
   python3 scripts/bench_prefill_gemm.py 2>&1 | grep -v Warning | tee $OUT/prefill_gemm.txt

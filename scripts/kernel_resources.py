@@ -16,7 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from gridserve.layers.decode_gemm import NORMED_BLOCK, _decode_gemm_kernel
+from gridserve.layers.decode_gemm import FEW_ROWS_SWAP, NORMED_BLOCK, _decode_gemm_kernel
 
 ARGS = ["X", "R", "RO", "NW", "NO", "W", "S", "B", "Y", "RY", "P", "M", "N", "K", "NP", "stride_xm", "stride_wn",
         "stride_ym", "eps"]
@@ -31,8 +31,8 @@ def compile_variant(m: int, block_n: int, block_k: int, warps: int, stages: int,
     sig = dict(zip(ARGS, ["*bf16"] * 5 + [w, "*fp32", "*bf16", "*bf16", "*bf16", "*fp32"] + ["i32"] * 7 + ["fp32"],
                    strict=True))
     consts = dict(HAS_SCALE=fp8, HAS_BIAS=False, GATED=False, NORM=True, HAS_RES=True, STORE_NORMED=False,
-                  SUM_OUT=False, SQ_FROM_P=False, BLOCK_P=1, NORMED_BLOCK=NORMED_BLOCK, BLOCK_M=m, BLOCK_N=block_n,
-                  BLOCK_K=block_k, DOT_PRECISION="tf32", PDL=pdl)
+                  SUM_OUT=False, SQ_FROM_P=False, BLOCK_P=1, NORMED_BLOCK=NORMED_BLOCK, SWAP=m > 1 and FEW_ROWS_SWAP,
+                  BLOCK_M=m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="tf32", PDL=pdl)
     sig.update(dict.fromkeys(consts, "constexpr"))
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(ARGS) if name not in NOT_DIVISIBLE}
     return triton.compile(ASTSource(fn=_decode_gemm_kernel, signature=sig, constexprs=consts, attrs=attrs),

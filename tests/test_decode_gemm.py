@@ -268,3 +268,31 @@ def test_few_rows_tiles_finish_the_split_norm(key, config):
     want_normed, _ = norm((x.float() @ w1.float().T).to(dtype).cpu(), res.cpu())
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[dtype]
     torch.testing.assert_close(y.float().cpu(), want_normed.float() @ w2.T, **tol)
+
+
+@pytest.mark.parametrize("dtype", DECODE_GEMM_DTYPES)
+@pytest.mark.parametrize("m", [2, 9, 16])
+def test_the_few_rows_product_transposed_gives_the_same_results(dtype, m, monkeypatch):
+    """FEW_ROWS_SWAP (tl.dot on W x^T): the plain product with an FP8 weight and a bias, the norm folded in with the
+    normed input handed on, and the split norm's first half (the residual added, the partial sums), each against
+    the same call the other way round."""
+    from gridserve.layers import decode_gemm
+    from gridserve.layers.quantization import quantize_per_channel
+
+    n, k = 72, 300  # k ends mid-block
+    x, res, nw = rand(m, k, dtype=dtype), rand(m, k, dtype=dtype), (torch.rand(k) + 0.5).to(dtype).to(DEVICE)
+    q, scale = quantize_per_channel(torch.randn(n, k) / 8)
+    w, b, res_n = rand(n, k, dtype=dtype), rand(n, dtype=dtype), rand(m, n, dtype=dtype)
+    calls = [
+        lambda: (decode_linear(x, q.to(DEVICE), scale.to(DEVICE), b, config=(32, 64, 4, 2)),),
+        lambda: decode_linear_after_norm(x, res, nw, 1e-6, w, None, b, config=(16, 128, 4, 2), return_normed=True),
+        lambda: decode_gemm.decode_linear_add_residual(x, res_n, w, config=(64, 64, 4, 2)),
+    ]
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[dtype]
+    for call in calls:
+        monkeypatch.setattr(decode_gemm, "FEW_ROWS_SWAP", False)
+        want = call()
+        monkeypatch.setattr(decode_gemm, "FEW_ROWS_SWAP", True)
+        got = call()
+        for g, w_ in zip(got, want, strict=True):
+            torch.testing.assert_close(g.float().cpu(), w_.float().cpu(), **tol)

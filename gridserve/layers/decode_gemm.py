@@ -39,7 +39,7 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
                         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
                         HAS_RES: tl.constexpr, STORE_NORMED: tl.constexpr, SUM_OUT: tl.constexpr,
                         SQ_FROM_P: tl.constexpr, BLOCK_P: tl.constexpr, NORMED_BLOCK: tl.constexpr,
-                        BLOCK_M: tl.constexpr,
+                        SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Y[:, n-tile] = (X @ W[n-tile].T) (* S[n-tile]) (+ B): W in X's dtype, or FP8 widened to it in registers.
     The input is X as _gemm_input reads it; with NORM, then RMSNorm(that) with weight NW (the weight applied as x
@@ -60,6 +60,7 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
     ms = tl.arange(0, BLOCK_M)
     m_ok = ms < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # SWAP's: the product transposed
     sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -80,7 +81,12 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
         else:
             if HAS_SCALE:
                 w = w.to(tl.float32).to(x.dtype)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            if SWAP:  # W x^T: the weight rows fill the MMA's long side, the few input rows its short one
+                acc_t = tl.dot(w, tl.trans(x), acc_t, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if SWAP:
+        acc = tl.trans(acc_t)
     if NORM:
         if SQ_FROM_P:  # the previous GEMM's partials of each row, summed in a fixed order
             ps = tl.arange(0, BLOCK_P)
@@ -113,6 +119,9 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
 
 
 NORMED_BLOCK = 128  # features a piece of the normed input that STORE_NORMED's programs share out
+# 2-16 rows: tl.dot on the product transposed (W x^T), where Hopper's MMA takes the weight tile as its 64-row side
+# and the padded input rows as the narrow one, instead of x W^T with the 16 input rows as the long side
+FEW_ROWS_SWAP = False
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the decode GEMM, the fastest of scripts/bench_fp8_gemm.py on an H100
 # for 2-byte weights: on 2-16 rows (tl.dot on 16-row tiles; --sweep, the 8B shapes, FP8 and bf16 alike), and on one
@@ -229,7 +238,7 @@ def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
             HAS_BIAS=bias is not None, GATED=gated, NORM=norm is not None, HAS_RES=residual is not None,
             STORE_NORMED=normed is not None, SUM_OUT=sum_out is not None, SQ_FROM_P=sum_sq_partials is not None,
             BLOCK_P=triton.next_power_of_2(max(num_partials, 1)), NORMED_BLOCK=NORMED_BLOCK,
-            BLOCK_M=1 if m == 1 else DECODE_GEMM_MAX_M,
+            SWAP=m > 1 and FEW_ROWS_SWAP, BLOCK_M=1 if m == 1 else DECODE_GEMM_MAX_M,
             BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             num_warps=warps, num_stages=stages, **pdl_args(x.device))
     return y
