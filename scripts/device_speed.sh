@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill solo moealign fewswap;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -194,7 +194,7 @@ if has ab; then  # TPOT at this tree and at AB_BASE (another tree, copied in unt
 fi
 if has solo; then  # decode attention: contexts up to solo_len in one program a KV head (no merge), kernel and models
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_triton_decode_attention.py -rf 2>&1 | tail -2
-  for heads in "32 4" "16 8" "32 8"; do set -- $heads  # M, Q and L's heads / KV heads
+  for heads in ${SOLO_HEADS:-"32:4 16:8 32:8"}; do set -- ${heads/:/ }  # M, Q and L's heads:KV heads
     python3 scripts/bench_decode_kernel.py --heads $1 --kv-heads $2 --batches 1,4,64 --contexts 128,384,768,1536 \
       --splits 64 --block-n 64 --warps 4 --stages 3 --top 1 --solo 0,256,512,1024 2>&1 | grep -v Warning \
       | tee $OUT/decode_solo_$1_$2.txt | grep -E "^batch|defaults"
@@ -237,7 +237,7 @@ if has fewrows; then  # 2-16 rows (at 4): the tl.dot path's tiles shape by shape
 fi
 if has fewswap; then  # 2-16 rows with the product transposed (FEW_ROWS_SWAP): the tile grid, then L at batch 4 in a
   # copy of this tree with the swap on and SWAP_TILES for every shape
-  python3 scripts/bench_fp8_gemm.py --few-rows --swap --shapes llama8b,qwen3-30b-a3b 2>&1 | grep -v Warning \
+  python3 scripts/bench_fp8_gemm.py --few-rows --swap --shapes ${SWAP_SHAPES:-llama8b,qwen3-30b-a3b} 2>&1 | grep -v Warning \
     | tee $OUT/gemm_few_rows_swap.txt
   mkdir -p /tmp/swap && cp -r gridserve /tmp/swap/ && sed -i -e "s/^FEW_ROWS_SWAP = .*/FEW_ROWS_SWAP = True/" \
     -e "s/^DECODE_GEMM_CONFIG = .*/DECODE_GEMM_CONFIG = ${SWAP_TILES:-(64, 128, 4, 3)}/" \
@@ -277,6 +277,11 @@ if has longprefill; then  # issue 20: long prompts' attention through cuDNN (the
       --num-runs 2 --no-show-progress --output-json $OUT/latency_L_32k${flag:+_triton}.json 2>&1 \
       | tee $OUT/latency_L_32k${flag:+_triton}.log | grep -E "TTFT|TPOT|floor|rror|Falling back"
   done
+fi
+if has long32k; then  # the 32k prompt's latency with the defaults alone (the cuDNN path's ragged plans)
+  $GS bench latency ${L/--context-length 4096/--context-length 32768} --input-len 32000 --output-len 64 \
+    --num-runs 2 --no-show-progress --output-json $OUT/latency_L_32k.json 2>&1 | tee $OUT/latency_L_32k.log \
+    | grep -E "TTFT|TPOT|floor|rror|Falling back"
 fi
 if has fp8; then  # issue 20: FP8 weights on the 8B and 30B-A3B shapes: batch-1 latency against bf16, agreement
   for q in "--quantization fp8" ""; do for m in ${FP8_MODELS:-L M}; do
