@@ -28,7 +28,9 @@ def _chunk_keys(ids_ptr, c, num_slots, num_experts, CHUNK: tl.constexpr):
     return slots, key, (key >= 0) & (key < num_experts)
 
 
-@triton.jit
+# The slot and block counts change with the batch: one compiled variant for all of them (specialising on a count
+# of 1 or on its divisibility by 16 would compile new ones while a server captures its decode graphs)
+@triton.jit(do_not_specialize=["num_slots"])
 def _count_kernel(ids_ptr, counts_ptr, num_slots, num_experts, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
     c = tl.program_id(0)
     _, key, ok = _chunk_keys(ids_ptr, c, num_slots, num_experts, CHUNK)
@@ -37,7 +39,7 @@ def _count_kernel(ids_ptr, counts_ptr, num_slots, num_experts, CHUNK: tl.constex
     tl.store(counts_ptr + c * E_PAD + es, tl.sum(hits.to(tl.int32), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks", "num_slots", "capacity"])
 def _offsets_kernel(counts_ptr, starts_ptr, expert_ptr, sorted_ptr, num_chunks, num_experts, num_slots, capacity,
                     BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, SCAN: tl.constexpr, BLOCKS: tl.constexpr,
                     FILL: tl.constexpr):
@@ -73,7 +75,7 @@ def _offsets_kernel(counts_ptr, starts_ptr, expert_ptr, sorted_ptr, num_chunks, 
         tl.store(sorted_ptr + ps, tl.full((FILL,), 0, tl.int32) + num_slots, mask=ps < capacity)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots"])
 def _scatter_kernel(ids_ptr, counts_ptr, starts_ptr, sorted_ptr, num_slots, num_experts, CHUNK: tl.constexpr,
                     E_PAD: tl.constexpr):
     c = tl.program_id(0)
