@@ -3,9 +3,9 @@ Triton kernels with static sizes (no host sync, so a CUDA graph captures them).
 
 Each expert's group is padded to a whole number of BLOCK_M rows with the invalid slot id (num_slots), and every block
 of BLOCK_M sorted slots belongs to one expert (or, past the last group, to none: -1). Slots keep their order within
-an expert, as a stable sort would. In PyTorch ops this took ~35 kernels a MoE layer (argsort, scatters, cumsums,
-searchsorted): a few microseconds each inside a decode step's CUDA graph, ~40 layers deep, at every batch too large
-for the matrix-vector path. The three:
+an expert, as a stable sort would. In PyTorch this took 32 ops that launch work (a stable sort, itself several
+kernels; scatters, cumsums, searchsorted, elementwise steps), a few microseconds each inside a decode step's CUDA
+graph, in every MoE layer, at every batch too large for the matrix-vector path. The three:
   _count_kernel    (a program per CHUNK slots): how many of its slots each expert has;
   _offsets_kernel  (one program): the exclusive scan of those counts over the chunks (each chunk's first place in each
                    expert's group), where each group starts, the expert of every block, and the padding's invalid ids;
