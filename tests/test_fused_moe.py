@@ -209,3 +209,35 @@ def test_vector_path_routes_as_route_does_and_writes_its_ids_and_weights(top_k, 
     assert (got_ids < 0).any() == (local is not None)
     torch.testing.assert_close(got, fused_moe_vec(x, w13, w2, want_w, want_ids, config), rtol=0, atol=0)
     assert fused_moe_routed(x[:0], logits[:0], w13, w2, top_k, renormalize, local_of).shape == (0, x.shape[1])
+
+
+def test_the_align_kernels_compile_for_hopper():
+    """No GPU needed: the three grouping kernels compile for sm_90 with Triton's own ptxas (the interpreter accepts
+    code that the compiler rejects). A separate process: this one's kernels may be the interpreter's."""
+    import subprocess
+    import sys
+
+    script = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from gridserve.layers import moe_align as ma
+ptr, i32 = "*i32", "i32"
+kernels = [
+    (ma._count_kernel, dict(ids_ptr=ptr, counts_ptr=ptr, num_slots=i32, num_experts=i32),
+     dict(CHUNK=ma.CHUNK, E_PAD=128)),
+    (ma._offsets_kernel, dict(counts_ptr=ptr, starts_ptr=ptr, expert_ptr=ptr, sorted_ptr=ptr, num_chunks=i32,
+                              num_experts=i32, num_slots=i32, capacity=i32),
+     dict(BLOCK_M=64, E_PAD=128, SCAN=16, BLOCKS=64, FILL=1024)),
+    (ma._scatter_kernel, dict(ids_ptr=ptr, counts_ptr=ptr, starts_ptr=ptr, sorted_ptr=ptr, num_slots=i32,
+                              num_experts=i32), dict(CHUNK=ma.CHUNK, E_PAD=128)),
+]
+for fn, sig, consts in kernels:
+    sig.update(dict.fromkeys(consts, "constexpr"))
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 8})
+    assert k.asm["cubin"], fn.__name__
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert out.returncode == 0, out.stderr[-3000:]
