@@ -3,7 +3,7 @@ ptxas (as a launch would specialise it: pointers, N, K and strides divisible by 
 registers, shared memory and spills; the PTX tells how it loads the weights and, with PDL, that it waits for the
 kernel before (gdc_wait). A GPU lease is scarce; this shows before one whether a tile fits.
 
-    TRITON_INTERPRET=0 python3 scripts/kernel_resources.py [--pdl] [--tiles M:BLOCK_N:BLOCK_K:WARPS:STAGES ...]
+    TRITON_INTERPRET=0 python3 scripts/kernel_resources.py [--pdl] [--swap] [--tiles M:BLOCK_N:BLOCK_K:WARPS:STAGES ...]
 """
 
 import argparse
@@ -25,13 +25,15 @@ NOT_DIVISIBLE = {"M", "NP", "eps"}  # any value; tensors (even unused ones) are 
 DEFAULT_TILES = ["1:8:1024:8:4", "16:32:512:4:4"]
 
 
-def compile_variant(m: int, block_n: int, block_k: int, warps: int, stages: int, fp8: bool, pdl: bool):
-    """The decode GEMM (a residual add and RMSNorm before the product) compiled for sm_90."""
+def compile_variant(m: int, block_n: int, block_k: int, warps: int, stages: int, fp8: bool, pdl: bool,
+                    swap: bool = FEW_ROWS_SWAP):
+    """The decode GEMM (a residual add and RMSNorm before the product) compiled for sm_90; swap: 2-16 rows as
+    W x^T (decode_gemm.FEW_ROWS_SWAP)."""
     w = "*fp8e4nv" if fp8 else "*bf16"
     sig = dict(zip(ARGS, ["*bf16"] * 5 + [w, "*fp32", "*bf16", "*bf16", "*bf16", "*fp32"] + ["i32"] * 7 + ["fp32"],
                    strict=True))
     consts = dict(HAS_SCALE=fp8, HAS_BIAS=False, GATED=False, NORM=True, HAS_RES=True, STORE_NORMED=False,
-                  SUM_OUT=False, SQ_FROM_P=False, BLOCK_P=1, NORMED_BLOCK=NORMED_BLOCK, SWAP=m > 1 and FEW_ROWS_SWAP,
+                  SUM_OUT=False, SQ_FROM_P=False, BLOCK_P=1, NORMED_BLOCK=NORMED_BLOCK, SWAP=m > 1 and swap,
                   BLOCK_M=m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="tf32", PDL=pdl)
     sig.update(dict.fromkeys(consts, "constexpr"))
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(ARGS) if name not in NOT_DIVISIBLE}
@@ -59,13 +61,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tiles", nargs="+", default=DEFAULT_TILES, help="rows:BLOCK_N:BLOCK_K:warps:stages")
     p.add_argument("--pdl", action="store_true", help="the PDL variants (gdc_wait first)")
+    p.add_argument("--swap", action="store_true", help="2-16 rows as W x^T (FEW_ROWS_SWAP)")
     a = p.parse_args()
     print("rows, BLOCK_N, BLOCK_K, warps, stages | weights | registers | shared B | spilled B | loads in the PTX "
           "| waits (PDL)")
     for tile in a.tiles:
         m, block_n, block_k, warps, stages = map(int, tile.split(":"))
         for fp8 in (False, True):
-            r = resources(compile_variant(m, block_n, block_k, warps, stages, fp8, a.pdl))
+            r = resources(compile_variant(m, block_n, block_k, warps, stages, fp8, a.pdl, a.swap or FEW_ROWS_SWAP))
             print(f"{tile} | {'FP8' if fp8 else 'bf16'} | {r['registers']} | {r['shared']} | {r['spilled']} | "
                   f"{r['loads']} | {r['waits']}", flush=True)
 
