@@ -10,6 +10,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+import gridserve.layers.fused_moe as fused_moe_module  # noqa: E402
 from gridserve.layers.fused_moe import (  # noqa: E402
     VEC_MAX_SLOTS,
     fused_moe,
@@ -45,11 +46,13 @@ def _case(tokens: int, experts: int, top_k: int, hidden: int, inter: int, local:
     (9, 4, 1, 32, 16, None),
     (2, 16, 8, 32, 48, range(0, 8)),  # k = 8 as Qwen3-30B-A3B routes: the down kernel's (8, rows, K) tile
 ])
-@pytest.mark.parametrize("method", ["sorted", "vec"])
-def test_fused_moe_equals_the_reference(tokens, experts, top_k, hidden, inter, local, method):
+@pytest.mark.parametrize("method", ["sorted", "sorted-swap", "vec"])
+def test_fused_moe_equals_the_reference(tokens, experts, top_k, hidden, inter, local, method, monkeypatch):
+    """sorted-swap: the grouped GEMMs as W a^T (SORTED_SWAP), accumulated transposed."""
+    monkeypatch.setattr(fused_moe_module, "SORTED_SWAP", method == "sorted-swap")
     x, w13, w2, weights, ids = _case(tokens, experts, top_k, hidden, inter, local)
     want = moe_reference(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu())
-    if method == "sorted":
+    if method.startswith("sorted"):
         got = fused_moe_sorted(x, w13, w2, weights, ids, block_n=32, block_k=32).cpu()
         tol = 1e-4 if DEVICE == "cpu" else 2e-2  # on the GPU tl.dot multiplies float32 in TF32
     else:  # tiles smaller than the dimensions, and a K tile that overruns them (masks)
@@ -58,17 +61,18 @@ def test_fused_moe_equals_the_reference(tokens, experts, top_k, hidden, inter, l
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("method", ["sorted", "vec"])
+@pytest.mark.parametrize("method", ["sorted", "sorted-swap", "vec"])
 @pytest.mark.parametrize("tokens, local", [(3, None), (40, range(4, 8))])
-def test_fp8_experts_equal_the_reference_on_the_same_fp8_weights(method, tokens, local):
+def test_fp8_experts_equal_the_reference_on_the_same_fp8_weights(method, tokens, local, monkeypatch):
     from gridserve.layers.quantization import quantize_per_channel
 
+    monkeypatch.setattr(fused_moe_module, "SORTED_SWAP", method == "sorted-swap")
     x, w13, w2, weights, ids = _case(tokens, 8, 2, 64, 96, local)
     (q13, s13), (q2, s2) = (quantize_per_channel(w.cpu().reshape(-1, w.shape[-1])) for w in (w13, w2))
     q13, q2 = q13.view(w13.shape).to(DEVICE), q2.view(w2.shape).to(DEVICE)
     s13, s2 = s13.view(w13.shape[:2]).to(DEVICE), s2.view(w2.shape[:2]).to(DEVICE)
     want = moe_reference(x.cpu(), q13.cpu(), q2.cpu(), weights.cpu(), ids.cpu(), s13.cpu(), s2.cpu())
-    if method == "sorted":
+    if method.startswith("sorted"):
         got = fused_moe_sorted(x, q13, q2, weights, ids, 32, 32, s13, s2)
     else:
         got = fused_moe_vec(x, q13, q2, weights, ids, {"gate_up": (16, 32, 4), "down": (8, 32, 4)}, s13, s2)

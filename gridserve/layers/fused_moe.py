@@ -120,7 +120,8 @@ def _block_slots(sorted_ptr, pid_m, num_slots, BLOCK_M: tl.constexpr):
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, s_ptr, out_ptr, sorted_ptr, expert_ptr, num_slots, top_k, hidden, inter,
                     stride_xm, stride_we, stride_wn, stride_se, stride_om,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    SWAP: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(expert_ptr + pid_m)
     if e < 0:
@@ -131,6 +132,8 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, out_ptr, sorted_ptr, expert_ptr, num_sl
     col_ok = cols < inter
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    gate_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # SWAP's
+    up_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     w_base = w_ptr + e.to(tl.int64) * stride_we
     for k0 in range(0, hidden, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -143,8 +146,14 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, out_ptr, sorted_ptr, expert_ptr, num_sl
                      mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         if HAS_SCALE:
             wg, wu = _widen(wg, a.dtype), _widen(wu, a.dtype)
-        acc_gate = tl.dot(a, wg, acc_gate)
-        acc_up = tl.dot(a, wu, acc_up)
+        if SWAP:  # accumulated transposed, turned back once after the loop
+            gate_t = tl.dot(tl.trans(wg), tl.trans(a), gate_t)
+            up_t = tl.dot(tl.trans(wu), tl.trans(a), up_t)
+        else:
+            acc_gate = tl.dot(a, wg, acc_gate)
+            acc_up = tl.dot(a, wu, acc_up)
+    if SWAP:
+        acc_gate, acc_up = tl.trans(gate_t), tl.trans(up_t)
     if HAS_SCALE:  # FP8 experts: one scale per (expert, row)
         s_base = s_ptr + e.to(tl.int64) * stride_se
         acc_gate *= tl.load(s_base + cols, mask=col_ok, other=0.0)[None, :]
@@ -157,7 +166,8 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, out_ptr, sorted_ptr, expert_ptr, num_sl
 @triton.jit
 def _down_kernel(a_ptr, w_ptr, s_ptr, out_ptr, sorted_ptr, expert_ptr, weight_ptr, num_slots, hidden, inter,
                  stride_am, stride_we, stride_wn, stride_se, stride_om,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 SWAP: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(expert_ptr + pid_m)
     if e < 0:
@@ -166,6 +176,7 @@ def _down_kernel(a_ptr, w_ptr, s_ptr, out_ptr, sorted_ptr, expert_ptr, weight_pt
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # SWAP's
     w_base = w_ptr + e.to(tl.int64) * stride_we
     for k0 in range(0, inter, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -176,7 +187,12 @@ def _down_kernel(a_ptr, w_ptr, s_ptr, out_ptr, sorted_ptr, expert_ptr, weight_pt
                     other=0.0)
         if HAS_SCALE:
             w = _widen(w, a.dtype)
-        acc = tl.dot(a, w, acc)
+        if SWAP:
+            acc_t = tl.dot(tl.trans(w), tl.trans(a), acc_t)
+        else:
+            acc = tl.dot(a, w, acc)
+    if SWAP:
+        acc = tl.trans(acc_t)
     if HAS_SCALE:
         acc *= tl.load(s_ptr + e.to(tl.int64) * stride_se + cols, mask=col_ok, other=0.0)[None, :]
     scale = tl.load(weight_ptr + slots, mask=row_ok, other=0.0)
@@ -270,6 +286,10 @@ def _down_vec_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weight_ptr, hidden, 
     tl.store(out_ptr + token.to(tl.int64) * stride_om + rows, out.to(out_ptr.dtype.element_ty), mask=rows < hidden)
 
 
+# The grouped GEMMs as W a^T (the expert's weight tile as the MMA's long side): a block of 16 slots on the long side
+# compiles to Ampere's mma.sync on sm_90, a 64-row weight tile there to Hopper's wgmma (scripts/kernel_resources.py's
+# way of looking). Off until a GPU shows it faster.
+SORTED_SWAP = False
 # Up to this many (token, k) slots the matrix-vector path runs; above it, the sorted grouped GEMM.
 VEC_MAX_SLOTS = 64
 # (BLOCK_N, BLOCK_K, num_warps) of the matrix-vector kernels, gate/up and down: the fastest of a sweep
@@ -377,9 +397,9 @@ def fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weigh
     _gate_up_kernel[(blocks, triton.cdiv(inter, block_n))](
         x, w13, s13, act, sorted_ids, expert_of_block, num_slots, top_k, hidden, inter,
         x.stride(0), w13.stride(0), w13.stride(1), stride_s13, act.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=has_scale)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=has_scale, SWAP=SORTED_SWAP)
     _down_kernel[(blocks, triton.cdiv(hidden, block_n))](
         act, w2, s2, out, sorted_ids, expert_of_block, weights.flatten().float().contiguous(), num_slots, hidden,
         inter, act.stride(0), w2.stride(0), w2.stride(1), stride_s2, out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=has_scale)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=has_scale, SWAP=SORTED_SWAP)
     return out.view(m, top_k, hidden).sum(dim=1)
