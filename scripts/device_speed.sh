@@ -153,6 +153,8 @@ if has moealign; then  # issue 19: the slots' grouping in three kernels (moe_ali
     (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec python3 $ROOT/scripts/bench_moe_kernel.py --batches 1,8,16,64,256) \
       2>&1 | grep -v Warning | tee $OUT/moe_layer_$(basename $tree).txt | sed "s/^/$(basename $tree): /"
   done
+  python3 scripts/bench_moe_kernel.py --batches 16,64,256 --swap 2>&1 | grep -v Warning \
+    | tee $OUT/moe_layer_swap.txt | sed "s/^/swapped: /"  # the grouped GEMMs as W a^T (SORTED_SWAP)
   for tree in ${AB_BASE:-} $PWD; do
     (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec python3 -m gridserve.cli bench offline $M --no-show-progress \
       --output-json $OUT/offline_M_$(basename $tree).json) 2>&1 | grep -E "tok/s|floor|KV|rror" \
