@@ -13,8 +13,9 @@ every program of a used split adds 1 to a per-(request, KV head) counter in the 
 GPU scope), and the one whose add is the last, merges that KV head's group (reading the partials from L2) and
 sets the counter back to 0 for the next call or CUDA-graph replay. This saves the second launch: in a CUDA graph
 on an H100, 0.5-1 us of a batch-1 call's 7-20 us, and 2-4% at batch 64 (scripts/bench_decode_kernel.py), in every
-layer of a decode step. Stage 2, grid (B, num_heads), runs the same merge as a kernel of its own
-(``merge_in_stage1=False``).
+layer of a decode step. A request whose keys fill one split (every context of up to ``solo_len`` keys is one)
+writes its output from that program, with no scratch and no merge. Stage 2, grid (B, num_heads), runs the same
+merge as a kernel of its own (``merge_in_stage1=False``).
 
 The scratch buffers can be allocated once for a maximum batch (``DecodeWorkspace``) and passed on every call,
 so a CUDA graph can capture the kernels with static buffers.
