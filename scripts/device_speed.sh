@@ -190,6 +190,10 @@ ab_trees() {  # batch-1 TPOT of AB_MODELS in each tree named, one after the othe
       | grep -E "TPOT|rror" | sed "s/^/$m $(basename $tree): /"
   done; done
 }
+variant_tree() {  # a copy of this tree's gridserve at /tmp/NAME with FILE (under gridserve/) edited by sed's -e EXPRs
+  local name=$1 file=$2; shift 2
+  rm -rf /tmp/$name && mkdir -p /tmp/$name && cp -r gridserve /tmp/$name/ && sed -i "$@" /tmp/$name/gridserve/$file
+}
 if has ab; then  # TPOT at this tree and at AB_BASE (another tree, copied in untracked), same lease; AB_ARGS: more
   # bench latency flags for both (e.g. --batch-size 4, which trees from 45f9bfa on know)
   ab_trees ${AB_BASE:?AB_BASE names the other tree} $PWD
@@ -202,8 +206,7 @@ if has solo; then  # decode attention: contexts up to solo_len in one program a 
       | tee $OUT/decode_solo_$1_$2.txt | grep -E "^batch|defaults"
   done
   # the models with SOLO_LEN at SOLO_AB keys (bench latency's contexts are 257-384) in a copy of this tree
-  mkdir -p /tmp/solo && cp -r gridserve /tmp/solo/ && sed -i "s/^SOLO_LEN = .*/SOLO_LEN = ${SOLO_AB:-512}/" \
-    /tmp/solo/gridserve/attention/triton_ops/decode_attention.py
+  variant_tree solo attention/triton_ops/decode_attention.py -e "s/^SOLO_LEN = .*/SOLO_LEN = ${SOLO_AB:-512}/"
   AB_MODELS=${SOLO_MODELS:-Q L M} ab_trees $PWD /tmp/solo
 fi
 if has pdl; then  # issue 20: programmatic dependent launch (--enable-pdl): a kernel chain in a graph, the greedy
@@ -241,9 +244,9 @@ if has fewswap; then  # 2-16 rows with the product transposed (FEW_ROWS_SWAP): t
   # copy of this tree with the swap on and SWAP_TILES for every shape
   python3 scripts/bench_fp8_gemm.py --few-rows --swap --shapes ${SWAP_SHAPES:-llama8b,qwen3-30b-a3b} 2>&1 | grep -v Warning \
     | tee $OUT/gemm_few_rows_swap.txt
-  mkdir -p /tmp/swap && cp -r gridserve /tmp/swap/ && sed -i -e "s/^FEW_ROWS_SWAP = .*/FEW_ROWS_SWAP = True/" \
+  variant_tree swap layers/decode_gemm.py -e "s/^FEW_ROWS_SWAP = .*/FEW_ROWS_SWAP = True/" \
     -e "s/^DECODE_GEMM_CONFIG = .*/DECODE_GEMM_CONFIG = ${SWAP_TILES:-(64, 128, 4, 3)}/" \
-    -e "s/^FEW_ROWS_TILES: .*/FEW_ROWS_TILES: dict = {}; _UNUSED = {/" /tmp/swap/gridserve/layers/decode_gemm.py
+    -e "s/^FEW_ROWS_TILES: .*/FEW_ROWS_TILES: dict = {}; _UNUSED = {/"
   AB_MODELS="L" AB_ARGS="--batch-size 4" ab_trees $PWD /tmp/swap
 fi
 if has prefillgemm; then  # issue 20 (TTFT): cuBLAS on a short prompt's linear layers against the floor (~20 s)

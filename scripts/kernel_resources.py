@@ -26,7 +26,7 @@ DEFAULT_TILES = ["1:8:1024:8:4", "16:32:512:4:4"]
 
 
 def compile_variant(m: int, block_n: int, block_k: int, warps: int, stages: int, fp8: bool, pdl: bool,
-                    swap: bool = FEW_ROWS_SWAP):
+                    swap: bool = False):
     """The decode GEMM (a residual add and RMSNorm before the product) compiled for sm_90; swap: 2-16 rows as
     W x^T (decode_gemm.FEW_ROWS_SWAP)."""
     w = "*fp8e4nv" if fp8 else "*bf16"

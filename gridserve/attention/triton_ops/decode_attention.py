@@ -281,8 +281,7 @@ def _decode_stage1(
             _merge_splits(AttnOut + b64 * stride_ob, AttnLse + b64 * stride_lb, Out + b64 * stride_outb,
                           kvh * GROUP + g, g < GROUP, seq_len, stride_oh, stride_os, stride_lh,
                           stride_outh, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N, SOLO_LEN, HEAD_DIM_V,
-                          BLOCK_G,
-                          CHUNK_S, BLOCK_DV, ".cg")
+                          BLOCK_G, CHUNK_S, BLOCK_DV, ".cg")
 
 
 @triton.jit(do_not_specialize_on_alignment=["SeqLens"])
