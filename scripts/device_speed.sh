@@ -7,7 +7,9 @@ set -u
 source scripts/device_env.sh
 STEPS=${1:-"check latency offline serving startup"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-has() { bundle; [[ " $STEPS " == *" $1 "* ]]; }  # packs what the steps before wrote
+has() {  # packs what the steps before wrote; names each step taken, with the seconds since the start
+  bundle; [[ " $STEPS " == *" $1 "* ]] || return 1; echo "== step $1 at ${SECONDS} s"
+}
 if has imports; then  # where the front end's and a scheduler's start-up imports go on this image
   python3 -X importtime -c "from gridserve.tokenizer import get_tokenizer; get_tokenizer('$TOK')" \
     2> $OUT/importtime_tokenizer.txt
