@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -20,6 +20,10 @@ if has kernels; then  # the Triton kernels on the GPU against their references
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py tests/test_decode_gemm.py \
     tests/test_triton_decode_attention.py tests/test_triton_extend_attention.py tests/test_race_kernel.py \
     tests/test_piecewise_graphs.py tests/test_kv_store.py -rf 2>&1 | tee $OUT/kernels.log | grep -E "^FAILED|passed|failed" | cut -c1-400 | tail -12
+fi
+if has newkernels; then  # the kernels whose defaults changed last (MoE grouping, one-split decode, normed store)
+  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe.py tests/test_triton_decode_attention.py \
+    tests/test_decode_gemm.py -rf 2>&1 | tee $OUT/newkernels.log | grep -E "^FAILED|passed|failed" | cut -c1-400 | tail -12
 fi
 if has check; then  # eager normal loop vs CUDA graphs + overlap loop (the defaults)
   python3 scripts/greedy_agreement.py $Q --baseline disable_cuda_graph=true disable_overlap_schedule=true \
@@ -138,6 +142,8 @@ if has moe; then  # issue 19: Qwen3-30B-A3B's shape: kernels, one layer, batch-1
   python3 scripts/bench_moe_kernel.py --sweep 2>&1 | grep -v Warning | tee $OUT/moe_kernel.txt
   python3 scripts/profile_scheduler.py $M --batch-size 1 --no-show-progress --top 30 --kernels 2>&1 | grep -v Warning \
     > $OUT/profile_M.txt; head -1 $OUT/profile_M.txt
+fi
+if has mlat || has moe; then  # issue 19's batch-1 row
   $GS bench latency $M --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
     --output-json $OUT/latency_M.json 2>&1 | tee $OUT/latency_M.log | grep -E "TTFT|TPOT|floor|rror|graphs|KV"
 fi
