@@ -10,6 +10,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 has() {  # packs what the steps before wrote; names each step taken, with the seconds since the start
   bundle; [[ " $STEPS " == *" $1 "* ]] || return 1; echo "== step $1 at ${SECONDS} s"
 }
+gpu_tests() {  # NAME PYTEST_ARGS...: tests on the GPU (not the interpreter), log in $OUT/NAME.log, failures shown
+  local name=$1; shift
+  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider -rf "$@" 2>&1 | tee $OUT/$name.log \
+    | grep -E "^FAILED|passed|failed" | cut -c1-400 | tail -12
+}
 if has imports; then  # where the front end's and a scheduler's start-up imports go on this image
   python3 -X importtime -c "from gridserve.tokenizer import get_tokenizer; get_tokenizer('$TOK')" \
     2> $OUT/importtime_tokenizer.txt
@@ -17,13 +22,11 @@ if has imports; then  # where the front end's and a scheduler's start-up imports
   for f in tokenizer scheduler; do echo "== $f"; sort -t'|' -k2 -n $OUT/importtime_$f.txt | tail -25 | cut -c1-110; done
 fi
 if has kernels; then  # the Triton kernels on the GPU against their references
-  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py tests/test_decode_gemm.py \
-    tests/test_triton_decode_attention.py tests/test_triton_extend_attention.py tests/test_race_kernel.py \
-    tests/test_piecewise_graphs.py tests/test_kv_store.py -rf 2>&1 | tee $OUT/kernels.log | grep -E "^FAILED|passed|failed" | cut -c1-400 | tail -12
+  gpu_tests kernels tests/test_fused_ops.py tests/test_decode_gemm.py tests/test_triton_decode_attention.py \
+    tests/test_triton_extend_attention.py tests/test_race_kernel.py tests/test_piecewise_graphs.py tests/test_kv_store.py
 fi
 if has newkernels; then  # the kernels whose defaults changed last (MoE grouping, one-split decode, normed store)
-  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe.py tests/test_triton_decode_attention.py \
-    tests/test_decode_gemm.py -rf 2>&1 | tee $OUT/newkernels.log | grep -E "^FAILED|passed|failed" | cut -c1-400 | tail -12
+  gpu_tests newkernels tests/test_fused_moe.py tests/test_triton_decode_attention.py tests/test_decode_gemm.py
 fi
 if has check; then  # eager normal loop vs CUDA graphs + overlap loop (the defaults)
   python3 scripts/greedy_agreement.py $Q --baseline disable_cuda_graph=true disable_overlap_schedule=true \
@@ -137,15 +140,19 @@ if has profile; then  # host time per decode step, in-process (scripts/profile_s
   python3 scripts/profile_scheduler.py $Q --batch-size 64 --no-show-progress --top 25 2>&1 | grep -v Warning \
     > $OUT/profile_Q_bs64.txt; head -1 $OUT/profile_Q_bs64.txt
 fi
+moe_latency() {  # issue 19's batch-1 row (steps moe and mlat)
+  $GS bench latency $M --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
+    --output-json $OUT/latency_M.json 2>&1 | tee $OUT/latency_M.log | grep -E "TTFT|TPOT|floor|rror|graphs|KV"
+}
 if has moe; then  # issue 19: Qwen3-30B-A3B's shape: kernels, one layer, batch-1 latency, offline, agreement
-  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe.py 2>&1 | tail -2
+  gpu_tests moe_tests tests/test_fused_moe.py
   python3 scripts/bench_moe_kernel.py --sweep 2>&1 | grep -v Warning | tee $OUT/moe_kernel.txt
   python3 scripts/profile_scheduler.py $M --batch-size 1 --no-show-progress --top 30 --kernels 2>&1 | grep -v Warning \
     > $OUT/profile_M.txt; head -1 $OUT/profile_M.txt
+  moe_latency
 fi
-if has mlat || has moe; then  # issue 19's batch-1 row
-  $GS bench latency $M --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
-    --output-json $OUT/latency_M.json 2>&1 | tee $OUT/latency_M.log | grep -E "TTFT|TPOT|floor|rror|graphs|KV"
+if has mlat; then
+  moe_latency
 fi
 if has moe-offline; then
   $GS bench offline $M --no-show-progress --output-json $OUT/offline_M.json 2>&1 | tee $OUT/offline_M.log \
@@ -155,7 +162,7 @@ if has moe-offline; then
 fi
 if has moealign; then  # issue 19: the slots' grouping in three kernels (moe_align.py), against AB_BASE's tree if
   # named (the PyTorch ops): one MoE layer by batch (the sorted path above batch 8), then offline M, each tree in turn
-  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe.py 2>&1 | tail -2
+  gpu_tests moealign_tests tests/test_fused_moe.py
   ROOT=$PWD
   for tree in ${AB_BASE:-} $PWD; do
     (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec python3 $ROOT/scripts/bench_moe_kernel.py --batches 1,8,16,64,256) \
@@ -207,7 +214,7 @@ if has ab; then  # TPOT at this tree and at AB_BASE (another tree, copied in unt
   ab_trees ${AB_BASE:?AB_BASE names the other tree} $PWD
 fi
 if has solo; then  # decode attention: contexts up to solo_len in one program a KV head (no merge), kernel and models
-  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_triton_decode_attention.py -rf 2>&1 | tail -2
+  gpu_tests solo_tests tests/test_triton_decode_attention.py
   for heads in ${SOLO_HEADS:-"32:4 16:8 32:8"}; do set -- ${heads/:/ }  # M, Q and L's heads:KV heads
     python3 scripts/bench_decode_kernel.py --heads $1 --kv-heads $2 --batches 1,4,64 --contexts 128,384,768,1536 \
       --splits 64 --block-n 64 --warps 4 --stages 3 --top 1 --solo 0,256,512,1024 2>&1 | grep -v Warning \
@@ -219,7 +226,7 @@ if has solo; then  # decode attention: contexts up to solo_len in one program a 
 fi
 if has pdl; then  # issue 20: programmatic dependent launch (--enable-pdl): a kernel chain in a graph, the greedy
   # tokens against PDL off, batch-1 latency with and without it (PDL_MODELS: which shapes)
-  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py -rf 2>&1 | grep -E "^FAILED|passed|failed"
+  gpu_tests pdl_tests tests/test_pdl.py
   python3 scripts/greedy_agreement.py $Q --candidate enable_pdl=true --num-prompts 24 \
     --output-json $OUT/agreement_pdl.json > $OUT/agreement_pdl.log 2>&1; tail -4 $OUT/agreement_pdl.log
   for m in ${PDL_MODELS:-Q L M}; do for flag in "--enable-pdl" ""; do
@@ -266,8 +273,7 @@ if has prefillgemm2; then  # the same at 128-512 rows against F.linear, swapped 
     | tee $OUT/prefill_gemm_variants.txt
 fi
 if has gemm; then  # issues 19 and 20: decode-sized linear layers (cuBLAS, Triton bf16, Triton FP8), FP8 experts
-  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py tests/test_decode_gemm.py \
-    -k "cuda or quant or w8a16 or decode_linear" 2>&1 | tail -2
+  gpu_tests gemm_tests tests/test_quantization.py tests/test_decode_gemm.py -k "cuda or quant or w8a16 or decode_linear"
   python3 scripts/bench_fp8_gemm.py --sweep 2>&1 | grep -v Warning | tee $OUT/fp8_gemm.txt
   python3 scripts/bench_moe_kernel.py --fp8 --sweep --batches 1,8,64,256 2>&1 | grep -v Warning | tee $OUT/moe_kernel_fp8.txt
 fi
@@ -280,7 +286,7 @@ if has longctx; then  # issue 20: the 8B shape with a 32,000-token prompt: the k
     | grep -E "TTFT|TPOT|floor|rror"
 fi
 if has longprefill; then  # issue 20: long prompts' attention through cuDNN (the default on Hopper) against Triton
-  TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_long_extend.py 2>&1 | tail -2
+  gpu_tests longprefill_tests tests/test_long_extend.py
   python3 scripts/bench_extend_sdpa.py 2>&1 | grep -v Warning | tee $OUT/extend_sdpa.txt
   # without PyTorch's switch for cuDNN's ragged path (long_extend.py sets it): exact-shape plans
   TORCH_CUDNN_SDPA_AVOID_RECOMPILE=0 python3 scripts/bench_extend_sdpa.py 2>&1 | grep -v Warning \
