@@ -128,7 +128,8 @@ def test_sort_by_expert_equals_a_stable_sort_in_torch(tokens, top_k, experts, bl
 
 def test_sort_by_expert_groups_every_local_slot_once_in_padded_blocks():
     ids = torch.tensor([[3, 0], [0, -1], [3, 1], [-1, -1], [0, 3]], dtype=torch.int32)
-    sorted_ids, expert_of_block = sort_by_expert(ids, num_experts=4, block_m=2)
+    sorted_ids, expert_of_block = sort_by_expert(ids.to(DEVICE), num_experts=4, block_m=2)
+    sorted_ids, expert_of_block = sorted_ids.cpu(), expert_of_block.cpu()
     invalid = ids.numel()
     blocks = sorted_ids.view(-1, 2)
     seen = []
