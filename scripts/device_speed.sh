@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -120,6 +120,14 @@ if has decodek; then  # the decode attention kernel's bandwidth over launch sett
   python3 scripts/bench_decode_kernel.py --batches 64,256 --contexts mixed:100-2048 --splits 1,2,4,8 2>&1 \
     | tee $OUT/decode_kernel_mixed.txt | grep -v Warning
 fi
+if has decodek1; then  # the same at batch 1 and 4 (latency, serving at concurrency 4) on M's, Q's and L's heads, at
+  # bench latency's contexts (257-384) and longer: whether a small batch wants another launch than the default
+  for heads in ${DECODEK_HEADS:-32:4 16:8 32:8}; do set -- ${heads/:/ }
+    python3 scripts/bench_decode_kernel.py --heads $1 --kv-heads $2 --batches 1,4 --contexts 256,384,1024,2048 \
+      --splits 1,2,4,8,16,64 --warps 4 --top 4 2>&1 | grep -v Warning | tee $OUT/decode_small_$1_$2.txt \
+      | grep -E "^batch|us  s|defaults" | grep -v "two kernels"
+  done
+fi
 if has offprof; then  # device time of the offline workload by phase, and a kernel table at large batch
   python3 scripts/profile_scheduler.py $Q --offline --kernels --no-show-progress --top 30 2>&1 | grep -v Warning \
     | tee $OUT/profile_offline.txt
@@ -215,7 +223,7 @@ if has ab; then  # TPOT at this tree and at AB_BASE (another tree, copied in unt
 fi
 if has solo; then  # decode attention: contexts up to solo_len in one program a KV head (no merge), kernel and models
   gpu_tests solo_tests tests/test_triton_decode_attention.py
-  for heads in ${SOLO_HEADS:-"32:4 16:8 32:8"}; do set -- ${heads/:/ }  # M, Q and L's heads:KV heads
+  for heads in ${SOLO_HEADS:-32:4 16:8 32:8}; do set -- ${heads/:/ }  # M, Q and L's heads:KV heads
     python3 scripts/bench_decode_kernel.py --heads $1 --kv-heads $2 --batches 1,4,64 --contexts 128,384,768,1536 \
       --splits 64 --block-n 64 --warps 4 --stages 3 --top 1 --solo 0,256,512,1024 2>&1 | grep -v Warning \
       | tee $OUT/decode_solo_$1_$2.txt | grep -E "^batch|defaults"
