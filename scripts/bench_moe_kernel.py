@@ -5,7 +5,7 @@ over the experts). Each replay runs `--layers` layers with their own weights, as
 experts are not still in L2 from the previous replay. Bandwidth counts the expert weights a batch really
 touches (its distinct routed experts), against the device's measured copy bandwidth.
 
-    python3 scripts/bench_moe_kernel.py [--batches 1,2,4,8,16,64,256] [--sweep] [--swap]
+    python3 scripts/bench_moe_kernel.py [--batches 1,2,4,8,16,64,256] [--sweep] [--swap on|off]
 
 --sweep first times the matrix-vector kernels' tile settings at batch 1 and uses the fastest.
 """
@@ -69,9 +69,11 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--fp8", action="store_true", help="the experts in FP8 (bytes counted as one per weight)")
-    p.add_argument("--swap", action="store_true", help="the sorted path's GEMMs as W a^T (fused_moe.SORTED_SWAP)")
+    p.add_argument("--swap", choices=["on", "off"],
+                   help="the sorted path's GEMMs as W a^T or not (fused_moe.SORTED_SWAP; default: its value)")
     a = p.parse_args()
-    fm.SORTED_SWAP = a.swap
+    if a.swap:
+        fm.SORTED_SWAP = a.swap == "on"
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
     layers = [(torch.randn(a.experts, 2 * a.inter, a.hidden, device=dev, dtype=dt) * a.hidden**-0.5,

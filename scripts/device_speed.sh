@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 decodeab;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 decodeab moeswap;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -14,6 +14,26 @@ gpu_tests() {  # NAME PYTEST_ARGS...: tests on the GPU (not the interpreter), lo
   local name=$1; shift
   TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider -rf "$@" 2>&1 | tee $OUT/$name.log \
     | grep -E "^FAILED|passed|failed" | cut -c1-400 | tail -12
+}
+ab_trees() {  # batch-1 TPOT of AB_MODELS in each tree named, one after the other (AB_ARGS: more bench latency flags)
+  local root=$PWD tree m
+  for tree in "$@"; do for m in ${AB_MODELS:-Q L M}; do
+    (cd $tree && PYTHONPATH=$tree:$root/.site exec python3 -m gridserve.cli bench latency ${!m} --input-len 256 \
+      --output-len 128 --num-runs 3 ${AB_ARGS:-} --no-show-progress --output-json $OUT/ab_${m}_$(basename $tree).json) 2>&1 \
+      | grep -E "TPOT|rror" | sed "s/^/$m $(basename $tree): /"
+  done; done
+}
+variant_tree() {  # a copy of this tree's gridserve at /tmp/NAME with FILE (under gridserve/) edited by sed's -e EXPRs
+  local name=$1 file=$2; shift 2
+  rm -rf /tmp/$name && mkdir -p /tmp/$name && cp -r gridserve /tmp/$name/ && sed -i "$@" /tmp/$name/gridserve/$file
+}
+offline_trees() {  # MODEL TREE...: bench offline (nano-vllm's workload) of one model in each tree named, in turn
+  local root=$PWD m=$1 tree; shift
+  for tree in "$@"; do
+    (cd $tree && PYTHONPATH=$tree:$root/.site exec python3 -m gridserve.cli bench offline ${!m} --no-show-progress \
+      --output-json $OUT/offline_${m}_$(basename $tree).json) 2>&1 | grep -E "tok/s|floor|KV|rror" \
+      | sed "s/^/$(basename $tree): /"
+  done
 }
 if has imports; then  # where the front end's and a scheduler's start-up imports go on this image
   python3 -X importtime -c "from gridserve.tokenizer import get_tokenizer; get_tokenizer('$TOK')" \
@@ -176,13 +196,13 @@ if has moealign; then  # issue 19: the slots' grouping in three kernels (moe_ali
     (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec python3 $ROOT/scripts/bench_moe_kernel.py --batches 1,8,16,64,256) \
       2>&1 | grep -v Warning | tee $OUT/moe_layer_$(basename $tree).txt | sed "s/^/$(basename $tree): /"
   done
-  python3 scripts/bench_moe_kernel.py --batches 16,64,256 --swap 2>&1 | grep -v Warning \
-    | tee $OUT/moe_layer_swap.txt | sed "s/^/swapped: /"  # the grouped GEMMs as W a^T (SORTED_SWAP)
-  for tree in ${AB_BASE:-} $PWD; do
-    (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec python3 -m gridserve.cli bench offline $M --no-show-progress \
-      --output-json $OUT/offline_M_$(basename $tree).json) 2>&1 | grep -E "tok/s|floor|KV|rror" \
-      | sed "s/^/$(basename $tree): /"
-  done
+  python3 scripts/bench_moe_kernel.py --batches 16,64,256 --swap off 2>&1 | grep -v Warning \
+    | tee $OUT/moe_layer_noswap.txt | sed "s/^/not swapped: /"  # the grouped GEMMs as a W^T (SORTED_SWAP off)
+  offline_trees M ${AB_BASE:-} $PWD
+fi
+if has moeswap; then  # the default (SORTED_SWAP, the grouped GEMMs as W a^T) against it off, offline M in each tree
+  variant_tree noswap layers/fused_moe.py -e "s/^SORTED_SWAP = .*/SORTED_SWAP = False/"
+  offline_trees M /tmp/noswap $PWD
 fi
 if has moe-hf; then  # the same workload's ratio to transformers (one left-padded batch; fewer prompts)
   $GS bench offline $M --num-prompts 32 --compare-transformers padded --no-floor --no-show-progress \
@@ -205,18 +225,6 @@ if has burst; then  # issue 24: 2,000 one-token requests at once on the 0.6B sha
     kill $SERVER; wait $SERVER
   done
 fi
-ab_trees() {  # batch-1 TPOT of AB_MODELS in each tree named, one after the other (AB_ARGS: more bench latency flags)
-  local root=$PWD tree m
-  for tree in "$@"; do for m in ${AB_MODELS:-Q L M}; do
-    (cd $tree && PYTHONPATH=$tree:$root/.site exec python3 -m gridserve.cli bench latency ${!m} --input-len 256 \
-      --output-len 128 --num-runs 3 ${AB_ARGS:-} --no-show-progress --output-json $OUT/ab_${m}_$(basename $tree).json) 2>&1 \
-      | grep -E "TPOT|rror" | sed "s/^/$m $(basename $tree): /"
-  done; done
-}
-variant_tree() {  # a copy of this tree's gridserve at /tmp/NAME with FILE (under gridserve/) edited by sed's -e EXPRs
-  local name=$1 file=$2; shift 2
-  rm -rf /tmp/$name && mkdir -p /tmp/$name && cp -r gridserve /tmp/$name/ && sed -i "$@" /tmp/$name/gridserve/$file
-}
 if has ab; then  # TPOT at this tree and at AB_BASE (another tree, copied in untracked), same lease; AB_ARGS: more
   # bench latency flags for both (e.g. --batch-size 4, which trees from 45f9bfa on know)
   ab_trees ${AB_BASE:?AB_BASE names the other tree} $PWD

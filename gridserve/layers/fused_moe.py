@@ -288,8 +288,9 @@ def _down_vec_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weight_ptr, hidden, 
 
 # The grouped GEMMs as W a^T (the expert's weight tile as the MMA's long side): a block of 16 slots on the long side
 # compiles to Ampere's mma.sync on sm_90, a 64-row weight tile there to Hopper's wgmma (scripts/kernel_resources.py's
-# way of looking). Off until a GPU shows it faster.
-SORTED_SWAP = False
+# way of looking). On an H100 one layer took 3-11% less at batches 16-256 (docs/benchmarks.md, the seventeenth
+# session's lease).
+SORTED_SWAP = True
 # Up to this many (token, k) slots the matrix-vector path runs; above it, the sorted grouped GEMM.
 VEC_MAX_SLOTS = 64
 # (BLOCK_N, BLOCK_K, num_warps) of the matrix-vector kernels, gate/up and down: the fastest of a sweep
