@@ -7,6 +7,7 @@ set -u
 source scripts/device_env.sh
 STEPS=${1:-"check latency offline serving startup"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+HEADS=${HEADS:-32:4 16:8 32:8}  # attention heads:KV heads of M, Q and L, for the decode kernel's own benchmarks
 has() {  # packs what the steps before wrote; names each step taken, with the seconds since the start
   bundle; [[ " $STEPS " == *" $1 "* ]] || return 1; echo "== step $1 at ${SECONDS} s"
 }
@@ -142,10 +143,10 @@ if has decodek; then  # the decode attention kernel's bandwidth over launch sett
 fi
 if has decodek1; then  # the same at batch 1 and 4 (latency, serving at concurrency 4) on M's, Q's and L's heads, at
   # bench latency's contexts (257-384) and longer: whether a small batch wants another launch than the default
-  for heads in ${DECODEK_HEADS:-32:4 16:8 32:8}; do set -- ${heads/:/ }
+  for heads in $HEADS; do set -- ${heads/:/ }
     python3 scripts/bench_decode_kernel.py --heads $1 --kv-heads $2 --batches 1,4 --contexts 256,384,1024,2048 \
       --splits 1,2,4,8,16,64 --warps 4 --top 4 2>&1 | grep -v Warning | tee $OUT/decode_small_$1_$2.txt \
-      | grep -E "^batch|us  s|defaults" | grep -v "two kernels"
+      | grep -E "^batch|splits=|defaults" | grep -v "two kernels"
   done
 fi
 if has offprof; then  # device time of the offline workload by phase, and a kernel table at large batch
@@ -231,7 +232,7 @@ if has ab; then  # TPOT at this tree and at AB_BASE (another tree, copied in unt
 fi
 if has solo; then  # decode attention: contexts up to solo_len in one program a KV head (no merge), kernel and models
   gpu_tests solo_tests tests/test_triton_decode_attention.py
-  for heads in ${SOLO_HEADS:-32:4 16:8 32:8}; do set -- ${heads/:/ }  # M, Q and L's heads:KV heads
+  for heads in $HEADS; do set -- ${heads/:/ }
     python3 scripts/bench_decode_kernel.py --heads $1 --kv-heads $2 --batches 1,4,64 --contexts 128,384,768,1536 \
       --splits 64 --block-n 64 --warps 4 --stages 3 --top 1 --solo 0,256,512,1024 2>&1 | grep -v Warning \
       | tee $OUT/decode_solo_$1_$2.txt | grep -E "^batch|defaults"
