@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 decodeab moeswap;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 decodeab moeswap routerfold;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -248,6 +248,13 @@ if has decodeab; then  # the models with decode attention launched as decodek1 m
   variant_tree block32 attention/triton_ops/decode_attention.py -e "s/^    block_n: int = 64,/    block_n: int = 32,/" \
     -e "s/^    num_stages: int = 3,/    num_stages: int = 2,/"
   AB_MODELS=${DECODEAB_MODELS:-Q L M} ab_trees $PWD /tmp/fewsplits /tmp/block32
+fi
+if has routerfold; then  # M with each MoE router folded into its o_proj (layers/moe.py ROUTER_FOLD) against without:
+  # the fold's GPU tests, then batch-1 and batch-4 TPOT in a copy of this tree with it on
+  gpu_tests routerfold_tests tests/test_fused_moe.py tests/test_decode_gemm.py -k "fold"
+  variant_tree fold layers/moe.py -e "s/^ROUTER_FOLD = .*/ROUTER_FOLD = True/"
+  AB_MODELS=M ab_trees $PWD /tmp/fold
+  AB_MODELS=M AB_ARGS="--batch-size 4" ab_trees $PWD /tmp/fold
 fi
 if has pdl; then  # issue 20: programmatic dependent launch (--enable-pdl): a kernel chain in a graph, the greedy
   # tokens against PDL off, batch-1 latency with and without it (PDL_MODELS: which shapes)
