@@ -81,7 +81,7 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, WR, WRR, L, M, N, K
     residual sum (HAS_RES) to RO for the next layer; with STORE_NORMED the programs share out storing the normed
     input to NO (for other readers of it: an MoE block's experts read what its router GEMM reads).
     The RMSNorm split over two GEMMs: with SUM_OUT this GEMM adds the residual RY to its output and each program
-    writes the sum of squares of each row of its output tile to P[row, pid] (NP = the grid's programs a row); with
+    writes the sum of squares of each row of its output tile to P[row, pid] (NP = the output's tiles a row); with
     SQ_FROM_P the next GEMM (NORM, X already that sum) takes each row's sum of squares from its NP partials in P
     instead of summing its own input. With ROUTER (and SUM_OUT) the programs after the output's tiles compute the
     next MoE router's logits scaled by the RMS of the output (_router_rows), so that no router GEMM follows.
@@ -256,6 +256,7 @@ def decode_linear_add_residual_and_route(x: torch.Tensor, residual: torch.Tensor
 
 
 def _add_residual(x, residual, weight, weight_scale, bias, config, gated, router_weights):
+    """(h, partials, the router's logits or None): the two functions above, checked and launched."""
     m, n = x.shape[0], weight.shape[0]
     if residual.shape != (m, n):
         raise ValueError(f"the residual's shape {tuple(residual.shape)} is not the output's {(m, n)}")

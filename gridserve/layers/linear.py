@@ -272,8 +272,8 @@ class RowParallelLinear(LinearBase):
         return self(x, gated), residual
 
     def _routes(self, residual: torch.Tensor, gated: bool) -> bool:
-        """Whether forward_add_residual computes the folded router's logits: a plain bf16 product that the decode
-        GEMM takes, of at most the rows the fold is for."""
+        """Whether forward_add_residual computes the folded router's logits: a plain product of unquantized weights
+        that the decode GEMM takes, of at most the rows the fold is for."""
         if self.router_fold is None or gated or self.bias is not None or self.weight_scale is not None:
             return False
         rows = residual.numel() // residual.shape[-1]

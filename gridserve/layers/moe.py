@@ -113,7 +113,6 @@ class FusedMoE(nn.Module):
         return moe_reference(x, self.w13_weight, self.w2_weight, weights, self.local_ids[ids], self.w13_scale,
                              self.w2_scale)
 
-
     def forward_folded(self, h: torch.Tensor, summed: SummedResidual, norm: RMSNorm) -> torch.Tensor:
         """forward(norm(h), router logits) from what a GEMM with the router folded in handed over (h with its
         partial sums of squares, and the logits times RMS(h)): the norm runs in the experts' first kernel."""
@@ -122,6 +121,7 @@ class FusedMoE(nn.Module):
         return fused_moe_vec_routed(h, summed.router_logits, self.w13_weight, self.w2_weight, self.top_k,
                                     self.renormalize, self.local_ids, w13_scale=self.w13_scale,
                                     w2_scale=self.w2_scale, norm=(summed.partials, norm.weight, norm.eps))[0]
+
 
 class SparseMoeBlock(nn.Module):
     """A layer's MLP as experts: the router (`gate`, replicated), the experts, and optionally a shared expert
