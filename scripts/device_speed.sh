@@ -250,11 +250,10 @@ if has decodeab; then  # the models with decode attention launched as decodek1 m
   AB_MODELS=${DECODEAB_MODELS:-Q L M} ab_trees $PWD /tmp/fewsplits /tmp/block32
 fi
 if has routerfold; then  # M with each MoE router folded into its o_proj (layers/moe.py ROUTER_FOLD) against without:
-  # the fold's GPU tests, then batch-1 and batch-4 TPOT in a copy of this tree with it on
+  # the fold's GPU tests, then TPOT at batch 1 and 4 (FOLD_BS) in a copy of this tree with it on
   gpu_tests routerfold_tests tests/test_fused_moe.py tests/test_decode_gemm.py -k "fold"
   variant_tree fold layers/moe.py -e "s/^ROUTER_FOLD = .*/ROUTER_FOLD = True/"
-  AB_MODELS=M ab_trees $PWD /tmp/fold
-  AB_MODELS=M AB_ARGS="--batch-size 4" ab_trees $PWD /tmp/fold
+  for bs in ${FOLD_BS:-1 4}; do AB_MODELS=M AB_ARGS="--batch-size $bs" ab_trees $PWD /tmp/fold; done
 fi
 if has pdl; then  # issue 20: programmatic dependent launch (--enable-pdl): a kernel chain in a graph, the greedy
   # tokens against PDL off, batch-1 latency with and without it (PDL_MODELS: which shapes)
