@@ -254,6 +254,12 @@ if has routerfold; then  # M with each MoE router folded into its o_proj (layers
   gpu_tests routerfold_tests tests/test_fused_moe.py tests/test_decode_gemm.py -k "fold"
   variant_tree fold layers/moe.py -e "s/^ROUTER_FOLD = .*/ROUTER_FOLD = True/"
   for bs in ${FOLD_BS:-1 4}; do AB_MODELS=M AB_ARGS="--batch-size $bs" ab_trees $PWD /tmp/fold; done
+  ROOT=$PWD
+  for tree in $PWD /tmp/fold; do  # the batch-1 step's kernels in each tree: where the fold's time goes
+    (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec python3 $ROOT/scripts/profile_scheduler.py $M --batch-size 1 \
+      --no-show-progress --top 25 --kernels) 2>&1 | grep -v Warning > $OUT/foldprof_$(basename $tree).txt
+    head -1 $OUT/foldprof_$(basename $tree).txt
+  done
 fi
 if has pdl; then  # issue 20: programmatic dependent launch (--enable-pdl): a kernel chain in a graph, the greedy
   # tokens against PDL off, batch-1 latency with and without it (PDL_MODELS: which shapes)

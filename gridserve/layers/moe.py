@@ -20,7 +20,9 @@ from gridserve.layers.mlp import GatedMLP
 from gridserve.layers.norm import RMSNorm, SummedResidual
 from gridserve.layers.weight_utils import materialize
 
-# Fold each MoE router into the o_proj before it at decode (SparseMoeBlock.fold_router_into)
+# Fold each MoE router into the o_proj before it at decode (SparseMoeBlock.fold_router_into). Off: on an H100 it
+# made Qwen3-30B-A3B's batch-1 step 0.335 ms slower (3.664 against 3.329 ms, docs/benchmarks.md), for reasons a
+# kernel profile (the device script's routerfold step) has yet to show
 ROUTER_FOLD = False
 
 
