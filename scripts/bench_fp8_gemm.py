@@ -4,12 +4,14 @@ quantization + torch._scaled_mm). Each timing replays a CUDA graph over `--layer
 reuse). GB/s counts the weights' bytes.
 
     python3 scripts/bench_fp8_gemm.py [--shapes llama8b,qwen3-0.6b,qwen3-30b-a3b] [--batches 1,4,16]
-        [--sweep | --sweep-shapes | --fused | --few-rows]
+        [--sweep | --sweep-shapes | --fused | --few-rows] [--stages 1,2,3,4]
 
 --sweep first times decode_linear's tile settings for 2-16 rows (tl.dot) at batch 16 on the first model's shapes,
 for FP8 and for bf16 weights, and uses the fastest of each above batch 1 (batch 1 takes decode_gemm_config's
 tiles). --sweep-shapes times the one-row tiles on every shape alone (bf16) against decode_gemm_config's pick and
-cuBLAS. --fused instead times, in bf16 at each of --batches, each projection with the work before it (the residual
+cuBLAS. --stages alone times each shape's one-row pick at each of those stage counts (1: the K loop unpipelined;
+more: that many - 1 tiles of loads ahead), bf16 and FP8; with --sweep-shapes they are its grid's stages.
+--fused instead times, in bf16 at each of --batches, each projection with the work before it (the residual
 add + RMSNorm then qkv or gate/up; the SiLU-and-mul then down) as separate kernels (rms_norm or silu_and_mul, then
 the product as linear.apply_linear picks it) against the one decode GEMM that does both: the model folds only at
 one row, and this shows whether the fold would pay at more. --few-rows times, at 4 rows (2-16 rows share the
@@ -160,6 +162,23 @@ def time_few_rows(models: list, layers: int, m: int = 4, dev: str = "cuda", swap
           f"--batch-size 4` confirms in the model): {candidates}")
 
 
+def time_stages(models: list, layers: int, stages: tuple, dev: str = "cuda") -> None:
+    """One row on every shape, bf16 and FP8: decode_gemm_config's tiles with each stage count (1: no loads ahead),
+    us per weight copy, and the best's share of the weights' bytes at the copy bandwidth's GB/s."""
+    print("model | shape | weights | " + " | ".join(f"stages {n} us" for n in stages) + " | best GB/s")
+    for model in models:
+        for name, shape in SHAPES[model].items():
+            w16 = [torch.randn(shape, device=dev, dtype=torch.bfloat16) / 64 for _ in range(layers)]
+            x1 = torch.randn(1, shape[1], device=dev, dtype=torch.bfloat16)
+            for label, ws in (("bf16", [(w,) for w in w16]), ("FP8", [quantize_per_channel(w) for w in w16])):
+                pick = decode_gemm.decode_gemm_config(1, ws[0][0])
+                times = [graph_us(lambda ws=ws, x1=x1, c=(*pick[:3], n): [decode_gemm.decode_linear(x1, *w, config=c)
+                                                                           for w in ws]) / len(ws) for n in stages]
+                gbs = ws[0][0].numel() * ws[0][0].element_size() / min(times) / 1e3
+                print(f"{model} | {name} {shape} | {label} | " + " | ".join(f"{t:.1f}" for t in times)
+                      + f" | {gbs:.0f}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="llama8b,qwen3-0.6b,qwen3-30b-a3b")
@@ -171,6 +190,7 @@ def main() -> None:
     p.add_argument("--fp8", action="store_true", help="with --sweep-shapes: FP8 weights")
     p.add_argument("--few-rows", action="store_true")
     p.add_argument("--swap", action="store_true", help="with --few-rows: the grid runs the product transposed")
+    p.add_argument("--stages", help="one row's stage counts, e.g. 1,2,3,4: alone, each shape's pick at each")
     a = p.parse_args()
     dev, models = "cuda", a.shapes.split(",")
     print(f"{torch.cuda.get_device_name()}: each shape x {a.layers} copies; times per copy")
@@ -191,9 +211,13 @@ def main() -> None:
                 for n, s in shapes.items()}
         return bf16, {n: [quantize_per_channel(w) for w in ws] for n, ws in bf16.items()}
 
+    stages = tuple(map(int, a.stages.split(","))) if a.stages else (1,)
+    if a.stages and not a.sweep_shapes:
+        time_stages(models, a.layers, stages)
+        return
     if a.sweep_shapes:  # one row (the dot-product path): the tiles per shape against decode_gemm_config's pick
         # FP8 (--fp8): per-channel scaled weights, half the bytes an element, so K tiles up to 2,048
-        grid = ((4, 8, 16, 32), (512, 1024, 2048) if a.fp8 else (256, 512, 1024), (4, 8), (4,))
+        grid = ((4, 8, 16, 32), (512, 1024, 2048) if a.fp8 else (256, 512, 1024), (4, 8), stages)
         tiles = {}
         for model in models:
             for name, shape in SHAPES[model].items():

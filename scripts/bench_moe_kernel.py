@@ -5,9 +5,11 @@ over the experts). Each replay runs `--layers` layers with their own weights, as
 experts are not still in L2 from the previous replay. Bandwidth counts the expert weights a batch really
 touches (its distinct routed experts), against the device's measured copy bandwidth.
 
-    python3 scripts/bench_moe_kernel.py [--batches 1,2,4,8,16,64,256] [--sweep] [--swap on|off]
+    python3 scripts/bench_moe_kernel.py [--batches 1,2,4,8,16,64,256] [--sweep] [--stages 1,2,3] [--swap on|off]
 
---sweep first times the matrix-vector kernels' tile settings at batch 1 and uses the fastest.
+--sweep first times the matrix-vector kernels' tile settings at batch 1 and uses the fastest; --stages are the
+stage counts its grid tries (1: the K loops unpipelined, the default; more: that many - 1 tiles of loads ahead).
+--stages without --sweep times the default tiles at each stage count instead.
 """
 
 import argparse
@@ -41,11 +43,14 @@ def fp8_layer(w13: torch.Tensor, w2: torch.Tensor) -> tuple:
                                                     "w2_scale": s2.view(w2.shape[:2])}
 
 
-def sweep(layers, x, weights, ids) -> dict:
-    """The fastest matrix-vector tile settings: gate/up first (down at its default), then down."""
+def sweep(layers, x, weights, ids, stages: tuple = (1,), tiles: bool = True) -> dict:
+    """The fastest matrix-vector tile settings: gate/up first (down at its default), then down. tiles False: only
+    the default tiles, at each of the stage counts."""
     best = dict(fm.VEC_CONFIG)
-    grids = {"gate_up": itertools.product((8, 16, 32), (128, 256, 512), (4, 8)),
-             "down": itertools.product((2, 4, 8, 16), (128, 256), (4, 8))}
+    grids = {"gate_up": itertools.product((8, 16, 32), (128, 256, 512), (4, 8), stages),
+             "down": itertools.product((2, 4, 8, 16), (128, 256), (4, 8), stages)}
+    if not tiles:
+        grids = {part: [(*cfg[:3], n) for n in stages] for part, cfg in best.items()}
     for part, grid in grids.items():
         timed = []
         for cfg in grid:
@@ -68,6 +73,7 @@ def main() -> None:
     p.add_argument("--inter", type=int, default=768)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--stages", default="", help="stage counts for --sweep, or alone the default tiles at each")
     p.add_argument("--fp8", action="store_true", help="the experts in FP8 (bytes counted as one per weight)")
     p.add_argument("--swap", choices=["on", "off"],
                    help="the sorted path's GEMMs as W a^T or not (fused_moe.SORTED_SWAP; default: its value)")
@@ -86,10 +92,11 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s; {a.layers} layers of weights")
     config = fm.VEC_CONFIG
     batches = list(map(int, a.batches.split(",")))
-    if a.sweep:
+    if a.sweep or a.stages:
         x = torch.randn(1, a.hidden, device=dev, dtype=dt)
         weights, ids = select_experts(torch.randn(1, a.experts, device=dev), a.top_k, renormalize=True)
-        config = sweep(layers, x, weights, ids.to(torch.int32))
+        config = sweep(layers, x, weights, ids.to(torch.int32), tuple(map(int, (a.stages or "1").split(","))),
+                       a.sweep)
         print(f"vector path settings: {config}")
     print("batch | experts touched | MB read | sorted ms | vector ms | GB/s (best) | % of copy | reference ms | "
           "max |diff|")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 decodeab moeswap routerfold;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 decodeab moeswap routerfold pipeline;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -260,6 +260,22 @@ if has routerfold; then  # M with each MoE router folded into its o_proj (layers
       --no-show-progress --top 25 --kernels) 2>&1 | grep -v Warning > $OUT/foldprof_$(basename $tree).txt
     head -1 $OUT/foldprof_$(basename $tree).txt
   done
+fi
+if has pipeline; then  # one row's K loops with loads ahead (Triton's pipelining, which the loops without tl.dot
+  # never had): the kernels' GPU tests; the decode GEMM on every shape, bf16 and FP8, and the MoE layer's
+  # matrix-vector kernels at 1-4 stages; then PIPE_MODELS' TPOT in a copy of this tree with PIPE_STAGES (default 3;
+  # down PIPE_DOWN, default 2) in the one-row tiles and the MoE vector kernels
+  gpu_tests pipeline_tests tests/test_decode_gemm.py tests/test_fused_moe.py
+  python3 scripts/bench_fp8_gemm.py --stages 1,2,3,4 2>&1 | grep -v Warning | tee $OUT/pipeline_gemm.txt
+  python3 scripts/bench_moe_kernel.py --stages 1,2,3,4 --batches 1,8 2>&1 | grep -v Warning \
+    | tee $OUT/pipeline_moe.txt
+  S=${PIPE_STAGES:-3}
+  variant_tree pipe layers/decode_gemm.py -e "s/^ONE_ROW_CONFIG = (\(.*\), 1)$/ONE_ROW_CONFIG = (\1, $S)/" \
+    -e "/^ONE_ROW_TILES/,/}$/ s/, 1)\([,}]\)/, $S)\1/g"
+  sed -i -e "s/^VEC_CONFIG = {\"gate_up\": (\(.*\), 1), \"down\": (\(.*\), 1)}/VEC_CONFIG = {\"gate_up\": (\1, $S), \"down\": (\2, ${PIPE_DOWN:-2})}/" \
+    /tmp/pipe/gridserve/layers/fused_moe.py
+  grep -hE "^ONE_ROW_CONFIG|^VEC_CONFIG|: \(.*\)[,}]$" /tmp/pipe/gridserve/layers/{decode_gemm,fused_moe}.py | head -4
+  AB_MODELS=${PIPE_MODELS:-M Q L} ab_trees $PWD /tmp/pipe
 fi
 if has pdl; then  # issue 20: programmatic dependent launch (--enable-pdl): a kernel chain in a graph, the greedy
   # tokens against PDL off, batch-1 latency with and without it (PDL_MODELS: which shapes)

@@ -187,6 +187,34 @@ def test_a_norm_split_over_two_gemms_is_the_add_and_rms_norm_between_them(dtype,
         decode_linear_after_norm(h, res, norm.weight.to(DEVICE), norm.eps, w2.to(DEVICE), sum_sq_partials=partials)
 
 
+@pytest.mark.parametrize("dtype", DECODE_GEMM_DTYPES)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_the_one_row_loop_with_loads_ahead_gives_the_same_bits(dtype, fp8):
+    """One row's K loop pipelined (stages 3: two tiles of loads ahead) against unpipelined (stages 1), on each of its
+    inputs: the plain product, the gated one, the residual add and norm before it, and the split norm's two halves.
+    The same products in the same order: the same bits (the interpreter has no pipelining; on a GPU it is real)."""
+    from gridserve.layers.decode_gemm import decode_linear_add_residual
+    from gridserve.layers.quantization import quantize_per_channel
+
+    k, n = 600, 300  # 600 = 4 tiles of 128 and a partial one; 300 outputs end mid-tile
+    w = torch.randn(n, k) / 8
+    wargs = tuple(t.to(DEVICE) for t in quantize_per_channel(w)) if fp8 else (w.to(dtype).to(DEVICE),)
+    x, gx, res = rand(1, k, dtype=dtype), rand(1, 2 * k, dtype=dtype), rand(1, k, dtype=dtype)
+    norm_w = (torch.rand(k) + 0.5).to(dtype).to(DEVICE)
+    w2 = (torch.randn(40, n) / 8).to(dtype).to(DEVICE)
+    res2 = rand(1, n, dtype=dtype)
+
+    def run(stages):
+        cfg = (8, 128, 4, stages)
+        h, partials = decode_linear_add_residual(x, res2, *wargs, config=cfg)
+        return (decode_linear(x, *wargs, config=cfg), decode_linear(gx, *wargs, config=cfg, gated=True),
+                *decode_linear_after_norm(x, res, norm_w, 1e-5, *wargs, config=cfg, return_normed=True), h, partials,
+                decode_linear_after_norm(h, None, norm_w[:n], 1e-5, w2, config=cfg, sum_sq_partials=partials)[0])
+
+    for got, want in zip(run(3), run(1), strict=True):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("rows,hidden,k_in", [(1, 4096, 64), (1, 96, 64), (3, 4096, 64), (3, 4096, 4096)])
 def test_a_decoder_layer_chain_with_the_split_norm_equals_the_unfused_one(rows, hidden, k_in):
     """A row-parallel o_proj's forward_add_residual, then apply_linear_after_norm and RMSNorm on what it hands over,
@@ -234,7 +262,7 @@ def test_decode_gemm_tiles_fit_float32_weights():
     with pytest.MonkeyPatch.context() as mp:  # a shape the sweep tuned takes its own one-row tiles
         mp.setitem(decode_gemm.ONE_ROW_TILES, (8, 8, 2), (4, 512, 4, 4))
         assert decode_gemm_config(1, bf16) == (4, 512, 4, 4)
-        assert decode_gemm_config(1, f32) == (8, 512, 8, 4)  # another dtype: the default, K tile halved
+        assert decode_gemm_config(1, f32) == (8, 512, 8, 1)  # another dtype: the default, K tile halved
         mp.setitem(decode_gemm.FEW_ROWS_TILES, (8, 8, 2), (64, 256, 4, 3))  # and its own tiles at 2-16 rows
         assert decode_gemm_config(2, bf16) == decode_gemm_config(16, bf16) == (64, 256, 4, 3)
         assert decode_gemm_config(1, bf16) == (4, 512, 4, 4) and decode_gemm_config(2, f32) != (64, 256, 4, 3)

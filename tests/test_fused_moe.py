@@ -56,7 +56,7 @@ def test_fused_moe_equals_the_reference(tokens, experts, top_k, hidden, inter, l
         got = fused_moe_sorted(x, w13, w2, weights, ids, block_n=32, block_k=32).cpu()
         tol = 1e-4 if DEVICE == "cpu" else 2e-2  # on the GPU tl.dot multiplies float32 in TF32
     else:  # tiles smaller than the dimensions, and a K tile that overruns them (masks)
-        got = fused_moe_vec(x, w13, w2, weights, ids, {"gate_up": (16, 32, 4), "down": (8, 32, 4)}).cpu()
+        got = fused_moe_vec(x, w13, w2, weights, ids, {"gate_up": (16, 32, 4, 3), "down": (8, 32, 4, 2)}).cpu()
         tol = 1e-4
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
@@ -75,7 +75,7 @@ def test_fp8_experts_equal_the_reference_on_the_same_fp8_weights(method, tokens,
     if method.startswith("sorted"):
         got = fused_moe_sorted(x, q13, q2, weights, ids, 32, 32, s13, s2)
     else:
-        got = fused_moe_vec(x, q13, q2, weights, ids, {"gate_up": (16, 32, 4), "down": (8, 32, 4)}, s13, s2)
+        got = fused_moe_vec(x, q13, q2, weights, ids, {"gate_up": (16, 32, 4, 3), "down": (8, 32, 4, 2)}, s13, s2)
     tol = 1e-4 if DEVICE == "cpu" else 2e-2
     torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
     exact = moe_reference(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu())
@@ -207,7 +207,7 @@ def test_fused_moe_routed_equals_select_experts_and_the_reference(tokens, expert
 def test_vector_path_routes_as_route_does_and_writes_its_ids_and_weights(top_k, renormalize, local):
     x, logits, w13, w2, local_of, _ = _routed_case(4, 8, top_k, local)
     logits[1] = torch.tensor([1.0, 3.0, 0.5, 3.0, 3.0, -2.0, 0.0, 1.0])  # ties: the lowest id first
-    config = {"gate_up": (16, 32, 4), "down": (8, 32, 4)}
+    config = {"gate_up": (16, 32, 4, 3), "down": (8, 32, 4, 2)}
     got, got_w, got_ids = fused_moe_vec_routed(x, logits, w13, w2, top_k, renormalize, local_of, config)
     want_w, want_ids = route(logits, top_k, renormalize, local_of)
     assert torch.equal(got_ids, want_ids) and torch.equal(got_w, want_w)  # to the bit: the same routing code

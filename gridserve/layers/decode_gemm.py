@@ -74,7 +74,8 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, WR, WRR, L, M, N, K
                         NORM: tl.constexpr, HAS_RES: tl.constexpr, STORE_NORMED: tl.constexpr,
                         SUM_OUT: tl.constexpr, SQ_FROM_P: tl.constexpr, ROUTER: tl.constexpr, BLOCK_P: tl.constexpr,
                         NORMED_BLOCK: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr,
+                        PDL: tl.constexpr):
     """Y[:, n-tile] = (X @ W[n-tile].T) (* S[n-tile]) (+ B): W in X's dtype, or FP8 widened to it in registers.
     The input is X as _gemm_input reads it; with NORM, then RMSNorm(that) with weight NW (the weight applied as x
     loads, the row's 1/RMS to the sums, so that one pass over x suffices), and the programs of tile 0 store the
@@ -85,7 +86,9 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, WR, WRR, L, M, N, K
     SQ_FROM_P the next GEMM (NORM, X already that sum) takes each row's sum of squares from its NP partials in P
     instead of summing its own input. With ROUTER (and SUM_OUT) the programs after the output's tiles compute the
     next MoE router's logits scaled by the RMS of the output (_router_rows), so that no router GEMM follows.
-    BLOCK_M 1 (one row) multiplies on the CUDA cores, a dot product per weight row; 16 (2-16 rows) runs tl.dot."""
+    BLOCK_M 1 (one row) multiplies on the CUDA cores, a dot product per weight row; 16 (2-16 rows) runs tl.dot.
+    The K loop keeps STAGES - 1 tiles of loads in flight ahead of the one it multiplies (Triton's pipelining, which
+    a launch's num_stages gives only to loops with tl.dot in them: the one-row loop needs it named here)."""
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -102,7 +105,7 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, WR, WRR, L, M, N, K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # SWAP's: the product transposed
     sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         x = _gemm_input(X, R, ms, ks, m_ok[:, None] & k_ok[None, :], stride_xm, K, GATED, HAS_RES)
@@ -165,15 +168,17 @@ FEW_ROWS_SWAP = False
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the decode GEMM, the fastest of scripts/bench_fp8_gemm.py on an H100
 # for 2-byte weights: on 2-16 rows (tl.dot on 16-row tiles; --sweep, the 8B shapes, FP8 and bf16 alike), and on one
-# row (the dot-product path; --sweep-shapes: the fastest or within 1 us of it on each 8B, 0.6B and 30B-A3B shape)
+# row (the dot-product path; --sweep-shapes: the fastest or within 1 us of it on each 8B, 0.6B and 30B-A3B shape).
+# One row's stages are 1 (no loads ahead): every sweep so far timed that loop unpipelined, whatever its stages said,
+# until the kernel named them in its loop (2026-12-07); `--sweep-shapes --stages` times the pipelined loop
 DECODE_GEMM_CONFIG = (32, 512, 4, 4)
-ONE_ROW_CONFIG = (8, 1024, 8, 4)
+ONE_ROW_CONFIG = (8, 1024, 8, 1)
 # One-row tiles for a weight of (rows, columns, bytes an element) where `bench_fp8_gemm.py --sweep-shapes` found
 # tiles faster than ONE_ROW_CONFIG by more than a microsecond (it prints these entries). FP8 weights of the 8B and
 # of the 30B-A3B's o_proj (H100, 2026-12-06): K tiles of 2,048 (the bytes of bf16's 1,024), 1.4-3.6 us a GEMM
 ONE_ROW_TILES: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
-    (6144, 4096, 1): (8, 1024, 4, 4), (4096, 4096, 1): (8, 2048, 8, 4), (28672, 4096, 1): (4, 2048, 4, 4),
-    (4096, 14336, 1): (8, 2048, 8, 4), (2048, 4096, 1): (4, 2048, 4, 4)}
+    (6144, 4096, 1): (8, 1024, 4, 1), (4096, 4096, 1): (8, 2048, 8, 1), (28672, 4096, 1): (4, 2048, 4, 1),
+    (4096, 14336, 1): (8, 2048, 8, 1), (2048, 4096, 1): (4, 2048, 4, 1)}
 # The same for 2-16 rows (tl.dot on 16-row tiles: the tiles that win at 4 rows win at all of them). Only entries that
 # made the 8B's batch-4 step faster in the model itself (bench latency --batch-size 4, H100, 2026-12-06): qkv and
 # gate_up, which finish the split RMSNorm, 2-3 us each a layer faster with wider N tiles (bf16 6.032 -> 5.879 ms a
@@ -309,5 +314,5 @@ def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
             BLOCK_P=triton.next_power_of_2(max(num_partials, 1)), NORMED_BLOCK=NORMED_BLOCK,
             SWAP=m > 1 and FEW_ROWS_SWAP, BLOCK_M=1 if m == 1 else DECODE_GEMM_MAX_M,
             BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=warps, num_stages=stages, **pdl_args(x.device))
+            STAGES=stages, num_warps=warps, num_stages=stages, **pdl_args(x.device))
     return y

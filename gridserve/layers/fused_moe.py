@@ -207,7 +207,7 @@ def _gate_up_vec_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, logi
                         stride_se, stride_om, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         HAS_SCALE: tl.constexpr, ROUTE: tl.constexpr, NORM: tl.constexpr, BLOCK_P: tl.constexpr,
                         K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr,
-                        PDL: tl.constexpr):
+                        STAGES: tl.constexpr, PDL: tl.constexpr):
     """Slot program_id(0)'s rows [n, n + BLOCK_N) of silu(gate) * up, as a matrix-vector product. Its expert is
     read from ids_ptr, or with ROUTE found here from its token's logits (_route_token, as _route_kernel does: no
     route launch before this kernel); then the programs of row tile 0 store the slot's weight and local id to
@@ -246,7 +246,7 @@ def _gate_up_vec_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, logi
     x_row = x_ptr + token.to(tl.int64) * stride_xm
     acc_gate = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
+    for k0 in tl.range(0, hidden, BLOCK_K, num_stages=STAGES):  # STAGES - 1 tiles of loads ahead
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < hidden
         xv = tl.load(x_row + ks, mask=k_ok, other=0.0)
@@ -269,7 +269,8 @@ def _gate_up_vec_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, logi
 @triton.jit
 def _down_vec_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weight_ptr, hidden, inter, stride_am, stride_we,
                      stride_wn, stride_se, stride_om, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr, STAGES: tl.constexpr,
+                     PDL: tl.constexpr):
     """Token program_id(0)'s output rows [n, n + BLOCK_N): the sum over its k slots of weight * down(act). Each
     step loads the k experts' rows as one (K_PAD, BLOCK_N, BLOCK_K) tile, so all k loads are in flight together
     (a loop over the slots waited for each expert in turn: 46% of copy bandwidth at batch 1 on an H100)."""
@@ -289,7 +290,7 @@ def _down_vec_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weight_ptr, hidden, 
     w_rows = w_ptr + e64[:, None, None] * stride_we + rows[None, :, None] * stride_wn
     a_rows = a_ptr + slots.to(tl.int64)[:, None] * stride_am
     acc = tl.zeros((K_PAD, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
+    for k0 in tl.range(0, inter, BLOCK_K, num_stages=STAGES):  # STAGES - 1 tiles of loads ahead
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < inter
         av = tl.load(a_rows + ks[None, :], mask=(e >= 0)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
@@ -306,10 +307,11 @@ def _down_vec_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weight_ptr, hidden, 
 SORTED_SWAP = True
 # Up to this many (token, k) slots the matrix-vector path runs; above it, the sorted grouped GEMM.
 VEC_MAX_SLOTS = 64
-# (BLOCK_N, BLOCK_K, num_warps) of the matrix-vector kernels, gate/up and down: the fastest of a sweep
+# (BLOCK_N, BLOCK_K, num_warps, stages) of the matrix-vector kernels, gate/up and down: the fastest of a sweep
 # (scripts/bench_moe_kernel.py --sweep, Qwen3-30B-A3B layer, batch 1); gate/up on an H100 and again on an H200,
-# down (all k experts in one tile) on an H200, where (4, 128, 8) was not among the five fastest
-VEC_CONFIG = {"gate_up": (8, 128, 8), "down": (8, 256, 4)}
+# down (all k experts in one tile) on an H200, where (4, 128, 8) was not among the five fastest. Those sweeps ran
+# the K loops unpipelined (stages 1); `--stages` times loads ahead
+VEC_CONFIG = {"gate_up": (8, 128, 8, 1), "down": (8, 256, 4, 1)}
 
 
 def _scales(w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None, w13: torch.Tensor):
@@ -326,8 +328,8 @@ def _moe_vec(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torc
     """The two matrix-vector kernels. weights (float32) and ids (int32) are contiguous (tokens, top_k); with
     routing = (router logits, local id of each expert, renormalize) the gate/up kernel fills them first; with
     norm = (partial sums of squares (tokens, P), weight, eps) it takes RMSNorm(x) (see fused_moe_vec_routed)."""
-    bn_gu, bk_gu, warps_gu = (config or VEC_CONFIG)["gate_up"]
-    bn_d, bk_d, warps_d = (config or VEC_CONFIG)["down"]
+    bn_gu, bk_gu, warps_gu, stages_gu = (config or VEC_CONFIG)["gate_up"]
+    bn_d, bk_d, warps_d, stages_d = (config or VEC_CONFIG)["down"]
     s13, s2, stride_s13, stride_s2, has_scale = _scales(w13_scale, w2_scale, w13)
     m, hidden = x.shape
     inter, top_k = w2.shape[2], ids.shape[1]
@@ -342,12 +344,12 @@ def _moe_vec(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torc
         partials.shape[1], eps, x.stride(0), logits.stride(0), w13.stride(0), w13.stride(1), stride_s13,
         act.stride(0), TOP_K=top_k, BLOCK_N=bn_gu, BLOCK_K=bk_gu, HAS_SCALE=has_scale, ROUTE=routing is not None,
         NORM=norm is not None, BLOCK_P=triton.next_power_of_2(partials.shape[1]), K_PAD=triton.next_power_of_2(top_k),
-        RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(num_experts), ROWS=warps_gu, num_warps=warps_gu,
-        **pdl_args(x.device))
+        RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(num_experts), ROWS=warps_gu, STAGES=stages_gu,
+        num_warps=warps_gu, **pdl_args(x.device))
     _down_vec_kernel[(m, triton.cdiv(hidden, bn_d))](
         act, w2, s2, out, ids, weights, hidden, inter, act.stride(0), w2.stride(0), w2.stride(1), stride_s2,
         out.stride(0), TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK_N=bn_d, BLOCK_K=bk_d,
-        HAS_SCALE=has_scale, num_warps=warps_d, **pdl_args(x.device))
+        HAS_SCALE=has_scale, STAGES=stages_d, num_warps=warps_d, **pdl_args(x.device))
     return out
 
 
