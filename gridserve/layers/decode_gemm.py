@@ -36,10 +36,10 @@ def _gemm_input(X, R, ms, ks, ok, stride_xm, K, GATED: tl.constexpr, HAS_RES: tl
 
 @triton.jit
 def _plain_product(X, W, rows, row_ok, ms, m_ok, K, stride_xm, stride_wn, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr):
     """X (BLOCK_M rows) @ W[rows].T in float32, both in X's dtype: the decode GEMM's product with nothing folded."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         x = tl.load(X + ms[:, None] * stride_xm + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -54,7 +54,7 @@ def _plain_product(X, W, rows, row_ok, ms, m_ok, K, stride_xm, stride_wn, BLOCK_
 
 @triton.jit
 def _router_rows(X, RY, WR, WRR, L, pid, M, N, K, NR, stride_xm, stride_ym, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr):
     """The router's logits times the RMS of h = X @ W.T + RY, for rows [pid * BLOCK_N, +BLOCK_N) of the router:
     WR @ X + WRR @ RY, where WR = W_router diag(g) W and WRR = W_router diag(g) (g: the norm's weight), stored in
     float32 to L (M, NR)."""
@@ -62,9 +62,10 @@ def _router_rows(X, RY, WR, WRR, L, pid, M, N, K, NR, stride_xm, stride_ym, BLOC
     row_ok = rows < NR
     ms = tl.arange(0, BLOCK_M)
     m_ok = ms < M
-    acc = _plain_product(X, WR, rows, row_ok, ms, m_ok, K, stride_xm, K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+    acc = _plain_product(X, WR, rows, row_ok, ms, m_ok, K, stride_xm, K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+                         STAGES)
     acc += _plain_product(RY, WRR, rows, row_ok, ms, m_ok, N, stride_ym, N, BLOCK_M, BLOCK_N, BLOCK_K,
-                          DOT_PRECISION)
+                          DOT_PRECISION, STAGES)
     tl.store(L + ms[:, None] * NR + rows[None, :], acc, mask=m_ok[:, None] & row_ok[None, :])
 
 
@@ -98,7 +99,7 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, WR, WRR, L, M, N, K
     if ROUTER:
         if pid_n >= tl.cdiv(N, BLOCK_N):
             _router_rows(X, RY, WR, WRR, L, pid_n - tl.cdiv(N, BLOCK_N), M, N, K, NR, stride_xm, stride_ym, BLOCK_M,
-                         BLOCK_N, BLOCK_K, DOT_PRECISION)
+                         BLOCK_N, BLOCK_K, DOT_PRECISION, STAGES)
             return
     ms = tl.arange(0, BLOCK_M)
     m_ok = ms < M
