@@ -298,8 +298,10 @@ if has fusedgemm; then  # issue 20: the decode GEMM with the norm or the SiLU-an
   # at 1, 2, 4 and 8 rows (the model folds at one row only: would it pay at serving's few rows?)
   python3 scripts/bench_fp8_gemm.py --fused --batches 1,2,4,8 2>&1 | grep -v Warning | tee $OUT/fused_gemm.txt
 fi
-if has gemmtiles; then  # the one-row decode GEMM's tiles shape by shape, against the default and cuBLAS (~150 s)
-  python3 scripts/bench_fp8_gemm.py --sweep-shapes 2>&1 | grep -v Warning | tee $OUT/gemm_tiles_per_shape.txt
+if has gemmtiles; then  # the one-row decode GEMM's tiles shape by shape, against the default and cuBLAS (~150 s at
+  # one stage count; TILE_STAGES: the grid's, e.g. "3 4"; TILE_SHAPES: which models' shapes)
+  python3 scripts/bench_fp8_gemm.py --sweep-shapes --stages $(echo ${TILE_STAGES:-1} | tr ' ' ,) \
+    --shapes ${TILE_SHAPES:-llama8b,qwen3-0.6b,qwen3-30b-a3b} 2>&1 | grep -v Warning | tee $OUT/gemm_tiles_per_shape.txt
 fi
 if has gemmtiles8; then  # the same with FP8 weights (issue 20's FP8 L target), K tiles up to 2,048 (~150 s)
   python3 scripts/bench_fp8_gemm.py --sweep-shapes --fp8 2>&1 | grep -v Warning | tee $OUT/gemm_tiles_fp8.txt
