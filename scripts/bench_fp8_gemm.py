@@ -164,7 +164,7 @@ def time_few_rows(models: list, layers: int, m: int = 4, dev: str = "cuda", swap
 
 def time_stages(models: list, layers: int, stages: tuple, dev: str = "cuda") -> None:
     """One row on every shape, bf16 and FP8: decode_gemm_config's tiles with each stage count (1: no loads ahead),
-    us per weight copy, and the best's share of the weights' bytes at the copy bandwidth's GB/s."""
+    us per weight copy, and the best one's rate in GB/s of the weights' bytes."""
     print("model | shape | weights | " + " | ".join(f"stages {n} us" for n in stages) + " | best GB/s")
     for model in models:
         for name, shape in SHAPES[model].items():

@@ -47,9 +47,10 @@ def sweep(layers, x, weights, ids, stages: tuple = (1,), tiles: bool = True) -> 
     """The fastest matrix-vector tile settings: gate/up first (down at its default), then down. tiles False: only
     the default tiles, at each of the stage counts."""
     best = dict(fm.VEC_CONFIG)
-    grids = {"gate_up": itertools.product((8, 16, 32), (128, 256, 512), (4, 8), stages),
-             "down": itertools.product((2, 4, 8, 16), (128, 256), (4, 8), stages)}
-    if not tiles:
+    if tiles:
+        grids = {"gate_up": itertools.product((8, 16, 32), (128, 256, 512), (4, 8), stages),
+                 "down": itertools.product((2, 4, 8, 16), (128, 256), (4, 8), stages)}
+    else:
         grids = {part: [(*cfg[:3], n) for n in stages] for part, cfg in best.items()}
     for part, grid in grids.items():
         timed = []
