@@ -170,8 +170,8 @@ FEW_ROWS_SWAP = False
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the decode GEMM, the fastest of scripts/bench_fp8_gemm.py on an H100
 # for 2-byte weights: on 2-16 rows (tl.dot on 16-row tiles; --sweep, the 8B shapes, FP8 and bf16 alike), and on one
 # row (the dot-product path; --sweep-shapes: the fastest or within 1 us of it on each 8B, 0.6B and 30B-A3B shape).
-# One row's stages are 1 (no loads ahead): every sweep so far timed that loop unpipelined, whatever its stages said,
-# until the kernel named them in its loop (2026-12-07); `--sweep-shapes --stages` times the pipelined loop
+# One row's stages are 1 (no loads ahead): with 5 programs of 8 warps on an SM the others' loads fill each one's wait,
+# and loads ahead (`bench_fp8_gemm.py --stages`) were 0-3 us slower a GEMM on an H100 (docs/benchmarks.md, 2026-12-07)
 DECODE_GEMM_CONFIG = (32, 512, 4, 4)
 ONE_ROW_CONFIG = (8, 1024, 8, 1)
 # One-row tiles for a weight of (rows, columns, bytes an element) where `bench_fp8_gemm.py --sweep-shapes` found

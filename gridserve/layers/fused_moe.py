@@ -309,8 +309,8 @@ SORTED_SWAP = True
 VEC_MAX_SLOTS = 64
 # (BLOCK_N, BLOCK_K, num_warps, stages) of the matrix-vector kernels, gate/up and down: the fastest of a sweep
 # (scripts/bench_moe_kernel.py --sweep, Qwen3-30B-A3B layer, batch 1); gate/up on an H100 and again on an H200,
-# down (all k experts in one tile) on an H200, where (4, 128, 8) was not among the five fastest. Those sweeps ran
-# the K loops unpipelined (stages 1); `--stages` times loads ahead
+# down (all k experts in one tile) on an H200, where (4, 128, 8) was not among the five fastest. Stages 1: loads
+# ahead (`--stages`) were no faster on an H100 (docs/benchmarks.md, 2026-12-07)
 VEC_CONFIG = {"gate_up": (8, 128, 8, 1), "down": (8, 256, 4, 1)}
 
 
