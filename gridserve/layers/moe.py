@@ -21,8 +21,8 @@ from gridserve.layers.norm import RMSNorm, SummedResidual
 from gridserve.layers.weight_utils import materialize
 
 # Fold each MoE router into the o_proj before it at decode (SparseMoeBlock.fold_router_into). Off: on an H100 it
-# made Qwen3-30B-A3B's batch-1 step 0.335 ms slower (3.664 against 3.329 ms, docs/benchmarks.md), for reasons a
-# kernel profile (the device script's routerfold step) has yet to show
+# made Qwen3-30B-A3B's batch-1 step 0.33 ms slower (3.618 against 3.286 ms, docs/benchmarks.md): the GEMMs save
+# 1.4 us a layer, but the experts' first kernel, which then sums the norm's partials and norms x, takes 8.2 us more
 ROUTER_FOLD = False
 
 
