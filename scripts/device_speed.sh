@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 decodeab moeswap routerfold pipeline foldwhy;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 decodeab moeswap pipeline;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -248,29 +248,6 @@ if has decodeab; then  # the models with decode attention launched as decodek1 m
   variant_tree block32 attention/triton_ops/decode_attention.py -e "s/^    block_n: int = 64,/    block_n: int = 32,/" \
     -e "s/^    num_stages: int = 3,/    num_stages: int = 2,/"
   AB_MODELS=${DECODEAB_MODELS:-Q L M} ab_trees $PWD /tmp/fewsplits /tmp/block32
-fi
-if has routerfold; then  # M with each MoE router folded into its o_proj (layers/moe.py ROUTER_FOLD) against without:
-  # the fold's GPU tests, then TPOT at batch 1 and 4 (FOLD_BS) in a copy of this tree with it on
-  gpu_tests routerfold_tests tests/test_fused_moe.py tests/test_decode_gemm.py -k "fold"
-  variant_tree fold layers/moe.py -e "s/^ROUTER_FOLD = .*/ROUTER_FOLD = True/"
-  for bs in ${FOLD_BS:-1 4}; do AB_MODELS=M AB_ARGS="--batch-size $bs" ab_trees $PWD /tmp/fold; done
-  ROOT=$PWD
-  for tree in $PWD /tmp/fold; do  # the batch-1 step's kernels in each tree: where the fold's time goes
-    (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec python3 $ROOT/scripts/profile_scheduler.py $M --batch-size 1 \
-      --no-show-progress --top 25 --kernels) 2>&1 | grep -v Warning > $OUT/foldprof_$(basename $tree).txt
-    head -1 $OUT/foldprof_$(basename $tree).txt
-  done
-fi
-if has foldwhy; then  # which part of the folded norm slows the experts' gate/up kernel by 8 us a layer: M at batch 1
-  # with the fold on; on without the norm weight's loads (g = 1); on without the partial sums' load (RMS = 1). The
-  # last two compute wrong numbers on purpose: they only time what each part costs
-  variant_tree fold layers/moe.py -e "s/^ROUTER_FOLD = .*/ROUTER_FOLD = True/"
-  for v in nog nop; do rm -rf /tmp/fold_$v && cp -r /tmp/fold /tmp/fold_$v; done
-  sed -i "s/^\( *\)g = tl.load(nw_ptr + ks, .*/\1g = tl.full([BLOCK_K], 1.0, tl.float32)/" \
-    /tmp/fold_nog/gridserve/layers/fused_moe.py
-  sed -i "s/^\( *\)sum_sq = tl.sum(tl.load(p_ptr .*/\1sum_sq = hidden * 1.0/" /tmp/fold_nop/gridserve/layers/fused_moe.py
-  diff -r /tmp/fold/gridserve /tmp/fold_nog/gridserve | grep "^[<>]"; diff -r /tmp/fold/gridserve /tmp/fold_nop/gridserve | grep "^[<>]"
-  AB_MODELS=M ab_trees $PWD /tmp/fold /tmp/fold_nog /tmp/fold_nop
 fi
 if has pipeline; then  # one row's K loops with loads ahead (Triton's pipelining, which the loops without tl.dot
   # never had): the kernels' GPU tests; the decode GEMM on every shape, bf16 and FP8, and the MoE layer's

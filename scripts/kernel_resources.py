@@ -18,9 +18,9 @@ from triton.compiler import ASTSource
 
 from gridserve.layers.decode_gemm import FEW_ROWS_SWAP, NORMED_BLOCK, _decode_gemm_kernel
 
-ARGS = ["X", "R", "RO", "NW", "NO", "W", "S", "B", "Y", "RY", "P", "WR", "WRR", "L", "M", "N", "K", "NP", "NR",
-        "stride_xm", "stride_wn", "stride_ym", "eps"]
-NOT_DIVISIBLE = {"M", "NP", "NR", "eps"}  # any value; tensors (even unused ones) are 16-byte aligned, as torch's are
+ARGS = ["X", "R", "RO", "NW", "NO", "W", "S", "B", "Y", "RY", "P", "M", "N", "K", "NP", "stride_xm", "stride_wn",
+        "stride_ym", "eps"]
+NOT_DIVISIBLE = {"M", "NP", "eps"}  # any value; tensors (even unused ones) are 16-byte aligned, as torch's are
 # (rows, BLOCK_N, BLOCK_K, warps, stages): one row on the CUDA cores (unpipelined, and with two tiles of loads
 # ahead: cp.async into shared memory), 2-16 rows on tl.dot
 DEFAULT_TILES = ["1:8:1024:8:1", "1:8:1024:8:3", "16:32:512:4:4"]
@@ -31,10 +31,10 @@ def compile_variant(m: int, block_n: int, block_k: int, warps: int, stages: int,
     """The decode GEMM (a residual add and RMSNorm before the product) compiled for sm_90; swap: 2-16 rows as
     W x^T (decode_gemm.FEW_ROWS_SWAP)."""
     w = "*fp8e4nv" if fp8 else "*bf16"
-    sig = dict(zip(ARGS, ["*bf16"] * 5 + [w, "*fp32", "*bf16", "*bf16", "*bf16", "*fp32", "*bf16", "*bf16", "*fp32"]
-                   + ["i32"] * 8 + ["fp32"], strict=True))
+    sig = dict(zip(ARGS, ["*bf16"] * 5 + [w, "*fp32", "*bf16", "*bf16", "*bf16", "*fp32"] + ["i32"] * 7 + ["fp32"],
+                   strict=True))
     consts = dict(HAS_SCALE=fp8, HAS_BIAS=False, GATED=False, NORM=True, HAS_RES=True, STORE_NORMED=False,
-                  SUM_OUT=False, SQ_FROM_P=False, ROUTER=False, BLOCK_P=1, NORMED_BLOCK=NORMED_BLOCK,
+                  SUM_OUT=False, SQ_FROM_P=False, BLOCK_P=1, NORMED_BLOCK=NORMED_BLOCK,
                   SWAP=m > 1 and swap, BLOCK_M=m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="tf32",
                   STAGES=stages, PDL=pdl)
     sig.update(dict.fromkeys(consts, "constexpr"))

@@ -324,32 +324,3 @@ def test_the_few_rows_product_transposed_gives_the_same_results(dtype, m, monkey
         got = call()
         for g, w_ in zip(got, want, strict=True):
             torch.testing.assert_close(g.float().cpu(), w_.float().cpu(), **tol)
-
-
-@pytest.mark.parametrize("dtype", DECODE_GEMM_DTYPES)
-@pytest.mark.parametrize("m", [1, 5])
-def test_o_proj_with_the_router_folded_in_gives_the_scaled_router_logits(dtype, m):
-    """decode_linear_add_residual_and_route: beside h = x W^T + residual and its partial sums of squares, the
-    router's logits of RMSNorm(h) times RMS(h), from W_r diag(g) W applied to x and W_r diag(g) to the residual.
-    Divided by the RMS from the partials they are the router GEMM's logits. 300 outputs and 20 experts in tiles of
-    16: partial last tiles of both."""
-    from gridserve.layers.decode_gemm import decode_linear_add_residual, decode_linear_add_residual_and_route
-
-    k_in, hidden, experts = 96, 300, 20
-    x, res = rand(m, k_in, dtype=dtype), rand(m, hidden, dtype=dtype)
-    w = (torch.randn(hidden, k_in) / 8).to(dtype)
-    w_r, g = torch.randn(experts, hidden) / 8, torch.rand(hidden) + 0.5
-    folded = ((w_r * g) @ w.float()).to(dtype).to(DEVICE), (w_r * g).to(dtype).to(DEVICE)
-    h, partials, logits = decode_linear_add_residual_and_route(x, res, w.to(DEVICE), folded, config=(16, 64, 4, 2))
-    want_h, want_partials = decode_linear_add_residual(x, res, w.to(DEVICE), config=(16, 64, 4, 2))
-    torch.testing.assert_close(h, want_h, atol=0, rtol=0)  # the router's programs change nothing else
-    torch.testing.assert_close(partials, want_partials, atol=0, rtol=0)
-    assert logits.shape == (m, experts) and logits.dtype == torch.float32
-    norm = RMSNorm(hidden, eps=1e-6)
-    norm.weight.data = g.to(dtype)
-    rms = (partials.sum(1, keepdim=True) / hidden + norm.eps).sqrt().cpu()
-    want = norm(h.cpu()).float() @ w_r.to(dtype).float().T  # the router GEMM after the norm
-    tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
-    torch.testing.assert_close(logits.cpu() / rms, want, **tol)
-    with pytest.raises(ValueError, match="do not fit"):
-        decode_linear_add_residual_and_route(x, res, w.to(DEVICE), folded[::-1])

@@ -216,59 +216,6 @@ def test_vector_path_routes_as_route_does_and_writes_its_ids_and_weights(top_k, 
     assert fused_moe_routed(x[:0], logits[:0], w13, w2, top_k, renormalize, local_of).shape == (0, x.shape[1])
 
 
-@pytest.mark.parametrize("tokens, top_k, local", [(1, 2, None), (3, 3, range(2, 6))])
-def test_vector_path_norms_its_input_and_scales_its_logits_when_the_norm_was_folded_before(tokens, top_k, local):
-    """fused_moe_vec_routed's norm: from h, its rows' partial sums of squares, the norm's weight and the router's
-    logits times RMS(h) (what o_proj with the router folded in hands over), the same routing and output as from
-    RMSNorm(h) and the router's logits."""
-    from gridserve.layers.norm import RMSNorm
-
-    h, logits, w13, w2, local_of, _ = _routed_case(tokens, 8, top_k, local)
-    norm = RMSNorm(h.shape[1], eps=1e-6).to(DEVICE)
-    norm.weight.data = torch.rand(h.shape[1], device=DEVICE) + 0.5
-    partials = torch.stack([c.pow(2).sum(1) for c in h.chunk(3, dim=1)], dim=1)  # three programs' sums
-    rms = (partials.sum(1, keepdim=True) / h.shape[1] + norm.eps).sqrt()
-    got, got_w, got_ids = fused_moe_vec_routed(h, logits * rms, w13, w2, top_k, True, local_of,
-                                               norm=(partials, norm.weight, norm.eps))
-    want, want_w, want_ids = fused_moe_vec_routed(norm(h), logits, w13, w2, top_k, True, local_of)
-    assert torch.equal(got_ids, want_ids)
-    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("rows", [1, 3, VEC_MAX_SLOTS // 2 + 1])
-def test_a_router_folded_into_o_proj_gives_what_the_router_after_the_norm_gives(rows, monkeypatch):
-    """SparseMoeBlock.fold_router_into: o_proj then the MoE block after the norm, with the router folded into
-    o_proj's kernel, against the same layers unfolded. Up to the experts' vector path (32 rows at top-2) o_proj
-    hands the logits over; beyond, nothing changes. The decode GEMM is let take up to 16 rows of these narrow
-    products (by default it takes 2-16 rows only of a 4,096-wide reduction on CUDA, and none on CPU)."""
-    from gridserve.layers import linear, moe
-    from gridserve.layers.norm import RMSNorm, SummedResidual
-
-    k_in, hidden = 64, 96
-    g = torch.Generator().manual_seed(rows)
-    o_proj = linear.RowParallelLinear(k_in, hidden)
-    norm = RMSNorm(hidden, eps=1e-6)
-    block = moe.SparseMoeBlock(hidden, num_experts=8, top_k=2, intermediate_size=32, renormalize=True)
-    for p in [*o_proj.parameters(), *block.parameters(), norm.weight]:
-        p.data = torch.randn(p.shape, generator=g) / (p.shape[-1] ** 0.5 if p.dim() > 1 else 4) + (p.dim() == 1)
-    o_proj, norm, block = o_proj.to(DEVICE), norm.to(DEVICE), block.to(DEVICE)
-    a, r = (torch.randn(rows, n, generator=g).to(DEVICE) for n in (k_in, hidden))
-    want_y, want_res = block.forward_after_norm(*o_proj.forward_add_residual(a, r), norm)
-
-    assert not block.fold_router_into(o_proj, norm) and o_proj.router_fold is None  # ROUTER_FOLD off
-    monkeypatch.setattr(moe, "ROUTER_FOLD", True)
-    assert block.fold_router_into(o_proj, norm)
-    monkeypatch.setattr(linear, "_takes_decode_gemm", lambda x, rows, *_: rows <= 16)
-    h, handed = o_proj.forward_add_residual(a, r)
-    folded = rows <= VEC_MAX_SLOTS // 2
-    assert (isinstance(handed, SummedResidual) and handed.router_logits is not None) == folded
-    y, res = block.forward_after_norm(h, handed, norm)
-    tol = 1e-4 if DEVICE == "cpu" else 2e-3
-    torch.testing.assert_close(res, want_res, rtol=tol, atol=tol)
-    torch.testing.assert_close(y, want_y, rtol=tol, atol=tol)
-
-
 def test_the_align_kernels_compile_for_hopper():
     """No GPU needed: the three grouping kernels compile for sm_90 with Triton's own ptxas (the interpreter accepts
     code that the compiler rejects). A separate process: this one's kernels may be the interpreter's."""

@@ -35,48 +35,12 @@ def _gemm_input(X, R, ms, ks, ok, stride_xm, K, GATED: tl.constexpr, HAS_RES: tl
 
 
 @triton.jit
-def _plain_product(X, W, rows, row_ok, ms, m_ok, K, stride_xm, stride_wn, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr):
-    """X (BLOCK_M rows) @ W[rows].T in float32, both in X's dtype: the decode GEMM's product with nothing folded."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        x = tl.load(X + ms[:, None] * stride_xm + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(W + rows[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        if BLOCK_M == 1:
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), 1)[None, :]
-        else:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
-def _router_rows(X, RY, WR, WRR, L, pid, M, N, K, NR, stride_xm, stride_ym, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr):
-    """The router's logits times the RMS of h = X @ W.T + RY, for rows [pid * BLOCK_N, +BLOCK_N) of the router:
-    WR @ X + WRR @ RY, where WR = W_router diag(g) W and WRR = W_router diag(g) (g: the norm's weight), stored in
-    float32 to L (M, NR)."""
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < NR
-    ms = tl.arange(0, BLOCK_M)
-    m_ok = ms < M
-    acc = _plain_product(X, WR, rows, row_ok, ms, m_ok, K, stride_xm, K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
-                         STAGES)
-    acc += _plain_product(RY, WRR, rows, row_ok, ms, m_ok, N, stride_ym, N, BLOCK_M, BLOCK_N, BLOCK_K,
-                          DOT_PRECISION, STAGES)
-    tl.store(L + ms[:, None] * NR + rows[None, :], acc, mask=m_ok[:, None] & row_ok[None, :])
-
-
-@triton.jit
-def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, WR, WRR, L, M, N, K, NP, NR, stride_xm, stride_wn,
-                        stride_ym, eps, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-                        NORM: tl.constexpr, HAS_RES: tl.constexpr, STORE_NORMED: tl.constexpr,
-                        SUM_OUT: tl.constexpr, SQ_FROM_P: tl.constexpr, ROUTER: tl.constexpr, BLOCK_P: tl.constexpr,
-                        NORMED_BLOCK: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr,
-                        PDL: tl.constexpr):
+def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride_xm, stride_wn, stride_ym, eps,
+                        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
+                        HAS_RES: tl.constexpr, STORE_NORMED: tl.constexpr, SUM_OUT: tl.constexpr,
+                        SQ_FROM_P: tl.constexpr, BLOCK_P: tl.constexpr, NORMED_BLOCK: tl.constexpr,
+                        SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     """Y[:, n-tile] = (X @ W[n-tile].T) (* S[n-tile]) (+ B): W in X's dtype, or FP8 widened to it in registers.
     The input is X as _gemm_input reads it; with NORM, then RMSNorm(that) with weight NW (the weight applied as x
     loads, the row's 1/RMS to the sums, so that one pass over x suffices), and the programs of tile 0 store the
@@ -85,8 +49,7 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, WR, WRR, L, M, N, K
     The RMSNorm split over two GEMMs: with SUM_OUT this GEMM adds the residual RY to its output and each program
     writes the sum of squares of each row of its output tile to P[row, pid] (NP = the output's tiles a row); with
     SQ_FROM_P the next GEMM (NORM, X already that sum) takes each row's sum of squares from its NP partials in P
-    instead of summing its own input. With ROUTER (and SUM_OUT) the programs after the output's tiles compute the
-    next MoE router's logits scaled by the RMS of the output (_router_rows), so that no router GEMM follows.
+    instead of summing its own input.
     BLOCK_M 1 (one row) multiplies on the CUDA cores, a dot product per weight row; 16 (2-16 rows) runs tl.dot.
     The K loop keeps STAGES - 1 tiles of loads in flight ahead of the one it multiplies (Triton's pipelining, which
     a launch's num_stages gives only to loops with tl.dot in them: the one-row loop needs it named here)."""
@@ -96,11 +59,6 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, WR, WRR, L, M, N, K
     if PDL:  # programmatic dependent launch (gridserve/pdl.py)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    if ROUTER:
-        if pid_n >= tl.cdiv(N, BLOCK_N):
-            _router_rows(X, RY, WR, WRR, L, pid_n - tl.cdiv(N, BLOCK_N), M, N, K, NR, stride_xm, stride_ym, BLOCK_M,
-                         BLOCK_N, BLOCK_K, DOT_PRECISION, STAGES)
-            return
     ms = tl.arange(0, BLOCK_M)
     m_ok = ms < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -158,7 +116,7 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, WR, WRR, L, M, N, K
         ry = tl.load(RY + ms[:, None] * stride_ym + rows[None, :], mask=out_ok, other=0.0)
         y = (y.to(tl.float32) + ry.to(tl.float32)).to(Y.dtype.element_ty)
         yf = y.to(tl.float32)
-        tl.store(P + ms * tl.cdiv(N, BLOCK_N) + pid_n, tl.sum(yf * yf, 1), mask=m_ok)
+        tl.store(P + ms * tl.num_programs(0) + pid_n, tl.sum(yf * yf, 1), mask=m_ok)
     tl.store(Y + ms[:, None] * stride_ym + rows[None, :], y, mask=out_ok)
 
 
@@ -246,45 +204,19 @@ def decode_linear_add_residual(x: torch.Tensor, residual: torch.Tensor, weight: 
     of each row of its output tile (float32); the GEMM after takes them (decode_linear_after_norm's
     sum_sq_partials) in place of a norm kernel between the two. Folding the whole norm into the GEMM after would
     make each of its programs recompute the rows' sums of squares."""
-    y, partials, _ = _add_residual(x, residual, weight, weight_scale, bias, config, gated, None)
-    return y, partials
-
-
-def decode_linear_add_residual_and_route(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                                         router_weights: tuple[torch.Tensor, torch.Tensor],
-                                         config: tuple[int, int, int, int] | None = None
-                                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """decode_linear_add_residual's (h, partials), and the next MoE router's logits times RMS(h), float32 (M, E),
-    from the same kernel: router_weights = (W_r diag(g) W, W_r diag(g)), (E, K) and (E, N), for the router W_r
-    (E, N) after an RMSNorm of weight g, since W_r (g * h) = W_r diag(g) (W x + residual). That GEMM's launch goes;
-    the experts' kernel divides by the RMS (its partial sums are the other output)."""
-    return _add_residual(x, residual, weight, None, None, config, False, router_weights)
-
-
-def _add_residual(x, residual, weight, weight_scale, bias, config, gated, router_weights):
-    """(h, partials, the router's logits or None): the two functions above, checked and launched."""
     m, n = x.shape[0], weight.shape[0]
     if residual.shape != (m, n):
         raise ValueError(f"the residual's shape {tuple(residual.shape)} is not the output's {(m, n)}")
-    router = None
-    if router_weights is not None:
-        wr, wrr = router_weights
-        if wr.shape != (wrr.shape[0], weight.shape[1]) or wrr.shape[1] != n:
-            raise ValueError(f"router weights {tuple(wr.shape)} and {tuple(wrr.shape)} do not fit a product of "
-                             f"{tuple(weight.shape)}")
-        router = (wr.contiguous(), wrr.contiguous(),
-                  torch.empty((m, wr.shape[0]), dtype=torch.float32, device=x.device))
     block_n = (config or decode_gemm_config(m, weight))[0]
     partials = torch.empty((m, triton.cdiv(n, block_n)), dtype=torch.float32, device=x.device)
-    y = _decode_gemm(x, weight, weight_scale, bias, config, gated=gated, sum_out=(residual.contiguous(), partials),
-                     router=router)
-    return y, partials, None if router is None else router[2]
+    y = _decode_gemm(x, weight, weight_scale, bias, config, gated=gated, sum_out=(residual.contiguous(), partials))
+    return y, partials
 
 
 def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
                  bias: torch.Tensor | None, config: tuple[int, int, int, int] | None, gated: bool = False,
                  norm: tuple | None = None, sum_out: tuple | None = None,
-                 sum_sq_partials: torch.Tensor | None = None, router: tuple | None = None) -> torch.Tensor:
+                 sum_sq_partials: torch.Tensor | None = None) -> torch.Tensor:
     m, k = x.shape
     if gated:
         k //= 2
@@ -303,15 +235,12 @@ def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages = config or decode_gemm_config(m, weight)
     num_partials = 0 if partials is None else partials.shape[-1]  # a row's
-    router_w, router_rw, logits = router or (None, None, None)
-    router_rows = 0 if router is None else router_w.shape[0]
     if m:
-        _decode_gemm_kernel[(triton.cdiv(n, block_n) + triton.cdiv(router_rows, block_n),)](
-            x, residual, residual_out, norm_weight, normed, weight, weight_scale, bias, y, residual_y, partials,
-            router_w, router_rw, logits, m, n, k, num_partials, router_rows, x.stride(0), weight.stride(0),
-            y.stride(0), eps, HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, GATED=gated,
-            NORM=norm is not None, HAS_RES=residual is not None, STORE_NORMED=normed is not None,
-            SUM_OUT=sum_out is not None, SQ_FROM_P=sum_sq_partials is not None, ROUTER=router is not None,
+        _decode_gemm_kernel[(triton.cdiv(n, block_n),)](
+            x, residual, residual_out, norm_weight, normed, weight, weight_scale, bias, y, residual_y, partials, m, n,
+            k, num_partials, x.stride(0), weight.stride(0), y.stride(0), eps, HAS_SCALE=weight_scale is not None,
+            HAS_BIAS=bias is not None, GATED=gated, NORM=norm is not None, HAS_RES=residual is not None,
+            STORE_NORMED=normed is not None, SUM_OUT=sum_out is not None, SQ_FROM_P=sum_sq_partials is not None,
             BLOCK_P=triton.next_power_of_2(max(num_partials, 1)), NORMED_BLOCK=NORMED_BLOCK,
             SWAP=m > 1 and FEW_ROWS_SWAP, BLOCK_M=1 if m == 1 else DECODE_GEMM_MAX_M,
             BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",

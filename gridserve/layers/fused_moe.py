@@ -26,11 +26,11 @@ from gridserve.pdl import launch_args as pdl_args
 
 @triton.jit
 def _route_token(logits_ptr, map_ptr, num_experts, num_chosen, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
-                 RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr, scale=1.0):
-    """One token's routing from its row of logits at logits_ptr (times scale): softmax over the experts in float32,
-    the top k (the lowest id among ties), optionally renormalised, and each chosen expert's local id through map_ptr
-    (-1 for another rank's). Returns (weights, local ids), each (K_PAD,), entries from TOP_K on 0 and -1. The one
-    copy of the routing math: _route_kernel and the vector gate/up kernel both call it, so they route alike, to the bit.
+                 RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr):
+    """One token's routing from its row of logits at logits_ptr: softmax over the experts in float32, the top k
+    (the lowest id among ties), optionally renormalised, and each chosen expert's local id through map_ptr (-1 for
+    another rank's). Returns (weights, local ids), each (K_PAD,), entries from TOP_K on 0 and -1. The one copy of
+    the routing math: _route_kernel and the vector gate/up kernel both call it, so they route alike, to the bit.
     num_chosen is TOP_K, or less where only the first experts are wanted (then the weights mean nothing).
 
     Every gate/up program repeats this before its first weight load, hundreds of them at once, so it is kept
@@ -39,7 +39,7 @@ def _route_token(logits_ptr, map_ptr, num_experts, num_chosen, TOP_K: tl.constex
     a row per warp, so that the reductions along a row stay inside a warp (shuffles, no barriers)."""
     es = tl.broadcast_to(tl.arange(0, BLOCK_E)[None, :], (ROWS, BLOCK_E))
     ok = es < num_experts
-    logits = tl.load(logits_ptr + es, mask=ok, other=-float("inf")).to(tl.float32) * scale
+    logits = tl.load(logits_ptr + es, mask=ok, other=-float("inf")).to(tl.float32)
     local_of = tl.load(map_ptr + es, mask=ok, other=-1)  # read now, not after the choice: no second wait
     p = tl.where(ok, tl.exp(logits - tl.max(logits, axis=1)[:, None]), 0.0)
     p = p / tl.sum(p, axis=1)[:, None]
@@ -202,34 +202,25 @@ def _down_kernel(a_ptr, w_ptr, s_ptr, out_ptr, sorted_ptr, expert_ptr, weight_pt
 
 
 @triton.jit
-def _gate_up_vec_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, logits_ptr, map_ptr, p_ptr, nw_ptr,
-                        hidden, inter, num_experts, num_partials, eps, stride_xm, stride_lm, stride_we, stride_wn,
-                        stride_se, stride_om, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        HAS_SCALE: tl.constexpr, ROUTE: tl.constexpr, NORM: tl.constexpr, BLOCK_P: tl.constexpr,
-                        K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr,
-                        STAGES: tl.constexpr, PDL: tl.constexpr):
+def _gate_up_vec_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, logits_ptr, map_ptr, hidden, inter,
+                        num_experts, stride_xm, stride_lm, stride_we, stride_wn, stride_se, stride_om,
+                        TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr,
+                        ROUTE: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
+                        ROWS: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     """Slot program_id(0)'s rows [n, n + BLOCK_N) of silu(gate) * up, as a matrix-vector product. Its expert is
     read from ids_ptr, or with ROUTE found here from its token's logits (_route_token, as _route_kernel does: no
     route launch before this kernel); then the programs of row tile 0 store the slot's weight and local id to
-    weights_ptr and ids_ptr, which the down kernel, next on the stream, reads.
-    With NORM the input is RMSNorm(x) of weight nw_ptr, computed as it loads, from the row's num_partials sums of
-    squares at p_ptr (decode_gemm.decode_linear_add_residual_and_route's), and the logits are the router's times
-    the row's RMS: the norm and the router's GEMM were folded into the GEMM before."""
+    weights_ptr and ids_ptr, which the down kernel, next on the stream, reads."""
     if PDL:  # programmatic dependent launch (gridserve/pdl.py)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     slot, pid_n = tl.program_id(0), tl.program_id(1)
     token = slot // TOP_K
-    inv_rms = 1.0
-    if NORM:  # the partials in a fixed order, as decode_gemm's SQ_FROM_P sums them
-        ps = tl.arange(0, BLOCK_P)
-        sum_sq = tl.sum(tl.load(p_ptr + token * num_partials + ps, mask=ps < num_partials, other=0.0), 0)
-        inv_rms = tl.rsqrt(sum_sq / hidden + eps)
     if ROUTE:
         # row tile 0 stores the weight, which needs all k; the others only need the experts up to their slot's
         num_chosen = tl.where(pid_n == 0, TOP_K, slot % TOP_K + 1)
         chosen_w, local = _route_token(logits_ptr + token.to(tl.int64) * stride_lm, map_ptr, num_experts,
-                                       num_chosen, TOP_K, K_PAD, RENORMALIZE, BLOCK_E, ROWS, inv_rms)
+                                       num_chosen, TOP_K, K_PAD, RENORMALIZE, BLOCK_E, ROWS)
         mine = tl.arange(0, K_PAD) == slot % TOP_K  # this slot's entry: the others are summed in as zeros
         e = tl.sum(tl.where(mine, local, 0), axis=0)
         if pid_n == 0:
@@ -249,11 +240,7 @@ def _gate_up_vec_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, logi
     for k0 in tl.range(0, hidden, BLOCK_K, num_stages=STAGES):  # STAGES - 1 tiles of loads ahead
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < hidden
-        xv = tl.load(x_row + ks, mask=k_ok, other=0.0)
-        if NORM:  # as rms_norm rounds its output
-            g = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            xv = (xv.to(tl.float32) * inv_rms * g).to(xv.dtype)
-        xv = xv.to(tl.float32)[None, :]
+        xv = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         ok = row_ok[:, None] & k_ok[None, :]
         acc_gate += tl.load(w_gate + ks[None, :], mask=ok, other=0.0).to(tl.float32) * xv
         acc_up += tl.load(w_up + ks[None, :], mask=ok, other=0.0).to(tl.float32) * xv
@@ -323,11 +310,9 @@ def _scales(w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None, w13: 
 
 def _moe_vec(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
              config: dict | None, w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None,
-             routing: tuple[torch.Tensor, torch.Tensor, bool] | None,
-             norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+             routing: tuple[torch.Tensor, torch.Tensor, bool] | None) -> torch.Tensor:
     """The two matrix-vector kernels. weights (float32) and ids (int32) are contiguous (tokens, top_k); with
-    routing = (router logits, local id of each expert, renormalize) the gate/up kernel fills them first; with
-    norm = (partial sums of squares (tokens, P), weight, eps) it takes RMSNorm(x) (see fused_moe_vec_routed)."""
+    routing = (router logits, local id of each expert, renormalize) the gate/up kernel fills them first."""
     bn_gu, bk_gu, warps_gu, stages_gu = (config or VEC_CONFIG)["gate_up"]
     bn_d, bk_d, warps_d, stages_d = (config or VEC_CONFIG)["down"]
     s13, s2, stride_s13, stride_s2, has_scale = _scales(w13_scale, w2_scale, w13)
@@ -336,14 +321,12 @@ def _moe_vec(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torc
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     logits, local_of_expert, renormalize = routing or (weights, ids, False)  # stand-ins when not routing
     num_experts = logits.shape[1]
-    partials, norm_weight, eps = norm or (weights, x, 0.0)  # stand-ins when not normalising
     act = torch.empty(m * top_k, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
     _gate_up_vec_kernel[(m * top_k, triton.cdiv(inter, bn_gu))](
-        x, w13, s13, act, ids, weights, logits, local_of_expert, partials, norm_weight, hidden, inter, num_experts,
-        partials.shape[1], eps, x.stride(0), logits.stride(0), w13.stride(0), w13.stride(1), stride_s13,
-        act.stride(0), TOP_K=top_k, BLOCK_N=bn_gu, BLOCK_K=bk_gu, HAS_SCALE=has_scale, ROUTE=routing is not None,
-        NORM=norm is not None, BLOCK_P=triton.next_power_of_2(partials.shape[1]), K_PAD=triton.next_power_of_2(top_k),
+        x, w13, s13, act, ids, weights, logits, local_of_expert, hidden, inter, num_experts, x.stride(0),
+        logits.stride(0), w13.stride(0), w13.stride(1), stride_s13, act.stride(0), TOP_K=top_k, BLOCK_N=bn_gu,
+        BLOCK_K=bk_gu, HAS_SCALE=has_scale, ROUTE=routing is not None, K_PAD=triton.next_power_of_2(top_k),
         RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(num_experts), ROWS=warps_gu, STAGES=stages_gu,
         num_warps=warps_gu, **pdl_args(x.device))
     _down_vec_kernel[(m, triton.cdiv(hidden, bn_d))](
@@ -363,19 +346,15 @@ def fused_moe_vec(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
 
 def fused_moe_vec_routed(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                          top_k: int, renormalize: bool, local_of_expert: torch.Tensor, config: dict | None = None,
-                         w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-                         norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
+                         w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """route + fused_moe_vec with the routing done inside the gate/up kernel, one launch fewer: (output, and the
-    weights and local ids it routed to, as route returns them). norm = (partials, weight, eps): the experts' input
-    is RMSNorm(x) of that weight, normed as the gate/up kernel loads x, the row's sum of squares the sum of its
-    partials (tokens, P), and router_logits are the router's times the row's RMS (what
-    decode_gemm.decode_linear_add_residual_and_route hands over)."""
+    weights and local ids it routed to, as route returns them)."""
     m = x.shape[0]
     weights = torch.empty(m, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(m, top_k, dtype=torch.int32, device=x.device)
     out = _moe_vec(x, w13, w2, weights, ids, config, w13_scale, w2_scale,
-                   (router_logits, local_of_expert, renormalize), norm)
+                   (router_logits, local_of_expert, renormalize))
     return out, weights, ids
 
 

@@ -239,9 +239,6 @@ class RowParallelLinear(LinearBase):
         tp_size = get_tp_group().size
         super().__init__(_divide(in_features, tp_size, "input features"), out_features, bias, params_dtype)
         self.reduce_results = reduce_results
-        # (W_r diag(g) W, W_r diag(g), most rows): the MoE router after this product's RMSNorm, folded in by the
-        # MoE block (layers/moe.py, SparseMoeBlock.fold_router_into) for forward_add_residual
-        self.router_fold: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def weight_loader(self, param, loaded, shard_id=None):
         if param.dim() == 1:  # the bias is added once, after the reduction
@@ -255,29 +252,10 @@ class RowParallelLinear(LinearBase):
     def forward_add_residual(self, x: torch.Tensor, residual: torch.Tensor,
                              gated: bool = False) -> tuple[torch.Tensor, torch.Tensor | SummedResidual]:
         """(self(x), residual) for the RMSNorm after it, or (self(x) + residual, SummedResidual) where the norm
-        splits over this GEMM and the next (apply_linear_add_residual): only when no all-reduce comes between.
-        With a router folded in (router_fold) and at most its rows, the SummedResidual carries the router's logits
-        too, from the same kernel (decode_gemm.decode_linear_add_residual_and_route)."""
-        if self.tp.size > 1 or not self.reduce_results:
-            return self(x, gated), residual
-        if self._routes(residual, gated):
-            from gridserve.layers.decode_gemm import decode_linear_add_residual_and_route
-
-            rows = residual.numel() // residual.shape[-1]
-            y, partials, logits = decode_linear_add_residual_and_route(
-                x.reshape(rows, -1), residual.reshape(rows, -1), self.weight, self.router_fold[:2])
-            return y.view(residual.shape), SummedResidual(partials, logits)
-        if splits_norm_after(residual, self.weight, self.weight_scale):
+        splits over this GEMM and the next (apply_linear_add_residual): only when no all-reduce comes between."""
+        if self.tp.size == 1 and self.reduce_results and splits_norm_after(residual, self.weight, self.weight_scale):
             return apply_linear_add_residual(x, residual, self.weight, self.weight_scale, self.bias, gated)
         return self(x, gated), residual
-
-    def _routes(self, residual: torch.Tensor, gated: bool) -> bool:
-        """Whether forward_add_residual computes the folded router's logits: a plain product of unquantized weights
-        that the decode GEMM takes, of at most the rows the fold is for."""
-        if self.router_fold is None or gated or self.bias is not None or self.weight_scale is not None:
-            return False
-        rows = residual.numel() // residual.shape[-1]
-        return rows <= self.router_fold[2] and _takes_decode_gemm(residual, rows, self.weight, None)
 
     def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         y = self.matmul(x, None, gated)

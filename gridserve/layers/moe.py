@@ -15,15 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gridserve.distributed.parallel_state import get_tp_group, moe_split
-from gridserve.layers.linear import ReplicatedLinear, RowParallelLinear
+from gridserve.layers.linear import ReplicatedLinear
 from gridserve.layers.mlp import GatedMLP
-from gridserve.layers.norm import RMSNorm, SummedResidual
+from gridserve.layers.norm import RMSNorm
 from gridserve.layers.weight_utils import materialize
-
-# Fold each MoE router into the o_proj before it at decode (SparseMoeBlock.fold_router_into). Off: on an H100 it
-# made Qwen3-30B-A3B's batch-1 step 0.33 ms slower (3.618 against 3.286 ms, docs/benchmarks.md): the GEMMs save
-# 1.4 us a layer, but the experts' first kernel, which then sums the norm's partials and norms x, takes 8.2 us more
-ROUTER_FOLD = False
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,15 +110,6 @@ class FusedMoE(nn.Module):
         return moe_reference(x, self.w13_weight, self.w2_weight, weights, self.local_ids[ids], self.w13_scale,
                              self.w2_scale)
 
-    def forward_folded(self, h: torch.Tensor, summed: SummedResidual, norm: RMSNorm) -> torch.Tensor:
-        """forward(norm(h), router logits) from what a GEMM with the router folded in handed over (h with its
-        partial sums of squares, and the logits times RMS(h)): the norm runs in the experts' first kernel."""
-        from gridserve.layers.fused_moe import fused_moe_vec_routed
-
-        return fused_moe_vec_routed(h, summed.router_logits, self.w13_weight, self.w2_weight, self.top_k,
-                                    self.renormalize, self.local_ids, w13_scale=self.w13_scale,
-                                    w2_scale=self.w2_scale, norm=(summed.partials, norm.weight, norm.eps))[0]
-
 
 class SparseMoeBlock(nn.Module):
     """A layer's MLP as experts: the router (`gate`, replicated), the experts, and optionally a shared expert
@@ -147,28 +133,8 @@ class SparseMoeBlock(nn.Module):
                            norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(norm(x + residual)), x + residual). The norm is folded into the router's GEMM, which also hands
         back the normed x for the experts (for one row on CUDA: one kernel for the add, the norm and the router)."""
-        if isinstance(residual, SummedResidual) and residual.router_logits is not None:  # fold_router_into's
-            return self.tp.all_reduce(self.experts.forward_folded(x, residual, norm)), x
         router_logits, residual, x = self.gate.forward_after_norm(x, residual, norm, return_normed=True)
         return self._experts(x, router_logits), residual
-
-    def fold_router_into(self, o_proj: RowParallelLinear, norm: RMSNorm) -> bool:
-        """Folds this block's router, and the RMSNorm before it, into the product before that norm (o_proj), for
-        decode batches of up to the experts' vector path: its logits are W_r (g * h) / RMS(h) for h = W_o a + r, so
-        o_proj's kernel computes (W_r diag(g) W_o) a + (W_r diag(g)) r beside h and the partial sums of squares of
-        h, and the experts' first kernel divides by RMS(h) and norms h as it loads it. That is one GEMM launch a
-        layer fewer (the router's). Only where nothing comes between: one rank, o_proj's weights unquantized, no
-        shared expert, no biases. o_proj uses it only where the decode GEMM takes its product (on CUDA).
-        Returns whether it folded (ROUTER_FOLD off: never)."""
-        if not (ROUTER_FOLD and o_proj.tp.size == 1 and o_proj.reduce_results and o_proj.bias is None
-                and o_proj.weight_scale is None and self.gate.bias is None and self.shared_expert is None):
-            return False
-        from gridserve.layers.fused_moe import VEC_MAX_SLOTS
-
-        w_rg = self.gate.weight.float() * norm.weight.float()
-        o_proj.router_fold = ((w_rg @ o_proj.weight.float()).to(o_proj.weight.dtype), w_rg.to(o_proj.weight.dtype),
-                              VEC_MAX_SLOTS // self.experts.top_k)
-        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._experts(x, self.gate(x))

@@ -8,11 +8,8 @@ from torch import nn
 class SummedResidual:
     """Stands in for the residual where the projection before an RMSNorm has already added it to x
     (linear.apply_linear_add_residual): x is the residual stream itself, and `partials` (rows, programs) are
-    partial sums of the squares of its rows, which the GEMM after the norm adds up in place of a norm kernel.
-    `router_logits`: where the projection also computed the next MoE router's logits (layers/moe.py's router fold),
-    those logits times each row's RMS (float32), for the experts to route from."""
+    partial sums of the squares of its rows, which the GEMM after the norm adds up in place of a norm kernel."""
     partials: torch.Tensor
-    router_logits: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):

@@ -111,5 +111,4 @@ def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.de
         raise ValueError(f"checkpoint {path} lacks weights for: {', '.join(sorted(missing)[:8])}")
     if fp8:
         quantize_linears(model)
-    model.after_loading()
     return model.eval()

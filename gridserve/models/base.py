@@ -71,6 +71,3 @@ class CausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copies checkpoint tensors (HF names) into this rank's parameters; returns the parameter names filled."""
         raise NotImplementedError
-
-    def after_loading(self) -> None:
-        """Tensors derived from the final weights (after any quantization), which the loader asks for last."""

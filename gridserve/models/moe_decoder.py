@@ -72,12 +72,6 @@ class MoeDecoderLM(DecoderLM):
             raise ValueError(f"--tp-size {tp} does not divide shared_expert_intermediate_size "
                              f"{moe.shared_expert_intermediate_size}")
 
-    def after_loading(self) -> None:
-        """Each sparse layer's router folds into its o_proj where it can (SparseMoeBlock.fold_router_into)."""
-        for layer in self.model.layers[self.model.start_layer:self.model.end_layer]:
-            if isinstance(layer.mlp, SparseMoeBlock):
-                layer.mlp.fold_router_into(layer.self_attn.o_proj, layer.post_attention_layernorm)
-
     def map_weight_name(self, name: str) -> tuple[str, object]:
         m = _EXPERT.match(name)
         if m:
