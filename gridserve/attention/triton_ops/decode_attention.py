@@ -317,6 +317,14 @@ MIN_SPLIT_LEN = 256
 # Contexts of at most this many keys attend in one program per (request, KV head), which writes the output itself: no
 # partials and no merge, whose stores, arrival and loads are a chain of round trips in a batch-1 call of a few us.
 SOLO_LEN = 0
+# (BLOCK_N, num_stages) of stage 1. From 5 requests on: 64-key blocks over 3 stages, 1-9% faster than 2 stages at
+# batches 4-256 on an H100, and 128-key blocks 3-50% slower at 512 keys. Up to SMALL_BATCH requests of a 2-byte
+# cache: 128-key blocks, 1 stage, which in the models on an H100 took Qwen3-30B-A3B's step (8 query heads a KV head)
+# 0.03 ms down at batch 1 and 256 keys, 0.13 ms at 2,000 keys and 0.22 ms at batch 4 and 1,000 keys, and moved
+# Llama-3.1-8B's and Qwen3-0.6B's by 0.01 ms or less (docs/benchmarks.md, 2026-12-07)
+LAUNCH = (64, 3)
+SMALL_BATCH = 4
+SMALL_BATCH_LAUNCH = (128, 1)
 
 
 @functools.lru_cache
@@ -333,6 +341,12 @@ def default_num_kv_splits(batch_size: int, num_kv_heads: int, device: torch.devi
         if batch_size * num_kv_heads * splits >= 2 * _sm_count(device):
             return splits
     return LONG_KV_SPLITS
+
+
+def default_launch(batch_size: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(block_n, num_stages) for a decode batch (see LAUNCH); float32 keeps LAUNCH, whose tiles fit its stages."""
+    small = batch_size <= SMALL_BATCH and torch.finfo(dtype).bits <= 16
+    return SMALL_BATCH_LAUNCH if small else LAUNCH
 
 
 @dataclass
@@ -426,9 +440,9 @@ def decode_attention(
     num_kv_splits: int | None = None,
     out: torch.Tensor | None = None,
     workspace: DecodeWorkspace | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int | None = None,
     merge_in_stage1: bool = True,
     prep: DecodePrep | None = None,
     solo_len: int = SOLO_LEN,
@@ -438,9 +452,8 @@ def decode_attention(
     q: (B, num_heads, head_dim); k_buffer: (num_slots + 1, num_kv_heads, head_dim); v_buffer:
     (num_slots + 1, num_kv_heads, head_dim_v). Returns (B, num_heads, head_dim_v) in q's dtype (written into
     ``out`` when given). The number of splits defaults to ``default_num_kv_splits``, at most the workspace's;
-    with ``workspace`` no scratch is allocated. The launch settings were tuned on an H100 (block_n 64, 4 warps,
-    3 stages: 1-9% faster than 2 stages at every batch (4-256) and context (512, 2048, mixed 100-2048) of the
-    0.6B and 8B shapes; block_n 128 was up to 2% faster on long contexts but 3-50% slower on 512).
+    with ``workspace`` no scratch is allocated. ``block_n`` and ``num_stages`` default to ``default_launch``'s
+    for the batch (4 warps: tuned on an H100).
 
     ``merge_in_stage1`` (default): one kernel, the last program of each (request, KV head) merges the splits and
     leaves the workspace's counters at zero again; False: a second kernel merges (kept to compare the two).
@@ -450,6 +463,8 @@ def decode_attention(
     """
     q, sh = check_paged_inputs(q, k_buffer, v_buffer, req_to_token)
     bs, num_heads, head_dim_v = q.shape[0], sh.num_heads, sh.head_dim_v
+    launch = default_launch(bs, k_buffer.dtype)
+    block_n, num_stages = block_n or launch[0], num_stages or launch[1]
 
     if num_kv_splits is None:
         num_kv_splits = default_num_kv_splits(bs, sh.num_kv_heads, q.device)
