@@ -84,7 +84,7 @@ def main() -> None:
         for merge, solo in [(True, SOLO_LEN), (False, SOLO_LEN)] + [(True, s) for s in ints(a.solo) if s != SOLO_LEN]:
             ms = time_ms(functools.partial(decode_attention, q, k, v, req_to_token, idx, seq_lens, 0.088,
                                            workspace=ws, merge_in_stage1=merge, solo_len=solo), graph=True)
-            block_n, stages = default_launch(bs, k.dtype)
+            block_n, stages = default_launch(bs, a.heads // a.kv_heads, k.dtype)
             print(f"  defaults ({default_num_kv_splits(bs, a.kv_heads, dev)} splits, block_n {block_n}, {stages} "
                   f"stages, {'one kernel' if merge else 'two kernels'}, solo_len {solo}): {moved / ms / 1e6:.0f} GB/s, "
                   f"{ms * 1e3:.1f} us")

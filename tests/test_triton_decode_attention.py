@@ -68,14 +68,17 @@ def test_matches_reference(lens, num_heads, num_kv_heads, head_dim, dtype, atol,
 
 
 def test_small_batches_of_a_half_precision_cache_take_long_blocks_and_still_match():
-    """default_launch: up to SMALL_BATCH requests of a 2-byte cache run 128-key blocks over 1 stage (faster in the
-    models on an H100), larger batches and float32 LAUNCH. The long blocks over contexts of several blocks, a
-    partial one, and fewer keys than a block: the reference's output, with the splits merged."""
+    """default_launch: up to SMALL_BATCH requests of a 2-byte cache, with groups of SMALL_BATCH_GROUP query heads or
+    more, run 128-key blocks over 1 stage (faster in the models on an H100); larger batches, smaller groups and
+    float32 LAUNCH. The long blocks over contexts of several blocks, a partial one, and fewer keys than a block:
+    the reference's output, with the splits merged."""
     m = decode_module
-    assert m.default_launch(m.SMALL_BATCH, torch.bfloat16) == m.SMALL_BATCH_LAUNCH == (128, 1)
-    assert m.default_launch(m.SMALL_BATCH + 1, torch.bfloat16) == m.LAUNCH
-    assert m.default_launch(1, torch.float32) == m.LAUNCH
-    q, k, v, r2t, rpi, sl = make_case([300, 3, 129], 8, 2, 64, torch.bfloat16, seed=3)
+    group = m.SMALL_BATCH_GROUP
+    assert m.default_launch(m.SMALL_BATCH, group, torch.bfloat16) == m.SMALL_BATCH_LAUNCH == (128, 1)
+    assert m.default_launch(m.SMALL_BATCH + 1, group, torch.bfloat16) == m.LAUNCH
+    assert m.default_launch(1, group // 2, torch.bfloat16) == m.LAUNCH
+    assert m.default_launch(1, group, torch.float32) == m.LAUNCH
+    q, k, v, r2t, rpi, sl = make_case([300, 3, 129], 8, 2, 64, torch.bfloat16, seed=3)  # a group of 4
     for splits in (1, 4):
         out = decode_attention(q, k, v, r2t, rpi, sl, 0.125, num_kv_splits=splits)
         torch.testing.assert_close(out.float().cpu(), reference(q, k, v, r2t, rpi, sl, 0.125), atol=2e-2, rtol=2e-2)

@@ -319,11 +319,13 @@ MIN_SPLIT_LEN = 256
 SOLO_LEN = 0
 # (BLOCK_N, num_stages) of stage 1. From 5 requests on: 64-key blocks over 3 stages, 1-9% faster than 2 stages at
 # batches 4-256 on an H100, and 128-key blocks 3-50% slower at 512 keys. Up to SMALL_BATCH requests of a 2-byte
-# cache: 128-key blocks, 1 stage, which in the models on an H100 took Qwen3-30B-A3B's step (8 query heads a KV head)
-# 0.03 ms down at batch 1 and 256 keys, 0.13 ms at 2,000 keys and 0.22 ms at batch 4 and 1,000 keys, and moved
-# Llama-3.1-8B's and Qwen3-0.6B's by 0.01 ms or less (docs/benchmarks.md, 2026-12-07)
+# cache with at least SMALL_BATCH_GROUP query heads a KV head: 128-key blocks, 1 stage, which in the models on an
+# H100 took Qwen3-30B-A3B's step (a group of 8) 0.03 ms down at batch 1 and 256 keys, 0.13 ms at 2,000 keys and 0.22
+# ms at batch 4 and 1,000 keys, and Llama-3.1-8B's (4) 0.01-0.03 ms; Qwen3-0.6B's (2) it took 0.024 ms up at 256
+# keys (docs/benchmarks.md, 2026-12-07)
 LAUNCH = (64, 3)
 SMALL_BATCH = 4
+SMALL_BATCH_GROUP = 4
 SMALL_BATCH_LAUNCH = (128, 1)
 
 
@@ -343,9 +345,10 @@ def default_num_kv_splits(batch_size: int, num_kv_heads: int, device: torch.devi
     return LONG_KV_SPLITS
 
 
-def default_launch(batch_size: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(block_n, num_stages) for a decode batch (see LAUNCH); float32 keeps LAUNCH, whose tiles fit its stages."""
-    small = batch_size <= SMALL_BATCH and torch.finfo(dtype).bits <= 16
+def default_launch(batch_size: int, group: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(block_n, num_stages) for a decode batch of `group` query heads a KV head (see LAUNCH); float32 keeps
+    LAUNCH, whose tiles fit its stages."""
+    small = batch_size <= SMALL_BATCH and group >= SMALL_BATCH_GROUP and torch.finfo(dtype).bits <= 16
     return SMALL_BATCH_LAUNCH if small else LAUNCH
 
 
@@ -463,7 +466,7 @@ def decode_attention(
     """
     q, sh = check_paged_inputs(q, k_buffer, v_buffer, req_to_token)
     bs, num_heads, head_dim_v = q.shape[0], sh.num_heads, sh.head_dim_v
-    launch = default_launch(bs, k_buffer.dtype)
+    launch = default_launch(bs, sh.group, k_buffer.dtype)
     block_n, num_stages = block_n or launch[0], num_stages or launch[1]
 
     if num_kv_splits is None:
