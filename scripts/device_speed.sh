@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 decodeab moeswap pipeline longdecodeab;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -240,21 +240,6 @@ if has solo; then  # decode attention: contexts up to solo_len in one program a 
   # the models with SOLO_LEN at SOLO_AB keys (bench latency's contexts are 257-384) in a copy of this tree
   variant_tree solo attention/triton_ops/decode_attention.py -e "s/^SOLO_LEN = .*/SOLO_LEN = ${SOLO_AB:-512}/"
   AB_MODELS=${SOLO_MODELS:-Q L M} ab_trees $PWD /tmp/solo
-fi
-if has decodeab; then  # the models with decode attention launched as decodek1 may suggest, each in a copy of this tree:
-  # at most 4 base splits (short contexts in fewer, longer splits), and 32-key blocks over 2 stages
-  variant_tree fewsplits attention/triton_ops/decode_attention.py \
-    -e "s/BASE_SPLITS=min(num_kv_splits, MAX_KV_SPLITS)/BASE_SPLITS=min(num_kv_splits, 4)/"
-  variant_tree block32 attention/triton_ops/decode_attention.py -e "s/^    block_n: int = 64,/    block_n: int = 32,/" \
-    -e "s/^    num_stages: int = 3,/    num_stages: int = 2,/"
-  AB_MODELS=${DECODEAB_MODELS:-Q L M} ab_trees $PWD /tmp/fewsplits /tmp/block32
-fi
-if has longdecodeab; then  # decode attention at ~2k-key contexts, batch 1: 128-key blocks over 1 stage (decodek1's best
-  # at 1-2k keys: 2.8-3.8 us a call less than the defaults on M's heads, the kernel alone) in a copy of this tree
-  variant_tree block128 attention/triton_ops/decode_attention.py -e "s/^    block_n: int = 64,/    block_n: int = 128,/" \
-    -e "s/^    num_stages: int = 3,/    num_stages: int = 1,/"
-  grep -nE "^    (block_n|num_stages): int" /tmp/block128/gridserve/attention/triton_ops/decode_attention.py
-  AB_MODELS=${LONGAB_MODELS:-M Q} AB_ARGS="--input-len 2000" ab_trees $PWD /tmp/block128
 fi
 if has pipeline; then  # one row's K loops with loads ahead (Triton's pipelining, which the loops without tl.dot
   # never had): the kernels' GPU tests; the decode GEMM on every shape, bf16 and FP8, and the MoE layer's
