@@ -142,10 +142,12 @@ if has decodek; then  # the decode attention kernel's bandwidth over launch sett
     | tee $OUT/decode_kernel_mixed.txt | grep -v Warning
 fi
 if has decodek1; then  # the same at batch 1 and 4 (latency, serving at concurrency 4) on M's, Q's and L's heads, at
-  # bench latency's contexts (257-384) and longer: whether a small batch wants another launch than the default
+  # bench latency's contexts (257-384) and longer: whether a small batch wants another launch than the default. With
+  # --prep, as the models run it (q/k normed and rotated, the new K/V stored in the kernel): without, the twentieth
+  # session's table favoured launches that lost in Qwen3-0.6B
   for heads in $HEADS; do set -- ${heads/:/ }
     python3 scripts/bench_decode_kernel.py --heads $1 --kv-heads $2 --batches 1,4 --contexts 256,384,1024,2048 \
-      --splits 1,2,4,8,16,64 --warps 4 --top 4 2>&1 | grep -v Warning | tee $OUT/decode_small_$1_$2.txt \
+      --splits 1,2,4,8,16,64 --warps 4 --top 4 --prep 2>&1 | grep -v Warning | tee $OUT/decode_small_$1_$2.txt \
       | grep -E "^batch|splits=|defaults" | grep -v "two kernels"
   done
 fi
