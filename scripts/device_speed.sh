@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline routertile;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -242,6 +242,15 @@ if has solo; then  # decode attention: contexts up to solo_len in one program a 
   # the models with SOLO_LEN at SOLO_AB keys (bench latency's contexts are 257-384) in a copy of this tree
   variant_tree solo attention/triton_ops/decode_attention.py -e "s/^SOLO_LEN = .*/SOLO_LEN = ${SOLO_AB:-512}/"
   AB_MODELS=${SOLO_MODELS:-Q L M} ab_trees $PWD /tmp/solo
+fi
+if has routertile; then  # M's router GEMM (128 x 2,048, with the norm's partials summed and the normed input stored
+  # for the experts) runs 16 programs of 8 rows at batch 1; copies of this tree give it 64 programs of 2 rows, or 32
+  # of 4, one K tile each (the plain product's sweep saw no gain, but it timed neither the partials nor the store)
+  for t in "2 2048 4" "4 2048 4"; do set -- $t
+    variant_tree rt$1 layers/decode_gemm.py -e "/^ONE_ROW_TILES/a\\    (128, 2048, 2): ($1, $2, $3, 1),"
+    grep -n "(128, 2048, 2)" /tmp/rt$1/gridserve/layers/decode_gemm.py
+  done
+  AB_MODELS=M ab_trees $PWD /tmp/rt2 /tmp/rt4
 fi
 if has pipeline; then  # one row's K loops with loads ahead (Triton's pipelining, which the loops without tl.dot
   # never had): the kernels' GPU tests; the decode GEMM on every shape, bf16 and FP8, and the MoE layer's
