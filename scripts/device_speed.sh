@@ -244,13 +244,15 @@ if has solo; then  # decode attention: contexts up to solo_len in one program a 
   AB_MODELS=${SOLO_MODELS:-Q L M} ab_trees $PWD /tmp/solo
 fi
 if has routertile; then  # M's router GEMM (128 x 2,048, with the norm's partials summed and the normed input stored
-  # for the experts) runs 16 programs of 8 rows at batch 1; copies of this tree give it 64 programs of 2 rows, or 32
-  # of 4, one K tile each (the plain product's sweep saw no gain, but it timed neither the partials nor the store)
-  for t in "2 2048 4" "4 2048 4"; do set -- $t
-    variant_tree rt$1 layers/decode_gemm.py -e "/^ONE_ROW_TILES/a\\    (128, 2048, 2): ($1, $2, $3, 1),"
-    grep -n "(128, 2048, 2)" /tmp/rt$1/gridserve/layers/decode_gemm.py
+  # for the experts) runs 64 programs of 2 rows at batch 1 (ONE_ROW_TILES); copies of this tree give it the tiles in
+  # RT_TILES (comma-separated "rows K-tile warps"; one stage), named rt<rows>x<warps>; 16 programs of 8 rows were the
+  # default before
+  IFS=, read -ra tiles <<< "${RT_TILES:-1 2048 4,2 2048 2,8 1024 8}"
+  for t in "${tiles[@]}"; do set -- $t
+    variant_tree rt$1x$3 layers/decode_gemm.py -e "s/(128, 2048, 2): ([^)]*)/(128, 2048, 2): ($1, $2, $3, 1)/"
+    grep -n "(128, 2048, 2)" /tmp/rt$1x$3/gridserve/layers/decode_gemm.py
   done
-  AB_MODELS=M ab_trees $PWD /tmp/rt2 /tmp/rt4
+  AB_MODELS=M ab_trees $PWD /tmp/rt*x*
 fi
 if has pipeline; then  # one row's K loops with loads ahead (Triton's pipelining, which the loops without tl.dot
   # never had): the kernels' GPU tests; the decode GEMM on every shape, bf16 and FP8, and the MoE layer's

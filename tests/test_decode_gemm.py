@@ -11,7 +11,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from gridserve.layers import activation  # noqa: E402
-from gridserve.layers.decode_gemm import FEW_ROWS_TILES, decode_linear, decode_linear_after_norm  # noqa: E402
+from gridserve.layers.decode_gemm import FEW_ROWS_TILES, ONE_ROW_TILES, decode_linear, decode_linear_after_norm  # noqa: E402
 from gridserve.layers.norm import RMSNorm  # noqa: E402
 from tests.test_fused_ops import DEVICE, TOL, rand  # noqa: E402
 
@@ -272,16 +272,18 @@ def test_decode_gemm_tiles_fit_float32_weights():
         torch.testing.assert_close(decode_linear(x, w), x @ w.T, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("key,config", sorted(FEW_ROWS_TILES.items()))
-def test_few_rows_tiles_finish_the_split_norm(key, config):
-    """Each tile setting of FEW_ROWS_TILES (tuned on real shapes), as the model runs it at 2-16 rows: the GEMM after
-    a split RMSNorm, on a weight of the entry's width in bytes (1: FP8) that is no multiple of the tiles, against the
-    plain add, norm and product. On the GPU in bf16: the tiles' stages fit shared memory only at the widths tuned."""
+@pytest.mark.parametrize("m,key,config", [(4, *item) for item in sorted(FEW_ROWS_TILES.items())]
+                         + [(1, *item) for item in sorted(ONE_ROW_TILES.items())])
+def test_tuned_tiles_finish_the_split_norm(m, key, config):
+    """Each tile setting of FEW_ROWS_TILES (at 4 rows) and ONE_ROW_TILES (at 1), tuned on real shapes, as the model
+    runs it: the GEMM after a split RMSNorm, on a weight of the entry's width in bytes (1: FP8) that is no multiple of
+    the tiles, against the plain add, norm and product, the normed input handed on too (as MoE's router does). On the
+    GPU in bf16: the tiles' stages fit shared memory only at the widths tuned."""
     from gridserve.layers.decode_gemm import decode_linear_add_residual
     from gridserve.layers.quantization import quantize_per_channel
 
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    x, res = rand(4, 96, dtype=dtype), rand(4, 300, dtype=dtype)
+    x, res = rand(m, 96, dtype=dtype), rand(m, 300, dtype=dtype)
     w1, w2 = rand(300, 96, dtype=dtype) / 8, torch.randn(100, 300) / 8
     if key[2] == 1:
         q, scale = quantize_per_channel(w2)
@@ -291,11 +293,12 @@ def test_few_rows_tiles_finish_the_split_norm(key, config):
     norm = RMSNorm(300, eps=1e-5)
     norm.weight.data = (torch.rand(300) + 0.5).to(dtype)
     h, partials = decode_linear_add_residual(x, res, w1, config=(16, 64, 4, 2))
-    y, _ = decode_linear_after_norm(h, None, norm.weight.to(DEVICE), norm.eps, *args, config=config,
-                                    sum_sq_partials=partials)
+    y, _, normed = decode_linear_after_norm(h, None, norm.weight.to(DEVICE), norm.eps, *args, config=config,
+                                            return_normed=True, sum_sq_partials=partials)
     want_normed, _ = norm((x.float() @ w1.float().T).to(dtype).cpu(), res.cpu())
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[dtype]
     torch.testing.assert_close(y.float().cpu(), want_normed.float() @ w2.T, **tol)
+    torch.testing.assert_close(normed.float().cpu(), want_normed.float(), **tol)
 
 
 @pytest.mark.parametrize("dtype", DECODE_GEMM_DTYPES)
