@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline routertile;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -243,16 +243,16 @@ if has solo; then  # decode attention: contexts up to solo_len in one program a 
   variant_tree solo attention/triton_ops/decode_attention.py -e "s/^SOLO_LEN = .*/SOLO_LEN = ${SOLO_AB:-512}/"
   AB_MODELS=${SOLO_MODELS:-Q L M} ab_trees $PWD /tmp/solo
 fi
-if has routertile; then  # M's router GEMM (128 x 2,048, with the norm's partials summed and the normed input stored
-  # for the experts) runs 64 programs of 2 rows at batch 1 (ONE_ROW_TILES); copies of this tree give it the tiles in
-  # RT_TILES (comma-separated "rows K-tile warps"; one stage), named rt<rows>x<warps>; 16 programs of 8 rows were the
-  # default before
-  IFS=, read -ra tiles <<< "${RT_TILES:-1 2048 4,2 2048 2,8 1024 8}"
-  for t in "${tiles[@]}"; do set -- $t
-    variant_tree rt$1x$3 layers/decode_gemm.py -e "s/(128, 2048, 2): ([^)]*)/(128, 2048, 2): ($1, $2, $3, 1)/"
-    grep -n "(128, 2048, 2)" /tmp/rt$1x$3/gridserve/layers/decode_gemm.py
+if has tiles; then  # one-row decode GEMM tiles as the model calls them (a plain product's sweep misses the norm's
+  # partials and the stores): one copy of this tree per variant in TILES (comma-separated "N K bytes:rows K-tile warps",
+  # one stage), named t1, t2, ..., with ONE_ROW_TILES[(N, K, bytes)] set; TILE_MODELS' batch-1 TPOT against this tree.
+  # By default the 8B's bf16 GEMMs in K tiles of 2,048 (what gained on the 30B-A3B's qkv)
+  IFS=, read -ra variants <<< "${TILES:-6144 4096 2:8 2048 8,4096 4096 2:8 2048 8,28672 4096 2:8 2048 8,28672 4096 2:4 2048 4,4096 14336 2:8 2048 8}"
+  i=0; for v in "${variants[@]}"; do i=$((i + 1)); key=${v%%:*} tile=${v#*:}
+    variant_tree t$i layers/decode_gemm.py -e "\$a ONE_ROW_TILES[(${key// /, })] = (${tile// /, }, 1)"
+    echo "t$i: $(tail -1 /tmp/t$i/gridserve/layers/decode_gemm.py)"
   done
-  AB_MODELS=M ab_trees $PWD /tmp/rt*x*
+  AB_MODELS=${TILE_MODELS:-L} ab_trees $PWD $(seq -f /tmp/t%g 1 $i)
 fi
 if has pipeline; then  # one row's K loops with loads ahead (Triton's pipelining, which the loops without tl.dot
   # never had): the kernels' GPU tests; the decode GEMM on every shape, bf16 and FP8, and the MoE layer's

@@ -135,12 +135,14 @@ ONE_ROW_CONFIG = (8, 1024, 8, 1)
 # One-row tiles for a weight of (rows, columns, bytes an element) where `bench_fp8_gemm.py --sweep-shapes` found
 # tiles faster than ONE_ROW_CONFIG by more than a microsecond (it prints these entries). FP8 weights of the 8B and
 # of the 30B-A3B's o_proj (H100, 2026-12-06): K tiles of 2,048 (the bytes of bf16's 1,024), 1.4-3.6 us a GEMM.
-# The 30B-A3B's bf16 router (128 x 2,048, after the split norm, handing the normed input to the experts): 64 programs
-# of 2 rows and one K tile each, not 16 of 8 rows; the model's step 0.027 ms faster, twice (32 of 4: 0.06 slower;
-# routertile step, H100, 2026-12-07), for a weight too small to fill the SMs either way.
+# The 30B-A3B's bf16 GEMMs after the split norm, timed in the model (the `tiles` step, H100, 2026-12-07): qkv (5,120 x
+# 2,048) in one K tile a program, the step 0.068 ms faster (twice); the router (128 x 2,048, handing the normed input
+# to the experts) in 128 programs of a row, not 16 of 8: 0.027 ms faster at 2 rows, 0.015 more at 1. o_proj lost
+# with every other tile tried (0.02-0.2 ms slower).
 ONE_ROW_TILES: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
     (6144, 4096, 1): (8, 1024, 4, 1), (4096, 4096, 1): (8, 2048, 8, 1), (28672, 4096, 1): (4, 2048, 4, 1),
-    (4096, 14336, 1): (8, 2048, 8, 1), (2048, 4096, 1): (4, 2048, 4, 1), (128, 2048, 2): (2, 2048, 4, 1)}
+    (4096, 14336, 1): (8, 2048, 8, 1), (2048, 4096, 1): (4, 2048, 4, 1),
+    (5120, 2048, 2): (8, 2048, 8, 1), (128, 2048, 2): (1, 2048, 4, 1)}
 # The same for 2-16 rows (tl.dot on 16-row tiles: the tiles that win at 4 rows win at all of them). Only entries that
 # made the 8B's batch-4 step faster in the model itself (bench latency --batch-size 4, H100, 2026-12-06): qkv and
 # gate_up, which finish the split RMSNorm, 2-3 us each a layer faster with wider N tiles (bf16 6.032 -> 5.879 ms a
