@@ -243,14 +243,17 @@ if has solo; then  # decode attention: contexts up to solo_len in one program a 
   variant_tree solo attention/triton_ops/decode_attention.py -e "s/^SOLO_LEN = .*/SOLO_LEN = ${SOLO_AB:-512}/"
   AB_MODELS=${SOLO_MODELS:-Q L M} ab_trees $PWD /tmp/solo
 fi
-if has tiles; then  # one-row decode GEMM tiles as the model calls them (a plain product's sweep misses the norm's
-  # partials and the stores): one copy of this tree per variant in TILES (comma-separated "N K bytes:rows K-tile warps",
-  # one stage), named t1, t2, ..., with ONE_ROW_TILES[(N, K, bytes)] set; TILE_MODELS' batch-1 TPOT against this tree.
-  # By default the 8B's bf16 GEMMs in K tiles of 2,048 (what gained on the 30B-A3B's qkv)
+if has tiles; then  # tiles as the model calls them (a plain product's sweep misses the split norm's partials, the
+  # stores and the neighbours' L2 state): one copy of this tree per variant in TILES, comma-separated, named t1, t2, ...
+  # "N K bytes:rows K-tile warps" sets ONE_ROW_TILES[(N, K, bytes)] (the one-row decode GEMM, one stage);
+  # "gate_up:..." or "down:..." sets the MoE matrix-vector kernel's VEC_CONFIG entry. TILE_MODELS' batch-1 TPOT against
+  # this tree. By default the 8B's bf16 GEMMs in K tiles of 2,048 (what gained on the 30B-A3B's qkv)
   IFS=, read -ra variants <<< "${TILES:-6144 4096 2:8 2048 8,4096 4096 2:8 2048 8,28672 4096 2:8 2048 8,28672 4096 2:4 2048 4,4096 14336 2:8 2048 8}"
   i=0; for v in "${variants[@]}"; do i=$((i + 1)); key=${v%%:*} tile=${v#*:}
-    variant_tree t$i layers/decode_gemm.py -e "\$a ONE_ROW_TILES[(${key// /, })] = (${tile// /, }, 1)"
-    echo "t$i: $(tail -1 /tmp/t$i/gridserve/layers/decode_gemm.py)"
+    if [[ $key == [a-z]* ]]; then file=layers/fused_moe.py line="VEC_CONFIG[\"$key\"] = (${tile// /, }, 1)"
+    else file=layers/decode_gemm.py line="ONE_ROW_TILES[(${key// /, })] = (${tile// /, }, 1)"; fi
+    variant_tree t$i $file -e "\$a $line"
+    echo "t$i: $(tail -1 /tmp/t$i/gridserve/$file)"
   done
   AB_MODELS=${TILE_MODELS:-L} ab_trees $PWD $(seq -f /tmp/t%g 1 $i)
 fi
