@@ -286,21 +286,3 @@ def test_prep_in_the_kernel_equals_the_rotary_kernel_then_attention(qk_norm, dty
     others = torch.ones(kc.shape[0], dtype=torch.bool)
     others[live] = False
     assert torch.equal(kc.cpu()[others].nan_to_num(7.0), k_buf.cpu()[others].nan_to_num(7.0))  # nothing else written
-    if DEVICE == "cuda":  # the next weight started into L2 (PTX prefetch; no interpreter) changes nothing computed
-        weight = torch.randn(300, 77, generator=g).to(dtype).to(DEVICE)
-        before = weight.clone()
-        prep.prefetch = weight
-        again = decode_attention(q.clone(), k_buf.clone(), v_buf.clone(), r2t, rpi, sl, d**-0.5, num_kv_splits=4,
-                                 prep=prep)
-        assert torch.equal(again, got) and torch.equal(weight, before)
-
-
-def test_the_prefetch_plan_shares_a_weights_lines_among_the_programs():
-    from gridserve.attention.triton_ops.decode_attention import PREFETCH_LINES, _prefetch_args, prefetch_plan
-
-    assert prefetch_plan(16 * 2**20, 256) == (131072, PREFETCH_LINES)  # 512 lines a program: one step each
-    assert prefetch_plan(4 * 2**20, 512) == (32768, 64)
-    assert prefetch_plan(129, 1000) == (2, 1)  # a partial line counts; at least one line a step
-    w, q = torch.ones(4, 4), torch.ones(1, 2, 4)
-    assert _prefetch_args(w, 1, 8, q) == (q, 0, 0)  # not on the CPU: the PTX instruction needs a CUDA device
-    assert _prefetch_args(None, 1, 8, q) == (q, 0, 0)

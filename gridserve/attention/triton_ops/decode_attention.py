@@ -24,7 +24,6 @@ so a CUDA graph can capture the kernels with static buffers.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -134,30 +133,14 @@ def _norm_rotate(x, xp, w, wp, dt: tl.constexpr, offs_d, pos, inv_freq, eps, sca
     return (x * (tl.cos(f) * scaling)[None, :] + (sign[None, :] * xp) * (tl.sin(f) * scaling)[None, :]).to(dt)
 
 
-@triton.jit
-def _prefetch_share(base, num_lines, LINES: tl.constexpr):
-    """Starts this program's share of the num_lines 128-byte lines at base (bytes) on their way into L2 (PTX
-    prefetch, kept there first when lines are evicted); nothing waits for them."""
-    program = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-    programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-    share = tl.cdiv(num_lines, programs)
-    for i in range(0, share, LINES):
-        j = i + tl.arange(0, LINES)
-        line = program * share + j
-        line = tl.where((j < share) & (line < num_lines), line, 0)  # (a repeat of line 0 costs nothing)
-        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l",
-                                  [base + line.to(tl.int64) * 128], dtype=tl.int32, is_pure=False, pack=1)
-
-
 # Per-request index tensors are slices of one host-to-device copy, so their 16-byte alignment changes with the
 # batch; specialising on it compiled new kernel variants in the middle of a run (seen in bench offline).
 @triton.jit(do_not_specialize_on_alignment=["ReqPoolIdx", "SeqLens", "Pos", "Loc"])
 def _decode_stage1(
     Q, K, V, ReqToToken, ReqPoolIdx, SeqLens, AttnOut, AttnLse, Out, Counters,
     KNew, VNew, Loc, Pos, InvFreq, WQ, WK,  # PREP only: the new token's raw k and v, its slot and position
-    Prefetch,  # PREFETCH only: bytes of a weight the next kernel reads
     sm_scale,
-    eps, rope_scaling, prefetch_lines,
+    eps, rope_scaling,
     stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_qb, stride_qh,
     stride_kt, stride_kh,
@@ -186,7 +169,6 @@ def _decode_stage1(
     PREP: tl.constexpr,  # q and the new k arrive raw: norm (QK_NORM) and rotate them, store the new K/V first
     QK_NORM: tl.constexpr,
     HALF: tl.constexpr,
-    PREFETCH: tl.constexpr,  # lines a program prefetches at a time (0: none)
     PDL: tl.constexpr,
 ):
     if PDL:  # programmatic dependent launch (gridserve/pdl.py)
@@ -221,8 +203,6 @@ def _decode_stage1(
     else:
         q_ptrs = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
         q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0)
-    if PREFETCH:  # every program, the idle splits too: the next kernel's weight streams in while this one waits
-        _prefetch_share(Prefetch, prefetch_lines, PREFETCH)
 
     # The grid has splits for the longest context; a shorter one's splits past those with keys leave at once, so
     # the merge waits for fewer arrivals. At least split 0 stays: an empty row (seq_len 0) still merges, to zeros.
@@ -426,52 +406,24 @@ class DecodePrep:
     q_weight: torch.Tensor | None = None  # per-head RMSNorm weights (Qwen3), or None
     k_weight: torch.Tensor | None = None
     eps: float = 1e-6
-    prefetch: torch.Tensor | None = None  # the weight the layer reads next (o_proj), see PREFETCH_MAX_BATCH
 
-    def launch_args(self, q: torch.Tensor, programs: int) -> tuple[tuple, tuple, dict]:
+    def launch_args(self, q: torch.Tensor) -> tuple[tuple, tuple, dict]:
         """_decode_stage1's (pointers, scalars and strides, constexprs) for this prep; q's (B, H, D) fixes the
-        shapes, `programs` (the grid's size) the prefetch's share."""
+        shapes."""
         bs, _, d = q.shape
         k, v = self.k.view(bs, -1, d), self.v.view(bs, self.k.numel() // (bs * d), -1)
         if k.stride(-1) != 1 or v.stride(-1) != 1 or self.loc.shape != (bs,) or self.positions.shape != (bs,):
             raise ValueError("prep needs k and v contiguous in their last dimension and one slot and position a row")
         norm = self.q_weight is not None
         w_q, w_k = (self.q_weight, self.k_weight) if norm else (self.inv_freq, self.inv_freq)
-        target, lines, per_step = _prefetch_args(self.prefetch, bs, programs, q)
-        return ((k, v, self.loc, self.positions, self.inv_freq, w_q, w_k, target),
-                (float(self.eps), float(self.rope_scaling), lines, k.stride(0), k.stride(1), v.stride(0),
-                 v.stride(1)),
-                {"PREP": True, "QK_NORM": norm, "HALF": d // 2, "PREFETCH": per_step})
-
-
-# A batch of up to this many requests is a few microseconds of latency-bound work in the decode kernel, while the
-# weight the layer reads next (o_proj) waits its turn behind it: the kernel's programs, also those with no keys to
-# walk, start that weight into L2 as they begin (`DecodePrep.prefetch`), so the next GEMM reads it from there.
-# Larger batches read enough KV to keep the memory busy themselves. 0: never. CUDA only (a PTX instruction).
-PREFETCH_MAX_BATCH = 4
-PREFETCH_LINES = 512  # 128-byte lines a program prefetches at a time: 4 a thread at 4 warps
-
-
-def _prefetch_args(weight: torch.Tensor | None, batch_size: int, programs: int,
-                   q: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(the weight's bytes, its 128-byte lines, lines a program takes at a time) for the kernel; (q, 0, 0), no
-    prefetch, for a larger batch, no weight, or no CUDA device to run the PTX on (the interpreter has none)."""
-    if (weight is None or batch_size > PREFETCH_MAX_BATCH or not weight.is_cuda or torch.version.hip is not None
-            or os.environ.get("TRITON_INTERPRET") == "1"):
-        return q, 0, 0
-    return weight.view(-1).view(torch.uint8), *prefetch_plan(weight.numel() * weight.element_size(), programs)
-
-
-def prefetch_plan(nbytes: int, programs: int) -> tuple[int, int]:
-    """(128-byte lines of nbytes, lines a program prefetches at a time: its whole share up to PREFETCH_LINES, a
-    power of two for tl.arange)."""
-    lines = triton.cdiv(nbytes, 128)
-    return lines, min(PREFETCH_LINES, triton.next_power_of_2(triton.cdiv(lines, programs)))
+        return ((k, v, self.loc, self.positions, self.inv_freq, w_q, w_k),
+                (float(self.eps), float(self.rope_scaling), k.stride(0), k.stride(1), v.stride(0), v.stride(1)),
+                {"PREP": True, "QK_NORM": norm, "HALF": d // 2})
 
 
 def _no_prep(q: torch.Tensor) -> tuple[tuple, tuple, dict]:
     """Placeholders for the PREP-only arguments (q stands in for every pointer; the kernel reads none of them)."""
-    return (q,) * 8, (0.0, 1.0, 0, 0, 0, 0, 0), {"PREP": False, "QK_NORM": False, "HALF": 1, "PREFETCH": 0}
+    return (q,) * 7, (0.0, 1.0, 0, 0, 0, 0), {"PREP": False, "QK_NORM": False, "HALF": 1}
 
 
 def _merge_chunk(heads: int, block_s: int, block_dv: int) -> int:
@@ -543,8 +495,7 @@ def decode_attention(
     block_s = triton.next_power_of_2(num_kv_splits)
     block_g = triton.next_power_of_2(sh.group)
 
-    programs = bs * sh.num_kv_heads * num_kv_splits
-    prep_ptrs, prep_scalars, prep_consts = _no_prep(q) if prep is None else prep.launch_args(q, programs)
+    prep_ptrs, prep_scalars, prep_consts = _no_prep(q) if prep is None else prep.launch_args(q)
     _decode_stage1[(bs, sh.num_kv_heads, num_kv_splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, attn_out, attn_lse, out,
         workspace.counters, *prep_ptrs, float(sm_scale), *prep_scalars,
