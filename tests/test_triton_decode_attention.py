@@ -286,3 +286,42 @@ def test_prep_in_the_kernel_equals_the_rotary_kernel_then_attention(qk_norm, dty
     others = torch.ones(kc.shape[0], dtype=torch.bool)
     others[live] = False
     assert torch.equal(kc.cpu()[others].nan_to_num(7.0), k_buf.cpu()[others].nan_to_num(7.0))  # nothing else written
+    if DEVICE == "cuda":  # the next weight started into L2 (PTX prefetch; no interpreter) changes nothing computed
+        weight = torch.randn(300, 77, generator=g).to(dtype).to(DEVICE)
+        before = weight.clone()
+        prep.prefetch = weight
+        module = importlib.import_module("gridserve.attention.triton_ops.decode_attention")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(module, "PREFETCH_MAX_BATCH", len(lens))
+            assert module._prefetch_args(weight, len(lens), q)[1] == 361  # 46,200 bytes in 128-byte lines
+            again = decode_attention(q.clone(), k_buf.clone(), v_buf.clone(), r2t, rpi, sl, d**-0.5, num_kv_splits=4,
+                                     prep=prep)
+        assert torch.equal(again, got) and torch.equal(weight, before)
+
+
+def test_no_prefetch_off_the_gpu_or_above_its_batch(monkeypatch):
+    module = importlib.import_module("gridserve.attention.triton_ops.decode_attention")
+    monkeypatch.setattr(module, "PREFETCH_MAX_BATCH", 4)
+    w, q = torch.ones(4, 4), torch.ones(1, 2, 4)
+    assert module._prefetch_args(w, 1, q) == (q, 0, 0)  # not on the CPU: the PTX instruction needs a CUDA device
+    assert module._prefetch_args(None, 1, q) == (q, 0, 0)
+    if DEVICE == "cuda":
+        w = w.to(DEVICE)
+        assert module._prefetch_args(w, 5, q) == (q, 0, 0)
+        assert module._prefetch_args(w, 4, q)[1:] == (1, 1)  # 64 bytes: one line, one at a time
+
+
+def test_the_prefetch_variant_compiles_for_hopper_and_spills_nothing():
+    """No GPU needed: scripts/kernel_resources.py compiles the decode kernel for sm_90 with Triton's own ptxas, with
+    the L2 prefetch (its PTX instructions there) and without (none). A separate process: this one's kernels may be
+    the interpreter's."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "kernel_resources.py")
+    out = subprocess.run([sys.executable, script, "--attention"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {int(r[0]): r for r in (line.split(" | ") for line in out.stdout.splitlines()[1:])}
+    assert set(rows) == {0, 512} and rows[0][-1] == "0" and int(rows[512][-1]) > 0
+    assert rows[0][3] == rows[512][3] == "0"  # no spills
