@@ -16,6 +16,7 @@ _CHOICES = {
     "attention_backend": ["auto", *ATTENTION_BACKENDS],
     "load_format": ["auto", "dummy"],
     "quantization": ["fp8"],
+    "moe_routing": ["model", "uniform"],
     "schedule_policy": ["fcfs", "lpm"],
     "log_level": _LOG_LEVELS,
     "log_level_http": _LOG_LEVELS,
@@ -29,8 +30,8 @@ _ALIASES = {"model_path": ["--model"], "tp_size": ["--tp"], "pp_size": ["--pp"],
 # --help's sections, in order; every field is in exactly one (tests check). `gridserve generate` runs no server,
 # so it leaves out "server".
 GROUPS = {
-    "model": ["model_path", "tokenizer_path", "dtype", "device", "load_format", "quantization", "context_length",
-              "random_seed", "served_model_name"],
+    "model": ["model_path", "tokenizer_path", "dtype", "device", "load_format", "moe_routing", "quantization",
+              "context_length", "random_seed", "served_model_name"],
     "memory": ["max_total_tokens", "mem_fraction_static"],
     "scheduling": ["max_running_requests", "max_queued_requests", "max_prefill_tokens", "chunked_prefill_size",
                    "schedule_policy", "schedule_conservativeness", "disable_radix_cache", "watchdog_timeout",
@@ -65,6 +66,10 @@ class ServerArgs:
     dtype: str = _opt("auto", "weights and activations dtype; auto = the checkpoint's")
     device: str = _opt("auto", "cuda when available, else cpu")
     load_format: str = _opt("auto", "'dummy' = random weights in the model's shapes (benchmarks)")
+    moe_routing: str = _opt("model", "mixture-of-experts routing: model (the router's top k), or uniform: each "
+                                     "token's k experts spread evenly over all of them, for benchmarks on random "
+                                     "weights, whose routers send most tokens to a few experts (the outputs are then "
+                                     "not the model's; a dense model is unchanged)")
     quantization: str | None = _opt(None, "fp8: linear layers in FP8 (per-channel weight scales, per-token "
                                           "activation scales); default: the checkpoint's (an FP8 checkpoint is fp8)")
     context_length: int | None = _opt(None, "max tokens per request (default: the model's)")

@@ -185,9 +185,12 @@ fi
 if has mlat; then
   moe_latency
 fi
-if has moe-offline; then
-  $GS bench offline $M --no-show-progress --output-json $OUT/offline_M.json 2>&1 | tee $OUT/offline_M.log \
-    | grep -vE "Warning|warn\(" | tail -6
+if has moe-offline; then  # random routers send most tokens to a few experts: the router's choice, then an even
+  # spread (--moe-routing uniform), which reads the experts the floor counts
+  for routing in model uniform; do
+    $GS bench offline $M --moe-routing $routing --no-show-progress --output-json $OUT/offline_M_$routing.json 2>&1 \
+      | tee $OUT/offline_M_$routing.log | grep -vE "Warning|warn\(" | tail -6 | sed "s/^/$routing: /"
+  done
   python3 scripts/greedy_agreement.py $M --baseline disable_cuda_graph=true disable_overlap_schedule=true \
     --num-prompts 24 --output-json $OUT/agreement_M.json > $OUT/agreement_M.log 2>&1; tail -4 $OUT/agreement_M.log
 fi

@@ -53,6 +53,20 @@ def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
     return out
 
 
+def uniform_router_logits(x: torch.Tensor, num_experts: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Router logits (tokens, num_experts) whose top k are k experts spread evenly over all of them, equal (0; the
+    rest -1e4), so the routing weights are 1/k: experts o, o + s, ..., o + (k - 1) s (mod num_experts) with
+    s = num_experts // k, and the offset o a hash of the token's hidden state's first bytes. Each token and step
+    gets its own offset, with no host sync (CUDA graphs) and the same on every rank (x is replicated)."""
+    head = x.contiguous().view(torch.uint8)[:, :32].long()
+    mult = torch.arange(1, 2 * head.shape[1], 2, device=x.device) * 2654435761  # odd multipliers
+    offset = (head * mult).sum(-1) % num_experts
+    rel = (torch.arange(num_experts, device=x.device)[None, :] - offset[:, None]) % num_experts
+    stride = num_experts // top_k
+    chosen = (rel % stride == 0) & (rel // stride < top_k)
+    return torch.where(chosen, 0.0, -1e4).to(dtype)
+
+
 class FusedMoE(nn.Module):
     """This rank's experts: w13 (local experts, 2 x intermediate slice, hidden) and w2 (local experts, hidden,
     intermediate slice). forward returns the partial sum; the caller all-reduces it (once, with any shared
@@ -117,8 +131,9 @@ class SparseMoeBlock(nn.Module):
     outputs of this rank's experts and its slice of the shared expert."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, renormalize: bool,
-                 shared_intermediate_size: int = 0):
+                 shared_intermediate_size: int = 0, uniform_routing: bool = False):
         super().__init__()
+        self.uniform_routing = uniform_routing  # benchmarks on random weights: see uniform_router_logits
         self.gate = ReplicatedLinear(hidden_size, num_experts)
         self.gate.quantizable = False  # it picks the experts: FP8 error would change the choice
         self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, renormalize)
@@ -140,6 +155,8 @@ class SparseMoeBlock(nn.Module):
         return self._experts(x, self.gate(x))
 
     def _experts(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        if self.uniform_routing:  # the router still runs (its time counts); its choice is replaced
+            router_logits = uniform_router_logits(x, router_logits.shape[-1], self.experts.top_k, router_logits.dtype)
         y = self.experts(x, router_logits)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

@@ -4,7 +4,7 @@ reading is here; each model class's config_from_hf adds its architecture's defau
 Reads both the classic keys (rope_theta, rope_scaling) and transformers v5's rope_parameters.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -31,6 +31,7 @@ class MoEConfig:
     renormalize: bool  # scale the top-k routing weights to sum to 1
     sparse_layers: tuple[int, ...]  # the layers whose MLP is the experts (the others are dense)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a dense expert every token goes through, gated
+    uniform_routing: bool = False  # --moe-routing uniform: the router's choice replaced by an even spread
 
 
 @dataclass
@@ -56,6 +57,13 @@ class ModelConfig:
     bos_token_id: int | None = None
     hf_config: dict = field(default_factory=dict, repr=False)
     moe: MoEConfig | None = None
+
+    def with_moe_routing(self, routing: str) -> "ModelConfig":
+        """This config with --moe-routing applied: "uniform" spreads an MoE model's tokens evenly over its experts;
+        "model", or a dense model, leaves it as it is."""
+        if routing != "uniform" or self.moe is None:
+            return self
+        return replace(self, moe=replace(self.moe, uniform_routing=True))
 
     def check_parallel(self, tp: int, pp: int = 1, pp_partition: list[int] | None = None, ep: int = 1) -> None:
         """Raises ValueError, with the numbers, when the model cannot be split as asked (its class decides)."""

@@ -36,7 +36,7 @@ class MoeDecoderLM(DecoderLM):
         if layer_id not in moe.sparse_layers:
             return GatedMLP(cfg.hidden_size, cfg.intermediate_size)
         return SparseMoeBlock(cfg.hidden_size, moe.num_experts, moe.top_k, moe.intermediate_size, moe.renormalize,
-                              moe.shared_expert_intermediate_size)
+                              moe.shared_expert_intermediate_size, moe.uniform_routing)
 
     @classmethod
     def mlp_shapes(cls, cfg: ModelConfig, layer_id: int, prefix: str) -> Iterator[tuple[str, tuple[int, ...]]]:

@@ -33,7 +33,8 @@ def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo,
     logger.info("scheduler process up (imports done)")  # its timestamp shows the import cost at start-up
     try:
         path = resolve_model_path(args.model_path)
-        cfg = load_model_config(path)  # the launcher has checked that it splits into this tp x pp grid
+        # the launcher has checked that it splits into this tp x pp grid
+        cfg = load_model_config(path).with_moe_routing(args.moe_routing)
         device = resolve_device(args.device, rank.gpu_id)
         if device.type == "cpu":
             torch.set_num_threads(args.threads_per_rank(rank.layout.ranks_per_node))
