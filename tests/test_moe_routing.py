@@ -2,16 +2,19 @@
 token's k experts are spread evenly over all of them (the router still runs; its choice is replaced)."""
 
 import argparse
+import os
 
-import pytest
-import torch
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the one-kernel form runs on the interpreter here
 
-from gridserve.entrypoints.engine import Engine
-from gridserve.layers.moe import SparseMoeBlock, moe_reference, select_experts, uniform_router_logits
-from gridserve.layers.norm import RMSNorm
-from gridserve.models.config import ModelConfig, MoEConfig
-from gridserve.server_args import ServerArgs
-from tests.tiny_models import make_tiny_model, qwen_tokenizer_dir
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from gridserve.entrypoints.engine import Engine  # noqa: E402
+from gridserve.layers.moe import HASH_BYTES, SparseMoeBlock, moe_reference, select_experts, uniform_router_logits  # noqa: E402
+from gridserve.layers.norm import RMSNorm  # noqa: E402
+from gridserve.models.config import ModelConfig, MoEConfig  # noqa: E402
+from gridserve.server_args import ServerArgs  # noqa: E402
+from tests.tiny_models import make_tiny_model, qwen_tokenizer_dir  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -79,3 +82,15 @@ def test_an_engine_with_uniform_routing_generates(tmp_path):
         outs.append(out[0]["output_ids"])
     assert len(outs[0]) == 8 and outs[0] == outs[1]  # deterministic
     assert outs[0] != outs[2]  # and not the router's choice
+
+
+@pytest.mark.parametrize("experts,k,dtype,hidden", [(128, 8, torch.bfloat16, 24), (10, 3, torch.float32, 24),
+                                                    (8, 2, torch.bfloat16, 8)])  # 16 bytes a row: fewer than hashed
+def test_the_one_kernel_form_gives_the_same_logits(experts, k, dtype, hidden):
+    """fused_moe.uniform_logits (what CUDA runs; here under TRITON_INTERPRET=1) against the PyTorch form."""
+    pytest.importorskip("triton")
+    from gridserve.layers.fused_moe import uniform_logits
+
+    x = torch.randn(300, hidden, generator=torch.Generator().manual_seed(3)).to(dtype)
+    assert torch.equal(uniform_logits(x, experts, k, dtype, HASH_BYTES), uniform_router_logits(x, experts, k, dtype))
+    assert uniform_logits(x[:0], experts, k, dtype, HASH_BYTES).shape == (0, experts)

@@ -97,6 +97,35 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     return weights, ids
 
 
+@triton.jit
+def _uniform_logits_kernel(x_ptr, out_ptr, row_bytes, num_experts, stride_x, stride_o, TOP_K: tl.constexpr,
+                           HASH_BYTES: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Token program_id(0)'s row of layers.moe.uniform_router_logits, in one kernel (x_ptr: x's bytes)."""
+    t = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, HASH_BYTES)
+    head = tl.load(x_ptr + t * stride_x + i, mask=i < row_bytes, other=0).to(tl.int64)
+    offset = tl.sum(head * ((2 * i + 1).to(tl.int64) * 2654435761), axis=0) % num_experts
+    e = tl.arange(0, BLOCK_E)
+    rel = (e - offset + num_experts) % num_experts
+    stride = num_experts // TOP_K
+    chosen = (rel % stride == 0) & (rel // stride < TOP_K)
+    tl.store(out_ptr + t * stride_o + e, tl.where(chosen, 0.0, -1e4).to(out_ptr.dtype.element_ty),
+             mask=e < num_experts)
+
+
+def uniform_logits(x: torch.Tensor, num_experts: int, top_k: int, dtype: torch.dtype,
+                   hash_bytes: int) -> torch.Tensor:
+    """layers.moe.uniform_router_logits in one kernel (a dozen small ones in PyTorch would perturb the timing they
+    are there for)."""
+    raw = x.contiguous().view(torch.uint8)
+    out = torch.empty(x.shape[0], num_experts, dtype=dtype, device=x.device)
+    if x.shape[0]:
+        _uniform_logits_kernel[(x.shape[0],)](raw, out, raw.shape[1], num_experts, raw.stride(0), out.stride(0),
+                                              TOP_K=top_k, HASH_BYTES=hash_bytes,
+                                              BLOCK_E=triton.next_power_of_2(num_experts))
+    return out
+
+
 def _block_m(num_slots: int, num_experts: int) -> int:
     """Rows per block: small when few slots fall to each expert (decode), larger when many (prefill)."""
     per_expert = num_slots / max(1, num_experts)

@@ -53,12 +53,20 @@ def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
     return out
 
 
+HASH_BYTES = 32  # of a token's hidden state, hashed into its experts' offset
+
+
 def uniform_router_logits(x: torch.Tensor, num_experts: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
     """Router logits (tokens, num_experts) whose top k are k experts spread evenly over all of them, equal (0; the
     rest -1e4), so the routing weights are 1/k: experts o, o + s, ..., o + (k - 1) s (mod num_experts) with
     s = num_experts // k, and the offset o a hash of the token's hidden state's first bytes. Each token and step
-    gets its own offset, with no host sync (CUDA graphs) and the same on every rank (x is replicated)."""
-    head = x.contiguous().view(torch.uint8)[:, :32].long()
+    gets its own offset, with no host sync (CUDA graphs) and the same on every rank (x is replicated). On CUDA one
+    Triton kernel (fused_moe.uniform_logits) computes the same."""
+    if x.is_cuda:
+        from gridserve.layers.fused_moe import uniform_logits
+
+        return uniform_logits(x, num_experts, top_k, dtype, HASH_BYTES)
+    head = x.contiguous().view(torch.uint8)[:, :HASH_BYTES].long()
     mult = torch.arange(1, 2 * head.shape[1], 2, device=x.device) * 2654435761  # odd multipliers
     offset = (head * mult).sum(-1) % num_experts
     rel = (torch.arange(num_experts, device=x.device)[None, :] - offset[:, None]) % num_experts
