@@ -75,6 +75,7 @@ def test_offline_random_weights_with_padded_transformers_and_two_replicas_of_two
     assert main(argv) == 0
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"gridserve", "transformers_padded"}
+    assert report["load_format"] == "dummy" and report["moe_routing"] == "model"  # the report says how it ran
     want = make_workload(3, (4, 6), (2, 4), 211, 0).output_tokens
     assert all(r["output_tokens"] == want and r["output_tok_s"] > 0 for r in report["results"].values())
     assert 0 <= report["pp_stage0_idle_fraction"] < 1

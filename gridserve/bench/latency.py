@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         engine.shutdown()
     ttft = [r[0] * 1000 for r in runs]
     tpot = [r[1] * 1000 for r in runs]
-    result = {"model": server_args.model_path, "load_format": server_args.load_format, "tp_size": args.tp_size,
+    result = {"model": server_args.model_path, "load_format": server_args.load_format,
+              "moe_routing": server_args.moe_routing, "tp_size": args.tp_size,
               "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
               "num_runs": args.num_runs,
               "ttft_ms_median": statistics.median(ttft), "ttft_ms_mean": statistics.mean(ttft),
