@@ -186,7 +186,8 @@ if has mlat; then
   moe_latency
 fi
 if has moe-offline; then  # random routers send most tokens to a few experts: the router's choice, then an even
-  # spread (--moe-routing uniform), which reads the experts the floor counts
+  # spread (--moe-routing uniform), which reads the experts the floor counts (its kernel's tests on the GPU first)
+  gpu_tests moe_routing_tests tests/test_moe_routing.py
   for routing in model uniform; do
     $GS bench offline $M --moe-routing $routing --no-show-progress --output-json $OUT/offline_M_$routing.json 2>&1 \
       | tee $OUT/offline_M_$routing.log | grep -vE "Warning|warn\(" | tail -6 | sed "s/^/$routing: /"
