@@ -290,25 +290,23 @@ def test_prep_in_the_kernel_equals_the_rotary_kernel_then_attention(qk_norm, dty
         weight = torch.randn(300, 77, generator=g).to(dtype).to(DEVICE)
         before = weight.clone()
         prep.prefetch = weight
-        module = importlib.import_module("gridserve.attention.triton_ops.decode_attention")
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(module, "PREFETCH_MAX_BATCH", len(lens))
-            assert module._prefetch_args(weight, len(lens), q)[1] == 361  # 46,200 bytes in 128-byte lines
+            mp.setattr(decode_module, "PREFETCH_MAX_BATCH", len(lens))
+            assert decode_module._prefetch_args(weight, len(lens), q)[1] == 361  # 46,200 bytes in 128-byte lines
             again = decode_attention(q.clone(), k_buf.clone(), v_buf.clone(), r2t, rpi, sl, d**-0.5, num_kv_splits=4,
                                      prep=prep)
         assert torch.equal(again, got) and torch.equal(weight, before)
 
 
 def test_no_prefetch_off_the_gpu_or_above_its_batch(monkeypatch):
-    module = importlib.import_module("gridserve.attention.triton_ops.decode_attention")
-    monkeypatch.setattr(module, "PREFETCH_MAX_BATCH", 4)
+    monkeypatch.setattr(decode_module, "PREFETCH_MAX_BATCH", 4)
     w, q = torch.ones(4, 4), torch.ones(1, 2, 4)
-    assert module._prefetch_args(w, 1, q) == (q, 0, 0)  # not on the CPU: the PTX instruction needs a CUDA device
-    assert module._prefetch_args(None, 1, q) == (q, 0, 0)
+    assert decode_module._prefetch_args(w, 1, q) == (q, 0, 0)  # not on the CPU: the PTX instruction needs a CUDA device
+    assert decode_module._prefetch_args(None, 1, q) == (q, 0, 0)
     if DEVICE == "cuda":
         w = w.to(DEVICE)
-        assert module._prefetch_args(w, 5, q) == (q, 0, 0)
-        assert module._prefetch_args(w, 4, q)[1:] == (1, 1)  # 64 bytes: one line, one at a time
+        assert decode_module._prefetch_args(w, 5, q) == (q, 0, 0)
+        assert decode_module._prefetch_args(w, 4, q)[1:] == (1, 1)  # 64 bytes: one line, one at a time
 
 
 def test_the_prefetch_variant_compiles_for_hopper_and_spills_nothing():
