@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles prefetch;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -260,15 +260,6 @@ if has tiles; then  # tiles as the model calls them (a plain product's sweep mis
     echo "t$i: $(tail -1 /tmp/t$i/gridserve/$file)"
   done
   AB_MODELS=${TILE_MODELS:-L} ab_trees $PWD $(seq -f /tmp/t%g 1 $i)
-fi
-if has prefetch; then  # decode attention's working programs start o_proj's weight into L2 after their last K/V
-  # loads, at batches <= 4 (PREFETCH_MAX_BATCH, 0 here): the GPU tests (the outputs equal without it), then PF_MODELS
-  # at batch 1 and PF_BS4 at batch 4 in a copy with it on, against this tree
-  gpu_tests prefetch_tests tests/test_triton_decode_attention.py
-  variant_tree pf attention/triton_ops/decode_attention.py -e "s/^PREFETCH_MAX_BATCH = .*/PREFETCH_MAX_BATCH = 4/"
-  grep -n "^PREFETCH_MAX_BATCH" /tmp/pf/gridserve/attention/triton_ops/decode_attention.py
-  AB_MODELS=${PF_MODELS:-M L Q} ab_trees $PWD /tmp/pf
-  AB_MODELS=${PF_BS4:-M} AB_ARGS="--batch-size 4" ab_trees $PWD /tmp/pf
 fi
 if has pipeline; then  # one row's K loops with loads ahead (Triton's pipelining, which the loops without tl.dot
   # never had): the kernels' GPU tests; the decode GEMM on every shape, bf16 and FP8, and the MoE layer's

@@ -1,11 +1,9 @@
 """What the decode GEMM's variants cost a Hopper SM, without a GPU: each is compiled for sm_90 with Triton's own
 ptxas (as a launch would specialise it: pointers, N, K and strides divisible by 16), and cuobjdump reports its
 registers, shared memory and spills; the PTX tells how it loads the weights and, with PDL, that it waits for the
-kernel before (gdc_wait). A GPU lease is scarce; this shows before one whether a tile fits. --attention: the decode
-attention kernel as a batch-1 step of the 30B-A3B's heads runs it, with and without its L2 prefetch.
+kernel before (gdc_wait). A GPU lease is scarce; this shows before one whether a tile fits.
 
     TRITON_INTERPRET=0 python3 scripts/kernel_resources.py [--pdl] [--swap] [--tiles M:BLOCK_N:BLOCK_K:WARPS:STAGES ...]
-    TRITON_INTERPRET=0 python3 scripts/kernel_resources.py --attention
 """
 
 import argparse
@@ -18,7 +16,6 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from gridserve.attention.triton_ops.decode_attention import PREFETCH_LINES, SMALL_BATCH_LAUNCH, _decode_stage1
 from gridserve.layers.decode_gemm import FEW_ROWS_SWAP, NORMED_BLOCK, _decode_gemm_kernel
 
 ARGS = ["X", "R", "RO", "NW", "NO", "W", "S", "B", "Y", "RY", "P", "M", "N", "K", "NP", "stride_xm", "stride_wn",
@@ -46,28 +43,6 @@ def compile_variant(m: int, block_n: int, block_k: int, warps: int, stages: int,
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
-def compile_decode_attention(prefetch: int):
-    """Decode attention's one kernel (q/k norm, rotation and the KV store first; the merge in its last program) for
-    32 query heads over 4 KV heads of 128, bf16, at batch 1's launch; prefetch: its PREFETCH lines a step (0: off)."""
-    pointers = {"ReqToToken": "*i32", "ReqPoolIdx": "*i64", "SeqLens": "*i32", "AttnOut": "*fp32", "AttnLse": "*fp32",
-                "Counters": "*i32", "Loc": "*i64", "Pos": "*i64", "InvFreq": "*fp32", "Prefetch": "*u8"}
-    block_n, stages = SMALL_BATCH_LAUNCH
-    consts = dict(GROUP=8, NUM_SPLITS=64, BASE_SPLITS=16, MIN_SPLIT_LEN=256, SOLO_LEN=0, HEAD_DIM=128,
-                  HEAD_DIM_V=128, BLOCK_H=16, BLOCK_D=128, BLOCK_DV=128, BLOCK_N=block_n, DOT_PRECISION="ieee",
-                  DOT_FP32=False, MERGE=True, BLOCK_G=8, CHUNK_S=4, PREP=True, QK_NORM=True, HALF=64,
-                  PREFETCH=prefetch, PDL=False)
-    sig = {}
-    for param in _decode_stage1.params:
-        if param.is_constexpr:
-            sig[param.name] = "constexpr"
-        elif param.name in ("sm_scale", "eps", "rope_scaling"):
-            sig[param.name] = "fp32"
-        else:  # pointers are capitalised; the rest are lengths and strides
-            sig[param.name] = pointers.get(param.name, "*bf16") if param.name[0].isupper() else "i32"
-    return triton.compile(ASTSource(fn=_decode_stage1, signature=sig, constexprs=consts),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
-
-
 def resources(kernel) -> dict:
     """Registers and local (spilled) bytes from cuobjdump, shared memory (dynamic, as Triton allocates it) from the
     kernel's metadata; the PTX's global loads; whether it waits for the kernel before (PDL)."""
@@ -81,7 +56,7 @@ def resources(kernel) -> dict:
     loads = re.findall(r"(cp\.async\.cg|ld\.global(?:\.v\d)?\.b\d+)", ptx)
     return {"registers": int(found.get("REG", 0)), "shared": kernel.metadata.shared,
             "spilled": int(found.get("LOCAL", 0)), "loads": {k: loads.count(k) for k in sorted(set(loads))},
-            "waits": "griddepcontrol.wait" in ptx, "prefetches": ptx.count("prefetch.global.L2")}
+            "waits": "griddepcontrol.wait" in ptx}
 
 
 def main() -> None:
@@ -89,14 +64,7 @@ def main() -> None:
     p.add_argument("--tiles", nargs="+", default=DEFAULT_TILES, help="rows:BLOCK_N:BLOCK_K:warps:stages")
     p.add_argument("--pdl", action="store_true", help="the PDL variants (gdc_wait first)")
     p.add_argument("--swap", action="store_true", help="2-16 rows as W x^T (FEW_ROWS_SWAP)")
-    p.add_argument("--attention", action="store_true", help="the decode attention kernel, with and without prefetch")
     a = p.parse_args()
-    if a.attention:
-        print("decode attention, PREFETCH | registers | shared B | spilled B | prefetch instructions in the PTX")
-        for prefetch in (0, PREFETCH_LINES):
-            r = resources(compile_decode_attention(prefetch))
-            print(f"{prefetch} | {r['registers']} | {r['shared']} | {r['spilled']} | {r['prefetches']}", flush=True)
-        return
     print("rows, BLOCK_N, BLOCK_K, warps, stages | weights | registers | shared B | spilled B | loads in the PTX "
           "| waits (PDL)")
     for tile in a.tiles:

@@ -18,8 +18,7 @@ from gridserve.forward_batch import ForwardBatch
 @dataclass
 class QKRotation:
     """The rotary embedding, and the per-head q/k RMSNorm where the model has one (Qwen3), that a backend whose
-    `rotates_in_decode` is true applies to a decode step's raw q and new k itself, storing the new K/V too.
-    `next_weight`: the weight the layer reads after attention (o_proj), which such a kernel may start loading."""
+    `rotates_in_decode` is true applies to a decode step's raw q and new k itself, storing the new K/V too."""
 
     positions: torch.Tensor  # (B,)
     inv_freq: torch.Tensor  # (head_dim / 2,) float32
@@ -27,7 +26,6 @@ class QKRotation:
     q_weight: torch.Tensor | None = None
     k_weight: torch.Tensor | None = None
     eps: float = 1e-6
-    next_weight: torch.Tensor | None = None
 
 
 class AttentionBackend(ABC):

@@ -138,9 +138,8 @@ class TritonAttentionBackend(AttentionBackend):
         return fb.forward_mode.is_decode()
 
     def forward_decode_rotating(self, q, k, v, layer, fb: ForwardBatch, rotation: QKRotation) -> torch.Tensor:
-        """The decode kernel norms and rotates q and the new k, and stores the new K/V (DecodePrep); at small
-        batches it also starts the layer's next weight into L2."""
+        """The decode kernel norms and rotates q and the new k, and stores the new K/V (DecodePrep)."""
         prep = self._prep_cls(k.view(fb.batch_size, layer.num_kv_heads, layer.head_dim), v, fb.out_cache_loc,
                               rotation.positions, rotation.inv_freq, rotation.scaling, rotation.q_weight,
-                              rotation.k_weight, rotation.eps, rotation.next_weight)
+                              rotation.k_weight, rotation.eps)
         return self.forward_decode(q, None, None, layer, fb, prep)

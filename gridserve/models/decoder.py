@@ -65,11 +65,11 @@ class DecoderAttention(nn.Module):
         return self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, fb)
 
     def _rotation(self, positions: torch.Tensor) -> QKRotation:
-        rope, o_weight = self.rotary_emb, self.o_proj.weight
+        rope = self.rotary_emb
         if self.q_norm is None:
-            return QKRotation(positions, rope.inv_freq, rope.attention_scaling, next_weight=o_weight)
+            return QKRotation(positions, rope.inv_freq, rope.attention_scaling)
         return QKRotation(positions, rope.inv_freq, rope.attention_scaling, self.q_norm.weight, self.k_norm.weight,
-                          self.q_norm.eps, next_weight=o_weight)
+                          self.q_norm.eps)
 
     def _norm_and_rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, kv_cache: tuple | None):
         if self.q_norm is None:

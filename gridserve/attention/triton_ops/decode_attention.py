@@ -17,9 +17,6 @@ layer of a decode step. A request whose keys fill one split (every context of up
 writes its output from that program, with no scratch and no merge. Stage 2, grid (B, num_heads), runs the same
 merge as a kernel of its own (``merge_in_stage1=False``).
 
-With ``DecodePrep.prefetch`` at small batches (``PREFETCH_MAX_BATCH``, off until measured) the working programs
-start the weight the layer reads next into L2 after their last K/V loads.
-
 The scratch buffers can be allocated once for a maximum batch (``DecodeWorkspace``) and passed on every call,
 so a CUDA graph can capture the kernels with static buffers.
 """
@@ -27,7 +24,6 @@ so a CUDA graph can capture the kernels with static buffers.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -137,28 +133,14 @@ def _norm_rotate(x, xp, w, wp, dt: tl.constexpr, offs_d, pos, inv_freq, eps, sca
     return (x * (tl.cos(f) * scaling)[None, :] + (sign[None, :] * xp) * (tl.sin(f) * scaling)[None, :]).to(dt)
 
 
-@triton.jit
-def _prefetch_share(base, num_lines, program, programs, LINES: tl.constexpr):
-    """Starts share `program` of `programs` of the num_lines 128-byte lines at base (bytes) on their way into L2
-    (PTX prefetch, kept there first when lines are evicted); nothing waits for them."""
-    share = tl.cdiv(num_lines, programs)
-    for i in range(0, share, LINES):
-        j = i + tl.arange(0, LINES)
-        line = program * share + j
-        line = tl.where((j < share) & (line < num_lines), line, 0)  # (a repeat of line 0 costs nothing)
-        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l",
-                                  [base + line.to(tl.int64) * 128], dtype=tl.int32, is_pure=False, pack=1)
-
-
 # Per-request index tensors are slices of one host-to-device copy, so their 16-byte alignment changes with the
 # batch; specialising on it compiled new kernel variants in the middle of a run (seen in bench offline).
 @triton.jit(do_not_specialize_on_alignment=["ReqPoolIdx", "SeqLens", "Pos", "Loc"])
 def _decode_stage1(
     Q, K, V, ReqToToken, ReqPoolIdx, SeqLens, AttnOut, AttnLse, Out, Counters,
     KNew, VNew, Loc, Pos, InvFreq, WQ, WK,  # PREP only: the new token's raw k and v, its slot and position
-    Prefetch,  # PREFETCH only: bytes of a weight the next kernel reads
     sm_scale,
-    eps, rope_scaling, prefetch_lines,
+    eps, rope_scaling,
     stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_qb, stride_qh,
     stride_kt, stride_kh,
@@ -187,7 +169,6 @@ def _decode_stage1(
     PREP: tl.constexpr,  # q and the new k arrive raw: norm (QK_NORM) and rotate them, store the new K/V first
     QK_NORM: tl.constexpr,
     HALF: tl.constexpr,
-    PREFETCH: tl.constexpr,  # lines a program prefetches at a time (0: none), see PREFETCH_MAX_BATCH
     PDL: tl.constexpr,
 ):
     if PDL:  # programmatic dependent launch (gridserve/pdl.py)
@@ -271,10 +252,6 @@ def _decode_stage1(
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-
-    if PREFETCH:  # after the program's last load from DRAM: the next kernel's weight streams in while the merge runs
-        if b == 0:  # (one request's programs are enough: the weight is the same for all)
-            _prefetch_share(Prefetch, prefetch_lines, kvh * used + split, tl.num_programs(1) * used, PREFETCH)
 
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
@@ -429,7 +406,6 @@ class DecodePrep:
     q_weight: torch.Tensor | None = None  # per-head RMSNorm weights (Qwen3), or None
     k_weight: torch.Tensor | None = None
     eps: float = 1e-6
-    prefetch: torch.Tensor | None = None  # the weight the layer reads next (o_proj), see PREFETCH_MAX_BATCH
 
     def launch_args(self, q: torch.Tensor) -> tuple[tuple, tuple, dict]:
         """_decode_stage1's (pointers, scalars and strides, constexprs) for this prep; q's (B, H, D) fixes the
@@ -440,35 +416,14 @@ class DecodePrep:
             raise ValueError("prep needs k and v contiguous in their last dimension and one slot and position a row")
         norm = self.q_weight is not None
         w_q, w_k = (self.q_weight, self.k_weight) if norm else (self.inv_freq, self.inv_freq)
-        target, lines, per_step = _prefetch_args(self.prefetch, bs, q)
-        return ((k, v, self.loc, self.positions, self.inv_freq, w_q, w_k, target),
-                (float(self.eps), float(self.rope_scaling), lines, k.stride(0), k.stride(1), v.stride(0),
-                 v.stride(1)),
-                {"PREP": True, "QK_NORM": norm, "HALF": d // 2, "PREFETCH": per_step})
-
-
-# Off (0) until a lease measures it (device_speed.sh prefetch): batches of up to this many requests would start the
-# weight the layer reads next (o_proj) into L2 from the decode kernel's working programs, once each has loaded its
-# last keys and values, so the lines stream in during the kernel's merge and the next launch instead of during the
-# next GEMM. Prefetching from the kernel's start lost on an H100 (M +0.08 ms, L +0.19): the lines queued ahead of the
-# kernel's own dependent loads (docs/benchmarks.md, 2026-12-07). CUDA only (a PTX instruction).
-PREFETCH_MAX_BATCH = 0
-PREFETCH_LINES = 512  # 128-byte lines a program prefetches at a time: 4 a thread at 4 warps
-
-
-def _prefetch_args(weight: torch.Tensor | None, batch_size: int, q: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(the weight's bytes, its 128-byte lines, lines a program takes at a time) for the kernel; (q, 0, 0), no
-    prefetch, for a larger batch, no weight, or no CUDA device to run the PTX on (the interpreter has none)."""
-    if (weight is None or batch_size > PREFETCH_MAX_BATCH or not weight.is_cuda or not weight.is_contiguous()
-            or torch.version.hip is not None or os.environ.get("TRITON_INTERPRET") == "1"):
-        return q, 0, 0
-    lines = triton.cdiv(weight.numel() * weight.element_size(), 128)
-    return weight.view(-1).view(torch.uint8), lines, min(PREFETCH_LINES, triton.next_power_of_2(lines))
+        return ((k, v, self.loc, self.positions, self.inv_freq, w_q, w_k),
+                (float(self.eps), float(self.rope_scaling), k.stride(0), k.stride(1), v.stride(0), v.stride(1)),
+                {"PREP": True, "QK_NORM": norm, "HALF": d // 2})
 
 
 def _no_prep(q: torch.Tensor) -> tuple[tuple, tuple, dict]:
     """Placeholders for the PREP-only arguments (q stands in for every pointer; the kernel reads none of them)."""
-    return (q,) * 8, (0.0, 1.0, 0, 0, 0, 0, 0), {"PREP": False, "QK_NORM": False, "HALF": 1, "PREFETCH": 0}
+    return (q,) * 7, (0.0, 1.0, 0, 0, 0, 0), {"PREP": False, "QK_NORM": False, "HALF": 1}
 
 
 def _merge_chunk(heads: int, block_s: int, block_dv: int) -> int:
