@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles pdlchain;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -290,6 +290,9 @@ if has pdl; then  # issue 20: programmatic dependent launch (--enable-pdl): a ke
   # does the host keep ahead of a shorter step? (cProfile: the time not in Event.synchronize is the host's)
   python3 scripts/profile_scheduler.py $Q --enable-pdl --batch-size 1 --no-show-progress --top 12 2>&1 \
     | grep -v Warning > $OUT/profile_Q_pdl.txt; head -12 $OUT/profile_Q_pdl.txt
+fi
+if has pdlchain; then  # does a graph keep PDL's programmatic edges? launches of a tiny kernel, and the decode GEMM
+  python3 scripts/bench_pdl_chain.py 2>&1 | grep -v Warning | tee $OUT/pdl_chain.txt
 fi
 if has rope; then  # the prefill's rotary kernels (q/k norm + rotary; rotary) on an 8,192-token chunk
   python3 scripts/bench_rope_kernel.py 2>&1 | grep -v Warning | tee $OUT/rope_kernel.txt
