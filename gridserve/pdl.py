@@ -2,20 +2,25 @@
 
 A kernel launched with PDL may be scheduled while the kernel before it on the stream is still running. It calls
 `gdc_wait` before it reads anything (which returns once that kernel has finished and its writes are visible), so
-what it computes does not change; and it calls `gdc_launch_dependents` at once, so the kernel after it may be
-scheduled early in turn. A kernel without PDL before or after it is an ordinary boundary. At batch 1 a decode step
-is a chain of 150-400 kernels of a few microseconds each, where the gap between two kernels is a sizable share.
+what it computes does not change; and it calls `gdc_launch_dependents` to let the kernel after it be scheduled
+early in turn. A kernel without PDL before or after it is an ordinary boundary. At batch 1 a decode step is a chain
+of 150-400 kernels of a few microseconds each, where the gap between two kernels is a sizable share.
 
 Off unless `--enable-pdl` (the model runner calls `set_enabled`); never under TRITON_INTERPRET, which has no
-`gdc_wait`, nor on GPUs before compute capability 9.0. A kernel that takes PDL starts with
+`gdc_wait`, nor on GPUs before compute capability 9.0. The launch passes PDL = EARLY or LATE (TRIGGER says which;
+0 when off). A kernel that takes PDL starts with
 
     if PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if PDL == EARLY:  # a short kernel triggers at once whatever PDL is: `if PDL:` alone
+            tl.extra.cuda.gdc_launch_dependents()
 
-and is launched with `**pdl.launch_args(device)`. On an H100 it bought nothing on the 0.6B and cost 0.07-0.2 ms a
-step on the 8B and 30B-A3B shapes, also with the decode GEMM prefetching its weights into L2 before `gdc_wait`
-(docs/benchmarks.md): programs waiting early hold SM slots the kernel before still needs. This module imports no
+and a long one (the decode GEMM, the MoE vector kernels, decode attention) also triggers after its main loop's
+loads when PDL == LATE, so that the next kernel's programs are scheduled only as its own finish their loads instead
+of waiting from the start in SM slots; it is launched with `**pdl.launch_args(device)`. With the early trigger, on
+an H100 PDL bought nothing on the 0.6B and cost 0.07-0.2 ms a step on the 8B and 30B-A3B shapes, also with the
+decode GEMM prefetching its weights into L2 before `gdc_wait` (docs/benchmarks.md). The late trigger has not been
+measured in the models yet (scripts/bench_pdl_chain.py times both on a chain of launches). This module imports no
 Triton: importing Triton before a test sets TRITON_INTERPRET would leave the kernels unable to run on the
 interpreter.
 """
@@ -26,6 +31,8 @@ import os
 import torch
 
 _enabled = False
+EARLY, LATE = 1, 2  # the PDL constexpr: where a long kernel lets the next one be scheduled
+TRIGGER = EARLY
 
 
 def set_enabled(on: bool) -> None:
@@ -47,6 +54,6 @@ def enabled(device: torch.device) -> bool:
 
 
 def launch_args(device: torch.device) -> dict:
-    """The launch's keyword arguments for a kernel that takes PDL: its PDL flag, and Triton's launch_pdl option
-    where it is on (Triton before 3.3 has no such option)."""
-    return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}
+    """The launch's keyword arguments for a kernel that takes PDL: its PDL constexpr (0, EARLY or LATE), and
+    Triton's launch_pdl option where it is on (Triton before 3.3 has no such option)."""
+    return {"PDL": TRIGGER, "launch_pdl": True} if enabled(device) else {"PDL": 0}

@@ -1,9 +1,11 @@
 """What the decode GEMM's variants cost a Hopper SM, without a GPU: each is compiled for sm_90 with Triton's own
 ptxas (as a launch would specialise it: pointers, N, K and strides divisible by 16), and cuobjdump reports its
 registers, shared memory and spills; the PTX tells how it loads the weights and, with PDL, that it waits for the
-kernel before (gdc_wait). A GPU lease is scarce; this shows before one whether a tile fits.
+kernel before (gdc_wait) and where it triggers the next. A GPU lease is scarce; this shows before one whether a tile
+fits.
 
-    TRITON_INTERPRET=0 python3 scripts/kernel_resources.py [--pdl] [--swap] [--tiles M:BLOCK_N:BLOCK_K:WARPS:STAGES ...]
+    TRITON_INTERPRET=0 python3 scripts/kernel_resources.py [--pdl [early|late]] [--swap]
+        [--tiles M:BLOCK_N:BLOCK_K:WARPS:STAGES ...]
 """
 
 import argparse
@@ -16,6 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from gridserve import pdl
 from gridserve.layers.decode_gemm import FEW_ROWS_SWAP, NORMED_BLOCK, _decode_gemm_kernel
 
 ARGS = ["X", "R", "RO", "NW", "NO", "W", "S", "B", "Y", "RY", "P", "M", "N", "K", "NP", "stride_xm", "stride_wn",
@@ -26,10 +29,10 @@ NOT_DIVISIBLE = {"M", "NP", "eps"}  # any value; tensors (even unused ones) are 
 DEFAULT_TILES = ["1:8:1024:8:1", "1:8:1024:8:3", "16:32:512:4:4"]
 
 
-def compile_variant(m: int, block_n: int, block_k: int, warps: int, stages: int, fp8: bool, pdl: bool,
+def compile_variant(m: int, block_n: int, block_k: int, warps: int, stages: int, fp8: bool, pdl: int,
                     swap: bool = False):
     """The decode GEMM (a residual add and RMSNorm before the product) compiled for sm_90; swap: 2-16 rows as
-    W x^T (decode_gemm.FEW_ROWS_SWAP)."""
+    W x^T (decode_gemm.FEW_ROWS_SWAP); pdl: 0, or gridserve.pdl's EARLY or LATE trigger."""
     w = "*fp8e4nv" if fp8 else "*bf16"
     sig = dict(zip(ARGS, ["*bf16"] * 5 + [w, "*fp32", "*bf16", "*bf16", "*bf16", "*fp32"] + ["i32"] * 7 + ["fp32"],
                    strict=True))
@@ -45,7 +48,8 @@ def compile_variant(m: int, block_n: int, block_k: int, warps: int, stages: int,
 
 def resources(kernel) -> dict:
     """Registers and local (spilled) bytes from cuobjdump, shared memory (dynamic, as Triton allocates it) from the
-    kernel's metadata; the PTX's global loads; whether it waits for the kernel before (PDL)."""
+    kernel's metadata; the PTX's global loads; whether it waits for the kernel before (PDL), and where it lets the
+    next one be scheduled: "first" (before any global load), "after loads" (after the last), or "none"."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -56,23 +60,34 @@ def resources(kernel) -> dict:
     loads = re.findall(r"(cp\.async\.cg|ld\.global(?:\.v\d)?\.b\d+)", ptx)
     return {"registers": int(found.get("REG", 0)), "shared": kernel.metadata.shared,
             "spilled": int(found.get("LOCAL", 0)), "loads": {k: loads.count(k) for k in sorted(set(loads))},
-            "waits": "griddepcontrol.wait" in ptx}
+            "waits": "griddepcontrol.wait" in ptx, "trigger": _trigger(ptx)}
+
+
+def _trigger(ptx: str) -> str:
+    at = ptx.find("griddepcontrol.launch_dependents")
+    if at < 0:
+        return "none"
+    loads = [m.start() for m in re.finditer(r"cp\.async\.cg|ld\.global", ptx)]
+    return "first" if not loads or at < loads[0] else "after loads" if at > loads[-1] else "between loads"
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tiles", nargs="+", default=DEFAULT_TILES, help="rows:BLOCK_N:BLOCK_K:warps:stages")
-    p.add_argument("--pdl", action="store_true", help="the PDL variants (gdc_wait first)")
+    p.add_argument("--pdl", nargs="?", const="early", choices=["early", "late"],
+                   help="the PDL variants (gdc_wait first; the trigger at once, or after the K loop)")
     p.add_argument("--swap", action="store_true", help="2-16 rows as W x^T (FEW_ROWS_SWAP)")
     a = p.parse_args()
+    pdl_const = {None: 0, "early": pdl.EARLY, "late": pdl.LATE}[a.pdl]
     print("rows, BLOCK_N, BLOCK_K, warps, stages | weights | registers | shared B | spilled B | loads in the PTX "
-          "| waits (PDL)")
+          "| waits (PDL) | trigger")
     for tile in a.tiles:
         m, block_n, block_k, warps, stages = map(int, tile.split(":"))
         for fp8 in (False, True):
-            r = resources(compile_variant(m, block_n, block_k, warps, stages, fp8, a.pdl, a.swap or FEW_ROWS_SWAP))
+            r = resources(compile_variant(m, block_n, block_k, warps, stages, fp8, pdl_const,
+                                          a.swap or FEW_ROWS_SWAP))
             print(f"{tile} | {'FP8' if fp8 else 'bf16'} | {r['registers']} | {r['shared']} | {r['spilled']} | "
-                  f"{r['loads']} | {r['waits']}", flush=True)
+                  f"{r['loads']} | {r['waits']} | {r['trigger']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def pdl_on():
 
 
 def test_off_unless_enabled_and_never_on_cpu(pdl_on, monkeypatch):
-    assert pdl.launch_args(torch.device("cpu")) == {"PDL": False}
+    assert pdl.launch_args(torch.device("cpu")) == {"PDL": 0}
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     pdl._supported.cache_clear()
     assert not pdl.enabled(torch.device("cuda", 0))  # the interpreter has no gdc_wait; no GPU is asked
@@ -39,10 +39,12 @@ def _chain(x, res, norm_w, w1, w2, w3):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="PDL needs a Hopper GPU")
-def test_a_chain_of_pdl_kernels_in_a_cuda_graph_equals_the_chain_without(pdl_on, monkeypatch):
+@pytest.mark.parametrize("trigger", [pdl.EARLY, pdl.LATE])
+def test_a_chain_of_pdl_kernels_in_a_cuda_graph_equals_the_chain_without(pdl_on, monkeypatch, trigger):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(pdl, "TRIGGER", trigger)
     pdl._supported.cache_clear()
-    assert pdl.launch_args(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
+    assert pdl.launch_args(torch.device("cuda", 0)) == {"PDL": trigger, "launch_pdl": True}
     torch.manual_seed(0)
     d, inter = 1024, 3072
     x, res = (torch.randn(1, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -62,10 +64,12 @@ def test_a_chain_of_pdl_kernels_in_a_cuda_graph_equals_the_chain_without(pdl_on,
         torch.testing.assert_close(out, want[i - 1], rtol=0, atol=0)
 
 
-def test_the_decode_gemms_pdl_variants_compile_for_hopper_and_spill_nothing():
+@pytest.mark.parametrize("trigger", ["early", "late"])
+def test_the_decode_gemms_pdl_variants_compile_for_hopper_and_spill_nothing(trigger):
     """No GPU needed: scripts/kernel_resources.py compiles the PDL variants (one row, tl.dot; bf16 and FP8 weights)
-    for sm_90 with Triton's own ptxas; each waits for the kernel before (gdc_wait), and the default tiles spill no
-    registers. A separate process: this one's kernels may be the interpreter's."""
+    for sm_90 with Triton's own ptxas; each waits for the kernel before (gdc_wait) and triggers the next: early
+    before any weight load, late after the K loop's (only FP8's row scales load after it); the default tiles spill
+    no registers. A separate process: this one's kernels may be the interpreter's."""
     import os
     import subprocess
     import sys
@@ -75,10 +79,12 @@ def test_the_decode_gemms_pdl_variants_compile_for_hopper_and_spill_nothing():
 
     tiles = [":".join(map(str, (m, *cfg))) for m, cfg in ((1, ONE_ROW_CONFIG), (16, DECODE_GEMM_CONFIG))]
     script = os.path.join(os.path.dirname(__file__), "..", "scripts", "kernel_resources.py")
-    out = subprocess.run([sys.executable, script, "--pdl", "--tiles", *tiles], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "TRITON_INTERPRET": "0"})
+    out = subprocess.run([sys.executable, script, "--pdl", trigger, "--tiles", *tiles], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split(" | ") for line in out.stdout.splitlines()[1:]]
     assert len(rows) == 4  # two tiles, bf16 and FP8 weights
-    for tile, weights, *_, spilled, _loads, waits in rows:
+    for tile, weights, *_, spilled, _loads, waits, where in rows:
         assert waits == "True" and spilled == "0", (tile, weights)
+        want = {"first"} if trigger == "early" else {"after loads"} if weights == "bf16" else {"between loads"}
+        assert where in want, (tile, weights, where)

@@ -58,7 +58,8 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
     row_ok = rows < N
     if PDL:  # programmatic dependent launch (gridserve/pdl.py)
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if PDL == 1:  # pdl.EARLY; LATE triggers after the loads below
+            tl.extra.cuda.gdc_launch_dependents()
     ms = tl.arange(0, BLOCK_M)
     m_ok = ms < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -87,6 +88,8 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
                 acc_t = tl.dot(w, tl.trans(x), acc_t, input_precision=DOT_PRECISION)
             else:
                 acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if PDL == 2:  # pdl.LATE: the next kernel's programs may be scheduled once this one's have loaded
+        tl.extra.cuda.gdc_launch_dependents()
     if SWAP:
         acc = tl.trans(acc_t)
     if NORM:

@@ -242,7 +242,8 @@ def _gate_up_vec_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, logi
     weights_ptr and ids_ptr, which the down kernel, next on the stream, reads."""
     if PDL:  # programmatic dependent launch (gridserve/pdl.py)
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if PDL == 1:  # pdl.EARLY; LATE triggers after the loads below
+            tl.extra.cuda.gdc_launch_dependents()
     slot, pid_n = tl.program_id(0), tl.program_id(1)
     token = slot // TOP_K
     if ROUTE:
@@ -273,6 +274,8 @@ def _gate_up_vec_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, logi
         ok = row_ok[:, None] & k_ok[None, :]
         acc_gate += tl.load(w_gate + ks[None, :], mask=ok, other=0.0).to(tl.float32) * xv
         acc_up += tl.load(w_up + ks[None, :], mask=ok, other=0.0).to(tl.float32) * xv
+    if PDL == 2:  # pdl.LATE: the next kernel's programs may be scheduled once this one's have loaded
+        tl.extra.cuda.gdc_launch_dependents()
     gate, up = tl.sum(acc_gate, axis=1), tl.sum(acc_up, axis=1)
     if HAS_SCALE:
         s_base = s_ptr + e.to(tl.int64) * stride_se
@@ -292,7 +295,8 @@ def _down_vec_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weight_ptr, hidden, 
     (a loop over the slots waited for each expert in turn: 46% of copy bandwidth at batch 1 on an H100)."""
     if PDL:  # programmatic dependent launch (gridserve/pdl.py)
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if PDL == 1:  # pdl.EARLY; LATE triggers after the loads below
+            tl.extra.cuda.gdc_launch_dependents()
     token, pid_n = tl.program_id(0), tl.program_id(1)
     j = tl.arange(0, K_PAD)
     slots = token * TOP_K + j
@@ -312,6 +316,8 @@ def _down_vec_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weight_ptr, hidden, 
         av = tl.load(a_rows + ks[None, :], mask=(e >= 0)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         w = tl.load(w_rows + ks[None, None, :], mask=ok[:, :, None] & k_ok[None, None, :], other=0.0)
         acc += w.to(tl.float32) * av[:, None, :]
+    if PDL == 2:  # pdl.LATE: the next kernel's programs may be scheduled once this one's have loaded
+        tl.extra.cuda.gdc_launch_dependents()
     out = tl.sum(tl.sum(acc, axis=2) * scale, axis=0)
     tl.store(out_ptr + token.to(tl.int64) * stride_om + rows, out.to(out_ptr.dtype.element_ty), mask=rows < hidden)
 

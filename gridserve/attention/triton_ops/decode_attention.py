@@ -173,7 +173,8 @@ def _decode_stage1(
 ):
     if PDL:  # programmatic dependent launch (gridserve/pdl.py)
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if PDL == 1:  # pdl.EARLY; LATE triggers after the key loop below
+            tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -253,6 +254,8 @@ def _decode_stage1(
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
+    if PDL == 2:  # pdl.LATE: the next kernel's programs may be scheduled while the splits store and merge
+        tl.extra.cuda.gdc_launch_dependents()
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     if MERGE:
