@@ -17,10 +17,11 @@ Off unless `--enable-pdl` (the model runner calls `set_enabled`); never under TR
 
 and a long one (the decode GEMM, the MoE vector kernels, decode attention) also triggers after its main loop's
 loads when PDL == LATE, so that the next kernel's programs are scheduled only as its own finish their loads instead
-of waiting from the start in SM slots; it is launched with `**pdl.launch_args(device)`. With the early trigger, on
-an H100 PDL bought nothing on the 0.6B and cost 0.07-0.2 ms a step on the 8B and 30B-A3B shapes, also with the
-decode GEMM prefetching its weights into L2 before `gdc_wait` (docs/benchmarks.md). The late trigger has not been
-measured in the models yet (scripts/bench_pdl_chain.py times both on a chain of launches). This module imports no
+of waiting from the start in SM slots; it is launched with `**pdl.launch_args(device)`. On an H100 at batch 1,
+against PDL off: the late trigger took 0.08-0.10 ms off the 30B-A3B shape's step, 0.05 off the 8B's and 0.03 off
+the 0.6B's; the early one cost 0.02-0.04 ms (and earlier 0.07-0.2 with the decode GEMM prefetching its weights into
+L2 before `gdc_wait`). A graph keeps the programmatic edges: a launch of a tiny kernel costs 0.9-1.4 us with PDL off
+and 0.7-0.9 with it (scripts/bench_pdl_chain.py; docs/benchmarks.md, 2026-12-07). This module imports no
 Triton: importing Triton before a test sets TRITON_INTERPRET would leave the kernels unable to run on the
 interpreter.
 """
@@ -32,7 +33,7 @@ import torch
 
 _enabled = False
 EARLY, LATE = 1, 2  # the PDL constexpr: where a long kernel lets the next one be scheduled
-TRIGGER = EARLY
+TRIGGER = LATE  # measured in the models on an H100 (docs/benchmarks.md, 2026-12-07): late won, early lost
 
 
 def set_enabled(on: bool) -> None:

@@ -292,12 +292,12 @@ if has pdl; then  # issue 20: programmatic dependent launch (--enable-pdl): a ke
     | grep -v Warning > $OUT/profile_Q_pdl.txt; head -12 $OUT/profile_Q_pdl.txt
 fi
 if has pdlchain; then  # does a graph keep PDL's programmatic edges? launches of a tiny kernel, and the decode GEMM;
-  # then batch-1 TPOT of PDL_MODELS with PDL off, with the early trigger (the tree) and the late one (a copy)
+  # then batch-1 TPOT of PDL_MODELS with PDL off, with the early trigger (a copy) and the late one (the tree's)
   python3 scripts/bench_pdl_chain.py 2>&1 | grep -v Warning | tee $OUT/pdl_chain.txt
   gpu_tests pdl_tests tests/test_pdl.py
-  variant_tree pdllate pdl.py -e 's/^TRIGGER = EARLY$/TRIGGER = LATE/'
-  grep -n "^TRIGGER" /tmp/pdllate/gridserve/pdl.py
-  rm -rf /tmp/pdlearly && mkdir -p /tmp/pdlearly && cp -r gridserve /tmp/pdlearly/
+  variant_tree pdlearly pdl.py -e 's/^TRIGGER = LATE .*/TRIGGER = EARLY/'
+  grep -n "^TRIGGER" /tmp/pdlearly/gridserve/pdl.py
+  rm -rf /tmp/pdllate && mkdir -p /tmp/pdllate && cp -r gridserve /tmp/pdllate/
   AB_MODELS=${PDL_MODELS:-M L} ab_trees $PWD
   AB_MODELS=${PDL_MODELS:-M L} AB_ARGS=--enable-pdl ab_trees /tmp/pdlearly /tmp/pdllate
 fi
