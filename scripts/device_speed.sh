@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles pdlchain;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles pdlchain pdlon;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -300,6 +300,14 @@ if has pdlchain; then  # does a graph keep PDL's programmatic edges? launches of
   rm -rf /tmp/pdllate && mkdir -p /tmp/pdllate && cp -r gridserve /tmp/pdllate/
   AB_MODELS=${PDL_MODELS:-M L} ab_trees $PWD
   AB_MODELS=${PDL_MODELS:-M L} AB_ARGS=--enable-pdl ab_trees /tmp/pdlearly /tmp/pdllate
+fi
+if has pdlon; then  # PDL beyond batch 1: offline Q (nano-vllm's workload) and L at batch 4, with and without it
+  for flag in "" "--enable-pdl"; do
+    $GS bench offline $Q $flag --no-show-progress --output-json $OUT/offline_Q${flag:+_pdl}.json 2>&1 \
+      | grep -E "gridserve |floor " | sed "s/^/Q offline ${flag:-no-pdl}: /"; bundle
+    $GS bench latency $L $flag --batch-size 4 --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
+      --output-json $OUT/latency_L_bs4${flag:+_pdl}.json 2>&1 | grep -E "TPOT median" | sed "s/^/L bs4 ${flag:-no-pdl}: /"
+  done
 fi
 if has rope; then  # the prefill's rotary kernels (q/k norm + rotary; rotary) on an 8,192-token chunk
   python3 scripts/bench_rope_kernel.py 2>&1 | grep -v Warning | tee $OUT/rope_kernel.txt
