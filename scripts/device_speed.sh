@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles pdlchain pdlon;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles pdlchain pdlon pdlpre;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -308,6 +308,14 @@ if has pdlon; then  # PDL beyond batch 1: offline Q (nano-vllm's workload) and L
     $GS bench latency $L $flag --batch-size 4 --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
       --output-json $OUT/latency_L_bs4${flag:+_pdl}.json 2>&1 | grep -E "TPOT median" | sed "s/^/L bs4 ${flag:-no-pdl}: /"
   done
+fi
+if has pdlpre; then  # plan row 3j: with --enable-pdl (late trigger), the decode GEMM's programs start 4 KB of each
+  # weight row (pre4k) or the whole row (prerow) into L2 before gdc_wait, against none (the tree)
+  gpu_tests pdl_tests tests/test_pdl.py
+  variant_tree pre4k layers/decode_gemm.py -e 's/^PRELOAD_BYTES = 0$/PRELOAD_BYTES = 4096/'
+  variant_tree prerow layers/decode_gemm.py -e 's/^PRELOAD_BYTES = 0$/PRELOAD_BYTES = 1 << 20/'
+  grep -h "^PRELOAD_BYTES" /tmp/pre4k/gridserve/layers/decode_gemm.py /tmp/prerow/gridserve/layers/decode_gemm.py
+  AB_MODELS=${PDL_MODELS:-M L Q} AB_ARGS=--enable-pdl ab_trees $PWD /tmp/pre4k /tmp/prerow
 fi
 if has rope; then  # the prefill's rotary kernels (q/k norm + rotary; rotary) on an 8,192-token chunk
   python3 scripts/bench_rope_kernel.py 2>&1 | grep -v Warning | tee $OUT/rope_kernel.txt

@@ -30,16 +30,17 @@ DEFAULT_TILES = ["1:8:1024:8:1", "1:8:1024:8:3", "16:32:512:4:4"]
 
 
 def compile_variant(m: int, block_n: int, block_k: int, warps: int, stages: int, fp8: bool, pdl: int,
-                    swap: bool = False):
+                    swap: bool = False, preload_lines: int = 0):
     """The decode GEMM (a residual add and RMSNorm before the product) compiled for sm_90; swap: 2-16 rows as
-    W x^T (decode_gemm.FEW_ROWS_SWAP); pdl: 0, or gridserve.pdl's EARLY or LATE trigger."""
+    W x^T (decode_gemm.FEW_ROWS_SWAP); pdl: 0, or gridserve.pdl's EARLY or LATE trigger; preload_lines: the 128-byte
+    lines of each weight row started into L2 before gdc_wait (decode_gemm.PRELOAD_BYTES)."""
     w = "*fp8e4nv" if fp8 else "*bf16"
     sig = dict(zip(ARGS, ["*bf16"] * 5 + [w, "*fp32", "*bf16", "*bf16", "*bf16", "*fp32"] + ["i32"] * 7 + ["fp32"],
                    strict=True))
     consts = dict(HAS_SCALE=fp8, HAS_BIAS=False, GATED=False, NORM=True, HAS_RES=True, STORE_NORMED=False,
                   SUM_OUT=False, SQ_FROM_P=False, BLOCK_P=1, NORMED_BLOCK=NORMED_BLOCK,
                   SWAP=m > 1 and swap, BLOCK_M=m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="tf32",
-                  STAGES=stages, PDL=pdl)
+                  STAGES=stages, PDL=pdl, PRELOAD_LINES=preload_lines, LINE_ELEMS=128 if fp8 else 64)
     sig.update(dict.fromkeys(consts, "constexpr"))
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(ARGS) if name not in NOT_DIVISIBLE}
     return triton.compile(ASTSource(fn=_decode_gemm_kernel, signature=sig, constexprs=consts, attrs=attrs),
@@ -48,8 +49,9 @@ def compile_variant(m: int, block_n: int, block_k: int, warps: int, stages: int,
 
 def resources(kernel) -> dict:
     """Registers and local (spilled) bytes from cuobjdump, shared memory (dynamic, as Triton allocates it) from the
-    kernel's metadata; the PTX's global loads; whether it waits for the kernel before (PDL), and where it lets the
-    next one be scheduled: "first" (before any global load), "after loads" (after the last), or "none"."""
+    kernel's metadata; the PTX's global loads; whether it waits for the kernel before (PDL), where it lets the next
+    one be scheduled ("first": before any global load, "after loads": after the last, "between loads", "none"), and
+    the L2 prefetch instructions before its wait."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -60,7 +62,8 @@ def resources(kernel) -> dict:
     loads = re.findall(r"(cp\.async\.cg|ld\.global(?:\.v\d)?\.b\d+)", ptx)
     return {"registers": int(found.get("REG", 0)), "shared": kernel.metadata.shared,
             "spilled": int(found.get("LOCAL", 0)), "loads": {k: loads.count(k) for k in sorted(set(loads))},
-            "waits": "griddepcontrol.wait" in ptx, "trigger": _trigger(ptx)}
+            "waits": "griddepcontrol.wait" in ptx, "trigger": _trigger(ptx),
+            "prefetches": ptx[:max(ptx.find("griddepcontrol.wait"), 0)].count("prefetch.global.L2")}
 
 
 def _trigger(ptx: str) -> str:
@@ -77,17 +80,18 @@ def main() -> None:
     p.add_argument("--pdl", nargs="?", const="early", choices=["early", "late"],
                    help="the PDL variants (gdc_wait first; the trigger at once, or after the K loop)")
     p.add_argument("--swap", action="store_true", help="2-16 rows as W x^T (FEW_ROWS_SWAP)")
+    p.add_argument("--preload-lines", type=int, default=0, help="with --pdl: lines of each weight row into L2 first")
     a = p.parse_args()
     pdl_const = {None: 0, "early": pdl.EARLY, "late": pdl.LATE}[a.pdl]
     print("rows, BLOCK_N, BLOCK_K, warps, stages | weights | registers | shared B | spilled B | loads in the PTX "
-          "| waits (PDL) | trigger")
+          "| waits (PDL) | trigger | L2 prefetches before the wait")
     for tile in a.tiles:
         m, block_n, block_k, warps, stages = map(int, tile.split(":"))
         for fp8 in (False, True):
             r = resources(compile_variant(m, block_n, block_k, warps, stages, fp8, pdl_const,
-                                          a.swap or FEW_ROWS_SWAP))
+                                          a.swap or FEW_ROWS_SWAP, a.preload_lines if a.pdl else 0))
             print(f"{tile} | {'FP8' if fp8 else 'bf16'} | {r['registers']} | {r['shared']} | {r['spilled']} | "
-                  f"{r['loads']} | {r['waits']} | {r['trigger']}", flush=True)
+                  f"{r['loads']} | {r['waits']} | {r['trigger']} | {r['prefetches']}", flush=True)
 
 
 if __name__ == "__main__":

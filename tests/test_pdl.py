@@ -39,10 +39,13 @@ def _chain(x, res, norm_w, w1, w2, w3):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="PDL needs a Hopper GPU")
-@pytest.mark.parametrize("trigger", [pdl.EARLY, pdl.LATE])
-def test_a_chain_of_pdl_kernels_in_a_cuda_graph_equals_the_chain_without(pdl_on, monkeypatch, trigger):
+@pytest.mark.parametrize("trigger,preload", [(pdl.EARLY, 0), (pdl.LATE, 0), (pdl.LATE, 1 << 16)])
+def test_a_chain_of_pdl_kernels_in_a_cuda_graph_equals_the_chain_without(pdl_on, monkeypatch, trigger, preload):
+    from gridserve.layers import decode_gemm
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(pdl, "TRIGGER", trigger)
+    monkeypatch.setattr(decode_gemm, "PRELOAD_BYTES", preload)  # the weights' L2 prefetch before the wait
     pdl._supported.cache_clear()
     assert pdl.launch_args(torch.device("cuda", 0)) == {"PDL": trigger, "launch_pdl": True}
     torch.manual_seed(0)
@@ -64,12 +67,13 @@ def test_a_chain_of_pdl_kernels_in_a_cuda_graph_equals_the_chain_without(pdl_on,
         torch.testing.assert_close(out, want[i - 1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("trigger", ["early", "late"])
-def test_the_decode_gemms_pdl_variants_compile_for_hopper_and_spill_nothing(trigger):
+@pytest.mark.parametrize("trigger,preload", [("early", 0), ("late", 0), ("late", 32)])
+def test_the_decode_gemms_pdl_variants_compile_for_hopper_and_spill_nothing(trigger, preload):
     """No GPU needed: scripts/kernel_resources.py compiles the PDL variants (one row, tl.dot; bf16 and FP8 weights)
     for sm_90 with Triton's own ptxas; each waits for the kernel before (gdc_wait) and triggers the next: early
-    before any weight load, late after the K loop's (only FP8's row scales load after it); the default tiles spill
-    no registers. A separate process: this one's kernels may be the interpreter's."""
+    before any weight load, late after the K loop's (only FP8's row scales load after it); with preload lines, L2
+    prefetches of the weights come before the wait; the default tiles spill no registers. A separate process: this
+    one's kernels may be the interpreter's."""
     import os
     import subprocess
     import sys
@@ -79,12 +83,32 @@ def test_the_decode_gemms_pdl_variants_compile_for_hopper_and_spill_nothing(trig
 
     tiles = [":".join(map(str, (m, *cfg))) for m, cfg in ((1, ONE_ROW_CONFIG), (16, DECODE_GEMM_CONFIG))]
     script = os.path.join(os.path.dirname(__file__), "..", "scripts", "kernel_resources.py")
-    out = subprocess.run([sys.executable, script, "--pdl", trigger, "--tiles", *tiles], capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "0"})
+    out = subprocess.run([sys.executable, script, "--pdl", trigger, "--preload-lines", str(preload), "--tiles",
+                          *tiles], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split(" | ") for line in out.stdout.splitlines()[1:]]
     assert len(rows) == 4  # two tiles, bf16 and FP8 weights
-    for tile, weights, *_, spilled, _loads, waits, where in rows:
+    for tile, weights, *_, spilled, _loads, waits, where, prefetches in rows:
         assert waits == "True" and spilled == "0", (tile, weights)
         want = {"first"} if trigger == "early" else {"after loads"} if weights == "bf16" else {"between loads"}
         assert where in want, (tile, weights, where)
+        assert (int(prefetches) > 0) == (preload > 0), (tile, weights, prefetches)
+
+
+def test_the_weight_preload_needs_the_late_trigger_and_covers_at_most_a_row(monkeypatch):
+    from gridserve.layers import decode_gemm
+
+    w = torch.empty(64, 2048, dtype=torch.bfloat16)
+    assert decode_gemm._preload_args(w, 2048, torch.device("cpu")) == {"PDL": 0}  # PDL off: nothing added
+    monkeypatch.setattr(decode_gemm, "pdl_args", lambda device: {"PDL": pdl.EARLY, "launch_pdl": True})
+    monkeypatch.setattr(decode_gemm, "PRELOAD_BYTES", 4096)
+    assert "PRELOAD_LINES" not in decode_gemm._preload_args(w, 2048, w.device)  # the early trigger: none
+    monkeypatch.setattr(decode_gemm, "pdl_args", lambda device: {"PDL": pdl.LATE, "launch_pdl": True})
+    args = decode_gemm._preload_args(w, 2048, w.device)
+    assert (args["PRELOAD_LINES"], args["LINE_ELEMS"]) == (32, 64)  # 4 KB of a 4 KB row, in 128-byte lines
+    assert decode_gemm._preload_args(w, 100, w.device)["PRELOAD_LINES"] == 2  # 200 bytes: 1.6 lines, rounded up
+    fp8 = torch.empty(64, 8192, dtype=torch.uint8)
+    assert (decode_gemm._preload_args(fp8, 8192, w.device)["LINE_ELEMS"]) == 128
+    monkeypatch.setattr(decode_gemm, "PRELOAD_BYTES", 0)
+    assert "PRELOAD_LINES" not in decode_gemm._preload_args(w, 2048, w.device)
