@@ -309,13 +309,17 @@ if has pdlon; then  # PDL beyond batch 1: offline Q (nano-vllm's workload) and L
       --output-json $OUT/latency_L_bs4${flag:+_pdl}.json 2>&1 | grep -E "TPOT median" | sed "s/^/L bs4 ${flag:-no-pdl}: /"
   done
 fi
-if has pdlpre; then  # plan row 3j: with --enable-pdl (late trigger), the decode GEMM's programs start 4 KB of each
-  # weight row (pre4k) or the whole row (prerow) into L2 before gdc_wait, against none (the tree)
+if has pdlpre; then  # plan rows 3j and 3k: with --enable-pdl (late trigger), before gdc_wait the decode GEMM's
+  # programs start 4 KB of each weight row (pre4k) or the whole row (prerow) into L2, decode attention its split's
+  # keys and values (prekv), or both (preall), against none (the tree)
   gpu_tests pdl_tests tests/test_pdl.py
   variant_tree pre4k layers/decode_gemm.py -e 's/^PRELOAD_BYTES = 0$/PRELOAD_BYTES = 4096/'
   variant_tree prerow layers/decode_gemm.py -e 's/^PRELOAD_BYTES = 0$/PRELOAD_BYTES = 1 << 20/'
-  grep -h "^PRELOAD_BYTES" /tmp/pre4k/gridserve/layers/decode_gemm.py /tmp/prerow/gridserve/layers/decode_gemm.py
-  AB_MODELS=${PDL_MODELS:-M L Q} AB_ARGS=--enable-pdl ab_trees $PWD /tmp/pre4k /tmp/prerow
+  variant_tree prekv attention/triton_ops/decode_attention.py -e 's/^PRELOAD_KV = False$/PRELOAD_KV = True/'
+  rm -rf /tmp/preall && cp -r /tmp/prerow /tmp/preall && cp /tmp/prekv/gridserve/attention/triton_ops/decode_attention.py \
+    /tmp/preall/gridserve/attention/triton_ops/
+  grep -h "^PRELOAD" /tmp/pre*/gridserve/layers/decode_gemm.py /tmp/pre*/gridserve/attention/triton_ops/decode_attention.py
+  AB_MODELS=${PDL_MODELS:-M L} AB_ARGS=--enable-pdl ab_trees $PWD /tmp/pre4k /tmp/prerow /tmp/prekv /tmp/preall
 fi
 if has rope; then  # the prefill's rotary kernels (q/k norm + rotary; rotary) on an 8,192-token chunk
   python3 scripts/bench_rope_kernel.py 2>&1 | grep -v Warning | tee $OUT/rope_kernel.txt

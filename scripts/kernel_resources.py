@@ -2,10 +2,12 @@
 ptxas (as a launch would specialise it: pointers, N, K and strides divisible by 16), and cuobjdump reports its
 registers, shared memory and spills; the PTX tells how it loads the weights and, with PDL, that it waits for the
 kernel before (gdc_wait) and where it triggers the next. A GPU lease is scarce; this shows before one whether a tile
-fits.
+fits. --attention: the decode attention kernel as a batch-1 step of the 30B-A3B's heads runs it, with PDL's late
+trigger, with and without its K/V preload before the wait.
 
     TRITON_INTERPRET=0 python3 scripts/kernel_resources.py [--pdl [early|late]] [--swap]
         [--tiles M:BLOCK_N:BLOCK_K:WARPS:STAGES ...]
+    TRITON_INTERPRET=0 python3 scripts/kernel_resources.py --attention
 """
 
 import argparse
@@ -19,6 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from gridserve import pdl
+from gridserve.attention.triton_ops.decode_attention import SMALL_BATCH_LAUNCH, _decode_stage1
 from gridserve.layers.decode_gemm import FEW_ROWS_SWAP, NORMED_BLOCK, _decode_gemm_kernel
 
 ARGS = ["X", "R", "RO", "NW", "NO", "W", "S", "B", "Y", "RY", "P", "M", "N", "K", "NP", "stride_xm", "stride_wn",
@@ -45,6 +48,29 @@ def compile_variant(m: int, block_n: int, block_k: int, warps: int, stages: int,
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(ARGS) if name not in NOT_DIVISIBLE}
     return triton.compile(ASTSource(fn=_decode_gemm_kernel, signature=sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def compile_decode_attention(preload: bool):
+    """Decode attention's one kernel (q/k norm, rotation and the KV store first; the merge in its last program) for
+    32 query heads over 4 KV heads of 128, bf16, at batch 1's launch, with PDL's late trigger; preload: its keys and
+    values started into L2 before the wait (decode_attention.PRELOAD_KV)."""
+    pointers = {"ReqToToken": "*i32", "ReqPoolIdx": "*i64", "SeqLens": "*i32", "AttnOut": "*fp32", "AttnLse": "*fp32",
+                "Counters": "*i32", "Loc": "*i64", "Pos": "*i64", "InvFreq": "*fp32"}
+    block_n, stages = SMALL_BATCH_LAUNCH
+    consts = dict(GROUP=8, NUM_SPLITS=64, BASE_SPLITS=16, MIN_SPLIT_LEN=256, SOLO_LEN=0, HEAD_DIM=128,
+                  HEAD_DIM_V=128, BLOCK_H=16, BLOCK_D=128, BLOCK_DV=128, BLOCK_N=block_n, DOT_PRECISION="ieee",
+                  DOT_FP32=False, MERGE=True, BLOCK_G=8, CHUNK_S=4, PREP=True, QK_NORM=True, HALF=64,
+                  PDL=pdl.LATE, PRELOAD_KV=preload, K_LINES=2, V_LINES=2, LINE_ELEMS=64)
+    sig = {}
+    for param in _decode_stage1.params:
+        if param.is_constexpr:
+            sig[param.name] = "constexpr"
+        elif param.name in ("sm_scale", "eps", "rope_scaling"):
+            sig[param.name] = "fp32"
+        else:  # pointers are capitalised; the rest are lengths and strides
+            sig[param.name] = pointers.get(param.name, "*bf16") if param.name[0].isupper() else "i32"
+    return triton.compile(ASTSource(fn=_decode_stage1, signature=sig, constexprs=consts),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
 
 
 def resources(kernel) -> dict:
@@ -81,7 +107,16 @@ def main() -> None:
                    help="the PDL variants (gdc_wait first; the trigger at once, or after the K loop)")
     p.add_argument("--swap", action="store_true", help="2-16 rows as W x^T (FEW_ROWS_SWAP)")
     p.add_argument("--preload-lines", type=int, default=0, help="with --pdl: lines of each weight row into L2 first")
+    p.add_argument("--attention", action="store_true", help="the decode attention kernel, with and without preload")
     a = p.parse_args()
+    if a.attention:
+        print("decode attention, PRELOAD_KV | registers | shared B | spilled B | waits (PDL) | trigger "
+              "| L2 prefetches before the wait")
+        for preload in (False, True):
+            r = resources(compile_decode_attention(preload))
+            print(f"{preload} | {r['registers']} | {r['shared']} | {r['spilled']} | {r['waits']} | {r['trigger']} | "
+                  f"{r['prefetches']}", flush=True)
+        return
     pdl_const = {None: 0, "early": pdl.EARLY, "late": pdl.LATE}[a.pdl]
     print("rows, BLOCK_N, BLOCK_K, warps, stages | weights | registers | shared B | spilled B | loads in the PTX "
           "| waits (PDL) | trigger | L2 prefetches before the wait")

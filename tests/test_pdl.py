@@ -112,3 +112,64 @@ def test_the_weight_preload_needs_the_late_trigger_and_covers_at_most_a_row(monk
     assert (decode_gemm._preload_args(fp8, 8192, w.device)["LINE_ELEMS"]) == 128
     monkeypatch.setattr(decode_gemm, "PRELOAD_BYTES", 0)
     assert "PRELOAD_LINES" not in decode_gemm._preload_args(w, 2048, w.device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="PDL needs a Hopper GPU")
+@pytest.mark.parametrize("lens", [[1], [300], [7, 2000, 129]])
+def test_decode_attention_with_its_kv_preload_equals_it_without(pdl_on, monkeypatch, lens):
+    """The late trigger with the keys and values started into L2 before the wait: the same output, bit for bit."""
+    import importlib
+
+    from tests.paged_kv import make_paged_kv
+
+    decode_module = importlib.import_module("gridserve.attention.triton_ops.decode_attention")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    pdl._supported.cache_clear()
+    g, k, v, r2t, rpi, sl = (t.cuda() if isinstance(t, torch.Tensor) else t
+                             for t in make_paged_kv(lens, 4, 128, torch.bfloat16))
+    q = torch.randn(len(lens), 32, 128, dtype=torch.bfloat16, device="cuda")
+    pdl.set_enabled(False)
+    want = decode_module.decode_attention(q, k, v, r2t, rpi, sl, 128**-0.5)
+    pdl.set_enabled(True)
+    monkeypatch.setattr(pdl, "TRIGGER", pdl.LATE)
+    monkeypatch.setattr(decode_module, "PRELOAD_KV", True)
+    assert decode_module._preload_args(k, decode_module.check_paged_inputs(q, k, v, r2t)[1], q.device)["PRELOAD_KV"]
+    got = decode_module.decode_attention(q, k, v, r2t, rpi, sl, 128**-0.5)
+    assert torch.equal(got, want)
+
+
+def test_decode_attentions_kv_preload_needs_the_late_trigger(monkeypatch):
+    import importlib
+
+    m = importlib.import_module("gridserve.attention.triton_ops.decode_attention")
+    k = torch.empty(8, 4, 128, dtype=torch.bfloat16)
+    q, r2t = torch.empty(1, 32, 128, dtype=torch.bfloat16), torch.zeros(1, 8, dtype=torch.int32)
+    sh = m.check_paged_inputs(q, k, k, r2t)[1]
+    monkeypatch.setattr(m, "PRELOAD_KV", True)
+    assert m._preload_args(k, sh, torch.device("cpu")) == {"PDL": 0}  # PDL off
+    monkeypatch.setattr(m, "pdl_args", lambda device: {"PDL": pdl.EARLY, "launch_pdl": True})
+    assert "PRELOAD_KV" not in m._preload_args(k, sh, k.device)
+    monkeypatch.setattr(m, "pdl_args", lambda device: {"PDL": pdl.LATE, "launch_pdl": True})
+    args = m._preload_args(k, sh, k.device)
+    assert (args["PRELOAD_KV"], args["K_LINES"], args["V_LINES"], args["LINE_ELEMS"]) == (True, 2, 2, 64)
+    monkeypatch.setattr(m, "PRELOAD_KV", False)
+    assert "PRELOAD_KV" not in m._preload_args(k, sh, k.device)
+
+
+def test_decode_attentions_kv_preload_compiles_for_hopper_before_the_wait():
+    """No GPU needed: kernel_resources --attention compiles decode attention for sm_90 with the late trigger, with
+    and without the preload: L2 prefetches before gdc_wait only with it, and no spills either way."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "kernel_resources.py")
+    out = subprocess.run([sys.executable, script, "--attention"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {r[0]: r for r in (line.split(" | ") for line in out.stdout.splitlines()[1:])}
+    assert set(rows) == {"False", "True"}
+    assert rows["False"][-1] == "0" and int(rows["True"][-1]) > 0
+    assert rows["False"][3] == rows["True"][3] == "0" and rows["True"][4] == "True"  # no spills; it waits

@@ -16,6 +16,7 @@ import triton.language as tl
 from gridserve import pdl
 from gridserve.layers.quantization import DECODE_GEMM_MAX_M, FP8
 from gridserve.pdl import launch_args as pdl_args
+from gridserve.pdl_triton import prefetch_l2
 
 
 @triton.jit
@@ -33,13 +34,6 @@ def _gemm_input(X, R, ms, ks, ok, stride_xm, K, GATED: tl.constexpr, HAS_RES: tl
         r = tl.load(R + ms[:, None] * stride_xm + ks[None, :], mask=ok, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
     return x
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Starts each address's 128-byte line on its way into L2 (PTX prefetch); nothing waits for it."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -71,7 +65,7 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
     if PDL:  # programmatic dependent launch (gridserve/pdl.py)
         if PRELOAD_LINES > 0:  # clamped: every address is valid
             lines = tl.minimum(tl.arange(0, PRELOAD_LINES) * LINE_ELEMS, K - 1)
-            _prefetch_l2(W + tl.minimum(rows, N - 1)[:, None].to(tl.int64) * stride_wn + lines[None, :])
+            prefetch_l2(W + tl.minimum(rows, N - 1)[:, None].to(tl.int64) * stride_wn + lines[None, :])
         tl.extra.cuda.gdc_wait()
         if PDL == 1:  # pdl.EARLY; LATE triggers after the loads below
             tl.extra.cuda.gdc_launch_dependents()
