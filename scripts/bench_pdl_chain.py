@@ -1,10 +1,10 @@
 """Does programmatic dependent launch (PDL, gridserve/pdl.py) shorten a chain of kernels replayed from a CUDA graph?
 
 Two chains, each captured in one graph and timed by CUDA events, with PDL off, on with the early trigger (each
-kernel lets the next one be scheduled at its start, as gridserve's kernels do), and on with a late trigger (after
-its loads, here only in the tiny kernel):
-  - `tiny`: CHAIN launches of a kernel of one program an SM that reads 4 KB and writes it back plus one, each
-    reading what the one before wrote: the time a launch costs in a graph, nothing else;
+kernel lets the next one be scheduled at its start), and on with the late trigger (after its main loads, as
+gridserve's long kernels do, pdl.LATE):
+  - `tiny`: CHAIN launches of a kernel of one program, or one an SM, each program reading 4 KB that the launch
+    before wrote and writing it plus one: the time a launch costs in a graph, nothing else;
   - `gemm`: the decode GEMM (layers/decode_gemm.py, one row) on the 30B-A3B's attention weights, qkv (5,120 x
     2,048) then o_proj (2,048 x 4,096), for `--layers` layers with their own weights: what PDL buys between
     bandwidth-bound kernels of a few microseconds.
@@ -61,9 +61,12 @@ def tiny_chain(mode: str, chain: int, programs: int) -> float:
     return time_ms(run, graph=True) * 1e3 / chain
 
 
-def gemm_chain(on: bool, layers: int) -> float:
-    """Microseconds a GEMM in a graph of `layers` x (qkv, o_proj) one-row decode GEMMs on their own weights."""
-    pdl.set_enabled(on)
+def gemm_chain(mode: str, layers: int) -> float:
+    """Microseconds a GEMM in a graph of `layers` x (qkv, o_proj) one-row decode GEMMs on their own weights, with
+    PDL off, or on with the early or the late trigger."""
+    pdl.set_enabled(mode != "off")
+    trigger = pdl.TRIGGER
+    pdl.TRIGGER = pdl.EARLY if mode == "early" else pdl.LATE
     g = torch.Generator(device="cuda").manual_seed(0)
     ws = [(torch.randn(5120, 2048, device="cuda", dtype=torch.bfloat16, generator=g) / 64,
            torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16, generator=g) / 64) for _ in range(layers)]
@@ -79,6 +82,7 @@ def gemm_chain(on: bool, layers: int) -> float:
         return time_ms(run, graph=True) * 1e3 / (2 * layers)
     finally:
         pdl.set_enabled(False)
+        pdl.TRIGGER = trigger
 
 
 def main() -> None:
@@ -95,8 +99,8 @@ def main() -> None:
     for programs in (1, sms):
         t = [tiny_chain(m, args.chain, programs) for m in ("off", "early", "late")]
         print(f"| tiny, {programs} program(s) x 4 KB | " + " | ".join(f"{v:.2f}" for v in t) + " |")
-    t = [gemm_chain(on, args.layers) for on in (False, True)]
-    print(f"| decode GEMM, 30B-A3B qkv + o_proj, {args.layers} layers | {t[0]:.2f} | {t[1]:.2f} | |")
+    t = [gemm_chain(m, args.layers) for m in ("off", "early", "late")]
+    print(f"| decode GEMM, 30B-A3B qkv + o_proj, {args.layers} layers | " + " | ".join(f"{v:.2f}" for v in t) + " |")
 
 
 if __name__ == "__main__":
