@@ -44,7 +44,8 @@ if has imports; then  # where the front end's and a scheduler's start-up imports
 fi
 if has kernels; then  # the Triton kernels on the GPU against their references
   gpu_tests kernels tests/test_fused_ops.py tests/test_decode_gemm.py tests/test_triton_decode_attention.py \
-    tests/test_triton_extend_attention.py tests/test_race_kernel.py tests/test_piecewise_graphs.py tests/test_kv_store.py
+    tests/test_triton_extend_attention.py tests/test_race_kernel.py tests/test_piecewise_graphs.py tests/test_kv_store.py \
+    tests/test_pdl.py
 fi
 if has newkernels; then  # the kernels whose defaults changed last (MoE grouping, one-split decode, normed store)
   gpu_tests newkernels tests/test_fused_moe.py tests/test_triton_decode_attention.py tests/test_decode_gemm.py
