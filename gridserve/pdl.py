@@ -54,6 +54,15 @@ def enabled(device: torch.device) -> bool:
     return _enabled and device.type == "cuda" and _supported(device.index or 0)
 
 
+L2_LINE = 128  # bytes of the lines a kernel starts into L2 before its wait (gridserve/pdl_triton.py)
+
+
+def l2_lines(nbytes: int) -> int:
+    """The L2 lines that cover nbytes from a line's start, rounded up to a power of two (tl.arange's length)."""
+    lines = -(-nbytes // L2_LINE)
+    return 1 << max(lines - 1, 0).bit_length()
+
+
 def launch_args(device: torch.device) -> dict:
     """The launch's keyword arguments for a kernel that takes PDL: its PDL constexpr (0, EARLY or LATE), and
     Triton's launch_pdl option where it is on (Triton before 3.3 has no such option)."""

@@ -275,6 +275,5 @@ def _preload_args(weight: torch.Tensor, k: int, device: torch.device) -> dict:
     args = pdl_args(device)
     if PRELOAD_BYTES and args["PDL"] == pdl.LATE:
         size = weight.element_size()
-        lines = triton.next_power_of_2(triton.cdiv(min(PRELOAD_BYTES, k * size), 128))
-        args.update(PRELOAD_LINES=lines, LINE_ELEMS=128 // size)
+        args.update(PRELOAD_LINES=pdl.l2_lines(min(PRELOAD_BYTES, k * size)), LINE_ELEMS=pdl.L2_LINE // size)
     return args

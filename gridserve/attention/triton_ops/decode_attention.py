@@ -372,9 +372,8 @@ def _preload_args(k_buffer: torch.Tensor, sh, device: torch.device) -> dict:
     args = pdl_args(device)
     if PRELOAD_KV and args["PDL"] == pdl.LATE:
         size = k_buffer.element_size()
-        args.update(PRELOAD_KV=True, LINE_ELEMS=128 // size,
-                    K_LINES=triton.next_power_of_2(triton.cdiv(sh.head_dim * size, 128)),
-                    V_LINES=triton.next_power_of_2(triton.cdiv(sh.head_dim_v * size, 128)))
+        args.update(PRELOAD_KV=True, LINE_ELEMS=pdl.L2_LINE // size, K_LINES=pdl.l2_lines(sh.head_dim * size),
+                    V_LINES=pdl.l2_lines(sh.head_dim_v * size))
     return args
 
 
