@@ -6,9 +6,9 @@ what it computes does not change; and it calls `gdc_launch_dependents` to let th
 early in turn. A kernel without PDL before or after it is an ordinary boundary. At batch 1 a decode step is a chain
 of 150-400 kernels of a few microseconds each, where the gap between two kernels is a sizable share.
 
-Off unless `--enable-pdl` (the model runner calls `set_enabled`); never under TRITON_INTERPRET, which has no
-`gdc_wait`, nor on GPUs before compute capability 9.0. The launch passes PDL = EARLY or LATE (TRIGGER says which;
-0 when off). A kernel that takes PDL starts with
+On by default (the model runner calls `set_enabled`; `--disable-pdl` turns it off); never under TRITON_INTERPRET,
+which has no `gdc_wait`, nor on GPUs before compute capability 9.0. The launch passes PDL = EARLY or LATE (TRIGGER
+says which; 0 when off). A kernel that takes PDL starts with
 
     if PDL:
         tl.extra.cuda.gdc_wait()
@@ -17,13 +17,13 @@ Off unless `--enable-pdl` (the model runner calls `set_enabled`); never under TR
 
 and a long one (the decode GEMM, the MoE vector kernels, decode attention) also triggers after its main loop's
 loads when PDL == LATE, so that the next kernel's programs are scheduled only as its own finish their loads instead
-of waiting from the start in SM slots; it is launched with `**pdl.launch_args(device)`. On an H100 at batch 1,
-against PDL off: the late trigger took 0.08-0.10 ms off the 30B-A3B shape's step, 0.05 off the 8B's and 0.03 off
-the 0.6B's; the early one cost 0.02-0.04 ms (and earlier 0.07-0.2 with the decode GEMM prefetching its weights into
-L2 before `gdc_wait`). A graph keeps the programmatic edges: a launch of a tiny kernel costs 0.9-1.4 us with PDL off
-and 0.7-0.9 with it (scripts/bench_pdl_chain.py; docs/benchmarks.md, 2026-12-07). This module imports no
-Triton: importing Triton before a test sets TRITON_INTERPRET would leave the kernels unable to run on the
-interpreter.
+of waiting from the start in SM slots; it is launched with `**pdl.launch_args(device)`. On an H100, against PDL
+off: the late trigger took 0.08-0.10 ms off the 30B-A3B shape's batch-1 step, 0.05 off the 8B's (also at batch 4)
+and 0.03 off the 0.6B's, and offline throughput stayed (+0.1%); the early one cost 0.02-0.04 ms. Prefetching a
+kernel's weights, or its keys and values, into L2 before its `gdc_wait` lost (up to 0.9 ms on the 8B). A graph
+keeps the programmatic edges: a launch of a tiny kernel costs 0.9-1.4 us with PDL off and 0.7-0.9 with it
+(scripts/bench_pdl_chain.py; docs/benchmarks.md, 2026-12-07). This module imports no Triton: importing Triton
+before a test sets TRITON_INTERPRET would leave the kernels unable to run on the interpreter.
 """
 
 import functools
@@ -31,7 +31,7 @@ import os
 
 import torch
 
-_enabled = False
+_enabled = False  # until a model runner sets it from its --disable-pdl
 EARLY, LATE = 1, 2  # the PDL constexpr: where a long kernel lets the next one be scheduled
 TRIGGER = LATE  # measured in the models on an H100 (docs/benchmarks.md, 2026-12-07): late won, early lost
 
@@ -52,15 +52,6 @@ def _supported(device_index: int) -> bool:
 def enabled(device: torch.device) -> bool:
     """Whether kernels on this device launch with PDL."""
     return _enabled and device.type == "cuda" and _supported(device.index or 0)
-
-
-L2_LINE = 128  # bytes of the lines a kernel starts into L2 before its wait (gridserve/pdl_triton.py)
-
-
-def l2_lines(nbytes: int) -> int:
-    """The L2 lines that cover nbytes from a line's start, rounded up to a power of two (tl.arange's length)."""
-    lines = -(-nbytes // L2_LINE)
-    return 1 << max(lines - 1, 0).bit_length()
 
 
 def launch_args(device: torch.device) -> dict:

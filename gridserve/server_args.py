@@ -39,7 +39,7 @@ GROUPS = {
                    "priority_scheduling_preemption_threshold", "abort_on_priority_when_disabled"],
     "GPU speed": ["attention_backend", "disable_cudnn_prefill", "cuda_graph_max_bs", "disable_cuda_graph",
                   "piecewise_cuda_graph_max_tokens", "disable_piecewise_cuda_graph", "disable_overlap_schedule",
-                  "enable_overlap_schedule", "disable_late_launch", "enable_pdl"],
+                  "enable_overlap_schedule", "disable_late_launch", "disable_pdl"],
     "parallelism": ["tp_size", "ep_size", "pp_size", "pp_max_micro_batch_size", "pp_layer_partition", "dp_size",
                     "load_balance_method", "base_gpu_id", "gpu_id_step"],
     "several nodes": ["nnodes", "node_rank", "dist_init_addr", "dist_timeout", "dist_ifname"],
@@ -109,8 +109,9 @@ class ServerArgs:
                                             "for new requests until then, so that one arriving meanwhile prefills "
                                             "after that step rather than after the next too: TTFT while others "
                                             "decode)")
-    enable_pdl: bool = _opt(False, "launch the Triton kernels of a step with programmatic dependent launch (Hopper "
-                                   "and later GPUs): each may be scheduled while the one before it finishes")
+    disable_pdl: bool = _opt(False, "launch the Triton kernels of a step without programmatic dependent launch, "
+                                    "which is on by default on Hopper and later GPUs: there each kernel may be "
+                                    "scheduled while the one before it finishes (1-3%% faster decode at batch 1)")
     random_seed: int = _opt(0, "seed for requests that do not give one")
     tp_size: int = _opt(1, "tensor-parallel size")
     ep_size: int = _opt(1, "expert-parallel size, inside the TP group (must divide --tp-size): a mixture-of-experts "

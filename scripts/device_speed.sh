@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles pdlchain pdlon pdlpre;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles pdlchain;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -278,18 +278,18 @@ if has pipeline; then  # one row's K loops with loads ahead (Triton's pipelining
   grep -hE "^ONE_ROW_CONFIG|^VEC_CONFIG|: \(.*\)[,}]$" /tmp/pipe/gridserve/layers/{decode_gemm,fused_moe}.py | head -4
   AB_MODELS=${PIPE_MODELS:-M Q L} ab_trees $PWD /tmp/pipe
 fi
-if has pdl; then  # issue 20: programmatic dependent launch (--enable-pdl): a kernel chain in a graph, the greedy
-  # tokens against PDL off, batch-1 latency with and without it (PDL_MODELS: which shapes)
+if has pdl; then  # issue 20: programmatic dependent launch (on by default on Hopper; --disable-pdl): a kernel chain in a
+  # graph, the greedy tokens against PDL off, batch-1 latency with and without it (PDL_MODELS: which shapes)
   gpu_tests pdl_tests tests/test_pdl.py
-  python3 scripts/greedy_agreement.py $Q --candidate enable_pdl=true --num-prompts 24 \
+  python3 scripts/greedy_agreement.py $Q --baseline disable_pdl=true --num-prompts 24 \
     --output-json $OUT/agreement_pdl.json > $OUT/agreement_pdl.log 2>&1; tail -4 $OUT/agreement_pdl.log
-  for m in ${PDL_MODELS:-Q L M}; do for flag in "--enable-pdl" ""; do
+  for m in ${PDL_MODELS:-Q L M}; do for flag in "" "--disable-pdl"; do
     $GS bench latency ${!m} $flag --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
-      --output-json $OUT/latency_$m${flag:+_pdl}.json 2>&1 | tee $OUT/latency_$m${flag:+_pdl}.log \
-      | grep -E "TPOT|rror" | sed "s/^/$m ${flag:-no-pdl}: /"
+      --output-json $OUT/latency_$m${flag:+_nopdl}.json 2>&1 | tee $OUT/latency_$m${flag:+_nopdl}.log \
+      | grep -E "TPOT|rror" | sed "s/^/$m ${flag:-pdl}: /"
   done; done
   # does the host keep ahead of a shorter step? (cProfile: the time not in Event.synchronize is the host's)
-  python3 scripts/profile_scheduler.py $Q --enable-pdl --batch-size 1 --no-show-progress --top 12 2>&1 \
+  python3 scripts/profile_scheduler.py $Q --batch-size 1 --no-show-progress --top 12 2>&1 \
     | grep -v Warning > $OUT/profile_Q_pdl.txt; head -12 $OUT/profile_Q_pdl.txt
 fi
 if has pdlchain; then  # does a graph keep PDL's programmatic edges? launches of a tiny kernel, and the decode GEMM;
@@ -299,28 +299,8 @@ if has pdlchain; then  # does a graph keep PDL's programmatic edges? launches of
   variant_tree pdlearly pdl.py -e 's/^TRIGGER = LATE .*/TRIGGER = EARLY/'
   grep -n "^TRIGGER" /tmp/pdlearly/gridserve/pdl.py
   rm -rf /tmp/pdllate && mkdir -p /tmp/pdllate && cp -r gridserve /tmp/pdllate/
-  AB_MODELS=${PDL_MODELS:-M L} ab_trees $PWD
-  AB_MODELS=${PDL_MODELS:-M L} AB_ARGS=--enable-pdl ab_trees /tmp/pdlearly /tmp/pdllate
-fi
-if has pdlon; then  # PDL beyond batch 1: offline Q (nano-vllm's workload) and L at batch 4, with and without it
-  for flag in "" "--enable-pdl"; do
-    $GS bench offline $Q $flag --no-show-progress --output-json $OUT/offline_Q${flag:+_pdl}.json 2>&1 \
-      | grep -E "gridserve |floor " | sed "s/^/Q offline ${flag:-no-pdl}: /"; bundle
-    $GS bench latency $L $flag --batch-size 4 --input-len 256 --output-len 128 --num-runs 3 --no-show-progress \
-      --output-json $OUT/latency_L_bs4${flag:+_pdl}.json 2>&1 | grep -E "TPOT median" | sed "s/^/L bs4 ${flag:-no-pdl}: /"
-  done
-fi
-if has pdlpre; then  # plan rows 3j and 3k: with --enable-pdl (late trigger), before gdc_wait the decode GEMM's
-  # programs start 4 KB of each weight row (pre4k) or the whole row (prerow) into L2, decode attention its split's
-  # keys and values (prekv), or both (preall), against none (the tree)
-  gpu_tests pdl_tests tests/test_pdl.py
-  variant_tree pre4k layers/decode_gemm.py -e 's/^PRELOAD_BYTES = 0$/PRELOAD_BYTES = 4096/'
-  variant_tree prerow layers/decode_gemm.py -e 's/^PRELOAD_BYTES = 0$/PRELOAD_BYTES = 1 << 20/'
-  variant_tree prekv attention/triton_ops/decode_attention.py -e 's/^PRELOAD_KV = False$/PRELOAD_KV = True/'
-  rm -rf /tmp/preall && cp -r /tmp/prerow /tmp/preall && cp /tmp/prekv/gridserve/attention/triton_ops/decode_attention.py \
-    /tmp/preall/gridserve/attention/triton_ops/
-  grep -h "^PRELOAD" /tmp/pre*/gridserve/layers/decode_gemm.py /tmp/pre*/gridserve/attention/triton_ops/decode_attention.py
-  AB_MODELS=${PDL_MODELS:-M L} AB_ARGS=--enable-pdl ab_trees $PWD /tmp/pre4k /tmp/prerow /tmp/prekv /tmp/preall
+  AB_MODELS=${PDL_MODELS:-M L} AB_ARGS=--disable-pdl ab_trees $PWD
+  AB_MODELS=${PDL_MODELS:-M L} ab_trees /tmp/pdlearly /tmp/pdllate
 fi
 if has rope; then  # the prefill's rotary kernels (q/k norm + rotary; rotary) on an 8,192-token chunk
   python3 scripts/bench_rope_kernel.py 2>&1 | grep -v Warning | tee $OUT/rope_kernel.txt

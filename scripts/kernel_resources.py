@@ -2,12 +2,10 @@
 ptxas (as a launch would specialise it: pointers, N, K and strides divisible by 16), and cuobjdump reports its
 registers, shared memory and spills; the PTX tells how it loads the weights and, with PDL, that it waits for the
 kernel before (gdc_wait) and where it triggers the next. A GPU lease is scarce; this shows before one whether a tile
-fits. --attention: the decode attention kernel as a batch-1 step of the 30B-A3B's heads runs it, with PDL's late
-trigger, with and without its K/V preload before the wait.
+fits.
 
     TRITON_INTERPRET=0 python3 scripts/kernel_resources.py [--pdl [early|late]] [--swap]
         [--tiles M:BLOCK_N:BLOCK_K:WARPS:STAGES ...]
-    TRITON_INTERPRET=0 python3 scripts/kernel_resources.py --attention
 """
 
 import argparse
@@ -21,7 +19,6 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from gridserve import pdl
-from gridserve.attention.triton_ops.decode_attention import SMALL_BATCH_LAUNCH, _decode_stage1
 from gridserve.layers.decode_gemm import FEW_ROWS_SWAP, NORMED_BLOCK, _decode_gemm_kernel
 
 ARGS = ["X", "R", "RO", "NW", "NO", "W", "S", "B", "Y", "RY", "P", "M", "N", "K", "NP", "stride_xm", "stride_wn",
@@ -33,51 +30,26 @@ DEFAULT_TILES = ["1:8:1024:8:1", "1:8:1024:8:3", "16:32:512:4:4"]
 
 
 def compile_variant(m: int, block_n: int, block_k: int, warps: int, stages: int, fp8: bool, pdl: int,
-                    swap: bool = False, preload_lines: int = 0):
+                    swap: bool = False):
     """The decode GEMM (a residual add and RMSNorm before the product) compiled for sm_90; swap: 2-16 rows as
-    W x^T (decode_gemm.FEW_ROWS_SWAP); pdl: 0, or gridserve.pdl's EARLY or LATE trigger; preload_lines: the 128-byte
-    lines of each weight row started into L2 before gdc_wait (decode_gemm.PRELOAD_BYTES)."""
+    W x^T (decode_gemm.FEW_ROWS_SWAP); pdl: 0, or gridserve.pdl's EARLY or LATE trigger."""
     w = "*fp8e4nv" if fp8 else "*bf16"
     sig = dict(zip(ARGS, ["*bf16"] * 5 + [w, "*fp32", "*bf16", "*bf16", "*bf16", "*fp32"] + ["i32"] * 7 + ["fp32"],
                    strict=True))
     consts = dict(HAS_SCALE=fp8, HAS_BIAS=False, GATED=False, NORM=True, HAS_RES=True, STORE_NORMED=False,
                   SUM_OUT=False, SQ_FROM_P=False, BLOCK_P=1, NORMED_BLOCK=NORMED_BLOCK,
                   SWAP=m > 1 and swap, BLOCK_M=m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="tf32",
-                  STAGES=stages, PDL=pdl, PRELOAD_LINES=preload_lines, LINE_ELEMS=128 if fp8 else 64)
+                  STAGES=stages, PDL=pdl)
     sig.update(dict.fromkeys(consts, "constexpr"))
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(ARGS) if name not in NOT_DIVISIBLE}
     return triton.compile(ASTSource(fn=_decode_gemm_kernel, signature=sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
-def compile_decode_attention(preload: bool):
-    """Decode attention's one kernel (q/k norm, rotation and the KV store first; the merge in its last program) for
-    32 query heads over 4 KV heads of 128, bf16, at batch 1's launch, with PDL's late trigger; preload: its keys and
-    values started into L2 before the wait (decode_attention.PRELOAD_KV)."""
-    pointers = {"ReqToToken": "*i32", "ReqPoolIdx": "*i64", "SeqLens": "*i32", "AttnOut": "*fp32", "AttnLse": "*fp32",
-                "Counters": "*i32", "Loc": "*i64", "Pos": "*i64", "InvFreq": "*fp32"}
-    block_n, stages = SMALL_BATCH_LAUNCH
-    consts = dict(GROUP=8, NUM_SPLITS=64, BASE_SPLITS=16, MIN_SPLIT_LEN=256, SOLO_LEN=0, HEAD_DIM=128,
-                  HEAD_DIM_V=128, BLOCK_H=16, BLOCK_D=128, BLOCK_DV=128, BLOCK_N=block_n, DOT_PRECISION="ieee",
-                  DOT_FP32=False, MERGE=True, BLOCK_G=8, CHUNK_S=4, PREP=True, QK_NORM=True, HALF=64,
-                  PDL=pdl.LATE, PRELOAD_KV=preload, K_LINES=2, V_LINES=2, LINE_ELEMS=64)
-    sig = {}
-    for param in _decode_stage1.params:
-        if param.is_constexpr:
-            sig[param.name] = "constexpr"
-        elif param.name in ("sm_scale", "eps", "rope_scaling"):
-            sig[param.name] = "fp32"
-        else:  # pointers are capitalised; the rest are lengths and strides
-            sig[param.name] = pointers.get(param.name, "*bf16") if param.name[0].isupper() else "i32"
-    return triton.compile(ASTSource(fn=_decode_stage1, signature=sig, constexprs=consts),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
-
-
 def resources(kernel) -> dict:
     """Registers and local (spilled) bytes from cuobjdump, shared memory (dynamic, as Triton allocates it) from the
-    kernel's metadata; the PTX's global loads; whether it waits for the kernel before (PDL), where it lets the next
-    one be scheduled ("first": before any global load, "after loads": after the last, "between loads", "none"), and
-    the L2 prefetch instructions before its wait."""
+    kernel's metadata; the PTX's global loads; whether it waits for the kernel before (PDL), and where it lets the
+    next one be scheduled: "first" (before any global load), "after loads" (after the last), or "none"."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -88,8 +60,7 @@ def resources(kernel) -> dict:
     loads = re.findall(r"(cp\.async\.cg|ld\.global(?:\.v\d)?\.b\d+)", ptx)
     return {"registers": int(found.get("REG", 0)), "shared": kernel.metadata.shared,
             "spilled": int(found.get("LOCAL", 0)), "loads": {k: loads.count(k) for k in sorted(set(loads))},
-            "waits": "griddepcontrol.wait" in ptx, "trigger": _trigger(ptx),
-            "prefetches": ptx[:max(ptx.find("griddepcontrol.wait"), 0)].count("prefetch.global.L2")}
+            "waits": "griddepcontrol.wait" in ptx, "trigger": _trigger(ptx)}
 
 
 def _trigger(ptx: str) -> str:
@@ -106,27 +77,17 @@ def main() -> None:
     p.add_argument("--pdl", nargs="?", const="early", choices=["early", "late"],
                    help="the PDL variants (gdc_wait first; the trigger at once, or after the K loop)")
     p.add_argument("--swap", action="store_true", help="2-16 rows as W x^T (FEW_ROWS_SWAP)")
-    p.add_argument("--preload-lines", type=int, default=0, help="with --pdl: lines of each weight row into L2 first")
-    p.add_argument("--attention", action="store_true", help="the decode attention kernel, with and without preload")
     a = p.parse_args()
-    if a.attention:
-        print("decode attention, PRELOAD_KV | registers | shared B | spilled B | waits (PDL) | trigger "
-              "| L2 prefetches before the wait")
-        for preload in (False, True):
-            r = resources(compile_decode_attention(preload))
-            print(f"{preload} | {r['registers']} | {r['shared']} | {r['spilled']} | {r['waits']} | {r['trigger']} | "
-                  f"{r['prefetches']}", flush=True)
-        return
     pdl_const = {None: 0, "early": pdl.EARLY, "late": pdl.LATE}[a.pdl]
     print("rows, BLOCK_N, BLOCK_K, warps, stages | weights | registers | shared B | spilled B | loads in the PTX "
-          "| waits (PDL) | trigger | L2 prefetches before the wait")
+          "| waits (PDL) | trigger")
     for tile in a.tiles:
         m, block_n, block_k, warps, stages = map(int, tile.split(":"))
         for fp8 in (False, True):
             r = resources(compile_variant(m, block_n, block_k, warps, stages, fp8, pdl_const,
-                                          a.swap or FEW_ROWS_SWAP, a.preload_lines if a.pdl else 0))
+                                          a.swap or FEW_ROWS_SWAP))
             print(f"{tile} | {'FP8' if fp8 else 'bf16'} | {r['registers']} | {r['shared']} | {r['spilled']} | "
-                  f"{r['loads']} | {r['waits']} | {r['trigger']} | {r['prefetches']}", flush=True)
+                  f"{r['loads']} | {r['waits']} | {r['trigger']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gridserve import pdl
 from gridserve.layers.quantization import DECODE_GEMM_MAX_M, FP8
 from gridserve.pdl import launch_args as pdl_args
-from gridserve.pdl_triton import prefetch_l2
 
 
 @triton.jit
@@ -42,8 +40,7 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
                         HAS_RES: tl.constexpr, STORE_NORMED: tl.constexpr, SUM_OUT: tl.constexpr,
                         SQ_FROM_P: tl.constexpr, BLOCK_P: tl.constexpr, NORMED_BLOCK: tl.constexpr,
                         SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
-                        PRELOAD_LINES: tl.constexpr = 0, LINE_ELEMS: tl.constexpr = 64):
+                        DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     """Y[:, n-tile] = (X @ W[n-tile].T) (* S[n-tile]) (+ B): W in X's dtype, or FP8 widened to it in registers.
     The input is X as _gemm_input reads it; with NORM, then RMSNorm(that) with weight NW (the weight applied as x
     loads, the row's 1/RMS to the sums, so that one pass over x suffices), and the programs of tile 0 store the
@@ -55,17 +52,11 @@ def _decode_gemm_kernel(X, R, RO, NW, NO, W, S, B, Y, RY, P, M, N, K, NP, stride
     instead of summing its own input.
     BLOCK_M 1 (one row) multiplies on the CUDA cores, a dot product per weight row; 16 (2-16 rows) runs tl.dot.
     The K loop keeps STAGES - 1 tiles of loads in flight ahead of the one it multiplies (Triton's pipelining, which
-    a launch's num_stages gives only to loops with tl.dot in them: the one-row loop needs it named here).
-    With PDL's late trigger and PRELOAD_LINES, each program first starts that many 128-byte lines of each of its
-    weight rows into L2: the weights depend on no earlier kernel, and with the late trigger this program is only
-    scheduled during the kernel before's tail, so the lines stream while that tail runs."""
+    a launch's num_stages gives only to loops with tl.dot in them: the one-row loop needs it named here)."""
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     if PDL:  # programmatic dependent launch (gridserve/pdl.py)
-        if PRELOAD_LINES > 0:  # clamped: every address is valid
-            lines = tl.minimum(tl.arange(0, PRELOAD_LINES) * LINE_ELEMS, K - 1)
-            prefetch_l2(W + tl.minimum(rows, N - 1)[:, None].to(tl.int64) * stride_wn + lines[None, :])
         tl.extra.cuda.gdc_wait()
         if PDL == 1:  # pdl.EARLY; LATE triggers after the loads below
             tl.extra.cuda.gdc_launch_dependents()
@@ -261,19 +252,5 @@ def _decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
             BLOCK_P=triton.next_power_of_2(max(num_partials, 1)), NORMED_BLOCK=NORMED_BLOCK,
             SWAP=m > 1 and FEW_ROWS_SWAP, BLOCK_M=1 if m == 1 else DECODE_GEMM_MAX_M,
             BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            STAGES=stages, num_warps=warps, num_stages=stages, **_preload_args(weight, k, x.device))
+            STAGES=stages, num_warps=warps, num_stages=stages, **pdl_args(x.device))
     return y
-
-
-# Bytes of each weight row a program starts into L2 before gdc_wait, with PDL's late trigger (0: none). Not yet
-# timed (docs/device-notes.md, plan row 3j); an early-trigger form lost on an H100 (+0.2 ms on the 8B).
-PRELOAD_BYTES = 0
-
-
-def _preload_args(weight: torch.Tensor, k: int, device: torch.device) -> dict:
-    """pdl.launch_args, with PRELOAD_LINES and LINE_ELEMS where the late trigger and PRELOAD_BYTES call for them."""
-    args = pdl_args(device)
-    if PRELOAD_BYTES and args["PDL"] == pdl.LATE:
-        size = weight.element_size()
-        args.update(PRELOAD_LINES=pdl.l2_lines(min(PRELOAD_BYTES, k * size)), LINE_ELEMS=pdl.L2_LINE // size)
-    return args

@@ -42,7 +42,7 @@ class ModelRunner:
             # 1.51 ms, Qwen3-0.6B, batch 1) once any other stream had run work or captured a graph.
             self.stream = torch.cuda.Stream(self.device)
             torch.cuda.set_stream(self.stream)
-        pdl.set_enabled(args.enable_pdl)
+        pdl.set_enabled(not args.disable_pdl)
         self.dtype = resolve_dtype(args.dtype, cfg)
         self.context_len = args.context_length or cfg.max_position_embeddings
         start = time.perf_counter()

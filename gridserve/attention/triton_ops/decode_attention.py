@@ -30,10 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gridserve import pdl
 from gridserve.attention.triton_ops.common import check_paged_inputs
 from gridserve.pdl import launch_args as pdl_args
-from gridserve.pdl_triton import prefetch_l2
 
 
 @triton.jit
@@ -54,27 +52,6 @@ def _used_splits(seq_len, NUM_SPLITS: tl.constexpr, BASE_SPLITS: tl.constexpr, M
                  BLOCK_N: tl.constexpr, SOLO_LEN: tl.constexpr):
     """The splits that hold keys: the first n of the grid's NUM_SPLITS (0 for an empty row)."""
     return tl.cdiv(seq_len, _split_len(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N, SOLO_LEN))
-
-
-@triton.jit
-def _preload_kv(K, V, ReqToToken, ReqPoolIdx, SeqLens, b, kvh, split, stride_kt, stride_kh, stride_vt, stride_vh,
-                stride_rt, NUM_SPLITS: tl.constexpr, BASE_SPLITS: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr,
-                BLOCK_N: tl.constexpr, SOLO_LEN: tl.constexpr, K_LINES: tl.constexpr, V_LINES: tl.constexpr,
-                LINE_ELEMS: tl.constexpr):
-    """Starts the keys and values of this program's split into L2 (K_LINES and V_LINES 128-byte lines a row of one
-    KV head). Before gdc_wait: the request's row of the block table and the cache of earlier tokens depend on no
-    kernel of this step (gridserve/pdl_triton.py); the newest token's slot, which this kernel stores later, is only
-    started too."""
-    seq_len = tl.load(SeqLens + b).to(tl.int32)
-    req = tl.load(ReqPoolIdx + b).to(tl.int64)
-    split_len = _split_len(seq_len, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N, SOLO_LEN)
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
-    for start_n in range(start, end, BLOCK_N):  # none for a split past the keys
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        slots = tl.load(ReqToToken + req * stride_rt + offs_n, mask=offs_n < end, other=0).to(tl.int64)
-        prefetch_l2(K + slots[:, None] * stride_kt + kvh * stride_kh + (tl.arange(0, K_LINES) * LINE_ELEMS)[None, :])
-        prefetch_l2(V + slots[:, None] * stride_vt + kvh * stride_vh + (tl.arange(0, V_LINES) * LINE_ELEMS)[None, :])
 
 
 @triton.jit
@@ -193,22 +170,14 @@ def _decode_stage1(
     QK_NORM: tl.constexpr,
     HALF: tl.constexpr,
     PDL: tl.constexpr,
-    PRELOAD_KV: tl.constexpr = False,  # with PDL: the split's keys and values started into L2 before the wait
-    K_LINES: tl.constexpr = 1,
-    V_LINES: tl.constexpr = 1,
-    LINE_ELEMS: tl.constexpr = 64,
 ):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
     if PDL:  # programmatic dependent launch (gridserve/pdl.py)
-        if PRELOAD_KV:
-            _preload_kv(K, V, ReqToToken, ReqPoolIdx, SeqLens, b, kvh, split, stride_kt, stride_kh, stride_vt,
-                        stride_vh, stride_rt, NUM_SPLITS, BASE_SPLITS, MIN_SPLIT_LEN, BLOCK_N, SOLO_LEN, K_LINES,
-                        V_LINES, LINE_ELEMS)
         tl.extra.cuda.gdc_wait()
         if PDL == 1:  # pdl.EARLY; LATE triggers after the key loop below
             tl.extra.cuda.gdc_launch_dependents()
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
 
     # Everything a program loads before its keys is issued here, before the early return below, which waits for
     # seq_len: the round trips overlap instead of following one another (the request's row, q, and the new key and
@@ -361,20 +330,6 @@ LAUNCH = (64, 3)
 SMALL_BATCH = 4
 SMALL_BATCH_GROUP = 4
 SMALL_BATCH_LAUNCH = (128, 1)
-# With PDL's late trigger: each program starts its split's keys and values into L2 before gdc_wait, so the block
-# table's and the cache's round trips overlap the kernel before's tail. Not yet timed (docs/device-notes.md, plan
-# row 3k).
-PRELOAD_KV = False
-
-
-def _preload_args(k_buffer: torch.Tensor, sh, device: torch.device) -> dict:
-    """pdl.launch_args, with the preload's constants where PRELOAD_KV and the late trigger call for it."""
-    args = pdl_args(device)
-    if PRELOAD_KV and args["PDL"] == pdl.LATE:
-        size = k_buffer.element_size()
-        args.update(PRELOAD_KV=True, LINE_ELEMS=pdl.L2_LINE // size, K_LINES=pdl.l2_lines(sh.head_dim * size),
-                    V_LINES=pdl.l2_lines(sh.head_dim_v * size))
-    return args
 
 
 @functools.lru_cache
@@ -560,7 +515,7 @@ def decode_attention(
         BLOCK_H=block_h, BLOCK_D=sh.block_d, BLOCK_DV=sh.block_dv, BLOCK_N=block_n,
         DOT_PRECISION=sh.dot_precision, DOT_FP32=sh.dot_fp32,
         MERGE=merge_in_stage1, BLOCK_G=block_g, CHUNK_S=_merge_chunk(block_g, block_s, sh.block_dv),
-        **prep_consts, num_warps=num_warps, num_stages=num_stages, **_preload_args(k_buffer, sh, q.device),
+        **prep_consts, num_warps=num_warps, num_stages=num_stages, **pdl_args(q.device),
     )
     if merge_in_stage1:
         return out
