@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles pdlchain;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles pdlchain moetable;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -182,6 +182,9 @@ if has moe; then  # issue 19: Qwen3-30B-A3B's shape: kernels, one layer, batch-1
   python3 scripts/profile_scheduler.py $M --batch-size 1 --no-show-progress --top 30 --kernels 2>&1 | grep -v Warning \
     > $OUT/profile_M.txt; head -1 $OUT/profile_M.txt
   moe_latency
+fi
+if has moetable; then  # issue 19's kernel table alone: the fused MoE kernel against the PyTorch path, one layer
+  python3 scripts/bench_moe_kernel.py --batches 1,64,256 2>&1 | grep -v Warning | tee $OUT/moe_kernel.txt
 fi
 if has mlat; then
   moe_latency
