@@ -41,10 +41,21 @@ def set_enabled(on: bool) -> None:
     _enabled = on
 
 
+def triton_has_pdl() -> bool:
+    """Whether this Triton has PDL: `gdc_wait` in kernels and the `launch_pdl` launch option (Triton 3.3 and
+    later; the project allows older ones with an older torch). Imports Triton, so only where a kernel is about to
+    run on a GPU."""
+    import triton.language as tl
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return hasattr(tl.extra.cuda, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
+
+
 @functools.cache
 def _supported(device_index: int) -> bool:
-    """NVIDIA Hopper and later (ROCm's "cuda" devices have no launch_pdl), and not the interpreter."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or torch.version.hip is not None:
+    """NVIDIA Hopper and later (ROCm's "cuda" devices have no launch_pdl) with a Triton that has PDL, and not the
+    interpreter. PDL is on by default, so a setup without it must fall back, not fail."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.version.hip is not None or not triton_has_pdl():
         return False
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
@@ -56,5 +67,5 @@ def enabled(device: torch.device) -> bool:
 
 def launch_args(device: torch.device) -> dict:
     """The launch's keyword arguments for a kernel that takes PDL: its PDL constexpr (0, EARLY or LATE), and
-    Triton's launch_pdl option where it is on (Triton before 3.3 has no such option)."""
+    Triton's launch_pdl option where it is on."""
     return {"PDL": TRIGGER, "launch_pdl": True} if enabled(device) else {"PDL": 0}

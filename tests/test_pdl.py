@@ -106,3 +106,17 @@ def test_the_model_runner_turns_pdl_on_unless_disabled(tmp_path, disable):
         assert pdl.launch_args(torch.device("cpu")) == {"PDL": 0}
     finally:
         pdl.set_enabled(False)
+
+
+def test_a_triton_without_pdl_turns_it_off_instead_of_failing(pdl_on, monkeypatch):
+    """PDL is on by default: on a Triton that lacks it (before 3.3) the kernels launch without it, and no GPU is
+    asked (this runs on CPU)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert pdl.triton_has_pdl()  # the Triton the tests install has it
+    monkeypatch.setattr(pdl, "triton_has_pdl", lambda: False)
+    pdl._supported.cache_clear()
+    try:
+        assert not pdl.enabled(torch.device("cuda", 0))
+        assert pdl.launch_args(torch.device("cuda", 0)) == {"PDL": 0}
+    finally:
+        pdl._supported.cache_clear()
