@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles pdlchain moetable;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles pdlchain moetable prof32k;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -353,6 +353,11 @@ if has longctx; then  # issue 20: the 8B shape with a 32,000-token prompt: the k
   $GS bench latency ${L/--context-length 4096/--context-length 32768} --input-len 32000 --output-len 64 \
     --num-runs 2 --no-show-progress --output-json $OUT/latency_L_32k.json 2>&1 | tee $OUT/latency_L_32k.log \
     | grep -E "TTFT|TPOT|floor|rror"
+fi
+if has prof32k; then  # issue 20: the 32k prompt's prefill by kernel (chunks, attention against the GEMMs)
+  python3 scripts/profile_scheduler.py ${L/--context-length 4096/--context-length 32768} --input-len 32000 \
+    --output-len 1 --kernels --top 25 --no-show-progress 2>&1 | grep -v Warning > $OUT/profile_32k.txt
+  tail -34 $OUT/profile_32k.txt | cut -c1-200
 fi
 if has longprefill; then  # issue 20: long prompts' attention through cuDNN (the default on Hopper) against Triton
   gpu_tests longprefill_tests tests/test_long_extend.py
