@@ -12,7 +12,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from gridserve.attention.long_extend import LONG_EXTEND_FROM, attend_long  # noqa: E402
+from gridserve.attention.long_extend import LONG_EXTEND_FROM, attend_long, exact_plan  # noqa: E402
 from gridserve.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from gridserve.attention.triton_ops.merge_states import merge_states  # noqa: E402
 from gridserve.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
@@ -56,16 +56,18 @@ def test_merge_states_rejects_mismatched_shapes():
         merge_states(o.transpose(0, 2).contiguous().transpose(0, 2), torch.zeros(2, 4), o, torch.zeros(2, 4), o)
 
 
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("prefix,new", [(0, 37), (45, 20), (3, 50)])
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-def test_one_request_over_its_prefix_and_itself(prefix, new, dtype, atol):
-    """Scattered slots, poisoned unused ones (NaN would leak into any softmax they reached), GQA 8 heads over 2."""
+def test_one_request_over_its_prefix_and_itself(prefix, new, dtype, atol, exact):
+    """Scattered slots, poisoned unused ones (NaN would leak into any softmax they reached), GQA 8 heads over 2;
+    q in either order (exact: (heads, tokens, D), which on a GPU takes cuDNN's exact-shape plans)."""
     if DEVICE == "cuda" and dtype == torch.float32:
         pytest.skip("cuDNN's kernel takes half precision only")
     q, k, v, r2t, rpi, sl, el, esl = make_extend_case([prefix], [new], 8, 2, 64, dtype, seed=prefix, device=DEVICE)
     slots = r2t[rpi[0], : prefix + new].long()
     out = torch.full_like(q, float("nan"))
-    attend_long(q, k, v, slots, 0.125, out)
+    attend_long(q, k, v, slots, 0.125, out, exact)
     torch.testing.assert_close(out.float().cpu(), extend_reference(q, k, v, r2t, rpi, sl, el, esl, 0.125), atol=atol,
                                rtol=atol)
 
@@ -96,7 +98,7 @@ def test_backend_splits_a_batch_between_the_long_path_and_its_kernel(given_out):
     assert backend.long_extend_from == 0  # off unless asked for
     backend.long_extend_from = 32
     backend.init_forward_metadata(fb)
-    assert [(start, n) for start, n, _ in backend.long] == [(0, 40), (44, 33)]
+    assert [(start, n, exact) for start, n, _, exact in backend.long] == [(0, 40, False), (44, 33, False)]
     assert backend.long[0][2].tolist() == fb.req_to_token[fb.req_pool_indices[0], :70].tolist()
     assert backend.rest_max == 3 and backend.rest_lens.tolist() == [0, 3, 1, 0]
     layer = Attention(8, 64, 2, layer_id=0, scaling=0.125)
@@ -110,10 +112,11 @@ def test_a_batch_of_long_requests_only_and_the_fallback_when_the_fused_kernel_fa
     """All requests long: no Triton launch for the rest. A fused kernel that raises (a build without it): the
     batch still gets the right answer, from the Triton kernel, and the path stays off from then on."""
     q, fb, want = _batch([0, 12], [40, 36], seed=8)
-    backend = TritonAttentionBackend()
+    backend = TritonAttentionBackend(whole_chunk=40)
     backend.long_extend_from = 32
     backend.init_forward_metadata(fb)
     assert backend.rest_max == 0 and backend.rest_lens is None
+    assert [exact for *_, exact in backend.long] == [True, False]  # a whole chunk from the start; 36 after 12
     layer = Attention(8, 64, 2, layer_id=0, scaling=0.125)
     torch.testing.assert_close(backend.extend_attend(q, layer, fb).view(-1, 8, 64).float().cpu(), want, atol=ATOL,
                                rtol=ATOL)
@@ -125,6 +128,15 @@ def test_a_batch_of_long_requests_only_and_the_fallback_when_the_fused_kernel_fa
     torch.testing.assert_close(backend.extend_attend(q, layer, fb).view(-1, 8, 64).float().cpu(), want, atol=ATOL,
                                rtol=ATOL)
     assert backend.long_extend_from == 0 and backend.long == []
+
+
+def test_exact_plans_for_whole_chunks_after_whole_chunks_only():
+    """The shapes every long prompt repeats take exact plans; a last chunk, a chunk after a cached prefix of any
+    other length, and everything when the budget is unknown (0) stay ragged."""
+    assert [exact_plan(8192, p, 8192) for p in (0, 8192, 16384, 24576)] == [True] * 4
+    assert not exact_plan(7424, 24576, 8192)  # a 32,000-token prompt's last chunk
+    assert not exact_plan(8192, 5000, 8192)  # after a radix-cache hit of 5,000 tokens
+    assert not exact_plan(4096, 0, 8192) and not exact_plan(8192, 0, 0)
 
 
 def test_ragged_plans_switch_keeps_a_users_own_setting(monkeypatch):
@@ -151,10 +163,10 @@ def test_cpu_backends_never_take_the_cudnn_path_and_count_no_prefix_memory():
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the float32 script runs on CPU, where the Triton kernels interpret")
 @pytest.mark.parametrize("piecewise", [False, True])
-def test_a_tiny_model_through_the_long_path_gives_the_torch_backends_logits(piecewise, tmp_path):
+def test_a_tiny_model_through_the_long_path_gives_the_torch_backends_logits(piecewise, tmp_path, monkeypatch):
     """The whole model (prefill, a prefix extend, decode) with the threshold lowered so that the script's 11- and
-    23-token prompts and its 13-token extend take the fused path; through the piecewise runner too (eager pieces,
-    attention writing into its static buffer)."""
+    23-token prompts and its 13-token extend take the fused path (the 11 as a whole chunk); through the piecewise
+    runner too (eager pieces, attention writing into its static buffer)."""
     from gridserve.model_executor.piecewise_graph_runner import PiecewiseGraphRunner
     from tests.logits_script import make_runner, run_script
     from tests.tiny_models import make_tiny_model
@@ -163,9 +175,19 @@ def test_a_tiny_model_through_the_long_path_gives_the_torch_backends_logits(piec
     want = run_script(make_runner(str(tmp_path)))
     runner = make_runner(str(tmp_path), attention_backend="triton")
     runner.attn_backend.long_extend_from = 8
+    runner.attn_backend.whole_chunk = 11  # the 11-token prompt takes the exact-plan order of q
+    calls = []
+
+    def recorded(q, *args):
+        calls.append((q.shape[0], args[-1]))
+        return attend_long(q, *args)
+
+    monkeypatch.setattr("gridserve.attention.triton_backend.attend_long", recorded)
     if piecewise:
         runner.prefill_graphs = PiecewiseGraphRunner(runner, 64, capture=False)
     got = run_script(runner)
-    assert [n for _, n, _ in runner.attn_backend.long] == [13]  # the last extend: 7, 3 and 13 new tokens
+    # the last extend: 7, 3 and 13 new tokens, the 13 after a prefix
+    assert [(n, exact) for _, n, _, exact in runner.attn_backend.long] == [(13, False)]
+    assert set(calls) == {(11, True), (23, False), (13, False)}  # each of the model's layers called alike
     for w, g in zip(want, got, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)

@@ -12,7 +12,11 @@ request more than the kernel saves. PyTorch's TORCH_CUDNN_SDPA_AVOID_RECOMPILE r
 whose plans are keyed by lengths rounded up to powers of two (a handful per process); it needs q, k, v in (tokens,
 heads, D) memory order, which is why q is made contiguous here. `use_ragged_plans` sets it when the backend turns
 this path on, before the process's first cuDNN attention call reads it (PyTorch reads it once; a user's own setting
-stays).
+stays). The ragged path costs 8-10% of the kernel's speed, so the shapes that recur take exact plans after all: a
+whole chunk of a long prompt after a prefix of whole chunks (`exact_plan`), one causal square and one prefix length
+a chunk (4 plans for a 32k context in 8k chunks), built at their first use. PyTorch takes the exact plan for a call
+whose q is in (heads, tokens, D) order. Measured on an H100 (`device_speed.sh exactchunks`): a 32k prompt's TTFT
+1,265 -> 1,239 ms.
 
 Measured on an H100 (`scripts/bench_extend_sdpa.py`: the 8B shape, a 32k prompt's four 8k chunks; the gather, both
 calls and the merge): the ragged path 1.05 / 2.83 / 4.62 / 6.24 ms (525-617 TFLOP/s), exact-shape plans 0.95 / 2.59
@@ -40,6 +44,13 @@ def use_ragged_plans() -> None:
     os.environ.setdefault("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "1")
 
 
+def exact_plan(new_tokens: int, prefix: int, whole_chunk: int) -> bool:
+    """Whether a long request's attention takes cuDNN's exact-shape plans: a whole chunk (whole_chunk new tokens,
+    the prefill budget; 0: never) after a prefix of whole chunks, a shape that every long prompt repeats. Any other
+    length (a prompt's last chunk, a chunk after a cached prefix) stays on the ragged path."""
+    return whole_chunk > 0 and new_tokens == whole_chunk and prefix % whole_chunk == 0
+
+
 def supports(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor) -> bool:
     """What cuDNN's kernel takes: half precision, the cache in q's dtype, one head size for K and V (<= 128)."""
     same = k_buf.dtype == q.dtype and k_buf.shape[-1] == v_buf.shape[-1] == q.shape[-1]
@@ -61,14 +72,18 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
 
 
 def attend_long(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor, scale: float,
-                out: torch.Tensor) -> torch.Tensor:
+                out: torch.Tensor, exact: bool = False) -> torch.Tensor:
     """One request's new tokens q (L, H, D) over its KV slots (P + L of them, int64; the new tokens' last, already
-    stored) in the paged k_buf/v_buf (slots, KV heads, D); causal. Writes (L, H, D) into out and returns it."""
+    stored) in the paged k_buf/v_buf (slots, KV heads, D); causal. Writes (L, H, D) into out and returns it.
+    exact: cuDNN's exact-shape plans for both calls (see exact_plan), else the ragged path's."""
     from gridserve.attention.triton_ops.merge_states import merge_states
 
     n = q.shape[0]
     prefix = slots.shape[0] - n
-    qh = q.contiguous().unsqueeze(0).transpose(1, 2)  # (tokens, heads, D) order: the ragged path's condition
+    if exact:  # (heads, tokens, D) order: PyTorch skips the ragged path for this call
+        qh = q.transpose(0, 1).contiguous().unsqueeze(0)
+    else:  # (tokens, heads, D) order: the ragged path's condition
+        qh = q.contiguous().unsqueeze(0).transpose(1, 2)
     k = k_buf.index_select(0, slots).unsqueeze(0).transpose(1, 2)
     v = v_buf.index_select(0, slots).unsqueeze(0).transpose(1, 2)
     o_new, lse_new = _attend(qh, k[:, :, prefix:], v[:, :, prefix:], True, scale)

@@ -18,13 +18,16 @@ ATTENTION_BACKENDS = {
 }
 
 
-def make_attention_backend(name: str, device: torch.device, cudnn_long_prefill: bool = True) -> AttentionBackend:
+def make_attention_backend(name: str, device: torch.device, cudnn_long_prefill: bool = True,
+                           whole_chunk: int = 0) -> AttentionBackend:
     """The backend `name` (or auto's pick for `device`); an unknown name is a ValueError, never a fallback.
-    cudnn_long_prefill: the triton backend runs long prompts' attention through cuDNN where that is usable."""
+    cudnn_long_prefill: the triton backend runs long prompts' attention through cuDNN where that is usable;
+    whole_chunk: the length of a long prompt's chunks (the prefill budget), whose shapes get exact cuDNN plans."""
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"--attention-backend must be one of auto, {', '.join(ATTENTION_BACKENDS)}; got {name!r}")
     module, cls = ATTENTION_BACKENDS[name].split(":")
-    options = {"device": device, "cudnn_long_prefill": cudnn_long_prefill} if name == "triton" else {}
+    options = {"device": device, "cudnn_long_prefill": cudnn_long_prefill, "whole_chunk": whole_chunk} \
+        if name == "triton" else {}
     return getattr(importlib.import_module(module), cls)(**options)

@@ -7,7 +7,14 @@ import logging
 import torch
 
 from gridserve.attention.base import AttentionBackend, QKRotation
-from gridserve.attention.long_extend import LONG_EXTEND_FROM, attend_long, cudnn_usable, supports, use_ragged_plans
+from gridserve.attention.long_extend import (
+    LONG_EXTEND_FROM,
+    attend_long,
+    cudnn_usable,
+    exact_plan,
+    supports,
+    use_ragged_plans,
+)
 from gridserve.forward_batch import ForwardBatch
 from gridserve.tensor_utils import to_device
 
@@ -18,7 +25,7 @@ class TritonAttentionBackend(AttentionBackend):
     supports_cuda_graph = True
 
     def __init__(self, num_kv_splits: int | None = None, device: torch.device | None = None,
-                 cudnn_long_prefill: bool = False):
+                 cudnn_long_prefill: bool = False, whole_chunk: int = 0):
         from gridserve.attention.triton_ops import DecodeWorkspace, decode_attention, extend_attention, store_kv
         from gridserve.attention.triton_ops.decode_attention import DecodePrep
 
@@ -35,7 +42,9 @@ class TritonAttentionBackend(AttentionBackend):
         self.long_extend_from = LONG_EXTEND_FROM if cudnn_long_prefill and device and cudnn_usable(device) else 0
         if self.long_extend_from:
             use_ragged_plans()
-        self.long: list[tuple[int, int, torch.Tensor]] = []  # this batch's long requests: (start, length, slots)
+        self.whole_chunk = whole_chunk  # a long prompt's chunk length (the prefill budget): exact cuDNN plans
+        # this batch's long requests: (start, length, slots, whether their shape takes exact plans)
+        self.long: list[tuple[int, int, torch.Tensor, bool]] = []
         self.rest_lens, self.rest_max = None, 0  # the other requests' extend lengths (long ones zeroed), longest
         # The workspace the CUDA graphs were captured with. They keep its addresses and write to it at every replay,
         # so it must stay allocated when a larger eager batch replaces self.workspace (freed, it was reused by other
@@ -59,7 +68,7 @@ class TritonAttentionBackend(AttentionBackend):
             if n >= self.long_extend_from:
                 row = fb.req_to_token.index_select(0, fb.req_pool_indices[i : i + 1])[0]  # no host sync
                 slots = row[: fb.seq_lens_cpu[i]].long()
-                self.long.append((start, n, slots))
+                self.long.append((start, n, slots, exact_plan(n, fb.seq_lens_cpu[i] - n, self.whole_chunk)))
                 rest[i] = 0
         self.rest_max = max(rest)
         self.rest_lens = to_device(rest, torch.int64, fb.seq_lens.device) if self.rest_max else None
@@ -90,8 +99,8 @@ class TritonAttentionBackend(AttentionBackend):
         if out is None:
             out = q.new_empty(q.shape)
         try:
-            for start, n, slots in self.long:
-                attend_long(q[start : start + n], k_buf, v_buf, slots, layer.scaling, out[start : start + n])
+            for start, n, slots, exact in self.long:
+                attend_long(q[start : start + n], k_buf, v_buf, slots, layer.scaling, out[start : start + n], exact)
         except RuntimeError as e:
             logger.warning("cuDNN attention failed (%s); long prompts use the Triton kernel from now on", e)
             self.long, self.long_extend_from = [], 0

@@ -57,7 +57,8 @@ class ModelRunner:
         self._sends: list = []  # this stage's sends to the next one still in flight
         self.busy = BusyClock(self.device)  # this stage's time running its layers (pipeline parallelism)
         self.attn_backend = make_attention_backend(args.attention_backend, self.device,
-                                                   cudnn_long_prefill=not args.disable_cudnn_prefill)
+                                                   cudnn_long_prefill=not args.disable_cudnn_prefill,
+                                                   whole_chunk=args.prefill_token_budget)
         self.sampler = Sampler()
         # every rank holds the same tokens (for its heads and layers), so the pool is as large as the smallest
         # rank allows
