@@ -15,7 +15,8 @@ this path on, before the process's first cuDNN attention call reads it (PyTorch 
 stays). The ragged path costs 8-10% of the kernel's speed, so the shapes that recur take exact plans after all: a
 whole chunk of a long prompt after a prefix of whole chunks (`exact_plan`), one causal square and one prefix length
 a chunk (4 plans for a 32k context in 8k chunks), built at their first use. PyTorch takes the exact plan for a call
-whose q is in (heads, tokens, D) order. Measured on an H100 (`device_speed.sh exactchunks`): a 32k prompt's TTFT
+whose q is in (heads, tokens, D) order (and logs once, from C++, that the ragged switch is "falling back to
+regular dense case": expected). Measured on an H100 (`device_speed.sh exactchunks`): a 32k prompt's TTFT
 1,265 -> 1,239 ms.
 
 Measured on an H100 (`scripts/bench_extend_sdpa.py`: the 8B shape, a 32k prompt's four 8k chunks; the gather, both
