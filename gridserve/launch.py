@@ -53,10 +53,11 @@ def _after_checks(go) -> None:
 
 
 def _scheduler_main(go, *args) -> None:
-    from gridserve.scheduler.run import run_scheduler_process
+    from gridserve.scheduler.run import prepare_during_checks, run_scheduler_process
 
+    prepared_at = prepare_during_checks(args[0], args[2])
     _after_checks(go)
-    run_scheduler_process(*args)
+    run_scheduler_process(*args, waited_s=time.monotonic() - prepared_at)
 
 
 def _detokenizer_main(go, *args) -> None:

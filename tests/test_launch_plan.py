@@ -80,3 +80,23 @@ def test_plan_by_role():
     assert plan.detokenizer and plan.dp_controller and plan.tokenizer_manager
     assert plan.process_titles()[-2:] == ["gridserve::detokenizer", "gridserve::dp_controller"]
     assert not LaunchPlan.for_node(ServerArgs(tp_size=2)).dp_controller
+
+
+@pytest.mark.parametrize("device, gpu_modules", [("cpu", False), ("cuda", True)])
+def test_a_rank_prepares_while_the_launcher_checks(device, gpu_modules):
+    """While the launcher runs its checks, a GPU rank imports the Triton kernels and makes its CUDA context; a CPU
+    rank does neither. On a machine without the GPU asked for, preparing raises nothing: the checks report it."""
+    code = f"""
+import sys, time
+from gridserve.launch_plan import LaunchPlan
+from gridserve.scheduler.run import prepare_during_checks
+from gridserve.server_args import ServerArgs
+args = ServerArgs(device="{device}")
+before = time.monotonic()
+done = prepare_during_checks(args, LaunchPlan.for_node(args).ranks[0])
+assert before <= done <= time.monotonic()
+print("triton" in sys.modules, "gridserve.layers.decode_gemm" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(gpu_modules)] * 2

@@ -1,9 +1,11 @@
 """run_scheduler_process: the body of one scheduler (rank) process."""
 
+import importlib
 import logging
 import os
 import sys
 import threading
+import time
 import traceback
 
 import torch
@@ -24,13 +26,38 @@ logger = logging.getLogger(__name__)
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
-def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo, progress, pipe_writer) -> None:
-    """progress: a shared counter (multiprocessing.Value) that the event loop advances for the watchdog."""
+# what a GPU rank imports only once it builds its runner: the Triton kernels (triton's own import included)
+_GPU_MODULES = ("triton", "gridserve.attention.triton_backend", "gridserve.attention.triton_ops",
+                "gridserve.attention.triton_ops.merge_states", "gridserve.layers.fused_ops",
+                "gridserve.layers.decode_gemm", "gridserve.layers.fused_moe", "gridserve.sampling.race_kernel")
+
+
+def prepare_during_checks(args: ServerArgs, rank: RankInfo) -> float:
+    """The start's work that commits to nothing, done while the launcher runs its start-up checks (seconds: torch's
+    import there): on a GPU, the Triton kernels' modules and this rank's CUDA context (~1 s together on an H100
+    host). Any error is left to the start proper, after the checks, to report. Returns time.monotonic() at its end."""
+    try:
+        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+            for name in _GPU_MODULES:
+                importlib.import_module(name)
+            if rank.gpu_id < torch.cuda.device_count():
+                torch.zeros(1, device=torch.device("cuda", rank.gpu_id))  # creates the context
+    except Exception:  # noqa: BLE001, S110 - the checks, or the start after them, say what is wrong
+        pass
+    return time.monotonic()
+
+
+def run_scheduler_process(args: ServerArgs, port_args: PortArgs, rank: RankInfo, progress, pipe_writer,
+                          waited_s: float | None = None) -> None:
+    """progress: a shared counter (multiprocessing.Value) that the event loop advances for the watchdog; waited_s:
+    how long the rank, prepared (prepare_during_checks), waited for the launcher's checks."""
     parent = init_child_process(f"scheduler {rank.name}", args.log_level)
     # tqdm's default lock is a multiprocessing one, which a terminated rank never unregisters: the resource tracker
     # then warns of "leaked semaphore objects" at every shutdown. One process needs only a thread lock.
     tqdm.set_lock(threading.RLock())
-    logger.info("scheduler process up (imports done)")  # its timestamp shows the import cost at start-up
+    # its timestamp shows the import cost at start-up; the wait, whether the launcher's checks took longer
+    logger.info("scheduler process up (imports done%s)",
+                "" if waited_s is None else f"; waited {waited_s:.1f} s for the start-up checks")
     try:
         path = resolve_model_path(args.model_path)
         # the launcher has checked that it splits into this tp x pp grid
