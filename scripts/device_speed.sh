@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles pdlchain moetable prof32k exactchunks;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles pdlchain moetable prof32k exactchunks startupab;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -36,6 +36,22 @@ offline_trees() {  # MODEL TREE...: bench offline (nano-vllm's workload) of one 
       | sed "s/^/$(basename $tree): /"
   done
 }
+if has startupab; then  # start to ready, Q with graphs, alternating the tree and a copy whose ranks do not prepare
+  # during the launcher's checks (prepare_during_checks off): three starts each
+  variant_tree noprep scheduler/run.py -e 's/if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):/if False:/'
+  grep -c "if False:" /tmp/noprep/gridserve/scheduler/run.py
+  ROOT=$PWD
+  for run in 1 2 3; do for tree in $ROOT /tmp/noprep; do
+    T0=$(date +%s.%N)
+    (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec python3 -m gridserve.cli serve $Q --port 30011 --no-show-progress) \
+      > $OUT/serve_Q_$(basename $tree)_$run.log 2>&1 &
+    SERVER=$!
+    for i in $(seq 1200); do curl -sf localhost:30011/health > /dev/null && break; sleep 0.1; done
+    echo "$(basename $tree) start $run: $(python3 -c "import time; print(round(time.time() - $T0, 1))") s;" \
+      $(grep -oE "waited [0-9.]+ s|checks passed after [0-9.]+ s|server ready in [0-9.]+ s" $OUT/serve_Q_$(basename $tree)_$run.log | tr '\n' ' ')
+    kill $SERVER; wait $SERVER
+  done; done
+fi
 if has imports; then  # where the front end's and a scheduler's start-up imports go on this image
   python3 -X importtime -c "from gridserve.tokenizer import get_tokenizer; get_tokenizer('$TOK')" \
     2> $OUT/importtime_tokenizer.txt
