@@ -34,8 +34,8 @@ _GPU_MODULES = ("triton", "gridserve.attention.triton_backend", "gridserve.atten
 
 def prepare_during_checks(args: ServerArgs, rank: RankInfo) -> float:
     """The start's work that commits to nothing, done while the launcher runs its start-up checks (seconds: torch's
-    import there): on a GPU, the Triton kernels' modules and this rank's CUDA context (~1 s together on an H100
-    host). Any error is left to the start proper, after the checks, to report. Returns time.monotonic() at its end."""
+    import there): on a GPU, the Triton kernels' modules and this rank's CUDA context. Any error is left to the start
+    proper, after the checks, to report. Returns time.monotonic() at its end."""
     try:
         if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
             for name in _GPU_MODULES:
