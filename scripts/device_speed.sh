@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease on one GPU: the one-GPU checks and benchmarks (issues 6, 19, 20, 24) on random weights in real shapes.
-#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles pdlchain moetable prof32k exactchunks startupab;
+#   usage: scripts/device_speed.sh STEPS   (any of: imports kernels check latency ab offline serving serving-eager startup hf profile decodek offprof ttft prefill moe moe-offline moe-hf burst pdl rope fusedgemm gemmtiles gemmtiles8 gemm fp8 bigbs longctx sharedprefix serving-prefill serving-early serving-rate fewrows prefillgemm prefillgemm2 longprefill long32k solo moealign fewswap newkernels mlat decodek1 moeswap pipeline tiles pdlchain moetable prof32k startupab;
 #   default: check latency offline serving startup)
 # Run from the repo root with .whl carried (scripts/device_env.sh says what it holds). Results land in $OUT/results.tgz.
 set -u
@@ -38,7 +38,7 @@ offline_trees() {  # MODEL TREE...: bench offline (nano-vllm's workload) of one 
 }
 if has startupab; then  # start to ready, Q with graphs, alternating the tree and a copy whose ranks do not prepare
   # during the launcher's checks (prepare_during_checks off): three starts each
-  variant_tree noprep scheduler/run.py -e 's/if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):/if False:/'
+  variant_tree noprep scheduler/run.py -e 's/if device.type == "cuda":/if False:/'
   grep -c "if False:" /tmp/noprep/gridserve/scheduler/run.py
   ROOT=$PWD
   for run in 1 2 3; do for tree in $ROOT /tmp/noprep; do
@@ -374,18 +374,6 @@ if has prof32k; then  # issue 20: the 32k prompt's prefill by kernel (chunks, at
   python3 scripts/profile_scheduler.py ${L/--context-length 4096/--context-length 32768} --input-len 32000 \
     --output-len 1 --kernels --top 25 --no-show-progress 2>&1 | grep -v Warning > $OUT/profile_32k.txt
   tail -34 $OUT/profile_32k.txt | cut -c1-200
-fi
-if has exactchunks; then  # issue 20: the 32k prompt with its whole 8k chunks on cuDNN's exact-shape plans (q in
-  # (heads, tokens, D) order turns the ragged path off for that call; bench latency's warm-up builds the plans)
-  variant_tree exact attention/long_extend.py -e 's/qh = q.contiguous().unsqueeze(0).transpose(1, 2)/qh = q.transpose(0, 1).contiguous().unsqueeze(0) if n % 4096 == 0 else q.contiguous().unsqueeze(0).transpose(1, 2)/'
-  grep -c "n % 4096" /tmp/exact/gridserve/attention/long_extend.py
-  ROOT=$PWD
-  for tree in $PWD /tmp/exact; do
-    (cd $tree && PYTHONPATH=$tree:$ROOT/.site exec python3 -m gridserve.cli bench latency \
-      ${L/--context-length 4096/--context-length 32768} --input-len 32000 --output-len 16 --num-runs 3 \
-      --no-show-progress --output-json $OUT/latency_L_32k_$(basename $tree).json) 2>&1 | grep -E "TTFT|rror" \
-      | sed "s/^/$(basename $tree): /"
-  done
 fi
 if has longprefill; then  # issue 20: long prompts' attention through cuDNN (the default on Hopper) against Triton
   gpu_tests longprefill_tests tests/test_long_extend.py

@@ -49,7 +49,8 @@ def compile_variant(m: int, block_n: int, block_k: int, warps: int, stages: int,
 def resources(kernel) -> dict:
     """Registers and local (spilled) bytes from cuobjdump, shared memory (dynamic, as Triton allocates it) from the
     kernel's metadata; the PTX's global loads; whether it waits for the kernel before (PDL), and where it lets the
-    next one be scheduled: "first" (before any global load), "after loads" (after the last), or "none"."""
+    next one be scheduled: "first" (before any global load), "after loads" (after the last), "between loads" or
+    "none"."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])

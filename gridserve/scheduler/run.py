@@ -37,11 +37,12 @@ def prepare_during_checks(args: ServerArgs, rank: RankInfo) -> float:
     import there): on a GPU, the Triton kernels' modules and this rank's CUDA context. Any error is left to the start
     proper, after the checks, to report. Returns time.monotonic() at its end."""
     try:
-        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        device = resolve_device(args.device, rank.gpu_id)
+        if device.type == "cuda":
             for name in _GPU_MODULES:
                 importlib.import_module(name)
             if rank.gpu_id < torch.cuda.device_count():
-                torch.zeros(1, device=torch.device("cuda", rank.gpu_id))  # creates the context
+                torch.zeros(1, device=device)  # creates the context
     except Exception:  # noqa: BLE001, S110 - the checks, or the start after them, say what is wrong
         pass
     return time.monotonic()
